@@ -1,0 +1,152 @@
+"""Ready optimizers: each is a `chain` of transforms from `jaxdl.transforms`, so the optimizer
+*is* its composition and can be read off its body.
+
+Every optimizer matches the PyTorch optimizer of the same name step for step with the same
+hyperparameters (tests check 100+ steps of each against ``torch.optim``). Hyperparameters may be
+floats, concrete arrays or traced arrays (for vmapped sweeps); ``lr`` may also be a schedule.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from jaxdl import transforms as T
+from jaxdl._checks import check_number, check_tree_match, concrete
+from jaxdl.transforms import GradientTransformation, Mask, ScalarOrSchedule
+
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "apply_updates"]
+
+
+def _descend(owner: str, lr: ScalarOrSchedule) -> GradientTransformation:
+    """``scale_by_learning_rate(lr)``, with errors that name the optimizer the user called."""
+    if not callable(lr):
+        check_number(owner, "lr", lr, low=0.0)
+    return T.scale_by_learning_rate(lr)
+
+
+def _maybe_zero(value) -> bool:
+    """True when `value` is concretely 0 (the transform can be left out of the chain)."""
+    arr = concrete(value)
+    return arr is not None and not arr.any()
+
+
+def sgd(
+    lr: ScalarOrSchedule,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """Minibatch SGD with optional (Nesterov) momentum and L2 weight decay (seeds 001, 004).
+
+    .. math:: g' = g + \\lambda\\theta, \\quad v \\leftarrow \\mu v + g', \\quad
+              \\theta \\leftarrow \\theta - \\epsilon_t v \\;(\\text{or } \\epsilon_t(g' + \\mu v))
+
+    ``chain(add_weight_decay(wd), momentum(mu, nesterov), scale_by_learning_rate(lr))``; equals
+    ``torch.optim.SGD(lr, momentum, nesterov=nesterov, weight_decay=wd)``.
+    """
+    if nesterov and _maybe_zero(momentum):
+        raise ValueError("sgd: nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
+    parts = []
+    if not _maybe_zero(weight_decay):
+        parts.append(T.add_weight_decay(weight_decay))
+    if not _maybe_zero(momentum):
+        parts.append(T.momentum(momentum, nesterov=nesterov))
+    else:
+        T.momentum(momentum)  # validates a negative or out-of-range momentum
+    parts.append(_descend("sgd", lr))
+    return T.chain(*parts)
+
+
+def adagrad(lr: ScalarOrSchedule, eps: float = 1e-7) -> GradientTransformation:
+    """AdaGrad (seed 001): ``r <- r + g^2; theta <- theta - eps_t g / (delta + sqrt(r))``.
+
+    ``chain(scale_by_adagrad(eps), scale_by_learning_rate(lr))``; equals
+    ``torch.optim.Adagrad(lr, eps=eps)`` (PyTorch's default eps is 1e-10). optax's ``adagrad``
+    differs: its accumulator starts at 0.1 and its eps sits inside the root.
+    """
+    return T.chain(T.scale_by_adagrad(eps), _descend("adagrad", lr))
+
+
+def rmsprop(
+    lr: ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    centered: bool = False,
+    momentum: float = 0.0,
+) -> GradientTransformation:
+    """RMSProp (seed 004), optionally centered and with momentum on the rescaled gradient.
+
+    .. math:: s \\leftarrow \\rho s + (1-\\rho)g^2, \\quad b \\leftarrow \\mu b + g/(\\sqrt{s}+\\epsilon),
+              \\quad \\theta \\leftarrow \\theta - \\epsilon_t b
+
+    Equals ``torch.optim.RMSprop(lr, alpha=decay, eps, centered=..., momentum=...)``; note PyTorch's
+    default ``alpha`` is 0.99 and ours ``decay`` is 0.9 (Hinton's lecture value). optax's
+    ``rmsprop`` puts eps inside the root.
+    """
+    parts = [T.scale_by_rms(decay, eps, centered)]
+    if not _maybe_zero(momentum):
+        parts.append(T.momentum(momentum))
+    else:
+        T.momentum(momentum)
+    parts.append(_descend("rmsprop", lr))
+    return T.chain(*parts)
+
+
+def adam(lr: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam (Kingma & Ba 2015; seeds 000, 004): ``chain(scale_by_adam(b1, b2, eps),
+    scale_by_learning_rate(lr))``.
+
+    .. math:: \\theta \\leftarrow \\theta - \\alpha_t \\hat m / (\\sqrt{\\hat v} + \\epsilon)
+
+    Equals ``torch.optim.Adam`` and ``optax.adam`` with the same hyperparameters.
+    """
+    return T.chain(T.scale_by_adam(b1, b2, eps), _descend("adam", lr))
+
+
+def adamw(
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    mask: Mask | None = None,
+) -> GradientTransformation:
+    """AdamW, Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+
+    .. math:: \\theta \\leftarrow \\theta - \\alpha_t\\,(\\hat m / (\\sqrt{\\hat v} + \\epsilon) + \\lambda\\theta)
+
+    ``chain(scale_by_adam, add_weight_decay(weight_decay, mask), scale_by_learning_rate(lr))``;
+    equals ``torch.optim.AdamW`` and ``optax.adamw`` (both default ``weight_decay`` to 1e-2 too,
+    PyTorch's since 2.x; optax's is 1e-4). ``mask`` limits the decay to some leaves.
+    """
+    return T.chain(
+        T.scale_by_adam(b1, b2, eps),
+        T.add_weight_decay(weight_decay, mask),
+        _descend("adamw", lr),
+    )
+
+
+def signsgd(lr: ScalarOrSchedule, error_feedback: bool = False) -> GradientTransformation:
+    """signSGD: one-bit steps ``theta <- theta - eps_t sign(g)`` (seed 004; Bernstein et al. 2018).
+
+    With ``error_feedback`` each leaf steps by ``mean|p| sign(p)`` with ``p = g + e`` and keeps the
+    residual ``e`` (EF-signSGD, Karimireddy et al. 2019; Seide et al. 2014), which converges
+    where plain signSGD with a fixed step oscillates.
+    """
+    if not isinstance(error_feedback, bool):
+        raise TypeError(f"signsgd: error_feedback must be a bool, got {error_feedback!r}")
+    first = T.sign_with_error_feedback() if error_feedback else T.sign()
+    return T.chain(first, _descend("signsgd", lr))
+
+
+def apply_updates(params, updates):
+    """``theta <- theta + u`` leaf by leaf, keeping each parameter's dtype (``optax.apply_updates``).
+
+    Raises ValueError naming the first differing path when the trees do not match.
+    """
+    check_tree_match("apply_updates", params, updates, what="updates (against params)")
+    return optax.apply_updates(params, updates)
+
+
+del jax

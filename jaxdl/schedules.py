@@ -1,0 +1,118 @@
+"""Learning-rate and noise schedules: jit-safe callables ``step -> value``.
+
+Each constructor checks its arguments and returns a pure function of the step count ``k``
+(an int or an int array, starting at 0). Values may be traced, so a schedule can sit inside
+`jax.jit`, `jax.vmap` and `lax.scan`; a changed step never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+from jaxdl._checks import check_number, check_positive_int
+
+Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+
+__all__ = [
+    "Schedule",
+    "constant",
+    "linear_decay",
+    "inverse_time_decay",
+    "inverse_sqrt_decay",
+    "step_decay",
+    "cosine_decay",
+    "warmup",
+]
+
+
+def _step(k):
+    # The default float dtype: float32, or float64 when jax_enable_x64 is on.
+    return jnp.asarray(k, dtype=jnp.result_type(float))
+
+
+def constant(value: float) -> Schedule:
+    """``eps_k = value`` for every step."""
+    check_number("constant", "value", value)
+    return lambda k: jnp.asarray(value, dtype=jnp.result_type(float))
+
+
+def linear_decay(init: float, final: float, tau: int) -> Schedule:
+    """Linear decay to step ``tau``, constant after (seed 001, "Learning Rate Decay").
+
+    .. math:: \\epsilon_k = (1 - \\alpha)\\epsilon_0 + \\alpha\\epsilon_\\tau,
+              \\quad \\alpha = \\min(k / \\tau, 1)
+    """
+    check_number("linear_decay", "init", init)
+    check_number("linear_decay", "final", final)
+    check_positive_int("linear_decay", "tau", tau)
+
+    def schedule(k):
+        alpha = jnp.clip(_step(k) / tau, 0.0, 1.0)
+        return (1.0 - alpha) * init + alpha * final
+
+    return schedule
+
+
+def inverse_time_decay(init: float, decay: float) -> Schedule:
+    """``eps_k = init / (1 + decay * k)``: the Keras ``SGD(decay=...)`` of seed 001."""
+    check_number("inverse_time_decay", "init", init)
+    check_number("inverse_time_decay", "decay", decay, low=0.0)
+    return lambda k: init / (1.0 + decay * _step(k))
+
+
+def inverse_sqrt_decay(init: float) -> Schedule:
+    """``eps_k = init / sqrt(1 + k)`` (seed 000: step sizes that shrink like 1/sqrt(t))."""
+    check_number("inverse_sqrt_decay", "init", init)
+    return lambda k: init / jnp.sqrt(1.0 + _step(k))
+
+
+def step_decay(init: float, factor: float, every: int) -> Schedule:
+    """``eps_k = init * factor ** floor(k / every)``: drop by ``factor`` every ``every`` steps.
+
+    Same as ``torch.optim.lr_scheduler.StepLR(step_size=every, gamma=factor)`` stepped per update.
+    """
+    check_number("step_decay", "init", init)
+    check_number("step_decay", "factor", factor, low=0.0, low_open=True, high=1.0)
+    check_positive_int("step_decay", "every", every)
+    return lambda k: init * factor ** jnp.floor(_step(k) / every)
+
+
+def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
+    """Cosine annealing from ``init`` to ``final`` over ``steps``, then ``final``.
+
+    .. math:: \\epsilon_k = f + \\tfrac12 (\\epsilon_0 - f)(1 + \\cos(\\pi \\min(k, T) / T))
+
+    Loshchilov & Hutter (2017), without restarts; equals ``optax.cosine_decay_schedule(init,
+    steps, alpha=final/init)``.
+    """
+    check_number("cosine_decay", "init", init)
+    check_number("cosine_decay", "final", final)
+    check_positive_int("cosine_decay", "steps", steps)
+
+    def schedule(k):
+        frac = jnp.clip(_step(k) / steps, 0.0, 1.0)
+        return final + 0.5 * (init - final) * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return schedule
+
+
+def warmup(schedule: Schedule, steps: int) -> Schedule:
+    """Linear warm-up from 0 to ``schedule(0)`` over ``steps``, then ``schedule(k - steps)``.
+
+    .. math:: \\epsilon_k = \\epsilon'_0 \\, k / W \\;(k < W), \\qquad \\epsilon'_{k - W} \\;(k \\ge W)
+
+    Like optax's ``warmup_*`` schedules with ``init_value=0``: the wrapped schedule starts its own
+    clock when the warm-up ends (Goyal et al. 2017, "gradual warmup").
+    """
+    if not callable(schedule):
+        raise TypeError(f"warmup: schedule must be a callable step -> value, got {schedule!r}")
+    check_positive_int("warmup", "steps", steps)
+
+    def warmed(k):
+        kf = _step(k)
+        after = schedule(jnp.maximum(jnp.asarray(k) - steps, 0))
+        return jnp.where(kf < steps, schedule(0) * kf / steps, after)
+
+    return warmed

@@ -1,0 +1,510 @@
+"""Gradient transformations on optax's protocol.
+
+Each constructor returns an ``optax.GradientTransformation(init, update)``:
+``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``.
+They compose with each other through `chain` and with optax's own transforms (either way round),
+and work under `jax.jit`, `jax.vmap` and `lax.scan` on any pytree of float arrays.
+
+Notation of the docstrings: ``g`` is the incoming update of one leaf, ``u`` the outgoing one,
+``t`` the step count starting at 0. Constructors check their hyperparameters and raise
+`ValueError` naming the argument, its value and the allowed range; stateful transforms check
+at trace time that ``update`` gets a tree of the structure and shapes that ``init`` saw.
+Hyperparameters may also be (traced) arrays, so a vmapped sweep can vary them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdl._checks import check_number, check_tree_match
+
+__all__ = [
+    "chain",
+    "identity",
+    "scale",
+    "scale_by_learning_rate",
+    "momentum",
+    "nesterov",
+    "scale_by_adagrad",
+    "scale_by_rms",
+    "scale_by_adam",
+    "clip",
+    "clip_by_global_norm",
+    "sign",
+    "sign_with_error_feedback",
+    "add_noise",
+    "add_weight_decay",
+    "skip_nonfinite",
+    "masked",
+    "freeze",
+    "global_norm",
+    "MomentumState",
+    "AdagradState",
+    "RmsState",
+    "AdamState",
+    "ScheduleState",
+    "ErrorFeedbackState",
+    "NoiseState",
+    "SkipNonfiniteState",
+]
+
+GradientTransformation = optax.GradientTransformation
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+Mask = Union[Any, Callable[[Any], Any]]
+
+
+class MomentumState(NamedTuple):
+    velocity: Any
+
+
+class AdagradState(NamedTuple):
+    sum_of_squares: Any
+
+
+class RmsState(NamedTuple):
+    mean_square: Any
+    mean_grad: Any  # None unless centered
+
+
+class AdamState(NamedTuple):
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+class ScheduleState(NamedTuple):
+    count: jax.Array
+
+
+class ErrorFeedbackState(NamedTuple):
+    error: Any
+
+
+class NoiseState(NamedTuple):
+    count: jax.Array
+    key: jax.Array
+
+
+class SkipNonfiniteState(NamedTuple):
+    inner_state: Any
+    skipped: jax.Array  # total number of steps skipped so far
+    last_finite: jax.Array  # whether the latest step was applied
+
+
+def _zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _count0():
+    return jnp.zeros([], jnp.int32)
+
+
+def _cast_like(tree, like):
+    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def _check_transform(owner: str, name: str, tx: Any) -> None:
+    if not isinstance(tx, optax.GradientTransformation):
+        hint = " (did you pass a constructor without calling it?)" if callable(tx) else ""
+        raise TypeError(
+            f"{owner}: {name} must be an optax.GradientTransformation, got {tx!r}{hint}"
+        )
+
+
+def global_norm(tree) -> jax.Array:
+    """``sqrt(sum over leaves of sum g^2)``, accumulated in float32 at least."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    sq = [jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves]
+    return jnp.sqrt(sum(sq))
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` left to right; the state is the tuple of their states.
+
+    Accepts jaxdl and optax transforms alike (it is ``optax.chain`` after a type check).
+    """
+    for i, tx in enumerate(transforms):
+        _check_transform("chain", f"argument {i}", tx)
+    return optax.chain(*transforms)
+
+
+def identity() -> GradientTransformation:
+    """``u = g``."""
+    return optax.identity()
+
+
+def scale(factor: float) -> GradientTransformation:
+    """``u = factor * g``."""
+    check_number("scale", "factor", factor)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: (factor * g).astype(g.dtype), updates), state
+
+    return GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
+    """``u = -lr(t) * g``: gradient *descent* with a constant or scheduled step size.
+
+    ``lr`` is a number (or array) >= 0, or a schedule ``t -> lr`` (see `jaxdl.schedules`); with a
+    schedule the state holds the step count ``t``.
+    """
+    if not callable(lr):
+        check_number("scale_by_learning_rate", "lr", lr, low=0.0)
+
+        def update_const(updates, state, params=None):
+            del params
+            return jax.tree.map(lambda g: (-lr * g).astype(g.dtype), updates), state
+
+        return GradientTransformation(lambda params: optax.EmptyState(), update_const)
+
+    def init(params):
+        del params
+        return ScheduleState(count=_count0())
+
+    def update(updates, state, params=None):
+        del params
+        step_size = -lr(state.count)
+        new = jax.tree.map(lambda g: (step_size * g).astype(g.dtype), updates)
+        return new, ScheduleState(count=optax.safe_increment(state.count))
+
+    return GradientTransformation(init, update)
+
+
+def momentum(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
+    """Heavy-ball momentum (seed 001), or Nesterov's in its standard reformulation (seed 004).
+
+    .. math:: v \\leftarrow \\mu v + g, \\qquad u = v \\;\\text{or}\\; u = g + \\mu v
+
+    Followed by ``scale_by_learning_rate(lr)`` this is seed 001's ``v <- a v - eps g,
+    theta <- theta + v`` with v rescaled by 1/eps, and exactly ``torch.optim.SGD(momentum=mu,
+    nesterov=...)`` (dampening 0). Equals ``optax.trace(decay, nesterov)``.
+    """
+    check_number("momentum", "decay", decay, low=0.0, high=1.0, high_open=True)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"momentum: nesterov must be a bool, got {nesterov!r}")
+
+    def init(params):
+        return MomentumState(velocity=_zeros_like(params))
+
+    def update(updates, state, params=None):
+        del params
+        check_tree_match("momentum", state.velocity, updates)
+        velocity = jax.tree.map(lambda g, v: (decay * v + g).astype(v.dtype), updates, state.velocity)
+        if nesterov:
+            out = jax.tree.map(lambda g, v: (g + decay * v).astype(g.dtype), updates, velocity)
+        else:
+            out = _cast_like(velocity, updates)
+        return out, MomentumState(velocity=velocity)
+
+    return GradientTransformation(init, update)
+
+
+def nesterov(decay: float = 0.9) -> GradientTransformation:
+    """Nesterov momentum: ``momentum(decay, nesterov=True)``.
+
+    Seed 004 evaluates the gradient at the look-ahead point ``theta + a v``; with the change of
+    variable ``theta' = theta + a v`` (Sutskever et al. 2013; Bengio et al. 2013) that becomes
+    ``v <- a v + g, u = g + a v``, which needs only the gradient at the current parameters.
+    """
+    return momentum(decay, nesterov=True)
+
+
+def scale_by_adagrad(eps: float = 1e-7, initial_accumulator: float = 0.0) -> GradientTransformation:
+    """AdaGrad (Duchi et al. 2011) in seed 001's form, delta outside the root.
+
+    .. math:: r \\leftarrow r + g \\odot g, \\qquad u = g / (\\delta + \\sqrt{r})
+
+    Same as ``torch.optim.Adagrad`` (whose ``eps`` also sits outside the root; its default is
+    1e-10, ours is seed 001's 1e-7). optax's ``adagrad`` starts ``r`` at 0.1 and puts eps inside
+    the root; ours starts at ``initial_accumulator`` = 0.
+    """
+    check_number("scale_by_adagrad", "eps", eps, low=0.0, low_open=True)
+    check_number("scale_by_adagrad", "initial_accumulator", initial_accumulator, low=0.0)
+
+    def init(params):
+        return AdagradState(
+            sum_of_squares=jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator), params)
+        )
+
+    def update(updates, state, params=None):
+        del params
+        check_tree_match("scale_by_adagrad", state.sum_of_squares, updates)
+        r = jax.tree.map(lambda g, r: (r + g * g).astype(r.dtype), updates, state.sum_of_squares)
+        out = jax.tree.map(lambda g, r: (g / (eps + jnp.sqrt(r))).astype(g.dtype), updates, r)
+        return out, AdagradState(sum_of_squares=r)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) -> GradientTransformation:
+    """RMSProp (Tieleman & Hinton 2012; seed 004), eps outside the root as in PyTorch.
+
+    .. math:: s \\leftarrow \\rho s + (1-\\rho) g^2, \\qquad u = g / (\\sqrt{s} + \\epsilon)
+
+    ``centered`` also tracks ``m <- rho m + (1-rho) g`` and uses ``sqrt(s - m^2) + eps``
+    (Graves 2013). This is ``torch.optim.RMSprop(alpha=decay)``; optax's ``scale_by_rms`` puts
+    eps inside the root (``1/sqrt(s + eps)``) and so gives different numbers.
+    """
+    check_number("scale_by_rms", "decay", decay, low=0.0, high=1.0, high_open=True)
+    check_number("scale_by_rms", "eps", eps, low=0.0, low_open=True)
+
+    def init(params):
+        return RmsState(mean_square=_zeros_like(params), mean_grad=_zeros_like(params) if centered else None)
+
+    def update(updates, state, params=None):
+        del params
+        check_tree_match("scale_by_rms", state.mean_square, updates)
+        ema = lambda g, s, p: (decay * s + (1.0 - decay) * g**p).astype(s.dtype)  # noqa: E731
+        s = jax.tree.map(lambda g, s: ema(g, s, 2), updates, state.mean_square)
+        if centered:
+            m = jax.tree.map(lambda g, m: ema(g, m, 1), updates, state.mean_grad)
+            denom = jax.tree.map(lambda s, m: jnp.sqrt(s - m * m) + eps, s, m)
+        else:
+            m = None
+            denom = jax.tree.map(lambda s: jnp.sqrt(s) + eps, s)
+        out = jax.tree.map(lambda g, d: (g / d).astype(g.dtype), updates, denom)
+        return out, RmsState(mean_square=s, mean_grad=m)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam (Kingma & Ba 2015; seeds 000 and 004).
+
+    .. math::
+        m \\leftarrow \\beta_1 m + (1-\\beta_1) g, \\quad v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,
+        \\quad u = \\frac{m / (1-\\beta_1^{t+1})}{\\sqrt{v / (1-\\beta_2^{t+1})} + \\epsilon}
+
+    Same numbers as ``optax.scale_by_adam`` and ``torch.optim.Adam``. The bias corrections are
+    computed in at least float32, also for bfloat16 leaves.
+    """
+    check_number("scale_by_adam", "b1", b1, low=0.0, high=1.0, high_open=True)
+    check_number("scale_by_adam", "b2", b2, low=0.0, high=1.0, high_open=True)
+    check_number("scale_by_adam", "eps", eps, low=0.0, low_open=True)
+
+    def init(params):
+        return AdamState(count=_count0(), mu=_zeros_like(params), nu=_zeros_like(params))
+
+    def update(updates, state, params=None):
+        del params
+        check_tree_match("scale_by_adam", state.mu, updates)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.result_type(float))  # bias corrections in float32 (float64 with x64)
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        mu = jax.tree.map(lambda g, m: (b1 * m + (1.0 - b1) * g).astype(m.dtype), updates, state.mu)
+        nu = jax.tree.map(lambda g, v: (b2 * v + (1.0 - b2) * g * g).astype(v.dtype), updates, state.nu)
+        u = jax.tree.map(
+            lambda g, m, v: ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(g.dtype), updates, mu, nu
+        )
+        return u, AdamState(count=count, mu=mu, nu=nu)
+
+    return GradientTransformation(init, update)
+
+
+def clip(max_abs: float) -> GradientTransformation:
+    """Elementwise clipping (seed 004): ``u = min(g_max, max(-g_max, g))``, so ``|u| <= g_max``."""
+    check_number("clip", "max_abs", max_abs, low=0.0, low_open=True)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: jnp.clip(g, -max_abs, max_abs).astype(g.dtype), updates), state
+
+    return GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Rescale the whole update so its norm is at most ``max_norm`` (Pascanu et al. 2013).
+
+    .. math:: u = g \\cdot \\min(1, \\text{max\\_norm} / \\lVert g \\rVert_2),
+              \\quad \\lVert g \\rVert_2 = \\sqrt{\\textstyle\\sum_{\\text{leaves}} \\sum g^2}
+    """
+    check_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
+
+    return GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def sign(scale: float = 1.0) -> GradientTransformation:
+    """One-bit gradients, "extreme clipping" (seed 004; Seide et al. 2014; Bernstein et al. 2018).
+
+    .. math:: u = s \\cdot \\operatorname{sign}(g)
+
+    With ``s = 1`` equals ``optax.scale_by_sign()``. ``sign(0) = 0``.
+    """
+    check_number("sign", "scale", scale, low=0.0, low_open=True)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: (scale * jnp.sign(g)).astype(g.dtype), updates), state
+
+    return GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def sign_with_error_feedback() -> GradientTransformation:
+    """One-bit gradients with error feedback (Seide et al. 2014; Karimireddy et al. 2019).
+
+    .. math::
+        p = g + e, \\qquad u = \\operatorname{mean}(|p|) \\operatorname{sign}(p)
+        \\;\\text{(per leaf)}, \\qquad e \\leftarrow p - u
+
+    The residual ``e`` carries exactly what the one-bit update left out, so ``g + e_old = u +
+    e_new`` and nothing of the gradient is lost over time (EF-signSGD).
+    """
+
+    def init(params):
+        return ErrorFeedbackState(error=_zeros_like(params))
+
+    def update(updates, state, params=None):
+        del params
+        check_tree_match("sign_with_error_feedback", state.error, updates)
+        corrected = jax.tree.map(lambda g, e: g + e.astype(g.dtype), updates, state.error)
+        out = jax.tree.map(
+            lambda p: (jnp.mean(jnp.abs(p)) * jnp.sign(p)).astype(p.dtype) if p.size else p, corrected
+        )
+        error = jax.tree.map(lambda p, u, e: (p - u).astype(e.dtype), corrected, out, state.error)
+        return out, ErrorFeedbackState(error=error)
+
+    return GradientTransformation(init, update)
+
+
+def _as_key(key: int | jax.Array) -> jax.Array:
+    """A typed PRNG key from an int seed, a typed key, or a raw uint32 key."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if isinstance(key, (jax.Array,)) and key.dtype == jnp.uint32:
+        return jax.random.wrap_key_data(key)
+    return jax.random.key(key)
+
+
+def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -> GradientTransformation:
+    """Annealed Gaussian gradient noise (Neelakantan et al. 2016; seed 004).
+
+    .. math:: u = g + N(0, \\sigma_t^2), \\qquad \\sigma_t^2 = \\eta / (1 + t)^\\gamma
+
+    The PRNG key lives in the state (an int seed or a ``jax.random.key``); each step splits it
+    and draws independent noise for every leaf. For the same key the noise is identical to
+    ``optax.add_noise(eta, gamma, key)``.
+    """
+    check_number("add_noise", "eta", eta, low=0.0)
+    check_number("add_noise", "gamma", gamma, low=0.0)
+
+    def init(params):
+        del params
+        return NoiseState(count=_count0(), key=_as_key(key))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        std = jnp.sqrt(eta / count.astype(jnp.float32) ** gamma)
+        next_key, sample_key = jax.random.split(state.key)
+        noise = optax.tree.random_like(sample_key, updates, jax.random.normal)
+        out = jax.tree.map(lambda g, n: (g + std * n).astype(g.dtype), updates, noise)
+        return out, NoiseState(count=count, key=next_key)
+
+    return GradientTransformation(init, update)
+
+
+def add_weight_decay(rate: float, mask: Mask | None = None) -> GradientTransformation:
+    """L2 weight decay added to the gradient: ``u = g + rate * params`` (seed 000).
+
+    ``mask`` (a pytree of bools like the params, or a callable of the params) limits the decay to
+    the leaves where it is true, e.g. ``lambda p: jax.tree.map(lambda w: w.ndim > 1, p)`` to
+    leave biases and BatchNorm scales alone. Placed before ``scale_by_adam`` this is Adam's L2
+    (``torch.optim.Adam(weight_decay=...)``); after it, AdamW's decoupled decay.
+    """
+    check_number("add_weight_decay", "rate", rate, low=0.0)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_weight_decay: update needs params; call update(grads, state, params)")
+        check_tree_match("add_weight_decay", params, updates, what="updates (against params)")
+        return jax.tree.map(lambda g, p: (g + rate * p).astype(g.dtype), updates, params), state
+
+    tx = GradientTransformation(lambda params: optax.EmptyState(), update)
+    return tx if mask is None else masked(tx, mask)
+
+
+def _finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(pred, new, old):
+    def pick(n, o):
+        if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
+            data = jnp.where(pred, jax.random.key_data(n), jax.random.key_data(o))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(n))
+        return jnp.where(pred, n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
+    """Skip steps whose gradient (or ``inner``'s result) holds a NaN or Inf.
+
+    On such a step ``u = 0`` and the inner state (moments, counts, keys) stays exactly as it was,
+    so the next finite step proceeds as if the bad one never happened; ``skipped`` counts them.
+    Like ``optax.apply_if_finite`` with no limit on consecutive skips.
+    """
+    _check_transform("skip_nonfinite", "inner", inner)
+
+    def init(params):
+        return SkipNonfiniteState(inner.init(params), _count0(), jnp.array(True))
+
+    def update(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        ok = jnp.logical_and(_finite(updates), _finite(new_updates))
+        out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
+        inner_state = _select(ok, new_inner, state.inner_state)
+        skipped = state.skipped + jnp.where(ok, 0, 1).astype(state.skipped.dtype)
+        return out, SkipNonfiniteState(inner_state, skipped, ok)
+
+    return GradientTransformation(init, update)
+
+
+def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
+    """Apply ``inner`` where ``mask`` is true; elsewhere pass ``g`` through unchanged.
+
+    ``mask`` is a pytree of bools with the structure of the params (or a prefix of it), or a
+    callable returning one. ``inner`` keeps state only for the masked-in leaves. This is
+    ``optax.masked``; combine with `freeze` to zero the leaves left out.
+    """
+    _check_transform("masked", "inner", inner)
+    if mask is None:
+        raise TypeError("masked: mask must be a pytree of bools or a callable of the params, got None")
+    return optax.masked(inner, mask)
+
+
+def freeze(mask: Mask) -> GradientTransformation:
+    """Freeze the leaves where ``mask`` is true: ``u = 0`` there, ``u = g`` elsewhere; no state.
+
+    To train only part of a model with an optimizer that keeps no state for frozen leaves
+    (transfer learning, seed 001), put the optimizer under `masked` with the opposite mask::
+
+        tx = chain(freeze(body), masked(adam(1e-3), head))
+
+    The frozen leaves then never change, whatever the optimizer (weight decay included).
+    """
+    if mask is None:
+        raise TypeError("freeze: mask must be a pytree of bools or a callable of the params, got None")
+
+    def update(updates, state, params=None):
+        del params
+        m = mask(updates) if callable(mask) else mask
+        zero = lambda g: jnp.zeros_like(g)  # noqa: E731
+        return jax.tree.map(lambda f, g: jax.tree.map(zero, g) if f else g, m, updates), state
+
+    return GradientTransformation(lambda params: optax.EmptyState(), update)
