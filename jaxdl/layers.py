@@ -1,0 +1,733 @@
+"""Functional layers: immutable configurations with two pure methods.
+
+    init(key, input_shape) -> (output_shape, params, state)      # input_shape: one example
+    apply(params, state, x, *, train=False, key=None) -> (y, state) # x: leading batch axis
+
+``params`` and ``state`` are dicts of arrays (empty for layers without any); ``state`` holds
+what training updates but gradients do not (BatchNorm's running statistics). In the spirit of
+`jax.example_libraries.stax`, but with running statistics, ``Dropout(rate)`` as the probability
+of *dropping* (stax's ``rate`` is the keep probability), and checked inputs.
+
+Checking: ``apply`` compares ``params``, ``state`` and the shape of ``x`` with what ``init``
+would produce for ``x.shape[1:]`` (via `jax.eval_shape`, cached per layer and input shape; shapes
+are static, so this costs nothing under `jax.jit`) and raises a ValueError/TypeError naming the
+layer, the entry and the expected shape, instead of a JAX internal error later on.
+
+Conventions: images are NHWC with HWIO kernels (as flax; PyTorch is NCHW/OIHW). Dense kernels
+are (in, out) (PyTorch's Linear stores (out, in)). Parameter names: ``w``, ``b`` (Dense, Conv,
+Maxout), ``alpha`` (PRelu), ``gamma``, ``beta`` and state ``mean``, ``var`` (BatchNorm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxdl import init as initializers
+
+__all__ = [
+    "Dense", "Conv", "MaxPool", "AvgPool", "Flatten", "Relu", "LeakyRelu", "PRelu", "Sigmoid",
+    "Tanh", "Elu", "Maxout", "Dropout", "BatchNorm", "Sequential", "FlaxModule",
+    "fold_batchnorm", "from_flax",
+]
+
+Initializer = Callable[..., jax.Array]
+_frozen = dataclasses.dataclass(frozen=True)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _positive_int(layer, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _int_pair(layer, name, value):
+    """An int or a pair of ints -> a pair of positive ints."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{layer}: {name} must be a positive int or a pair of them, got {value!r}")
+    return tuple(_positive_int(layer, name, v) for v in pair)
+
+
+def _padding(layer, value):
+    if not isinstance(value, str) or value.upper() not in ("SAME", "VALID"):
+        raise ValueError(f"{layer}: padding must be 'SAME' or 'VALID', got {value!r}")
+    return value.upper()
+
+
+def _callable(layer, name, value):
+    if not callable(value):
+        raise TypeError(f"{layer}: {name} must be an initializer (key, shape, dtype) -> array, "
+                        f"got {value!r}")
+
+
+def _rank(layer, input_shape, rank, meaning):
+    """Per-example rank check; ``rank=None`` means at least 1 (a feature axis)."""
+    shape = tuple(input_shape)
+    if (rank is None and len(shape) < 1) or (rank is not None and len(shape) != rank):
+        want = "at least 1 (..., features)" if rank is None else f"{rank} {meaning}"
+        raise ValueError(f"{layer}: input_shape must have rank {want} (one example, no batch "
+                         f"axis), got {shape}")
+    return shape
+
+
+def _set(obj, **fields):
+    """Normalize fields of a frozen dataclass in __post_init__."""
+    for k, v in fields.items():
+        object.__setattr__(obj, k, v)
+
+
+def _window_out(layer, size, window, stride, padding):
+    """Output length of a window of ``window`` sliding by ``stride`` (lax's SAME/VALID rule)."""
+    if padding == "SAME":
+        return -(-size // stride)
+    if window > size:
+        raise ValueError(f"{layer}: window/kernel {window} is larger than the input size {size} "
+                         "with padding='VALID'")
+    return (size - window) // stride + 1
+
+
+# ------------------------------------------------------------------ params/state tree checking
+
+@functools.lru_cache(maxsize=4096)
+def _expected_cached(layer, input_shape):
+    return jax.eval_shape(lambda: layer.init(jax.random.key(0), input_shape)[1:])
+
+
+def _expected(layer, input_shape):
+    """(params, state) as ShapeDtypeStructs: what ``layer.init`` makes for ``input_shape``."""
+    try:
+        hash(layer)
+    except TypeError:
+        return jax.eval_shape(lambda: layer.init(jax.random.key(0), input_shape)[1:])
+    return _expected_cached(layer, input_shape)
+
+
+def _path(path):
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def _compare(where, what, got, expected, x_shape, path=()):
+    if isinstance(expected, Mapping):
+        if not isinstance(got, Mapping):
+            raise TypeError(f"{where}: {what}{_path(path)} must be a dict with entries "
+                            f"{sorted(expected)}, got {type(got).__name__}")
+        for k in expected:
+            if k not in got:
+                raise ValueError(
+                    f"{where}: {what}{_path(path)} has no entry {k!r} (expected entries "
+                    f"{sorted(expected)}, got {sorted(got)}); pass the {what} that init returned "
+                    "for this model")
+        extra = sorted(set(got) - set(expected), key=str)
+        if extra:
+            raise ValueError(f"{where}: {what}{_path(path)} has unexpected entries {extra} "
+                             f"(expected {sorted(expected)})")
+        for k in expected:
+            _compare(where, what, got[k], expected[k], x_shape, path + (k,))
+        return
+    shape = getattr(got, "shape", None)
+    if shape is None:
+        raise TypeError(f"{where}: {what}{_path(path)} must be an array, got {type(got).__name__}")
+    if tuple(shape) != tuple(expected.shape):
+        raise ValueError(
+            f"{where}: {what}{_path(path)} has shape {tuple(shape)}, but an input x of shape "
+            f"{tuple(x_shape)} needs {tuple(expected.shape)}: the input (e.g. its last dimension) "
+            f"differs from the input_shape given to init, or the {what} belong to another layer")
+
+
+def _check_call(layer, params, state, x):
+    """Validate an ``apply`` call against ``init`` (static shapes only; free under jit)."""
+    where = type(layer).__name__
+    if x.ndim < 1:
+        raise ValueError(f"{where}: x must have a leading batch axis, got a scalar")
+    try:
+        exp_params, exp_state = _expected(layer, tuple(x.shape[1:]))
+    except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError):
+            raise
+        raise type(err)(f"{where}.apply: x has shape {tuple(x.shape)} (batch axis first), so "
+                        f"one example has shape {tuple(x.shape[1:])}: {err}") from None
+    _compare(where, "params", params, exp_params, x.shape)
+    _compare(where, "state", state, exp_state, x.shape)
+
+
+class Layer:
+    """Shared ``apply``: validate the call, then run the layer's ``_apply``."""
+
+    def apply(self, params, state, x, *, train=False, key=None):
+        """Run the layer on the batch ``x``; returns ``(y, new_state)``."""
+        x = jnp.asarray(x)
+        _check_call(self, params, state, x)
+        return self._apply(params, state, x, train, key)
+
+
+class _Stateless(Layer):
+    """A layer with no params, no state and an elementwise map; ``_fn(x)`` gives the output."""
+
+    def init(self, key, input_shape):
+        """Returns ``(input_shape, {}, {})``."""
+        del key
+        return tuple(input_shape), {}, {}
+
+    def _apply(self, params, state, x, train, key):
+        return self._fn(x), state
+
+
+# ----------------------------------------------------------------------------- affine layers
+
+@_frozen
+class Dense(Layer):
+    """Fully connected: y = x W + b over the last axis; W has shape (in, features).
+
+    Defaults: ``w_init=xavier_normal`` (seed 000; Glorot & Bengio 2010), ``b_init=zeros``.
+    Differs from flax (lecun_normal, truncated) and PyTorch (U(+-1/sqrt(in)) for W and b, and
+    W stored as (out, in)).
+    """
+
+    features: int
+    w_init: Initializer = initializers.xavier_normal
+    b_init: Initializer = initializers.zeros
+    use_bias: bool = True
+
+    def __post_init__(self):
+        _positive_int("Dense", "features", self.features)
+        _callable("Dense", "w_init", self.w_init)
+        _callable("Dense", "b_init", self.b_init)
+
+    def init(self, key, input_shape):
+        shape = _rank("Dense", input_shape, None, "")
+        kw, kb = jax.random.split(key)
+        params = {"w": self.w_init(kw, (shape[-1], self.features))}
+        if self.use_bias:
+            params["b"] = self.b_init(kb, (self.features,))
+        return shape[:-1] + (self.features,), params, {}
+
+    def _apply(self, params, state, x, train, key):
+        y = x @ params["w"]
+        return (y + params["b"] if self.use_bias else y), state
+
+
+def _conv_padding(x_shape, kernel, strides, padding):
+    """Explicit (low, high) padding per spatial axis for lax's SAME/VALID rule."""
+    return lax.padtype_to_pads(x_shape, kernel, strides, padding)
+
+
+def _conv_im2col(x, w, strides, padding):
+    """Convolution as one matmul: gather the kh*kw shifted (strided) views of the padded input
+    along the channel axis ("im2col"), then multiply by the kernel reshaped to (kh*kw*I, O).
+
+    The views are plain strided slices, so autodiff gives exact gradients made of pads, slices
+    and two more large matmuls. Equals `lax.conv_general_dilated` up to float summation order.
+    """
+    kh, kw, cin, cout = w.shape
+    n, h, wd, _ = x.shape
+    pads = _conv_padding((h, wd), (kh, kw), strides, padding)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    (sh, sw) = strides
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    views = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
+                       (1, sh, sw, 1))
+             for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
+    return patches @ w.reshape(kh * kw * cin, cout)
+
+
+def _conv_xla(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@_frozen
+class Conv(Layer):
+    """2-D convolution, NHWC input, HWIO kernel: y[n,i,j,o] = sum_{a,b,c} x[n, s*i+a, s*j+b, c]
+    * W[a,b,c,o] + b[o] (cross-correlation, as every framework).
+
+    ``padding``: 'SAME' (output size ceil(H/s)) or 'VALID' (floor((H-k)/s)+1), lax's rule (for
+    even kernels SAME pads more at the end, unlike PyTorch's symmetric ``padding=k//2``).
+    Defaults ``w_init=he_normal`` (He et al. 2015), ``b_init=zeros``.
+
+    ``impl``: 'xla' uses `lax.conv_general_dilated`; 'im2col' gathers patches with strided
+    slices and does one large matmul (exact, same gradients up to float rounding); 'auto' picks
+    'im2col' when `jax.default_backend()` is 'cpu' at trace time and the layer's kh*kw*I is at
+    most ``im2col_max_depth``, else 'xla' (GPUs/TPUs keep the native convolution). On the CPU,
+    XLA's convolution gradients are several times slower than PyTorch's for shallow inputs;
+    see benchmarks/RESULTS.md.
+    """
+
+    features: int
+    kernel_size: Any
+    strides: Any = 1
+    padding: str = "SAME"
+    w_init: Initializer = initializers.he_normal
+    b_init: Initializer = initializers.zeros
+    use_bias: bool = True
+    impl: str = "auto"
+
+    im2col_max_depth = 64  # class constant: kh*kw*I up to which 'auto' uses im2col on the CPU
+
+    def __post_init__(self):
+        _positive_int("Conv", "features", self.features)
+        _set(self, kernel_size=_int_pair("Conv", "kernel_size", self.kernel_size),
+             strides=_int_pair("Conv", "strides", self.strides),
+             padding=_padding("Conv", self.padding))
+        _callable("Conv", "w_init", self.w_init)
+        _callable("Conv", "b_init", self.b_init)
+        if self.impl not in ("auto", "xla", "im2col"):
+            raise ValueError(f"Conv: impl must be 'auto', 'xla' or 'im2col', got {self.impl!r}")
+
+    def init(self, key, input_shape):
+        h, w, c = _rank("Conv", input_shape, 3, "(H, W, C)")
+        out = tuple(_window_out("Conv", n, k, s, self.padding)
+                    for n, k, s in zip((h, w), self.kernel_size, self.strides))
+        kw, kb = jax.random.split(key)
+        params = {"w": self.w_init(kw, (*self.kernel_size, c, self.features))}
+        if self.use_bias:
+            params["b"] = self.b_init(kb, (self.features,))
+        return out + (self.features,), params, {}
+
+    def _impl(self, in_channels):
+        if self.impl != "auto":
+            return self.impl
+        depth = self.kernel_size[0] * self.kernel_size[1] * in_channels
+        cpu = jax.default_backend() == "cpu"
+        return "im2col" if cpu and depth <= self.im2col_max_depth else "xla"
+
+    def _apply(self, params, state, x, train, key):
+        conv = _conv_im2col if self._impl(x.shape[-1]) == "im2col" else _conv_xla
+        y = conv(x, params["w"], self.strides, self.padding)
+        return (y + params["b"] if self.use_bias else y), state
+
+
+@_frozen
+class Maxout(Layer):
+    """Maxout (Goodfellow et al. 2013; seed 001): y = max_k (x W_k + b_k), k = 1..pieces.
+
+    ``pieces`` separate affine maps of the last axis, each initialized like a Dense layer
+    (``w_init=xavier_normal`` with fans (in, features)); params ``w`` (pieces, in, features)
+    and ``b`` (pieces, features).
+    """
+
+    features: int
+    pieces: int = 2
+    w_init: Initializer = initializers.xavier_normal
+    b_init: Initializer = initializers.zeros
+
+    def __post_init__(self):
+        _positive_int("Maxout", "features", self.features)
+        _positive_int("Maxout", "pieces", self.pieces)
+        _callable("Maxout", "w_init", self.w_init)
+        _callable("Maxout", "b_init", self.b_init)
+
+    def init(self, key, input_shape):
+        shape = _rank("Maxout", input_shape, None, "")
+        kws, kbs = jnp.split(jax.random.split(key, 2 * self.pieces), 2)
+        w = jnp.stack([self.w_init(k, (shape[-1], self.features)) for k in kws])
+        b = jnp.stack([self.b_init(k, (self.features,)) for k in kbs])
+        return shape[:-1] + (self.features,), {"w": w, "b": b}, {}
+
+    def _apply(self, params, state, x, train, key):
+        z = jnp.einsum("...i,kio->...ko", x, params["w"]) + params["b"]
+        return jnp.max(z, axis=-2), state
+
+
+# ----------------------------------------------------------------------------- pooling, shape
+
+def _pool_init(layer, self, input_shape):
+    h, w, c = _rank(layer, input_shape, 3, "(H, W, C)")
+    return tuple(_window_out(layer, n, k, s, self.padding)
+                 for n, k, s in zip((h, w), self.window, self.strides)) + (c,), {}, {}
+
+
+def _pool_post_init(layer, self):
+    window = _int_pair(layer, "window", self.window)
+    strides = window if self.strides is None else _int_pair(layer, "strides", self.strides)
+    _set(self, window=window, strides=strides, padding=_padding(layer, self.padding))
+
+
+def _reduce_window(x, init, op, self):
+    return lax.reduce_window(x, init, op, (1, *self.window, 1), (1, *self.strides, 1),
+                             self.padding)
+
+
+@_frozen
+class MaxPool(Layer):
+    """Max over each (window) patch of an NHWC input; ``strides`` defaults to ``window``.
+
+    Padded positions never win (they hold -inf), like flax and PyTorch.
+    """
+
+    window: Any
+    strides: Any = None
+    padding: str = "VALID"
+
+    def __post_init__(self):
+        _pool_post_init("MaxPool", self)
+
+    def init(self, key, input_shape):
+        return _pool_init("MaxPool", self, input_shape)
+
+    def _apply(self, params, state, x, train, key):
+        return _reduce_window(x, -jnp.inf, lax.max, self), state
+
+
+@_frozen
+class AvgPool(Layer):
+    """Mean over each (window) patch of an NHWC input; ``strides`` defaults to ``window``.
+
+    With padding='SAME' the padded zeros count in the mean (divisor = window size), as flax's
+    and PyTorch's default ``count_include_pad=True``. A window equal to (H, W) is global average
+    pooling.
+    """
+
+    window: Any
+    strides: Any = None
+    padding: str = "VALID"
+
+    def __post_init__(self):
+        _pool_post_init("AvgPool", self)
+
+    def init(self, key, input_shape):
+        return _pool_init("AvgPool", self, input_shape)
+
+    def _apply(self, params, state, x, train, key):
+        size = self.window[0] * self.window[1]
+        return _reduce_window(x, 0.0, lax.add, self) / size, state
+
+
+@_frozen
+class Flatten(Layer):
+    """Reshape each example to a vector: (B, d1, ..., dk) -> (B, d1*...*dk)."""
+
+    def init(self, key, input_shape):
+        return (math.prod(input_shape),), {}, {}
+
+    def _apply(self, params, state, x, train, key):
+        return x.reshape(x.shape[0], -1), state
+
+
+# ----------------------------------------------------------------------------- activations
+
+@_frozen
+class Relu(_Stateless):
+    """ReLU: y = max(0, x) (seed 001, 003; Krizhevsky et al. 2012). Gradient 0 at x = 0."""
+
+    def _fn(self, x):
+        return jax.nn.relu(x)
+
+
+@_frozen
+class LeakyRelu(_Stateless):
+    """Leaky ReLU: y = x for x > 0, alpha*x otherwise (seed 001; Maas et al. 2013)."""
+
+    alpha: float = 0.01
+
+    def _fn(self, x):
+        return jnp.where(x > 0, x, self.alpha * x)
+
+
+@_frozen
+class PRelu(Layer):
+    """Parametric ReLU: y = x for x > 0, alpha*x otherwise, alpha learned (seed 001; He et al.
+    2015); one scalar ``alpha`` shared by all channels (PyTorch's default num_parameters=1),
+    initialized to ``alpha_init`` = 0.25 as in the paper and PyTorch.
+    """
+
+    alpha_init: float = 0.25
+
+    def init(self, key, input_shape):
+        return tuple(input_shape), {"alpha": jnp.asarray(self.alpha_init, jnp.float32)}, {}
+
+    def _apply(self, params, state, x, train, key):
+        return jnp.where(x > 0, x, params["alpha"] * x), state
+
+
+@_frozen
+class Sigmoid(_Stateless):
+    """Logistic sigmoid: y = 1 / (1 + exp(-x)) (seed 001, 003)."""
+
+    def _fn(self, x):
+        return jax.nn.sigmoid(x)
+
+
+@_frozen
+class Tanh(_Stateless):
+    """Hyperbolic tangent: y = tanh(x) (seed 001, 003; LeCun et al. 1991)."""
+
+    def _fn(self, x):
+        return jnp.tanh(x)
+
+
+@_frozen
+class Elu(_Stateless):
+    """ELU: y = x for x > 0, alpha*(exp(x) - 1) otherwise (Clevert et al. 2016)."""
+
+    alpha: float = 1.0
+
+    def _fn(self, x):
+        return jax.nn.elu(x, self.alpha)
+
+
+# ----------------------------------------------------------------------------- regularizers
+
+@_frozen
+class Dropout(Layer):
+    """Inverted dropout (Srivastava et al. 2014; seed 000): in training each unit is dropped
+    with probability ``rate`` and the kept ones are scaled by 1/(1-rate), so E[y] = x; in
+    evaluation y = x. Training needs ``key`` (a different key gives a different mask).
+
+    ``rate`` is the probability of *dropping*, as in PyTorch and flax; seed 000 writes p for the
+    keep probability and rescales at test time instead, and stax's ``Dropout(rate)`` keeps with
+    probability ``rate``.
+    """
+
+    rate: float
+
+    def __post_init__(self):
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) \
+                or not 0 <= self.rate < 1:
+            raise ValueError(f"Dropout: rate (probability of dropping) must be in [0, 1), "
+                             f"got {self.rate!r}")
+
+    def init(self, key, input_shape):
+        return tuple(input_shape), {}, {}
+
+    def _apply(self, params, state, x, train, key):
+        if not train or self.rate == 0:
+            return x, state
+        if key is None:
+            raise ValueError("Dropout: apply(..., train=True) needs a PRNG key: pass key=... "
+                             "(Sequential splits the key it is given among its layers)")
+        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype), state
+
+
+@_frozen
+class BatchNorm(Layer):
+    """Batch normalization (Ioffe & Szegedy 2015; seed 001) over every axis but the last.
+
+    Training: mu, s2 = mean and (biased) variance of the batch over all axes but the last;
+    y = gamma * (x - mu) / sqrt(s2 + eps) + beta, and the running statistics become
+    mean <- momentum*mean + (1-momentum)*mu, var <- momentum*var + (1-momentum)*s2*n/(n-1),
+    the unbiased variance as PyTorch (n = values per channel in the whole batch).
+    Evaluation: the same map with (mean, var), state unchanged; a linear map, which
+    `fold_batchnorm` merges into the preceding Dense/Conv.
+
+    ``momentum`` is the weight of the *old* value (flax's convention): PyTorch's
+    ``BatchNorm1d(momentum=0.1)`` is ``BatchNorm(momentum=0.9)``. Flax keeps the biased
+    variance in its running average; we keep the unbiased one, as PyTorch.
+    Params ``gamma`` (init 1), ``beta`` (init 0); state ``mean`` (0), ``var`` (1).
+
+    ``axis_name``: under `jax.pmap`/`shard_map`/`vmap` with that axis, mu and s2 are those of
+    the global batch (mu = pmean of local means, s2 = pmean of local means of (x - mu)^2: two
+    passes, exact and stable, one all-reduce more than the one-pass E[x^2] - mu^2), and n is the
+    global count, so every replica holds identical statistics. Without it each replica uses its
+    own shard and replicas drift apart.
+    """
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    axis_name: Any = None
+
+    def __post_init__(self):
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) \
+                or not 0 <= self.momentum <= 1:
+            raise ValueError(f"BatchNorm: momentum (weight of the old running value) must be in "
+                             f"[0, 1], got {self.momentum!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) \
+                or not self.eps > 0:
+            raise ValueError(f"BatchNorm: eps must be > 0, got {self.eps!r}")
+
+    def init(self, key, input_shape):
+        shape = _rank("BatchNorm", input_shape, None, "")
+        c = shape[-1]
+        params = {"gamma": jnp.ones((c,)), "beta": jnp.zeros((c,))}
+        state = {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
+        return shape, params, state
+
+    def _apply(self, params, state, x, train, key):
+        if not train:
+            mean, var = state["mean"], state["var"]
+        else:
+            mean, var, n = self._batch_stats(x)
+            m = self.momentum
+            state = {"mean": m * state["mean"] + (1 - m) * lax.stop_gradient(mean),
+                     "var": m * state["var"] + (1 - m) * lax.stop_gradient(var) * (n / (n - 1))}
+        y = (x - mean) * lax.rsqrt(var + self.eps) * params["gamma"] + params["beta"]
+        return y, state
+
+    def _batch_stats(self, x):
+        axes = tuple(range(x.ndim - 1))
+        n = math.prod(x.shape[:-1])
+        mean = jnp.mean(x, axes)
+        if self.axis_name is not None:
+            n *= lax.axis_size(self.axis_name)
+            mean = lax.pmean(mean, self.axis_name)
+        var = jnp.mean(jnp.square(x - mean), axes)
+        if self.axis_name is not None:
+            var = lax.pmean(var, self.axis_name)
+        if n < 2:
+            raise ValueError(f"BatchNorm: training needs more than one value per channel, got x "
+                             f"of shape {tuple(x.shape)}")
+        return mean, var, n
+
+
+# ----------------------------------------------------------------------------- combinators
+
+def _kind(layer):
+    return type(layer).__name__.lower()
+
+
+def _run(layer, params, state, x, train, key):
+    """Apply a child without re-checking (Sequential checked the whole tree already)."""
+    if isinstance(layer, Layer):
+        return layer._apply(params, state, x, train, key)
+    return layer.apply(params, state, x, train=train, key=key)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Sequential(Layer):
+    """Layers applied one after the other: y = f_n(...f_2(f_1(x))).
+
+    Params and state are dicts keyed ``f"{kind}_{index}"`` (kind = lowercased class name,
+    index = position: ``dense_0``, ``batchnorm_1``, ...), leaving out layers that have none.
+    With a key, each layer gets its own ``jax.random.split(key, len(layers))[index]``.
+    Any object with ``init``/``apply`` of this protocol can be a layer.
+    """
+
+    layers: tuple
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            if isinstance(layer, type) or not (callable(getattr(layer, "init", None))
+                                               and callable(getattr(layer, "apply", None))):
+                hint = f" (did you mean {layer.__name__}()?)" if isinstance(layer, type) else ""
+                raise TypeError(f"Sequential: layer {i} must be a layer object with init and "
+                                f"apply, got {layer!r}{hint}")
+        object.__setattr__(self, "layers", tuple(layers))
+
+    def _names(self):
+        return [f"{_kind(layer)}_{i}" for i, layer in enumerate(self.layers)]
+
+    def init(self, key, input_shape):
+        shape, params, state = tuple(input_shape), {}, {}
+        keys = jax.random.split(key, max(len(self.layers), 1))
+        for name, layer, k in zip(self._names(), self.layers, keys):
+            try:
+                shape, p, s = layer.init(k, shape)
+            except (ValueError, TypeError) as err:
+                if type(err) not in (ValueError, TypeError):
+                    raise
+                raise type(err)(f"Sequential: layer {name!r} with input shape {shape}: {err}") \
+                    from None
+            shape = tuple(shape)
+            if p:
+                params[name] = p
+            if s:
+                state[name] = s
+        return shape, params, state
+
+    def _apply(self, params, state, x, train, key):
+        keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
+        new_state = {}
+        for name, layer, k in zip(self._names(), self.layers, keys):
+            x, s = _run(layer, params.get(name, {}), state.get(name, {}), x, train, k)
+            if s:
+                new_state[name] = s
+        return x, new_state
+
+
+@_frozen
+class FlaxModule(Layer):
+    """A `flax.linen.Module` as a layer (made by `from_flax`): ``params`` is the 'params'
+    collection, ``state`` every other collection (e.g. 'batch_stats').
+
+    ``train`` is passed to the module's ``__call__`` when it has a ``train`` argument (not
+    ``deterministic``/``use_running_average``: write the module with ``train``); in training the
+    non-param collections are mutable and returned as the new state. A ``key`` is passed as
+    ``rngs={'dropout': key}``. ``init`` calls ``module.init`` on a batch of one zero example
+    (with train=False when accepted).
+    """
+
+    module: Any
+
+    def _kwargs(self, train):
+        params = inspect.signature(type(self.module).__call__).parameters
+        return {"train": train} if "train" in params else {}
+
+    def init(self, key, input_shape):
+        x = jnp.zeros((1, *input_shape))
+        y, variables = self.module.init_with_output({"params": key, "dropout": key}, x,
+                                                    **self._kwargs(False))
+        variables = dict(variables)
+        params = dict(variables.pop("params", {}))
+        if not hasattr(y, "shape"):
+            raise TypeError(f"FlaxModule: the module must return one array, got {type(y).__name__}")
+        return tuple(y.shape[1:]), params, {k: dict(v) for k, v in variables.items()}
+
+    def _apply(self, params, state, x, train, key):
+        variables = {**state, "params": params} if params else dict(state)
+        rngs = None if key is None else {"dropout": key}
+        if train and state:
+            y, updates = self.module.apply(variables, x, rngs=rngs, mutable=list(state),
+                                           **self._kwargs(train))
+            return y, {**state, **{k: dict(v) for k, v in updates.items()}}
+        return self.module.apply(variables, x, rngs=rngs, **self._kwargs(train)), state
+
+
+def from_flax(module):
+    """Wrap a `flax.linen.Module` as a jaxdl layer (see `FlaxModule`)."""
+    import flax.linen as nn  # flax is needed only here
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_flax: module must be a flax.linen.Module, got {module!r}")
+    return FlaxModule(module)
+
+
+# ----------------------------------------------------------------------------- BN folding
+
+def fold_batchnorm(model, params, state):
+    """Fold each BatchNorm that directly follows a Dense or Conv into that layer (seed 001: at
+    test time BN is the linear map y = a*z + c, a = gamma/sqrt(var + eps), c = beta - a*mean).
+
+    The preceding layer's kernel becomes W * a (per output channel) and its bias a*b + c (c
+    alone without bias; the folded layer always has a bias). Works through nested Sequentials;
+    other layers, and BatchNorms not after a Dense/Conv, stay. Returns a new
+    ``(model, params, state)`` whose *evaluation* outputs equal the original's (keys are
+    renumbered, since the BatchNorms are gone). The folded model is for inference: training it
+    no longer normalizes. PyTorch's counterpart is ``torch.ao.quantization.fuse_modules``.
+    """
+    if not isinstance(model, Sequential):
+        return model, params, state
+    layers, new_params, new_state = [], [], []
+    for name, layer in zip(model._names(), model.layers):
+        p, s = params.get(name, {}), state.get(name, {})
+        if isinstance(layer, Sequential):
+            layer, p, s = fold_batchnorm(layer, p, s)
+        prev = layers[-1] if layers else None
+        if isinstance(layer, BatchNorm) and isinstance(prev, (Dense, Conv)):
+            a = p["gamma"] * lax.rsqrt(s["var"] + layer.eps)
+            c = p["beta"] - a * s["mean"]
+            pp = new_params[-1]
+            b = a * pp["b"] + c if prev.use_bias else c
+            layers[-1] = dataclasses.replace(prev, use_bias=True)
+            new_params[-1] = {"w": pp["w"] * a, "b": b}
+            continue
+        layers.append(layer)
+        new_params.append(p)
+        new_state.append(s)
+    folded = Sequential(*layers)
+    names = folded._names()
+    return (folded, {n: p for n, p in zip(names, new_params) if p},
+            {n: s for n, s in zip(names, new_state) if s})
