@@ -300,6 +300,7 @@ class CheckpointManager:
                                               item_names=(_ITEM,))
 
     def step_directory(self, step: int) -> str:
+        """The directory of one step: ``<directory>/<step>``."""
         return os.path.join(self.directory, str(step))
 
     def _orbax_steps(self) -> list:
@@ -356,6 +357,7 @@ class CheckpointManager:
         `CorruptCheckpointError` naming the file. See `restore_checkpoint` for ``target``.
         The step read is left in ``self.restored_step``.
         """
+        self._manager.reload()  # the directory may have changed since this manager listed it
         steps = self._orbax_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -391,6 +393,7 @@ class CheckpointManager:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish pending work and release orbax's threads; the manager is unusable after."""
         self._manager.close()
 
     def __enter__(self):

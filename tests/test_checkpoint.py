@@ -361,3 +361,9 @@ def test_no_good_checkpoint_lists_every_failure(three_steps):
             three_steps.restore(tree_at(0))
     for s in (10, 20, 30):
         assert f"step {s}:" in str(err.value)
+
+
+def test_step_deleted_under_an_open_manager_falls_back(three_steps):
+    shutil.rmtree(three_steps.step_directory(30))
+    assert_bitwise_equal(three_steps.restore(tree_at(0)), tree_at(20))
+    assert three_steps.all_steps() == [10, 20]

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxdl import data
 
@@ -86,6 +88,27 @@ def test_uneven_classes_split_in_proportion_with_exact_totals():
     np.testing.assert_array_equal(np.bincount(labels[test]), [5, 3, 2])
     np.testing.assert_array_equal(np.bincount(labels[val]), [10, 6, 4])
     assert len(train) == 70
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+       test_frac=st.floats(0.0, 0.5), val_frac=st.floats(0.0, 0.4), seed=st.integers(0, 99))
+def test_split_is_a_proportional_partition_for_any_labels(counts, test_frac, val_frac, seed):
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    n = len(labels)
+    n_test, n_val = round(test_frac * n), round(val_frac * n)
+    if n_test + n_val >= n:
+        with pytest.raises(ValueError, match="leaves no training data"):
+            data.stratified_split(labels, n_test, n_val, seed)
+        return
+    train, val, test = data.stratified_split(labels, n_test, n_val, seed)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val, test])), np.arange(n))
+    assert (len(test), len(val)) == (n_test, n_val)
+    per_class_test = np.bincount(labels[test], minlength=len(counts))
+    assert np.all(np.abs(per_class_test - n_test * np.array(counts) / n) < 1)
+    per_class_val = np.bincount(labels[val], minlength=len(counts))
+    remaining = np.array(counts) - per_class_test
+    assert np.all(np.abs(per_class_val - n_val * remaining / remaining.sum()) < 1)
 
 
 def test_digits_dataset():
