@@ -113,7 +113,8 @@ def _check_structure(specs: list, target_specs: list, where: str) -> None:
     problems += [f"in the target but not in the checkpoint: {p}" for p in wanted if p not in saved]
     for path in saved.keys() & wanted.keys():
         a, b = saved[path], wanted[path]
-        if (a["shape"], a["dtype"], a.get("key_impl")) != (b["shape"], b["dtype"], b.get("key_impl")):
+        fields = ("shape", "dtype", "key_impl")
+        if [a.get(f) for f in fields] != [b.get(f) for f in fields]:
             problems.append(f"{path}: checkpoint has {a['dtype']}{a['shape']}, target has "
                             f"{b['dtype']}{b['shape']}")
     if not problems and [s["path"] for s in specs] != [s["path"] for s in target_specs]:

