@@ -66,7 +66,13 @@ def check_positive_int(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}: {name}={value!r} is out of range; expected an integer >= 1")
 
 
-def check_tree_match(owner: str, expected: Any, got: Any, what: str = "updates") -> None:
+def check_tree_match(
+    owner: str,
+    expected: Any,
+    got: Any,
+    what: str = "updates",
+    hint: str = "Call init again with params of the same structure as the gradients.",
+) -> None:
     """Raise ValueError when `got` differs from `expected` in structure or leaf shapes.
 
     Runs at trace time (structures and shapes are static), so it costs nothing under jit. The
@@ -91,12 +97,11 @@ def check_tree_match(owner: str, expected: Any, got: Any, what: str = "updates")
             else:
                 detail = f"containers differ: expected {exp_def}, got {got_def}"
         raise ValueError(
-            f"{owner}: {what} tree does not match the tree given to init ({detail}). "
-            "Call init again with params of the same structure as the gradients."
+            f"{owner}: {what} tree does not match the expected tree ({detail}). {hint}"
         )
     for (path, e), (_, g) in zip(exp_leaves, got_leaves):
         if np.shape(e) != np.shape(g):
             raise ValueError(
                 f"{owner}: {what} leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
-                f"{np.shape(g)}, but init saw shape {np.shape(e)}"
+                f"{np.shape(g)}, but init saw shape {np.shape(e)}. {hint}"
             )

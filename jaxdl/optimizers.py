@@ -12,7 +12,7 @@ import jax
 import optax
 
 from jaxdl import transforms as T
-from jaxdl._checks import check_number, check_tree_match, concrete
+from jaxdl._checks import check_number, check_tree_match
 from jaxdl.transforms import GradientTransformation, Mask, ScalarOrSchedule
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "apply_updates"]
@@ -26,9 +26,12 @@ def _descend(owner: str, lr: ScalarOrSchedule) -> GradientTransformation:
 
 
 def _maybe_zero(value) -> bool:
-    """True when `value` is concretely 0 (the transform can be left out of the chain)."""
-    arr = concrete(value)
-    return arr is not None and not arr.any()
+    """True when `value` is a Python number equal to 0, so its transform can be left out.
+
+    Arrays (concrete or traced, e.g. from ``optax.inject_hyperparams`` or a vmapped sweep) keep
+    their transform, so the state's structure never depends on a hyperparameter's value.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def sgd(

@@ -1,0 +1,275 @@
+"""Jit-compiled training: `TrainState`, train/eval steps, scan-fused loops, data-parallel steps.
+
+One training step (DESIGN.md):
+
+    batch -> loss_fn(params, model_state, batch, key) -> (loss, (model_state, aux))
+          -> jax.value_and_grad -> grads -> [mean across devices] -> optimizer.update
+          -> apply_updates -> new TrainState, metrics
+
+Everything the step needs is in its arguments: the `TrainState` (a pytree) and the batch. The PRNG
+key is split every step, so dropout masks and gradient noise never repeat. A step whose loss,
+gradients or updates hold a NaN or Inf leaves params, model state and optimizer state as they
+were (seed 004: divergence is worse than a lost step) and reports ``nonfinite = 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxdl._checks import check_tree_match
+from jaxdl.losses import accuracy, softmax_cross_entropy
+from jaxdl.optimizers import apply_updates
+from jaxdl.transforms import global_norm
+
+__all__ = [
+    "TrainState",
+    "SupervisedLoss",
+    "supervised_loss",
+    "make_train_step",
+    "make_eval_step",
+    "make_train_loop",
+    "check_labels",
+]
+
+Batch = Any
+LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during training, as one pytree.
+
+    ``step`` counts the batches seen (int32), ``params`` and ``model_state`` (e.g. BatchNorm's
+    running statistics) are the model's, ``opt_state`` the optimizer's, ``key`` the PRNG key
+    the next step splits. ``input_shape`` (one example, no batch axis) is static metadata used to
+    check batches; it is not a leaf.
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    key: jax.Array
+    input_shape: tuple = struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def create(cls, model, optimizer: optax.GradientTransformation, key: jax.Array, input_shape) -> "TrainState":
+        """Initialize ``model`` for ``input_shape`` (one example) and ``optimizer`` for its params.
+
+        ``key`` is split in two: one half initializes the model, the other seeds training.
+        """
+        if isinstance(key, int):
+            key = jax.random.key(key)
+        init_key, train_key = jax.random.split(key)
+        input_shape = tuple(int(d) for d in input_shape)
+        _, params, model_state = model.init(init_key, input_shape)
+        return cls(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=optimizer.init(params),
+            key=train_key,
+            input_shape=input_shape,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedLoss:
+    """``loss_fn(params, model_state, (x, y), key, train=True) -> (loss, (model_state, aux))``
+    for a model of the layer protocol; ``aux`` holds the values of ``metrics`` on the batch."""
+
+    model: Any
+    loss: Callable = softmax_cross_entropy
+    metrics: tuple = ()
+
+    def __call__(self, params, model_state, batch, key=None, train=True):
+        x, y = batch
+        out, model_state = self.model.apply(params, model_state, x, train=train, key=key)
+        aux = {name: fn(out, y) for name, fn in self.metrics}
+        return self.loss(out, y), (model_state, aux)
+
+
+def supervised_loss(model, loss: Callable = softmax_cross_entropy, metrics: dict | None = None) -> SupervisedLoss:
+    """Turn ``model`` into the general loss function of the train step; batch = ``(x, y)``.
+
+    ``metrics`` maps names to ``fn(outputs, y)``; by default ``{"accuracy": accuracy}`` when
+    ``loss`` is `softmax_cross_entropy`, else none.
+    """
+    if not callable(getattr(model, "apply", None)):
+        raise TypeError(f"supervised_loss: model must have init/apply, got {model!r}")
+    if metrics is None:
+        metrics = {"accuracy": accuracy} if loss is softmax_cross_entropy else {}
+    return SupervisedLoss(model, loss, tuple(sorted(metrics.items())))
+
+
+def check_labels(labels, num_classes: int) -> None:
+    """Raise ValueError if any integer label lies outside ``[0, num_classes)``.
+
+    Runs on the host, outside jit. Inside jit label values cannot be checked: an out-of-range
+    label makes `softmax_cross_entropy` gather outside the logits, which gives a NaN loss, so the
+    train step skips that step and reports it as ``nonfinite``.
+    """
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for {num_classes} classes; got {bad.size} "
+            f"out of range, e.g. {bad.ravel()[:5].tolist()}"
+        )
+
+
+def _accepts_train(loss_fn) -> bool:
+    try:
+        return "train" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_batch(state: TrainState, batch) -> None:
+    """Trace-time check that a batch fits the model the state was built for."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else None
+    if x is None or not state.input_shape:
+        return
+    if tuple(x.shape[1:]) != tuple(state.input_shape):
+        raise ValueError(
+            f"batch x has shape {tuple(x.shape)}, i.e. examples of shape {tuple(x.shape[1:])}, but "
+            f"the model was built for input_shape {tuple(state.input_shape)} (batch axis first)"
+        )
+
+
+def _check_state(state: TrainState, loss_fn, optimizer) -> None:
+    """Trace-time check that ``state`` was built for this model and optimizer."""
+    model = getattr(loss_fn, "model", None)
+    if model is not None and state.input_shape:
+        _, params, model_state = jax.eval_shape(lambda: model.init(jax.random.key(0), state.input_shape))
+        hint = "The state was built for another model: build it with TrainState.create(model, ...)."
+        check_tree_match("train step", params, state.params, "state.params (against the model)", hint)
+        check_tree_match("train step", model_state, state.model_state, "state.model_state (against the model)", hint)
+    expected = jax.eval_shape(optimizer.init, state.params)
+    hint = "The state was built for another optimizer: build it with the optimizer given to this step."
+    check_tree_match("train step", expected, state.opt_state, "state.opt_state (against the optimizer)", hint)
+
+
+def _select(ok, new, old):
+    """``new`` where ``ok`` else ``old``, leaf by leaf (PRNG keys included)."""
+
+    def pick(n, o):
+        if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
+            data = jnp.where(ok, jax.random.key_data(n), jax.random.key_data(o))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(n))
+        return jnp.where(ok, n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _all_finite(*trees) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key, reduce_grads=None):
+    """One step of pure math: shared by the single-device, scan, pmap and sharded steps."""
+    kwargs = {"train": True} if _accepts_train(loss_fn) else {}
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(p, state.model_state, batch, key, **kwargs), has_aux=True)
+    (loss, (model_state, aux)), grads = grad_fn(state.params)
+    if reduce_grads is not None:
+        loss, grads, aux = reduce_grads((loss, grads, aux))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = apply_updates(state.params, updates)
+    finite = _all_finite(loss, grads, updates)
+    if skip_nonfinite:
+        params = _select(finite, params, state.params)
+        model_state = _select(finite, model_state, state.model_state)
+        opt_state = _select(finite, opt_state, state.opt_state)
+    param_norm = global_norm(state.params)
+    metrics = {
+        "loss": loss,
+        "grad_norm": global_norm(grads),
+        "update_ratio": global_norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny),
+        "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
+        **aux,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
+
+
+def _split_key(state: TrainState):
+    next_key, step_key = jax.random.split(state.key)
+    return state.replace(key=next_key), step_key
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    skip_nonfinite: bool = True,
+    donate: bool = False,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """A jit-compiled ``step(state, batch) -> (state, metrics)``.
+
+    ``metrics``: ``loss``, ``grad_norm`` (of the raw gradients), ``update_ratio`` (norm of the
+    update over norm of the params, seed 004's ~1e-3 rule), ``nonfinite`` (1 when the step was
+    skipped for a NaN/Inf; ``skip_nonfinite=False`` applies such steps anyway) and what the loss
+    returns in ``aux``. The step compiles once per batch shape; schedules run on the traced step
+    count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers.
+    """
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"make_train_step: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+
+    def step(state: TrainState, batch):
+        _check_batch(state, batch)
+        _check_state(state, loss_fn, optimizer)
+        state, key = _split_key(state)
+        return _step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key)
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], dict]:
+    """A jit-compiled ``evaluate(state, batch) -> metrics`` in eval mode.
+
+    Eval mode: running statistics instead of batch statistics, no dropout (``train=False`` and no
+    key). The state is never changed. ``metrics`` holds ``loss`` and the loss's ``aux``.
+    """
+    if not _accepts_train(loss_fn):
+        raise TypeError("make_eval_step: loss_fn must accept a train= keyword to run in eval mode")
+
+    @jax.jit
+    def evaluate(state: TrainState, batch):
+        _check_batch(state, batch)
+        loss, (_, aux) = loss_fn(state.params, state.model_state, batch, None, train=False)
+        return {"loss": loss, **aux}
+
+    return evaluate
+
+
+def make_train_loop(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, *, skip_nonfinite: bool = True
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """A jit-compiled ``loop(state, batches) -> (state, metrics)`` fusing K steps in one `lax.scan`.
+
+    ``batches`` stacks K batches along a new leading axis; the metrics come back stacked per step.
+    Each iteration is exactly `make_train_step`'s step, so K loop iterations end in the same state
+    as K single steps, with one dispatch instead of K.
+    """
+
+    def body(state, batch):
+        state, key = _split_key(state)
+        return _step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key)
+
+    @jax.jit
+    def loop(state: TrainState, batches):
+        _check_batch(state, jax.tree.map(lambda b: b[0], batches))
+        _check_state(state, loss_fn, optimizer)
+        return jax.lax.scan(body, state, batches)
+
+    return loop
+
