@@ -4,7 +4,27 @@
 optimizer state, a PRNG key, a step counter); see DESIGN.md for the public names.
 """
 
-from jaxdl import optimizers, schedules, transforms
+from jaxdl import data, diagnostics, init, layers, losses, optimizers, schedules, train_step, transforms
+from jaxdl.layers import (
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dense,
+    Dropout,
+    Elu,
+    Flatten,
+    LeakyRelu,
+    Maxout,
+    MaxPool,
+    PRelu,
+    Relu,
+    Sequential,
+    Sigmoid,
+    Tanh,
+    fold_batchnorm,
+    from_flax,
+)
+from jaxdl.losses import accuracy, binary_cross_entropy, l2_penalty, mse, softmax_cross_entropy
 from jaxdl.optimizers import adagrad, adam, adamw, apply_updates, rmsprop, sgd, signsgd
 from jaxdl.transforms import (
     add_noise,
@@ -26,5 +46,14 @@ from jaxdl.transforms import (
     sign_with_error_feedback,
     skip_nonfinite,
 )
+from jaxdl.train_step import (
+    TrainState,
+    make_eval_step,
+    make_train_loop,
+    make_train_step,
+    supervised_loss,
+)
+
+# `jaxdl.checkpoint` (orbax, ~1 s to import) is imported on first use: `from jaxdl import checkpoint`.
 
 __version__ = "0.1.0"

@@ -1,0 +1,219 @@
+"""Training-health checks of seed 004, as functions.
+
+- Sanity-check the initial loss: about ln C for C classes (`initial_loss_check`).
+- Make sure the model can overfit a very small part of the training data (`overfit_check`).
+- Find a learning rate that makes the loss go down (`lr_range_test`, Smith 2017).
+- Track the ratio of update to weight magnitudes, want about 1e-3 (`update_ratios`).
+- Look at activation and gradient statistics and histograms per layer (`activation_stats`,
+  `layer_report`).
+
+The per-layer functions are pure and jit-compatible; `layer_report` computes everything for one
+batch inside one compiled call, without touching the state or the step's results.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdl.train_step import TrainState, make_train_loop
+from jaxdl.transforms import global_norm
+
+__all__ = [
+    "leaf_norms",
+    "update_ratios",
+    "activation_stats",
+    "layer_report",
+    "initial_loss_check",
+    "InitialLossReport",
+    "overfit_check",
+    "OverfitReport",
+    "lr_range_test",
+    "LRRangeResult",
+]
+
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def leaf_norms(tree) -> Any:
+    """The L2 norm of every leaf, keyed like ``tree`` (e.g. per-layer gradient norms)."""
+    return jax.tree.map(lambda x: jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32)), tree)
+
+
+def update_ratios(params, updates) -> Any:
+    """``||u|| / ||theta||`` per leaf, keyed like the params (seed 004: want about 1e-3).
+
+    Much below 1e-3 the layer learns slowly (learning rate too low); much above, it is being
+    rewritten every step (too high).
+    """
+    return jax.tree.map(lambda p, u: jnp.linalg.norm(jnp.ravel(u).astype(jnp.float32))
+                        / jnp.maximum(jnp.linalg.norm(jnp.ravel(p).astype(jnp.float32)), _TINY),
+                        params, updates)
+
+
+def _saturation(kind: str, y: jax.Array) -> jax.Array:
+    if kind == "tanh":
+        return jnp.mean(jnp.abs(y) > 0.99)
+    if kind == "sigmoid":
+        return jnp.mean((y < 0.01) | (y > 0.99))
+    return jnp.array(jnp.nan, jnp.float32)
+
+
+def activation_stats(model, params, model_state, x, *, train: bool = False, key=None, bins: int = 30) -> dict:
+    """Statistics of every layer's output of a `Sequential` model on the batch ``x``.
+
+    Per layer (keyed ``f"{kind}_{index}"`` like `Sequential`): ``mean``, ``std``,
+    ``frac_zero`` (fraction of exact zeros: dead ReLUs), ``frac_saturated`` (|y| > 0.99 for
+    tanh; y < 0.01 or y > 0.99 for sigmoid; NaN for other layers) and a histogram
+    (``hist_counts``, ``hist_edges`` over the layer's own range). Seed 004: plot these for all
+    layers; seed 003 / Glorot & Bengio 2010: with a bad scale they collapse to 0 or saturate.
+    """
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise TypeError(f"activation_stats: model must be a Sequential (with .layers), got {model!r}")
+    keys = [None] * len(layers) if key is None else list(jax.random.split(key, len(layers)))
+    out = {}
+    h = jnp.asarray(x)
+    for i, (layer, k) in enumerate(zip(layers, keys)):
+        name = f"{type(layer).__name__.lower()}_{i}"
+        h, _ = layer.apply(params.get(name, {}), model_state.get(name, {}), h, train=train, key=k)
+        hf = h.astype(jnp.float32)
+        counts, edges = jnp.histogram(hf, bins=bins)
+        out[name] = {
+            "mean": jnp.mean(hf),
+            "std": jnp.std(hf),
+            "frac_zero": jnp.mean(hf == 0),
+            "frac_saturated": _saturation(type(layer).__name__.lower(), hf),
+            "hist_counts": counts,
+            "hist_edges": edges,
+        }
+    return out
+
+
+def layer_report(loss_fn, optimizer: optax.GradientTransformation, state: TrainState, batch, *, bins: int = 30) -> dict:
+    """Gradient norms, update/weight ratios and activation statistics for one batch, per layer.
+
+    Computes what the next train step would do (same key) without applying it; returns
+    ``{"grad_norms", "update_ratios", "activations"}``, the first two keyed like the params.
+    ``activations`` needs ``loss_fn`` from `supervised_loss` of a `Sequential` (else it is {}).
+    Jit it for repeated use: ``jax.jit(functools.partial(layer_report, loss_fn, tx))``.
+    """
+    _, key = jax.random.split(state.key)
+    grads, _ = jax.grad(lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(state.params)
+    updates, _ = optimizer.update(grads, state.opt_state, state.params)
+    report = {"grad_norms": leaf_norms(grads), "update_ratios": update_ratios(state.params, updates)}
+    model = getattr(loss_fn, "model", None)
+    report["activations"] = (
+        activation_stats(model, state.params, state.model_state, batch[0], train=True, key=key, bins=bins)
+        if hasattr(model, "layers") else {}
+    )
+    return report
+
+
+class InitialLossReport(NamedTuple):
+    loss: float
+    expected: float  # ln C
+    ok: bool
+    message: str
+
+
+def initial_loss_check(loss: float, num_classes: int, rtol: float = 0.25) -> InitialLossReport:
+    """Compare the first loss of a softmax classifier with chance level, ``ln C`` (seed 004).
+
+    With small random weights every class gets probability about 1/C, so the cross-entropy is
+    about ln C. Much higher means over-confident wrong outputs (weights too large, inputs not
+    normalized); much lower means the model knows the labels before training (a leak, or a
+    loss that is not the mean cross-entropy).
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"initial_loss_check: num_classes={num_classes!r}; expected an int >= 2")
+    loss = float(loss)
+    expected = math.log(num_classes)
+    ratio = loss / expected
+    if not math.isfinite(loss):
+        ok, why = False, "the loss is not finite: check the inputs and the initialization"
+    elif ratio > 1 + rtol:
+        ok, why = False, ("too high: the initial outputs are confidently wrong; scale the initial "
+                          "weights down (e.g. Xavier/He instead of N(0, 1)) or normalize the inputs")
+    elif ratio < 1 - rtol:
+        ok, why = False, ("too low for an untrained model: check for labels leaking into the inputs, "
+                          "or a loss that is not the mean cross-entropy")
+    else:
+        ok, why = True, "as expected for an untrained classifier"
+    msg = f"initial loss {loss:.4f} vs ln({num_classes}) = {expected:.4f} (ratio {ratio:.2f}): {why}"
+    return InitialLossReport(loss, expected, ok, msg)
+
+
+class OverfitReport(NamedTuple):
+    losses: np.ndarray
+    final_loss: float
+    passed: bool
+    message: str
+    state: TrainState
+
+
+def overfit_check(loss_fn, optimizer, state: TrainState, batch, steps: int = 200, threshold: float = 0.05) -> OverfitReport:
+    """Train on one small batch for ``steps`` steps and report whether the loss gets near zero.
+
+    Seed 004: a model that cannot overfit ~20 examples has a bug (or far too little capacity),
+    and no hyperparameter search will fix it. Runs as one scan-fused call.
+    """
+    if steps < 1:
+        raise ValueError(f"overfit_check: steps={steps!r}; expected an int >= 1")
+    loop = make_train_loop(loss_fn, optimizer)
+    stacked = jax.tree.map(lambda b: jnp.broadcast_to(b, (steps, *b.shape)), batch)
+    state, metrics = loop(state, stacked)
+    losses = np.asarray(metrics["loss"])
+    final = float(losses[-1])
+    passed = bool(final < threshold)
+    verdict = "the model can overfit the subset" if passed else (
+        "it cannot: check the model, the loss and the labels, or raise the learning rate")
+    msg = f"loss {losses[0]:.4f} -> {final:.4f} after {steps} steps on {len(jax.tree.leaves(batch)[0])} examples: {verdict}"
+    return OverfitReport(losses, final, passed, msg, state)
+
+
+class LRRangeResult(NamedTuple):
+    lrs: np.ndarray
+    losses: np.ndarray
+    suggested_lr: float
+
+
+def lr_range_test(
+    loss_fn,
+    make_optimizer: Callable[[Callable], optax.GradientTransformation],
+    state: TrainState,
+    batches,
+    min_lr: float = 1e-6,
+    max_lr: float = 1.0,
+) -> LRRangeResult:
+    """Learning-rate range test (Smith 2017): one short run with the rate growing exponentially.
+
+    Step k of K uses ``lr_k = min_lr (max_lr / min_lr)^(k / (K - 1))``; ``batches`` stacks the K
+    batches (leading axis K). Returns the rates, the losses and a suggestion: the rate where the
+    smoothed loss falls fastest. Seed 004: too low, the loss does not go down; too high, it
+    explodes. ``make_optimizer`` takes a schedule, e.g. ``lambda lr: dl.sgd(lr, momentum=0.9)``;
+    the optimizer state starts fresh from ``state.params``.
+    """
+    if not (0 < min_lr < max_lr):
+        raise ValueError(f"lr_range_test: need 0 < min_lr < max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+    k = jax.tree.leaves(batches)[0].shape[0]
+    if k < 2:
+        raise ValueError(f"lr_range_test: batches must stack at least 2 batches, got {k}")
+    ratio = max_lr / min_lr
+    schedule = lambda step: min_lr * ratio ** (jnp.asarray(step, jnp.float32) / (k - 1))  # noqa: E731
+    tx = make_optimizer(schedule)
+    state = state.replace(opt_state=tx.init(state.params))
+    _, metrics = make_train_loop(loss_fn, tx, skip_nonfinite=False)(state, batches)
+    lrs = min_lr * ratio ** (np.arange(k) / (k - 1))
+    losses = np.asarray(metrics["loss"], np.float64)
+    finite = np.where(np.isfinite(losses), losses, np.nan)
+    smooth = np.convolve(np.nan_to_num(finite, nan=np.nanmax(finite) if np.isfinite(finite).any() else 0.0),
+                         np.ones(3) / 3, mode="same")
+    slope = np.gradient(smooth)
+    suggested = float(lrs[int(np.nanargmin(slope[1:-1])) + 1]) if k > 2 else float(lrs[0])
+    return LRRangeResult(lrs, losses, suggested)
