@@ -9,7 +9,9 @@ One training step (DESIGN.md):
 Everything the step needs is in its arguments: the `TrainState` (a pytree) and the batch. The PRNG
 key is split every step, so dropout masks and gradient noise never repeat. A step whose loss,
 gradients or updates hold a NaN or Inf leaves params, model state and optimizer state as they
-were (seed 004: divergence is worse than a lost step) and reports ``nonfinite = 1``.
+were (seed 004: divergence is worse than a lost step) and reports ``nonfinite = 1``; the check
+is on the loss and the norms of the gradients and updates, so a norm beyond float32's range
+(about 1.8e38) counts as non-finite too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import optax
 from flax import struct
 
 from jaxdl._checks import check_tree_match
+from jaxdl._tree import select as select_tree
 from jaxdl.losses import accuracy, softmax_cross_entropy
 from jaxdl.optimizers import apply_updates
 from jaxdl.transforms import global_norm
@@ -157,24 +160,6 @@ def _check_state(state: TrainState, loss_fn, optimizer) -> None:
     check_tree_match("train step", expected, state.opt_state, "state.opt_state (against the optimizer)", hint)
 
 
-def _select(ok, new, old):
-    """``new`` where ``ok`` else ``old``, leaf by leaf (PRNG keys included)."""
-
-    def pick(n, o):
-        if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
-            data = jnp.where(ok, jax.random.key_data(n), jax.random.key_data(o))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(n))
-        return jnp.where(ok, n, o)
-
-    return jax.tree.map(pick, new, old)
-
-
-def _all_finite(*trees) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def _step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key, reduce_grads=None):
     """One step of pure math: shared by the single-device, scan, pmap and sharded steps."""
     kwargs = {"train": True} if _accepts_train(loss_fn) else {}
@@ -184,16 +169,19 @@ def _step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key
         loss, grads, aux = reduce_grads((loss, grads, aux))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = apply_updates(state.params, updates)
-    finite = _all_finite(loss, grads, updates)
+    # The norms reported as metrics double as the finiteness check: a norm is NaN/Inf exactly
+    # when some element is (or when it overflows float32, a divergence all the same), so
+    # skipping costs no extra pass over the gradients and updates.
+    grad_norm, update_norm, param_norm = global_norm(grads), global_norm(updates), global_norm(state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     if skip_nonfinite:
-        params = _select(finite, params, state.params)
-        model_state = _select(finite, model_state, state.model_state)
-        opt_state = _select(finite, opt_state, state.opt_state)
-    param_norm = global_norm(state.params)
+        params = select_tree(finite, params, state.params)
+        model_state = select_tree(finite, model_state, state.model_state)
+        opt_state = select_tree(finite, opt_state, state.opt_state)
     metrics = {
         "loss": loss,
-        "grad_norm": global_norm(grads),
-        "update_ratio": global_norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny),
+        "grad_norm": grad_norm,
+        "update_ratio": update_norm / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny),
         "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
         **aux,
     }

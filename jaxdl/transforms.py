@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdl._checks import check_number, check_tree_match
+from jaxdl._tree import select as select_tree
 
 __all__ = [
     "chain",
@@ -442,16 +443,6 @@ def _finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _select(pred, new, old):
-    def pick(n, o):
-        if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
-            data = jnp.where(pred, jax.random.key_data(n), jax.random.key_data(o))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(n))
-        return jnp.where(pred, n, o)
-
-    return jax.tree.map(pick, new, old)
-
-
 def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
     """Skip steps whose gradient (or ``inner``'s result) holds a NaN or Inf.
 
@@ -468,7 +459,7 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
         new_updates, new_inner = inner.update(updates, state.inner_state, params)
         ok = jnp.logical_and(_finite(updates), _finite(new_updates))
         out = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-        inner_state = _select(ok, new_inner, state.inner_state)
+        inner_state = select_tree(ok, new_inner, state.inner_state)
         skipped = state.skipped + jnp.where(ok, 0, 1).astype(state.skipped.dtype)
         return out, SkipNonfiniteState(inner_state, skipped, ok)
 
