@@ -1,0 +1,387 @@
+"""Data-parallel steps (pmap, shard_map), device helpers, one-bit gradient exchange, collective bytes.
+
+Runs on the 4 fake CPU devices of conftest.py. Every data-parallel step is awaited with
+`jax.block_until_ready`: on 2 cores, un-awaited collective programs can miss XLA's rendezvous.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import jaxdl as dl
+from jaxdl import layers as L
+from jaxdl import parallel as par
+from jaxdl import train_step as ts
+
+D = 4
+
+
+def _data(steps=4, n=64, d=8, classes=4, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = np.asarray(jax.random.normal(kx, (steps, n, d)))
+    y = np.argmax(x @ np.asarray(jax.random.normal(kw, (d, classes))), -1).astype(np.int32)
+    return x, y
+
+
+def _mlp(axis_name="batch", width=32):
+    # No bias on the Dense before BatchNorm: its true gradient is 0 and its float noise would
+    # depend on the reduction order (DESIGN.md, Conventions).
+    return L.Sequential(
+        L.Dense(width, use_bias=False), L.BatchNorm(axis_name=axis_name), L.Relu(),
+        L.Dense(width, use_bias=False), L.BatchNorm(axis_name=axis_name), L.Relu(), L.Dense(4),
+    )
+
+
+def _run(step, state, batch):
+    out = step(state, batch)
+    jax.block_until_ready(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_replicate_puts_one_copy_per_device_and_unreplicate_inverts_it():
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(7), "key": jax.random.key(3)}
+    rep = par.replicate(tree)
+    assert rep["w"].shape == (D, 2, 3) and rep["step"].shape == (D,) and rep["key"].shape == (D,)
+    assert {s.device for s in rep["w"].addressable_shards} == set(jax.local_devices())
+    for d in range(D):
+        np.testing.assert_array_equal(rep["w"][d], tree["w"])
+    back = par.unreplicate(rep)
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    assert int(back["step"]) == 7
+    np.testing.assert_array_equal(jax.random.key_data(back["key"]), jax.random.key_data(tree["key"]))
+    assert par.replicate(tree, 2)["w"].shape == (2, 2, 3)
+
+
+def test_shard_batch_splits_in_order_and_refuses_uneven_batches():
+    x, y = np.arange(24.0).reshape(12, 2), np.arange(12)
+    xs, ys = par.shard_batch((x, y), D)
+    assert xs.shape == (D, 3, 2) and ys.shape == (D, 3)
+    np.testing.assert_array_equal(ys[1], [3, 4, 5])
+    with pytest.raises(ValueError, match=r"30 examples does not split evenly over 4 devices"):
+        par.shard_batch((np.zeros((30, 2)), np.zeros(30)), D)
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        par.shard_batch((np.zeros((8, 2)), np.zeros(12)), D)
+    mesh = par.data_mesh()
+    with pytest.raises(ValueError, match=r"30 examples does not split evenly over 4 devices"):
+        par.put_batch((np.zeros((30, 2)), np.zeros(30)), mesh)
+    xb = par.put_batch(x, mesh)
+    assert xb.shape == (12, 2) and xb.sharding.spec == P("batch")
+    np.testing.assert_array_equal(xb.addressable_shards[1].data, x[3:6])
+
+
+def test_asking_for_more_devices_than_exist_is_an_error():
+    for make in (par.local_devices, par.data_mesh, lambda n: par.replicate({"a": 1.0}, n)):
+        with pytest.raises(ValueError, match=r"asked for 8 devices, but only 4 exist"):
+            make(8)
+    with pytest.raises(ValueError, match=r"asked for 8 devices, but only 4 exist"):
+        ts.make_pmap_train_step(ts.supervised_loss(_mlp()), dl.sgd(0.1), devices=8)
+    assert len(par.local_devices(2)) == 2 and par.data_mesh(2).shape == {"batch": 2}
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+@pytest.mark.parametrize("make_tx", [lambda: dl.adam(1e-2), lambda: dl.sgd(0.1, momentum=0.9)],
+                         ids=["adam", "sgd_momentum"])
+def test_pmap_and_sharded_steps_match_single_device_steps_on_the_global_batch(make_tx):
+    tx, steps = make_tx(), 4
+    x, y = _data(steps)
+    # Reference: one device, BatchNorm over the global batch (no axis_name); same init.
+    reference = ts.TrainState.create(_mlp(None), tx, jax.random.key(1), (8,))
+    ref_step = ts.make_train_step(ts.supervised_loss(_mlp(None)), tx)
+    mesh = par.data_mesh()
+    loss_fn = ts.supervised_loss(_mlp("batch"))
+    pmap_step = ts.make_pmap_train_step(loss_fn, tx)
+    sharded_step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+    pmapped, sharded = par.replicate(reference), par.put_state(reference, mesh)
+    for i in range(steps):
+        reference, m_ref = ref_step(reference, (x[i], y[i]))
+        pmapped, m_pmap = _run(pmap_step, pmapped, par.shard_batch((x[i], y[i]), D))
+        sharded, m_sharded = _run(sharded_step, sharded, par.put_batch((x[i], y[i]), mesh))
+        np.testing.assert_allclose(m_pmap["loss"], np.full(D, m_ref["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(m_sharded["loss"], m_ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m_sharded["grad_norm"], m_ref["grad_norm"], rtol=1e-5)
+
+    assert not np.allclose(reference.model_state["batchnorm_1"]["mean"], 0.0)
+    ref_leaves = jax.tree.leaves((reference.params, reference.model_state, reference.opt_state))
+    for name, got in (("pmap", pmapped), ("sharded", sharded)):
+        # Every replica holds the same state, and it is the single-device state.
+        for leaf in jax.tree.leaves(got if name == "pmap" else ()):
+            data = jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+            np.testing.assert_array_equal(data, np.broadcast_to(data[0], data.shape))
+        got = par.unreplicate(got) if name == "pmap" else got
+        assert int(got.step) == steps
+        np.testing.assert_array_equal(jax.random.key_data(got.key), jax.random.key_data(reference.key))
+        got_leaves = jax.tree.leaves((got.params, got.model_state, got.opt_state))
+        assert len(got_leaves) == len(ref_leaves)
+        for a, b in zip(got_leaves, ref_leaves):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_step_key_is_folded_with_the_device_index_and_the_state_key_stays_replicated():
+    # loss = sum(w * u), u ~ U(0,1) drawn from the step key: the gradient on device d is
+    # u_d = uniform(fold_in(step_key, d)), and sgd(1) moves w by -mean_d u_d.
+    def loss_fn(params, model_state, batch, key):
+        return jnp.sum(params["w"] * jax.random.uniform(key, (5,))) + 0.0 * jnp.sum(batch), (model_state, {})
+
+    tx = dl.sgd(1.0)
+    state = ts.TrainState(step=jnp.int32(0), params={"w": jnp.zeros(5)}, model_state={},
+                          opt_state=tx.init({"w": jnp.zeros(5)}), key=jax.random.key(11))
+    next_key, step_key = jax.random.split(state.key)
+    draws = np.stack([jax.random.uniform(jax.random.fold_in(step_key, d), (5,)) for d in range(D)])
+    assert not np.allclose(draws[0], draws[1])
+    batch = np.zeros((D * 2, 3), np.float32)
+    mesh = par.data_mesh()
+
+    new, _ = _run(ts.make_pmap_train_step(loss_fn, tx), par.replicate(state), par.shard_batch(batch, D))
+    keys = np.asarray(jax.random.key_data(new.key))
+    np.testing.assert_array_equal(keys, np.broadcast_to(jax.random.key_data(next_key), keys.shape))
+    np.testing.assert_allclose(new.params["w"][0], -draws.mean(0), rtol=1e-6)
+
+    new, _ = _run(ts.make_sharded_train_step(loss_fn, tx, mesh), par.put_state(state, mesh),
+                  par.put_batch(batch, mesh))
+    np.testing.assert_array_equal(jax.random.key_data(new.key), jax.random.key_data(next_key))
+    np.testing.assert_allclose(new.params["w"], -draws.mean(0), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_pmap_step_refuses_an_unreplicated_state_or_unsplit_batch_naming_the_leaf():
+    model = _mlp()
+    tx = dl.sgd(0.1)
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
+    step = ts.make_pmap_train_step(ts.supervised_loss(model), tx)
+    x, y = _data(1)
+    with pytest.raises(ValueError, match=r"state leaf \.step has shape \(\).*leading device axis of 4"
+                                         r".*replicate"):
+        step(state, par.shard_batch((x[0], y[0]), D))
+    two = par.replicate(state, 2)
+    with pytest.raises(ValueError, match=r"state leaf \.step has shape \(2,\)"):
+        step(two, par.shard_batch((x[0], y[0]), D))
+    with pytest.raises(ValueError, match=r"batch leaf \[0\] has shape \(64, 8\).*shard_batch"):
+        step(par.replicate(state), (x[0], y[0]))
+
+
+@pytest.mark.parametrize("axis_name", [None, "data"])
+def test_a_batchnorm_that_does_not_sync_over_the_data_axis_is_refused(axis_name):
+    model = _mlp(axis_name)
+    tx = dl.sgd(0.1)
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
+    loss_fn = ts.supervised_loss(model)
+    x, y = _data(1)
+    mesh = par.data_mesh()
+    match = r"diverge across replicas.*axis_name='batch'" if axis_name is None else r"axis_name='batch'"
+    with pytest.raises(ValueError, match=match):
+        ts.make_pmap_train_step(loss_fn, tx)(par.replicate(state), par.shard_batch((x[0], y[0]), D))
+    with pytest.raises(ValueError, match=match):
+        ts.make_sharded_train_step(loss_fn, tx, mesh)(par.put_state(state, mesh),
+                                                     par.put_batch((x[0], y[0]), mesh))
+
+
+def test_sharded_step_refuses_uneven_batches_and_unplaced_per_device_state():
+    model = _mlp()
+    mesh = par.data_mesh()
+    tx = par.onebit_allreduce(dl.sgd(0.1))
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
+    step = ts.make_sharded_train_step(ts.supervised_loss(model), tx, mesh)
+    x, y = _data(1, n=30)
+    with pytest.raises(ValueError, match=r"30 examples does not split evenly over 4 devices"):
+        step(par.put_state(state, mesh), (x[0], y[0]))
+    x, y = _data(1)
+    with pytest.raises(ValueError, match=r"per-device state leaf \.opt_state\.residual\['batchnorm_1'\]"
+                                         r"\['beta'\] has shape \(1, 32\).*put_state"):
+        step(state, (x[0], y[0]))
+    with pytest.raises(ValueError, match="exchanges gradients over axis_name='data'"):
+        ts.make_sharded_train_step(ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh)
+    with pytest.raises(ValueError, match="mode="):
+        par.onebit_allreduce(dl.sgd(0.1), mode="two_bit")
+
+
+# ----------------------------------------------------------------------------- one-bit exchange
+
+def _numpy_pack(x):
+    bits = np.packbits(np.asarray(x).ravel() >= 0, bitorder="little")
+    return np.pad(bits, (0, -len(bits) % 4)).view("<u4")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, width=32), max_size=100))
+def test_pack_signs_matches_numpy_packbits_and_unpacks_exactly(values):
+    x = np.asarray(values, np.float32)
+    packed = par.pack_signs(x)
+    assert packed.dtype == jnp.uint32 and packed.shape == (-(-len(x) // 32),)
+    np.testing.assert_array_equal(packed, _numpy_pack(x))
+    np.testing.assert_array_equal(par.unpack_signs(packed, len(x)), np.where(x >= 0, 1.0, -1.0))
+
+
+def test_pack_signs_exhaustively_on_every_sign_pattern_of_small_sizes():
+    for n in (1, 2, 5, 10):  # every pattern
+        bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
+        _check_patterns(bits)
+    rng = np.random.default_rng(0)
+    for n in (31, 32, 33, 63, 64, 65, 100):  # all-negative, all-positive and random patterns
+        _check_patterns(np.concatenate([np.zeros((1, n), int), np.ones((1, n), int),
+                                        rng.integers(0, 2, (200, n))]))
+
+
+def _check_patterns(bits):
+    x = np.where(bits, 0.5, -0.5).astype(np.float32)
+    packed = jax.vmap(par.pack_signs)(x)
+    np.testing.assert_array_equal(packed, np.stack([_numpy_pack(row) for row in x]))
+    np.testing.assert_array_equal(par.unpack_signs(packed, x.shape[1]), 2.0 * bits - 1)
+
+
+@pytest.mark.parametrize("mode", ["error_feedback", "sign", "majority_vote"])
+def test_onebit_step_applies_the_decoded_mean_and_keeps_the_residual_per_device(mode):
+    # A model without BatchNorm, so each device's gradient is that of its own shard alone.
+    model = L.Sequential(L.Dense(16), L.Tanh(), L.Dense(4))
+    lr = 0.1
+    tx = par.onebit_allreduce(dl.sgd(lr), mode=mode)
+    loss_fn = ts.supervised_loss(model)
+    mesh = par.data_mesh()
+    state = ts.TrainState.create(model, tx, jax.random.key(2), (8,))
+    step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+    sharded = par.put_state(state, mesh)
+    x, y = _data(2)
+    residual = [np.zeros((D, *np.shape(p))) for p in jax.tree.leaves(state.params)]
+    for i in range(2):
+        params = [np.asarray(p, np.float64) for p in jax.tree.leaves(sharded.params)]
+        grads = [jax.grad(lambda p: loss_fn(p, {}, (x[i][d * 16:(d + 1) * 16], y[i][d * 16:(d + 1) * 16]))[0])(
+            sharded.params) for d in range(D)]
+        grads = [np.stack([np.asarray(jax.tree.leaves(g)[j]) for g in grads]) for j in range(len(params))]
+        sharded, metrics = _run(step, sharded, par.put_batch((x[i], y[i]), mesh))
+        got_residual = jax.tree.leaves(sharded.opt_state.residual.value)
+        for j, (p, g, e_old) in enumerate(zip(params, grads, residual)):
+            pre = g + e_old if mode == "error_feedback" else g
+            signs = np.where(pre >= 0, 1.0, -1.0)
+            scale = np.abs(pre).reshape(D, -1).mean(1).reshape(D, *[1] * (pre.ndim - 1))
+            own = scale * signs  # what each device's message decodes to
+            mean = np.sign(signs.sum(0)) if mode == "majority_vote" else own.mean(0)
+            np.testing.assert_allclose(jax.tree.leaves(sharded.params)[j], p - lr * mean, rtol=1e-5, atol=1e-6)
+            if mode == "error_feedback":
+                e_new = np.asarray(got_residual[j])
+                assert e_new.shape == (D, *p.shape)
+                # g + e_old = decoded_own + e_new, on every device separately.
+                np.testing.assert_allclose(g + e_old, own + e_new, rtol=1e-5, atol=1e-6)
+                assert not np.allclose(e_new[0], e_new[1])
+                residual[j] = e_new
+            else:
+                assert got_residual == []
+        assert int(metrics["nonfinite"]) == 0
+
+
+def test_onebit_nonfinite_gradient_on_one_device_skips_the_step_on_every_device():
+    # d sqrt(|w b|)/dw at b = 0 is inf * 0 = NaN while the loss stays finite: only device 0's
+    # gradient is non-finite. A NaN sign still packs to a bit, so without the shared flag the
+    # other devices would apply the step and the replicas would diverge.
+    def loss_fn(params, model_state, batch, key):
+        return jnp.mean(jnp.sqrt(jnp.abs(batch * params["w"]))), (model_state, {})
+
+    tx = par.onebit_allreduce(dl.sgd(0.1), mode="majority_vote")
+    state = ts.TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)}, model_state={},
+                          opt_state=tx.init({"w": jnp.ones(3)}), key=jax.random.key(0))
+    batch = np.ones((D * 2, 3), np.float32)
+    batch[0, 1] = 0.0  # device 0's shard
+    pstate = par.replicate(state)
+    new, metrics = _run(ts.make_pmap_train_step(loss_fn, tx), pstate, par.shard_batch(batch, D))
+    assert np.all(np.isfinite(metrics["loss"]))
+    np.testing.assert_array_equal(metrics["nonfinite"], np.ones(D))
+    np.testing.assert_array_equal(new.params["w"], pstate.params["w"])
+    batch[0, 1] = 1.0
+    new, metrics = _run(ts.make_pmap_train_step(loss_fn, tx), pstate, par.shard_batch(batch, D))
+    np.testing.assert_array_equal(metrics["nonfinite"], np.zeros(D))
+    np.testing.assert_allclose(new.params["w"], np.full((D, 3), 0.9), rtol=1e-6)
+
+
+def _mnist(flat=True):
+    ds = dl.data.load_dataset("mnist5k")
+    return [(s.x.reshape(len(s.x), -1), s.y) for s in (ds.train, ds.test)]
+
+
+@pytest.mark.slow
+def test_onebit_error_feedback_trains_mnist5k_to_within_half_a_point_of_full_precision():
+    (x, y), (x_test, y_test) = _mnist()
+    model = L.Sequential(L.Dense(128, use_bias=False), L.BatchNorm(axis_name="batch"), L.Relu(),
+                         L.Dense(10))
+    loss_fn = ts.supervised_loss(model)
+    evaluate = ts.make_eval_step(loss_fn)
+    mesh = par.data_mesh()
+
+    def train(tx, epochs=10):
+        state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (784,)), mesh)
+        step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+        for epoch in range(epochs):
+            for batch in dl.data.batches(x, y, 128, jax.random.key(1), epoch):
+                state, _ = _run(step, state, par.put_batch(batch, mesh))
+        return float(evaluate(state, (x_test, y_test))["accuracy"])
+
+    full = train(dl.sgd(0.05, momentum=0.9))
+    onebit = train(par.onebit_allreduce(dl.sgd(0.05, momentum=0.9)))
+    print(f"mnist5k test accuracy: full precision {full:.3f}, one-bit with error feedback {onebit:.3f}")
+    assert full > 0.9
+    assert onebit >= full - 0.005
+
+
+# ----------------------------------------------------------------------------- collective bytes
+
+def test_collective_bytes_counts_the_operands_of_each_collective():
+    mesh = par.data_mesh()
+
+    def body(a, b, c):
+        return (lax.psum(a, "batch"), lax.all_gather(b, "batch"),
+                lax.psum_scatter(c, "batch", tiled=True),
+                lax.ppermute(a, "batch", [(i, (i + 1) % D) for i in range(D)]))
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=(P(), P(), P("batch"), P("batch")),
+                              check_vma=False))
+    args = (jnp.ones(1000, jnp.float32), jnp.ones(10, jnp.uint32), jnp.ones(16, jnp.float32))
+    got = par.collective_bytes(f.lower(*args))
+    assert got["all-reduce"] == 4000 and got["all-gather"] == 40
+    assert got["reduce-scatter"] == 64 and got["collective-permute"] == 4000
+    assert got["total"] == 8104
+    assert par.collective_bytes(f.lower(*args).compile()) == got
+
+    text = """
+  %p.1 = f32[256,4]{1,0} parameter(0)
+  %p.2 = s8[100]{0} parameter(1)
+  %ars = (f32[256,4]{1,0}, s8[100]{0}) all-reduce-start(%p.1, %p.2), channel_id=3, to_apply=%add
+  %ard = (f32[256,4]{1,0}, s8[100]{0}) all-reduce-done(%ars)
+  ROOT %a2a = s8[100]{0} all-to-all(%p.2), dimensions={0}
+"""
+    got = par.collective_bytes(text)
+    assert got["all-reduce"] == 256 * 4 * 4 + 100 and got["all-to-all"] == 100
+
+
+def _big_model():
+    # 1.25M parameters; BatchNorm on a 256-wide layer (its statistics are exchanged in fp32).
+    return L.Sequential(L.Dense(256, use_bias=False), L.BatchNorm(axis_name="batch"), L.Relu(),
+                        L.Dense(2048), L.Relu(), L.Dense(256), L.Relu(), L.Dense(10))
+
+
+@pytest.mark.slow
+def test_onebit_step_exchanges_at_most_a_thirtieth_of_the_fp32_all_reduce_bytes():
+    model = _big_model()
+    mesh = par.data_mesh()
+    x = np.random.default_rng(0).normal(size=(64, 784)).astype(np.float32)
+    y = np.arange(64) % 10
+    batch = par.put_batch((x, y), mesh)
+    loss_fn = ts.supervised_loss(model)
+    total = {}
+    for name, tx in (("fp32", dl.sgd(0.1)), ("onebit", par.onebit_allreduce(dl.sgd(0.1)))):
+        state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (784,)), mesh)
+        step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+        _run(step, state, batch)
+        total[name] = par.collective_bytes(step.lower(state, batch))
+        if name == "fp32":
+            n = sum(p.size for p in jax.tree.leaves(state.params))
+    assert n >= 1_000_000
+    print(f"{n} params; bytes per device per step: fp32 {total['fp32']}, one-bit {total['onebit']}")
+    assert total["fp32"]["all-reduce"] >= 4 * n and total["fp32"]["all-gather"] == 0
+    assert total["onebit"]["all-gather"] == 4 * -(-n // 32) + 4 * (len(jax.tree.leaves(state.params)) + 1)
+    assert total["onebit"]["total"] * 30 <= total["fp32"]["total"]
