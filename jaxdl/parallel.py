@@ -98,15 +98,18 @@ def local_devices(num_devices: int | None = None) -> list:
     return _pick_devices("local_devices", num_devices, jax.local_devices())
 
 
-def replicate(tree, devices=None):
+def replicate(tree, devices=None, axis_name: str = "batch"):
     """One copy of every leaf per device, stacked along a new leading axis: the pmap layout.
 
     ``x`` of shape ``s`` becomes an array of shape ``(D, *s)`` whose slice ``d`` lives on device
     ``d``. ``devices``: None (all local devices), a count, or a list of devices (the ones given
-    to the pmap step). PRNG keys are replicated like any other leaf.
+    to the pmap step). PRNG keys are replicated like any other leaf. The arrays are sharded
+    ``P(axis_name)`` over a mesh of ``devices`` with that axis name, exactly as `jax.pmap`
+    returns its outputs; give the pmap step's ``axis_name``, so that its second call reuses the
+    first call's compilation instead of compiling again for another input sharding.
     """
     devs = _pick_devices("replicate", devices, jax.local_devices())
-    sharding = NamedSharding(Mesh(np.array(devs), ("device",)), P("device"))
+    sharding = NamedSharding(Mesh(np.array(devs), (axis_name,)), P(axis_name))
 
     def rep(x):
         x = jnp.asarray(x) if not _is_key(x) else x
@@ -288,19 +291,27 @@ def put_batch(batch, mesh: Mesh, axis_name: str | None = None):
 # ----------------------------------------------------------------------------- one-bit exchange
 
 def pack_signs(x: jax.Array) -> jax.Array:
-    """One bit per element of ``x`` (flattened), packed 32 to a ``uint32``.
+    """The sign bits of ``x`` (flattened, as float32), packed 32 to a ``uint32``.
 
-    Bit ``i`` of word ``k`` is 1 where ``x[32k + i] >= 0`` (decoded as +1) and 0 where it is
-    negative (decoded as -1; NaN counts as negative). The last word is padded with zero bits.
-    Output: ``uint32[ceil(n / 32)]``. Little-endian bit order, so the bytes equal
-    ``np.packbits(x >= 0, bitorder="little")``.
+    Bit ``i`` of word ``k`` is 1 where ``x[32k + i]`` has its sign bit clear (decoded as +1:
+    positive numbers and +0) and 0 where it is set (decoded as -1: negative numbers and -0).
+    Reading the IEEE sign bit, rather than comparing ``x >= 0``, makes the bit exact on every
+    backend: XLA on CPU flushes subnormals to zero in comparisons. The last word is padded with
+    zero bits. Output: ``uint32[ceil(n / 32)]`` in little-endian bit order, so its bytes equal
+    ``np.packbits(~np.signbit(x), bitorder="little")``.
     """
-    flat = jnp.ravel(x)
+    flat = jnp.ravel(x).astype(jnp.float32)
     n = flat.shape[0]
     words = -(-n // 32)
-    bits = jnp.pad((flat >= 0).astype(jnp.uint32), (0, words * 32 - n)).reshape(words, 32)
+    bits = jnp.uint32(1) - (lax.bitcast_convert_type(flat, jnp.uint32) >> 31)
+    bits = jnp.pad(bits, (0, words * 32 - n)).reshape(words, 32)
     # Distinct powers of two never carry, so the sum is the bitwise OR.
     return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
+
+
+def _signs(x: jax.Array) -> jax.Array:
+    """+1 / -1 from the sign bit of each element, as `pack_signs` encodes it."""
+    return jnp.where(jnp.signbit(x.astype(jnp.float32)), -1.0, 1.0)
 
 
 def unpack_signs(packed: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
@@ -356,7 +367,8 @@ def onebit_allreduce(
       (e.g. ``sgd(1e-3)``), as signSGD.
 
     ``optimizer`` then turns ``u`` into the update, as it would the full-precision mean (seed 004
-    calls one-bit gradients "extreme clipping"). Here ``sign(x) = +1`` for ``x >= 0``. The bytes
+    calls one-bit gradients "extreme clipping"). Here ``sign(x)`` is +1 or -1 by the IEEE sign bit
+(`pack_signs`), so +0 counts as positive. The bytes
     a device sends per step are ``4*ceil(n/32) + 4*(L+1)`` for n parameters in L leaves, against
     ``4n`` for a float32 all-reduce (`collective_bytes`). Seide et al. keep two reconstruction
     values per column; one mean magnitude per leaf (as ``jaxdl.transforms.sign_with_error_feedback``)
@@ -406,7 +418,7 @@ def onebit_allreduce(
             else:
                 u = jnp.mean(all_scales[:, i, None] * s, axis=0)
                 if feedback:
-                    own = scales[i] * jnp.where(jnp.ravel(g) >= 0, 1.0, -1.0)
+                    own = scales[i] * _signs(jnp.ravel(g))
                     new_errors.append((jnp.ravel(g) - own).reshape(1, *g.shape))
             out.append((u + poison).reshape(g.shape).astype(g.dtype))
         mean = treedef.unflatten(out)

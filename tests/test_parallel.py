@@ -127,7 +127,10 @@ def test_pmap_and_sharded_steps_match_single_device_steps_on_the_global_batch(ma
 def test_step_key_is_folded_with_the_device_index_and_the_state_key_stays_replicated():
     # loss = sum(w * u), u ~ U(0,1) drawn from the step key: the gradient on device d is
     # u_d = uniform(fold_in(step_key, d)), and sgd(1) moves w by -mean_d u_d.
+    traces = []
+
     def loss_fn(params, model_state, batch, key):
+        traces.append(1)
         return jnp.sum(params["w"] * jax.random.uniform(key, (5,))) + 0.0 * jnp.sum(batch), (model_state, {})
 
     tx = dl.sgd(1.0)
@@ -139,15 +142,20 @@ def test_step_key_is_folded_with_the_device_index_and_the_state_key_stays_replic
     batch = np.zeros((D * 2, 3), np.float32)
     mesh = par.data_mesh()
 
-    new, _ = _run(ts.make_pmap_train_step(loss_fn, tx), par.replicate(state), par.shard_batch(batch, D))
+    pmap_step = ts.make_pmap_train_step(loss_fn, tx)
+    new, _ = _run(pmap_step, par.replicate(state), par.shard_batch(batch, D))
     keys = np.asarray(jax.random.key_data(new.key))
     np.testing.assert_array_equal(keys, np.broadcast_to(jax.random.key_data(next_key), keys.shape))
     np.testing.assert_allclose(new.params["w"][0], -draws.mean(0), rtol=1e-6)
+    _run(pmap_step, new, par.shard_batch(batch, D))  # the state pmap returned: no new trace
+    assert len(traces) == 1
 
-    new, _ = _run(ts.make_sharded_train_step(loss_fn, tx, mesh), par.put_state(state, mesh),
-                  par.put_batch(batch, mesh))
+    sharded_step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+    new, _ = _run(sharded_step, par.put_state(state, mesh), par.put_batch(batch, mesh))
     np.testing.assert_array_equal(jax.random.key_data(new.key), jax.random.key_data(next_key))
     np.testing.assert_allclose(new.params["w"], -draws.mean(0), rtol=1e-6)
+    _run(sharded_step, new, par.put_batch(batch, mesh))
+    assert len(traces) == 2
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -206,26 +214,27 @@ def test_sharded_step_refuses_uneven_batches_and_unplaced_per_device_state():
 # ----------------------------------------------------------------------------- one-bit exchange
 
 def _numpy_pack(x):
-    bits = np.packbits(np.asarray(x).ravel() >= 0, bitorder="little")
+    bits = np.packbits(~np.signbit(np.asarray(x, np.float32).ravel()), bitorder="little")
     return np.pad(bits, (0, -len(bits) % 4)).view("<u4")
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.floats(-1e6, 1e6, width=32), max_size=100))
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(width=32), max_size=100))
 def test_pack_signs_matches_numpy_packbits_and_unpacks_exactly(values):
+    # Any float32, subnormals, +-0, +-inf and NaN included: the bit is the IEEE sign bit.
     x = np.asarray(values, np.float32)
     packed = par.pack_signs(x)
     assert packed.dtype == jnp.uint32 and packed.shape == (-(-len(x) // 32),)
     np.testing.assert_array_equal(packed, _numpy_pack(x))
-    np.testing.assert_array_equal(par.unpack_signs(packed, len(x)), np.where(x >= 0, 1.0, -1.0))
+    np.testing.assert_array_equal(par.unpack_signs(packed, len(x)), np.where(np.signbit(x), -1.0, 1.0))
 
 
 def test_pack_signs_exhaustively_on_every_sign_pattern_of_small_sizes():
-    for n in (1, 2, 5, 10):  # every pattern
+    for n in (1, 5, 10):  # every pattern
         bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
         _check_patterns(bits)
     rng = np.random.default_rng(0)
-    for n in (31, 32, 33, 63, 64, 65, 100):  # all-negative, all-positive and random patterns
+    for n in (31, 32, 33, 65):  # all-negative, all-positive and random patterns
         _check_patterns(np.concatenate([np.zeros((1, n), int), np.ones((1, n), int),
                                         rng.integers(0, 2, (200, n))]))
 
@@ -259,7 +268,7 @@ def test_onebit_step_applies_the_decoded_mean_and_keeps_the_residual_per_device(
         got_residual = jax.tree.leaves(sharded.opt_state.residual.value)
         for j, (p, g, e_old) in enumerate(zip(params, grads, residual)):
             pre = g + e_old if mode == "error_feedback" else g
-            signs = np.where(pre >= 0, 1.0, -1.0)
+            signs = np.where(np.signbit(pre.astype(np.float32)), -1.0, 1.0)
             scale = np.abs(pre).reshape(D, -1).mean(1).reshape(D, *[1] * (pre.ndim - 1))
             own = scale * signs  # what each device's message decodes to
             mean = np.sign(signs.sum(0)) if mode == "majority_vote" else own.mean(0)
