@@ -258,12 +258,13 @@ class Conv(Layer):
     even kernels SAME pads more at the end, unlike PyTorch's symmetric ``padding=k//2``).
     Defaults ``w_init=he_normal`` (He et al. 2015), ``b_init=zeros``.
 
-    ``impl``: 'xla' uses `lax.conv_general_dilated`; 'im2col' gathers patches with strided
-    slices and does one large matmul (exact, same gradients up to float rounding); 'auto' picks
-    'im2col' when `jax.default_backend()` is 'cpu' at trace time and the layer's kh*kw*I is at
-    most ``im2col_max_depth``, else 'xla' (GPUs/TPUs keep the native convolution). On the CPU,
-    XLA's convolution gradients are several times slower than PyTorch's for shallow inputs;
-    see benchmarks/RESULTS.md.
+    ``impl``: 'xla' uses `lax.conv_general_dilated`; 'im2col' gathers the kh*kw shifted views of
+    the input with strided slices and does one large matmul (exact; gradients equal up to float
+    rounding); 'auto' (default) decides at trace time: on GPU/TPU (`jax.default_backend()` is
+    not 'cpu') always 'xla'; on the CPU 'im2col' where the patch matrix is small, kh*kw <=
+    2.25*sh*sw (1x1 convolutions, 3x3 with stride 2), or the input is shallow, kh*kw*I <= 27 (a
+    3x3 RGB input layer), else 'xla'. Reason: XLA:CPU's convolution *gradients* (dilated
+    convolutions) are slow; measured in benchmarks/layers_cnn.py and benchmarks/RESULTS.md.
     """
 
     features: int
@@ -275,7 +276,9 @@ class Conv(Layer):
     use_bias: bool = True
     impl: str = "auto"
 
-    im2col_max_depth = 64  # class constant: kh*kw*I up to which 'auto' uses im2col on the CPU
+    # Class constants of the 'auto' rule (not fields), measured on a 2-core x86 CPU.
+    im2col_max_blowup = 2.25  # kh*kw/(sh*sw): size of the patch matrix relative to the input
+    im2col_max_depth = 27     # kh*kw*I: shallow inputs, where XLA's kernel gradient is slow
 
     def __post_init__(self):
         _positive_int("Conv", "features", self.features)
@@ -300,9 +303,12 @@ class Conv(Layer):
     def _impl(self, in_channels):
         if self.impl != "auto":
             return self.impl
-        depth = self.kernel_size[0] * self.kernel_size[1] * in_channels
-        cpu = jax.default_backend() == "cpu"
-        return "im2col" if cpu and depth <= self.im2col_max_depth else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        window = self.kernel_size[0] * self.kernel_size[1]
+        small = window <= self.im2col_max_blowup * self.strides[0] * self.strides[1]
+        shallow = window * in_channels <= self.im2col_max_depth
+        return "im2col" if small or shallow else "xla"
 
     def _apply(self, params, state, x, train, key):
         conv = _conv_im2col if self._impl(x.shape[-1]) == "im2col" else _conv_xla

@@ -113,12 +113,16 @@ def test_conv_im2col_equals_lax_conv_including_gradients(kernel, strides, paddin
                  g_im2col, g_xla)
 
 
-def test_conv_auto_impl_keeps_lax_conv_off_cpu_and_for_deep_inputs(monkeypatch):
-    conv = L.Conv(8, 3)
-    assert conv._impl(3) == "im2col"  # CPU, 3*3*3 <= im2col_max_depth
-    assert conv._impl(64) == "xla"
+def test_conv_auto_impl_uses_im2col_only_on_cpu_for_small_patches_or_shallow_inputs(monkeypatch):
+    assert L.Conv(8, 3)._impl(3) == "im2col"             # 3x3 RGB input layer: kh*kw*I = 27
+    assert L.Conv(8, 3)._impl(4) == "xla"                # 3x3, stride 1, deeper input
+    assert L.Conv(8, 3, strides=2)._impl(64) == "im2col"  # patches 9/4 of the input
+    assert L.Conv(8, 1)._impl(64) == "im2col"            # 1x1: a plain matmul
+    assert L.Conv(8, 7, strides=2)._impl(3) == "xla"     # 49/4 of the input
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert conv._impl(3) == "xla"
+    for conv, c in [(L.Conv(8, 3), 3), (L.Conv(8, 3, strides=2), 64), (L.Conv(8, 1), 64)]:
+        assert conv._impl(c) == "xla"
+    assert L.Conv(8, 3, impl="im2col")._impl(64) == "im2col"  # an explicit impl always wins
 
 
 @pytest.mark.parametrize("window,strides,padding", [(2, None, "VALID"), (3, 2, "VALID"),
