@@ -228,6 +228,208 @@ def _optimizers():
     ]
 
 
+# ============================================================================= 2
+@notebook("initialization_and_activations")
+def _initialization():
+    return [
+        md("""
+        # Initialization and activations
+
+        **Question.** How does the scale of the initial weights shape the activations of a deep
+        network, layer by layer, and why can the weights not all start equal (seeds 003, 000;
+        Glorot & Bengio 2010; He et al. 2015)?
+
+        **Setup.** A 10-layer fully connected network (width 500; 200 in the fast setting), no
+        biases to speak of (they start at zero), with tanh or ReLU after every layer, fed with
+        1,000 MNIST training images, flattened and standardized. Three initializations of the
+        kernels $W$ (fan-in $n_{in}$, fan-out $n_{out}$):
+
+        * `dl.init.normal(0.01)`: $N(0, 0.01^2)$, "small random numbers" (seed 003);
+        * `dl.init.xavier_normal`: $N(0, 2/(n_{in}+n_{out}))$ (seed 000, Glorot & Bengio);
+        * `dl.init.he_normal`: $N(0, 2/n_{in})$ (seed 003, He et al.).
+
+        `dl.diagnostics.activation_stats` runs the network layer by layer and returns, for every
+        layer, the mean, standard deviation, the fraction of exact zeros and of saturated units
+        and a histogram of the outputs.
+        """),
+        code(SETUP),
+        code("""
+        from jaxdl import diagnostics, init
+
+        WIDTH, DEPTH, N = (200, 10, 500) if FAST else (500, 10, 1000)
+        data = dl.data.load_dataset("mnist5k")
+        stats = dl.data.fit_standardization(data.train.x)
+        x = np.asarray(dl.data.standardize(data.train.x[:N], stats)).reshape(N, -1)
+
+        INITS = {"N(0, 0.01²)": init.normal(0.01), "Xavier": init.xavier_normal, "He": init.he_normal}
+        ACTIVATIONS = {"tanh": L.Tanh, "ReLU": L.Relu}
+
+
+        def deep_net(w_init, act):
+            layers = []
+            for _ in range(DEPTH):
+                layers += [L.Dense(WIDTH, w_init=w_init), act()]
+            return L.Sequential(*layers)
+
+
+        runs = {}
+        for act_name, act in ACTIVATIONS.items():
+            for init_name, w_init in INITS.items():
+                model = deep_net(w_init, act)
+                _, params, state = model.init(jax.random.key(0), (x.shape[1],))
+                st = diagnostics.activation_stats(model, params, state, x, bins=40)
+                runs[act_name, init_name] = [jax.device_get(st[k]) for k in st if not k.startswith("dense")]
+
+        print("std of the activations, layer 1 ... 10")
+        for (act_name, init_name), layers in runs.items():
+            print(f"  {act_name:5s} {init_name:12s}" + "".join(f"{l['std']:9.2g}" for l in layers))
+        """),
+        md("""
+        ## Activation histograms per layer
+
+        One panel per (activation, initialization); one curve per layer, light to dark from the
+        first layer to the tenth. Each histogram is normalized to a density over the layer's own
+        range, and the x-axis is symmetric-log so that the collapse to zero is visible.
+        """),
+        code("""
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+        shades = plt.cm.viridis(np.linspace(0.9, 0.0, DEPTH))
+        for (act_name, init_name), layers in runs.items():
+            ax = axes[list(ACTIVATIONS).index(act_name), list(INITS).index(init_name)]
+            for i, layer in enumerate(layers):
+                counts, edges = layer["hist_counts"], layer["hist_edges"]
+                width = np.maximum(np.diff(edges), 1e-30)
+                ax.stairs(counts / counts.sum() / width, edges, color=shades[i], lw=1.2,
+                          label=f"layer {i + 1}" if i in (0, DEPTH - 1) else None)
+            ax.set(title=f"{act_name}, {init_name}", xscale="symlog", yscale="log")
+            ax.set_xscale("symlog", linthresh=1e-3)
+            ax.set_xlabel("activation value")
+        axes[0, 0].legend(fontsize=8)
+        fig.tight_layout()
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+        for (act_name, init_name), layers in runs.items():
+            ax = axes[list(ACTIVATIONS).index(act_name)]
+            ax.semilogy(range(1, DEPTH + 1), [l["std"] for l in layers], "o-", label=init_name)
+            ax.set(title=f"{act_name}: std of the activations", xlabel="layer")
+        axes[0].legend()
+        fig.tight_layout()
+        """),
+        md("""
+        **What the plots show** (compare Glorot & Bengio 2010, figures 3 and 6, and the
+        CS231n demonstration in seed 003):
+
+        * **N(0, 0.01²)**: every layer multiplies the standard deviation by about
+          $0.01\\sqrt{n_{in}} \\approx 0.22$ (tanh is linear near zero; $0.01\\sqrt{n_{in}/2}$ for
+          ReLU), so by the tenth layer the
+          activations are all but zero. The backward pass multiplies by the same small matrices,
+          so the gradients of the lower layers vanish too: the network does not learn.
+        * **Xavier** keeps the variance of a linear (or tanh) layer constant,
+          $n\\,\\mathrm{Var}(W) = 1$ when $n_{in} = n_{out}$: the tanh activations keep a healthy
+          spread, slowly narrowing with depth. For ReLU, which zeroes half of its inputs, the same
+          scale halves the variance at every layer, and the activations shrink geometrically.
+        * **He** doubles the variance to $2/n_{in}$, which exactly offsets ReLU's halving: the
+          ReLU histograms look alike in every layer. For tanh the larger scale pushes units into
+          saturation (the mass piles up near $\\pm 1$, where the gradient vanishes).
+
+        Match the initialization to the nonlinearity: Xavier for tanh (and sigmoid), He for ReLU.
+        """),
+        md("""
+        ## Constant initialization: the symmetry problem
+
+        **Question.** What goes wrong if every weight starts at the same value (seed 003:
+        "constant init is degenerate")?
+
+        **Setup.** A 784-64-64-10 ReLU network on MNIST, trained with SGD (lr 0.1, batch 64),
+        once with every kernel at 0.01 (`dl.init.constant(0.01)`) and once with He init. We look
+        at the gradient of the second layer's kernel early in training, and at how many distinct
+        hidden units the first layer has during training (columns of $W_1$ that differ by more
+        than $10^{-6}$).
+        """),
+        code("""
+        from jaxdl import train_step as ts
+
+        STEPS, BATCH = (100, 64) if FAST else (600, 64)
+        xs = np.asarray(dl.data.standardize(data.train.x, stats))
+        xt = np.asarray(dl.data.standardize(data.test.x, stats))
+        rng = np.random.default_rng(0)
+        idx = rng.integers(0, len(xs), (STEPS, BATCH))
+        batches = (xs[idx], data.train.y[idx])
+
+
+        def mlp(w_init):
+            return L.Sequential(L.Flatten(), L.Dense(64, w_init=w_init), L.Relu(),
+                                L.Dense(64, w_init=w_init), L.Relu(), L.Dense(10, w_init=w_init))
+
+
+        def distinct_columns(w, tol=1e-6):
+            w = np.asarray(w)
+            keep = []
+            for j in range(w.shape[1]):
+                if all(np.abs(w[:, j] - w[:, k]).max() > tol for k in keep):
+                    keep.append(j)
+            return len(keep)
+
+
+        def grad_w2(loss_fn, state):
+            batch = (xs[:BATCH], data.train.y[:BATCH])
+            return np.asarray(jax.grad(lambda p: loss_fn(p, state.model_state, batch, None)[0])(state.params)["dense_3"]["w"])
+
+
+        sym = {}
+        for name, w_init in {"constant 0.01": init.constant(0.01), "He": init.he_normal}.items():
+            model = mlp(w_init)
+            loss_fn = ts.supervised_loss(model)
+            tx = dl.sgd(0.1)
+            state = ts.TrainState.create(model, tx, jax.random.key(0), (28, 28, 1))
+            loop = ts.make_train_loop(loss_fn, tx)
+            grad0 = grad_w2(loss_fn, state)
+            distinct, chunk = [], max(STEPS // 10, 1)
+            for k in range(0, STEPS, chunk):
+                distinct.append(distinct_columns(state.params["dense_1"]["w"]))
+                state, metrics = loop(state, jax.tree.map(lambda b: b[k:k + chunk], batches))
+                if k == 0:
+                    grad1 = grad_w2(loss_fn, state)
+            distinct.append(distinct_columns(state.params["dense_1"]["w"]))
+            acc = ts.make_eval_step(loss_fn)(state, (xt, data.test.y))["accuracy"]
+            sym[name] = dict(grad=grad1, distinct=distinct, acc=float(acc))
+            print(f"{name:14s}: |dL/dW2| at step 0 = {np.abs(grad0).max():.2g}, at step {chunk}: values in "
+                  f"[{grad1.min():.3g}, {grad1.max():.3g}]; distinct units of hidden layer 1 over training "
+                  f"{distinct}; test accuracy {acc:.3f}")
+        """),
+        code("""
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        for ax, (name, r) in zip(axes[:2], sym.items()):
+            g = r["grad"]
+            im = ax.imshow(g, cmap="RdBu", vmin=-np.abs(g).max(), vmax=np.abs(g).max())
+            ax.set(title=f"{name}: dL/dW2 at step {max(STEPS // 10, 1)}", xlabel="unit of layer 2", ylabel="unit of layer 1")
+            ax.grid(False)
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        ax = axes[2]
+        for name, r in sym.items():
+            ax.plot(np.linspace(0, STEPS, len(r["distinct"])), r["distinct"], "o-", label=f"{name} (test acc {r['acc']:.2f})")
+        ax.set(title="distinct units in hidden layer 1", xlabel="step", yscale="log")
+        ax.legend()
+        fig.tight_layout()
+        """),
+        md("""
+        **What the plots show.** With a constant kernel every unit of a layer computes the same
+        function of its inputs and has the same outgoing weights, so every unit receives the same
+        gradient. At step 0 the gradient reaching the hidden layers is even exactly zero (up to
+        rounding): all logits are equal, and $\\sum_c (p_c - y_c)\\,w = 0$ when every output
+        weight is the same $w$. Once the output layer has learned, the gradient of $W_2$ is one
+        value repeated in every row and every column (left), and gradient descent keeps the units
+        identical forever. The 64 units of each hidden layer act as one, whatever the training
+        time (right: one distinct unit all along), and the test accuracy is that of a network
+        with a single hidden unit per layer. Random initialization breaks the symmetry: He init
+        starts with 64 different units and keeps them. (With every weight at *zero* it is worse
+        still: in a ReLU network all hidden activations and their gradients are zero, and only
+        the output bias learns; notebook `gradient_noise` shows that added gradient
+        noise can break that symmetry.)
+        """),
+    ]
+
+
 # ============================================================================= build / run
 
 
