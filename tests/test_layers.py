@@ -208,9 +208,8 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("layer,shape", GRAD_CASES, ids=lambda c: type(c).__name__)
-def test_gradients_match_finite_differences(layer, shape, train):
+def test_gradients_match_finite_differences_in_train_and_eval_mode(layer, shape):
     # Random float64 params and running statistics (variances > 0) of the shapes init makes;
     # eval_shape avoids compiling the random initializers for every shape.
     _, params, state = jax.eval_shape(lambda: layer.init(KEY, shape))
@@ -221,8 +220,9 @@ def test_gradients_match_finite_differences(layer, shape, train):
         key = jax.random.key(1)
 
         @jax.jit
-        def f(params, x):
-            return layer.apply(params, state, x, train=train, key=key)[0]
+        def f(params, x):  # both modes in one function: one compilation
+            return tuple(layer.apply(params, state, x, train=train, key=key)[0]
+                         for train in (False, True))
 
         check_grads(f, (params, x), order=1, modes=("rev",), eps=1e-5, atol=1e-5, rtol=1e-5)
 
@@ -233,9 +233,9 @@ def test_flax_wrapper_gradients_match_finite_differences():
         _, params, state = layer.init(KEY, (4,))
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         x = jnp.asarray(_away_from_zero(5, 4), jnp.float64)
-        for train in (False, True):
-            check_grads(jax.jit(lambda p, x: layer.apply(p, state, x, train=train)[0]), (params, x),
-                        order=1, modes=("rev",), eps=1e-5, atol=1e-5, rtol=1e-5)
+        f = jax.jit(lambda p, x: tuple(layer.apply(p, state, x, train=train)[0]
+                                       for train in (False, True)))
+        check_grads(f, (params, x), order=1, modes=("rev",), eps=1e-5, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -438,19 +438,23 @@ def _trained_bn_state(model, params, state, x):
 
 
 def _randomize_bn_params(params):
-    return {k: ({"gamma": jnp.asarray(_randn(*v["gamma"].shape, shift=1.0)),
-                 "beta": jnp.asarray(_randn(*v["beta"].shape))} if k.startswith("batchnorm") else v)
-            for k, v in params.items()}
+    """Random BatchNorm gamma/beta and random (non-zero) biases, so that folding must get both
+    right (init leaves beta and every bias at 0)."""
+    def leaf(path, a):
+        name = path[-1].key
+        if name in ("gamma", "b", "beta"):
+            return jnp.asarray(_randn(*a.shape, shift=1.0 if name == "gamma" else 0.0))
+        return a
+    return jax.tree.map_with_path(leaf, params)
 
 
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_fold_batchnorm_dense_and_conv_keeps_eval_outputs(use_bias):
+def test_fold_batchnorm_dense_and_conv_with_and_without_bias_keeps_eval_outputs():
     model = L.Sequential(
-        L.Conv(6, 3, use_bias=use_bias), L.BatchNorm(), L.Relu(),
-        L.Conv(4, 3, strides=2, use_bias=not use_bias, impl="xla"), L.BatchNorm(momentum=0.5),
-        L.Flatten(), L.Dense(8, use_bias=use_bias), L.BatchNorm(eps=1e-3), L.Tanh(),
+        L.Conv(6, 3), L.BatchNorm(), L.Relu(),
+        L.Conv(4, 3, strides=2, use_bias=False), L.BatchNorm(momentum=0.5),
+        L.Flatten(), L.Dense(8, use_bias=False), L.BatchNorm(eps=1e-3), L.Tanh(),
         L.BatchNorm(),  # after an activation: cannot be folded, must stay
-        L.Dense(3))
+        L.Dense(3), L.BatchNorm())
     x = _randn(16, 6, 6, 2, scale=2.0, shift=1.0)
     _, params, state = model.init(KEY, (6, 6, 2))
     params = _randomize_bn_params(params)
@@ -459,6 +463,7 @@ def test_fold_batchnorm_dense_and_conv_keeps_eval_outputs(use_bias):
 
     kinds = [type(layer).__name__ for layer in folded.layers]
     assert kinds == ["Conv", "Relu", "Conv", "Flatten", "Dense", "Tanh", "BatchNorm", "Dense"]
+    assert all(layer.use_bias for layer in folded.layers if hasattr(layer, "use_bias"))
     assert list(fstate) == ["batchnorm_6"]
     y = jax.jit(lambda p, s: model.apply(p, s, x)[0])(params, state)
     y_folded = jax.jit(lambda p, s: folded.apply(p, s, x)[0])(fparams, fstate)
