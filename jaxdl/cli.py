@@ -476,8 +476,8 @@ class Setup(NamedTuple):
 
 
 def default_block_size(steps_per_epoch: int, target: int = 16) -> int:
-    """A divisor of ``steps_per_epoch`` near ``target`` (so every scan block has one length and
-    compiles once), or ``target`` when no divisor lies in [target/2, 2*target]."""
+    """A divisor of ``steps_per_epoch`` near ``target``, so that every block of an epoch has the
+    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target]."""
     near = [d for d in range(target // 2, 2 * target + 1) if steps_per_epoch % d == 0]
     return min(near, key=lambda d: (abs(d - target), d)) if near else min(target, steps_per_epoch)
 
@@ -504,21 +504,25 @@ def setup(cfg: dict, ds: data.Dataset) -> Setup:
 
 def chunk_bounds(epoch: int, steps_per_epoch: int, block_size: int, checkpoint_every: int,
                  start: int = 0) -> list[tuple[int, int]]:
-    """The ``[a, b)`` step ranges (within the epoch) that one scan call each runs.
+    """The ``[a, b)`` step ranges (positions within the epoch) that one scan call each runs.
 
-    Cuts fall at the epoch's ends, at every global step that is a multiple of
-    ``checkpoint_every`` (where a checkpoint may be saved), and every ``block_size`` steps after
-    each of those. They depend on the global step only, so a run resumed from a checkpoint runs
-    exactly the blocks the uninterrupted run ran from there on.
+    The epoch is cut into segments at every global step that is a multiple of
+    ``checkpoint_every`` (where a checkpoint may be saved); each segment runs as blocks of
+    ``block_size`` steps, then single steps for what is left. So the loop compiles for two
+    lengths at most (one when ``block_size`` divides the segments), and the cuts depend on the
+    global step alone: a run resumed from a checkpoint runs exactly the blocks that the
+    uninterrupted run ran from there on.
     """
     first = epoch * steps_per_epoch
     anchors = sorted({0, steps_per_epoch} | {p for p in range(steps_per_epoch)
                                              if (first + p) % checkpoint_every == 0})
-    cuts = set()
+    bounds = []
     for a, b in zip(anchors[:-1], anchors[1:]):
-        cuts.update(range(a, b, block_size))
-    cuts = sorted(c for c in cuts | {steps_per_epoch} if c >= start)
-    return list(zip(cuts[:-1], cuts[1:]))
+        while a < b:
+            size = block_size if a + block_size <= b else 1
+            bounds.append((a, a + size))
+            a += size
+    return [(a, b) for a, b in bounds if a >= start]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -666,8 +670,7 @@ def train(cfg: dict, ds: data.Dataset, s: Setup, out: str, quiet: bool, log) -> 
 
     input_shape = ds.train.x.shape[1:]
     loop, eval_step = make_step_functions(s.loss_fn, s.optimizer)
-    # One compiled initialization instead of one small compilation per initializer call.
-    state = jax.jit(lambda key: TrainState.create(s.model, s.optimizer, key, input_shape))(s.model_key)
+    state = TrainState.create(s.model, s.optimizer, s.model_key, input_shape)
     progress = Progress.empty()
     best = ({"params": state.params, "model_state": state.model_state}
             if cfg["early_stopping"] else None)

@@ -1,0 +1,428 @@
+"""Specification of the `jaxdl` command (jaxdl.cli): training end to end and its outputs,
+evaluate, early stopping, kill-and-resume to bitwise the same parameters, corrupt-checkpoint
+fallback, and bad arguments refused in one line before anything is written."""
+import contextlib
+import gzip
+import importlib.metadata
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdl import cli, data
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# A tiny, fast configuration: 8x8 digits, one hidden layer (39 steps per epoch at batch 32).
+TINY = ["--dataset", "digits", "--depth", "1", "--width", "32", "--batch-size", "32", "--lr", "0.01",
+        "--augment", "0", "--dropout", "0", "--quiet"]
+TIMING_FIELDS = ("epoch_time_s", "examples_per_s")
+
+
+def run_main(capsys, *argv):
+    """Run ``main(argv)`` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def jaxdl_process(*argv, **kwargs):
+    """``python -m jaxdl ARGV`` as a subprocess on the CPU."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "jaxdl", *argv], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {out}\nstderr: {err[-3000:]}"
+    return out, err
+
+
+def model_leaves(run_dir):
+    """The final params and model state of a run, as numpy arrays (flattened)."""
+    _, _, _, restored = cli.load_run(str(run_dir))
+    return [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+def assert_bitwise_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+def metric_values(run_dir):
+    """metrics.jsonl without its timing fields (which differ from run to run)."""
+    records = cli.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def corrupt(directory):
+    """Flip one byte in the middle of the largest file of a checkpoint; return the file."""
+    files = [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names
+             if n != "jaxdl_manifest.json"]
+    target = max(files, key=os.path.getsize)
+    with open(target, "r+b") as f:
+        f.seek(os.path.getsize(target) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return target
+
+
+def write_idx(path, array):
+    """Write a uint8 array as a gzipped IDX file (magic 00 00 08 ndim, big-endian sizes)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A finished 3-epoch run on digits, keeping 2 checkpoints: (directory, stdout).
+
+    Trained once; tests that change a run work on a copy (`copy_run`).
+    """
+    out = tmp_path_factory.mktemp("digits") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(["train", *TINY, "--epochs", "3", "--keep", "2", "--out", str(out)])
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def copy_run(digits_run, tmp_path):
+    return shutil.copytree(digits_run[0], tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summary(digits_run):
+    out, stdout = digits_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert stdout.startswith(f"test accuracy {summary['test_accuracy']:.4f} "
+                             f"({summary['test_correct']}/360 on digits)")
+    assert summary["test_examples"] == 360 and summary["dataset"] == "digits"
+    assert summary["test_accuracy"] > 0.8  # 3 epochs on digits: far above chance (0.1)
+    assert summary["wall_time_s"] > 0 and summary["steps"] == 3 * 39
+    assert summary["config"]["width"] == 32 and summary["config"]["optimizer"] == "adam"
+
+    records = cli.read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [39, 78, 117]
+    for r in records:
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                    "update_ratio", "grad_norm"):
+            assert np.isfinite(r[key]) and r[key] >= 0, key
+        assert 0 < r["update_ratio"] < 1 and r["nonfinite_steps"] == 0
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    assert records[0]["lr"] > records[1]["lr"] > records[2]["lr"]  # cosine decay
+
+    image = __import__("matplotlib.image").image.imread(out / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"] == summary["config"] and config["data"]["input_shape"] == [8, 8, 1]
+    assert sorted(int(s) for s in os.listdir(out / "checkpoints")) == [78, 117]  # --keep 2
+
+
+def test_python_dash_m_jaxdl_trains_with_a_progress_bar(tmp_path):
+    proc = jaxdl_process("train", "--limit-train", "256", "--depth", "1", "--width", "32",
+                         "--epochs", "1", "--out", str(tmp_path / "run"))
+    out, err = finish(proc)
+    assert out.startswith("test accuracy ")
+    assert "ex/s" in err and "step/s" in err  # tqdm: speed; postfix: epoch, loss, accuracy
+    assert "epoch 1/1: train loss" in err
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_console_script_is_cli_main():
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="jaxdl")
+    assert script.load() is cli.main
+
+
+def test_help_documents_every_option(capsys):
+    code, out, _ = run_main(capsys, "train", "--help")
+    assert code == 0
+    for option in ("--dataset", "--model", "--depth", "--width", "--activation", "--init",
+                   "--batchnorm", "--dropout", "--optimizer", "--lr", "--schedule", "--clip",
+                   "--clip-norm", "--noise-eta", "--noise-gamma", "--weight-decay", "--epochs",
+                   "--batch-size", "--augment", "--early-stopping", "--seed", "--out", "--resume",
+                   "--checkpoint-every", "--keep"):
+        assert option in out, option
+    assert "--limit-train" not in out  # a testing aid, hidden
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_restores_the_run_and_scores_another_dataset_of_the_same_shape(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, _ = run_main(capsys, "train", "--dataset", "mnist5k", "--limit-train", "640",
+                          "--depth", "1", "--width", "32", "--epochs", "1", "--augment", "0",
+                          "--quiet", "--out", str(out))
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+
+    code, stdout, _ = run_main(capsys, "evaluate", str(out))
+    assert code == 0
+    assert stdout.startswith(f"test accuracy {summary['test_accuracy']:.4f} "
+                             f"({summary['test_correct']}/1000 on mnist5k)")
+
+    # The same 1,000 test images as MNIST IDX files: the same accuracy, from mnist:DIR.
+    test = data.load_dataset("mnist5k").test
+    mnist_dir = tmp_path / "mnist"
+    mnist_dir.mkdir()
+    pixels = np.rint(test.x[..., 0] * 255).astype(np.uint8)
+    for prefix, copies in (("train", 6), ("t10k", 1)):  # mnist:DIR splits 5,000 off for val
+        write_idx(mnist_dir / f"{prefix}-images-idx3-ubyte.gz", np.tile(pixels, (copies, 1, 1)))
+        write_idx(mnist_dir / f"{prefix}-labels-idx1-ubyte.gz", np.tile(test.y, copies))
+    result = cli.cmd_evaluate(str(out), f"mnist:{mnist_dir}", "test")
+    assert result["examples"] == 1000
+    assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+
+    code, _, err = run_main(capsys, "evaluate", str(out), "--dataset", "digits")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "(8, 8, 1)" in err and "(28, 28, 1)" in err
+
+
+def test_evaluate_refuses_a_corrupt_model_naming_the_file(digits_run, tmp_path, capsys):
+    out = copy_run(digits_run, tmp_path)
+    bad_file = corrupt(out / "model")
+    code, stdout, err = run_main(capsys, "evaluate", str(out))
+    assert code == 1 and stdout == ""
+    assert bad_file in err and "sha256" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_of_a_directory_without_a_run_fails_in_one_line(tmp_path, capsys):
+    code, _, err = run_main(capsys, "evaluate", str(tmp_path))
+    assert code == 2 and "no config.json" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_keeps_the_parameters_of_the_best_validation_epoch(tmp_path, capsys):
+    # 64 training examples and a large constant learning rate: validation loss bottoms out
+    # within a few epochs and then rises as the model overfits.
+    out = tmp_path / "run"
+    code, _, _ = run_main(capsys, "train", *TINY, "--limit-train", "64", "--width", "64",
+                          "--lr", "0.01", "--schedule", "constant", "--epochs", "40",
+                          "--early-stopping", "3", "--out", str(out))
+    assert code == 0
+    records = cli.read_metrics(out / "metrics.jsonl")
+    val_losses = [r["val_loss"] for r in records]
+    best = int(np.argmin(val_losses)) + 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["best_epoch"] == best
+    assert len(records) == best + 3 < 40
+
+    # model/ holds the best epoch's parameters: their validation loss is the best epoch's.
+    result = cli.cmd_evaluate(str(out), None, "val")
+    assert result["loss"] == pytest.approx(val_losses[best - 1], rel=1e-6)
+    assert result["loss"] < val_losses[-1]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path):
+    # 39-step epochs with checkpoints every 15 steps, so the kill and the resume fall mid-epoch;
+    # dropout makes the result depend on the PRNG key in the TrainState.
+    args = ["train", "--limit-train", "1248", "--depth", "1", "--width", "64", "--batch-size",
+            "32", "--dropout", "0.2", "--augment", "0", "--epochs", "6", "--checkpoint-every",
+            "15", "--block-size", "5", "--quiet"]
+    whole = jaxdl_process(*args, "--out", str(tmp_path / "whole"))
+    killed_dir = tmp_path / "killed"
+    killed = jaxdl_process(*args, "--out", str(killed_dir))
+    checkpoints = killed_dir / "checkpoints"
+    deadline = time.time() + 180
+    while not (checkpoints.is_dir() and any((checkpoints / s / "jaxdl_manifest.json").is_file()
+                                            for s in os.listdir(checkpoints))):
+        assert killed.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (killed_dir / "summary.json").exists(), "killed too late: the run had finished"
+
+    resumed = jaxdl_process(*args, "--out", str(killed_dir), "--resume")
+    _, err = finish(resumed)
+    finish(whole)
+    step = int(err.split("resumed from checkpoint step ")[1].split()[0])
+    assert 0 < step < 6 * 39 and step % 15 == 0
+    assert_bitwise_equal(model_leaves(killed_dir), model_leaves(tmp_path / "whole"))
+    assert metric_values(killed_dir) == metric_values(tmp_path / "whole")
+    assert json.loads((killed_dir / "summary.json").read_text())["resumed_from_step"] == step
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(digits_run, tmp_path, capsys):
+    out = copy_run(digits_run, tmp_path)
+    bad_file = corrupt(out / "checkpoints" / "117")
+    code, _, err = run_main(capsys, "train", *TINY, "--epochs", "3", "--keep", "2",
+                            "--out", str(out), "--resume")
+    assert code == 0
+    assert "skipping checkpoint step 117" in err and bad_file in err
+    assert "resumed from checkpoint step 78" in err
+    assert_bitwise_equal(model_leaves(out), model_leaves(digits_run[0]))
+    assert metric_values(out) == metric_values(digits_run[0])
+
+
+def test_resume_with_every_checkpoint_corrupt_fails_naming_the_files(digits_run, tmp_path, capsys):
+    out = copy_run(digits_run, tmp_path)
+    bad_files = [corrupt(out / "checkpoints" / s) for s in ("78", "117")]
+    code, _, err = run_main(capsys, "train", "--out", str(out), "--resume")
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jaxdl train: error: cannot resume: no good checkpoint")
+    assert all(f in last for f in bad_files)
+
+
+def test_resume_of_a_finished_run_changes_nothing(digits_run, tmp_path, capsys):
+    out = copy_run(digits_run, tmp_path)
+    code, stdout, err = run_main(capsys, "train", "--out", str(out), "--resume", "--quiet")
+    assert code == 0 and "resumed from checkpoint step 117" in err
+    assert stdout.split(", test loss")[0] == digits_run[1].split(", test loss")[0]
+    assert_bitwise_equal(model_leaves(out), model_leaves(digits_run[0]))
+    assert metric_values(out) == metric_values(digits_run[0])
+
+
+def test_chunk_bounds_cut_at_checkpoint_steps_into_blocks_and_single_steps():
+    assert cli.chunk_bounds(0, 12, 4, 12) == [(0, 4), (4, 8), (8, 12)]
+    assert cli.chunk_bounds(0, 12, 5, 12) == [(0, 5), (5, 10), (10, 11), (11, 12)]
+    # Epoch 1 covers global steps 12..23; checkpoints every 10 steps fall at 20 (position 8).
+    assert cli.chunk_bounds(1, 12, 3, 10) == [(0, 3), (3, 6), (6, 7), (7, 8), (8, 11), (11, 12)]
+    # Resuming at the checkpoint (position 8) runs exactly the remaining blocks.
+    assert cli.chunk_bounds(1, 12, 3, 10, start=8) == [(8, 11), (11, 12)]
+    assert cli.default_block_size(54) == 18 and cli.default_block_size(39) == 13
+    assert cli.default_block_size(53) == 16 and cli.default_block_size(5) == 5
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+@pytest.mark.parametrize("optimizer", cli.OPTIMIZERS)
+@pytest.mark.parametrize("schedule", cli.SCHEDULES)
+def test_every_optimizer_and_schedule_takes_a_descent_step(optimizer, schedule):
+    cfg = cli.resolve_defaults({**cli.DEFAULTS, "optimizer": optimizer, "schedule": schedule,
+                                "lr": 0.1, "warmup": 2, "epochs": 2})
+    sched = cli.build_schedule(cfg, steps_per_epoch=5)
+    assert float(sched(0)) == 0.0 and float(sched(2)) == pytest.approx(0.1)  # warm-up, then lr
+    tx = cli.build_optimizer(cfg, sched, jax.random.key(0))
+    params = {"w": np.array([1.0, -2.0], np.float32)}
+    grads = {"w": np.array([0.5, -0.5], np.float32)}
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+    assert np.all(np.sign(updates["w"]) == -np.sign(grads["w"]))
+
+
+def test_clip_clip_norm_and_noise_shape_the_update():
+    base = {**cli.DEFAULTS, "optimizer": "sgd", "schedule": "constant", "lr": 1.0, "epochs": 1}
+    grads = {"w": np.array([3.0, -4.0], np.float32)}
+    params = {"w": np.zeros(2, np.float32)}
+
+    def update(**options):
+        cfg = cli.resolve_defaults({**base, **options})
+        tx = cli.build_optimizer(cfg, cli.build_schedule(cfg, 1), jax.random.key(0))
+        return np.asarray(tx.update(grads, tx.init(params), params)[0]["w"])
+
+    np.testing.assert_allclose(update(), [-3.0, 4.0])
+    np.testing.assert_allclose(update(clip=1.0), [-1.0, 1.0])
+    np.testing.assert_allclose(update(clip_norm=1.0), [-0.6, 0.8], rtol=1e-6)
+    assert not np.allclose(update(noise_eta=1.0), [-3.0, 4.0])
+    np.testing.assert_allclose(update(weight_decay=0.5), [-3.0, 4.0])  # params are 0
+    cfg = cli.resolve_defaults({**base, "optimizer": "adamw"})
+    assert cfg["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize("model", cli.MODELS)
+def test_model_options_build_the_layers(model):
+    cfg = cli.resolve_defaults({**cli.DEFAULTS, "model": model, "depth": 2, "width": 16,
+                                "channels": [4], "batchnorm": True, "dropout": 0.5,
+                                "activation": "tanh", "init": "xavier_uniform"})
+    net = cli.build_model(cfg, 10)
+    kinds = [type(layer).__name__ for layer in net.layers]
+    expected = (["Conv", "BatchNorm", "Tanh", "MaxPool"] if model == "cnn" else []) + \
+        ["Flatten"] + ["Dense", "BatchNorm", "Tanh", "Dropout"] * 2 + ["Dense"]
+    assert kinds == expected
+    assert not net.layers[kinds.index("Dense")].use_bias  # BatchNorm makes the bias redundant
+    shape, params, state = net.init(jax.random.key(0), (8, 8, 1))
+    assert shape == (10,) and state
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+def bad_run_dir(tmp_path):
+    run = tmp_path / "existing"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {**cli.DEFAULTS, "lr": 0.01}}))
+    return run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "adamax"], "argument --optimizer: invalid choice: 'adamax'"),
+    (["--lr", "-0.1"], "argument --lr: must be 0 < value, got -0.1"),
+    (["--lr", "nan"], "argument --lr: must be 0 < value, got nan"),
+    (["--epochs", "0"], "argument --epochs: must be 1 <= value, got 0"),
+    (["--dropout", "1.5"], "argument --dropout: must be 0 <= value < 1, got 1.5"),
+    (["--dataset", "cifar10"], "argument --dataset: must be mnist5k, digits or mnist:DIR"),
+    (["--dataset", "mnist:{tmp}/no-such-dir"], "MNIST folder not found: {tmp}/no-such-dir"),
+    (["--batch-size", "5000"], "--batch-size 5000 exceeds the 3500 training examples"),
+    (["--out", "{tmp}/a-file/run"], "{tmp}/a-file is not a directory"),
+    (["--out", "{tmp}/a-file"], "exists and is not a directory"),
+    (["--out", "{tmp}/existing"], "already holds a run; pass --resume"),
+    (["--out", "{tmp}/existing", "--resume", "--lr", "0.1"],
+     "--resume: options differ from {tmp}/existing/config.json: --lr 0.1 (the run has 0.01)"),
+    (["--resume"], "--resume needs --out DIR"),
+    (["--warmup", "-1"], "argument --warmup: must be 0 <= value, got -1"),
+])
+def test_bad_arguments_print_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # the default --out (runs/...) would land here
+    (tmp_path / "a-file").write_text("not a directory")
+    bad_run_dir(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, stdout, err = run_main(capsys, "train", *argv)
+    assert code == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("jaxdl train: error: ")
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_unwritable_out_is_refused(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: show it the directory as a user would see it
+        real_access = os.access
+        monkeypatch.setattr(cli.os, "access", lambda path, mode: real_access(path, mode) and
+                            os.path.abspath(path) != str(locked))
+    code, _, err = run_main(capsys, "train", "--out", str(locked / "run"))
+    locked.chmod(0o755)
+    assert code == 2 and f"{locked} is not writable" in err and len(err.strip().splitlines()) == 1
+    assert not (locked / "run").exists()
+
+
+def test_train_script_is_valid_bash_that_installs_and_runs_jaxdl():
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "train.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    assert "pip install -e" in text and 'jaxdl" train "$@"' in text
