@@ -155,7 +155,8 @@ def _check_divisible(owner: str, batch_size: int, num_devices: int, what="global
 
 
 def shard_batch(batch, num_devices: int):
-    """Split every leaf ``(B, ...)`` into ``(num_devices, B / num_devices, ...)``: the pmap layout.
+    """Split every leaf ``(B, ...)`` into ``(num_devices, B / num_devices, ...)``: the pmap layout
+    (seed 001: "split minibatch into chunks & distribute to GPUs").
 
     Device ``d`` gets examples ``d*B/D .. (d+1)*B/D - 1``. A batch size that ``num_devices`` does
     not divide is an error naming both numbers (nothing is dropped). numpy leaves stay numpy, so

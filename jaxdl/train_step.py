@@ -428,7 +428,11 @@ def make_sharded_train_step(
     `parallel.put_state`), the batch sharded along its first axis, ``P(axis)`` (a global batch,
     or `parallel.put_batch`); each device takes the gradient of its shard's mean loss and the
     gradients are averaged with ``lax.pmean`` over the data axis (or by the one-bit exchange of
-    `parallel.onebit_allreduce`): the same math as `make_pmap_train_step`, and the same result
+    `parallel.onebit_allreduce`):
+
+    .. math:: g = \\frac{1}{D}\\sum_d \\nabla \\bar L(B_d) = \\nabla \\bar L(B)
+
+    (seed 001's data parallelism), the same math as `make_pmap_train_step`, and the same result
     as `make_train_step` on the global batch. Spans hosts when ``mesh`` does (every process runs
     the step with its `put_batch` part of the global batch; `jax.distributed.initialize`).
     Metrics are replicated scalars. A global batch that the data axis does not divide, or a model
@@ -451,10 +455,11 @@ def make_sharded_train_step(
             if parallel._is_per_device(node):
                 for path, x in jax.tree_util.tree_flatten_with_path(node.value)[0]:
                     if np.ndim(x) == 0 or np.shape(x)[0] != n:
+                        where = jax.tree_util.keystr((*outer, *path))
                         raise ValueError(
-                            f"{owner}: per-device state leaf {jax.tree_util.keystr((*outer, *path))} has shape "
-                            f"{np.shape(x)}; it needs one slice per device along a leading axis of "
-                            f"{n}. Place the state first: state = jaxdl.parallel.put_state(state, mesh).")
+                            f"{owner}: per-device state leaf {where} has shape {np.shape(x)}; it "
+                            f"needs one slice per device along a leading axis of {n}. Place the "
+                            f"state first: state = jaxdl.parallel.put_state(state, mesh).")
         avals = _avals((state.params, state.model_state, batch, state.key))
         signature = jax.tree.structure(avals), tuple(jax.tree.leaves(avals))
         if signature not in checked:
