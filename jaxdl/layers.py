@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -58,6 +59,10 @@ def _int_pair(layer, name, value):
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise ValueError(f"{layer}: {name} must be a positive int or a pair of them, got {value!r}")
     return tuple(_positive_int(layer, name, v) for v in pair)
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _padding(layer, value):
@@ -501,8 +506,7 @@ class Dropout(Layer):
     rate: float
 
     def __post_init__(self):
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) \
-                or not 0 <= self.rate < 1:
+        if not _is_real(self.rate) or not 0 <= self.rate < 1:
             raise ValueError(f"Dropout: rate (probability of dropping) must be in [0, 1), "
                              f"got {self.rate!r}")
 
@@ -547,12 +551,10 @@ class BatchNorm(Layer):
     axis_name: Any = None
 
     def __post_init__(self):
-        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) \
-                or not 0 <= self.momentum <= 1:
+        if not _is_real(self.momentum) or not 0 <= self.momentum <= 1:
             raise ValueError(f"BatchNorm: momentum (weight of the old running value) must be in "
                              f"[0, 1], got {self.momentum!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) \
-                or not self.eps > 0:
+        if not _is_real(self.eps) or not self.eps > 0:
             raise ValueError(f"BatchNorm: eps must be > 0, got {self.eps!r}")
 
     def init(self, key, input_shape):
