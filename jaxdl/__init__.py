@@ -4,7 +4,7 @@
 optimizer state, a PRNG key, a step counter); see DESIGN.md for the public names.
 """
 
-from jaxdl import data, diagnostics, init, layers, losses, optimizers, schedules, train_step, transforms
+from jaxdl import data, diagnostics, init, layers, losses, optimizers, parallel, schedules, train_step, transforms
 from jaxdl.layers import (
     AvgPool,
     BatchNorm,
@@ -46,9 +46,21 @@ from jaxdl.transforms import (
     sign_with_error_feedback,
     skip_nonfinite,
 )
+from jaxdl.parallel import (
+    collective_bytes,
+    data_mesh,
+    onebit_allreduce,
+    put_batch,
+    put_state,
+    replicate,
+    shard_batch,
+    unreplicate,
+)
 from jaxdl.train_step import (
     TrainState,
     make_eval_step,
+    make_pmap_train_step,
+    make_sharded_train_step,
     make_train_loop,
     make_train_step,
     supervised_loss,
