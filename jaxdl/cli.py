@@ -569,11 +569,20 @@ def _write_json(path: str, obj) -> None:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The epoch records of a ``metrics.jsonl`` (none if it does not exist)."""
+    """The epoch records of a ``metrics.jsonl`` (none if it does not exist). A last line cut
+    short by a kill is dropped; the resumed run writes that epoch again."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise RunError(f"{path}: line {i + 1} is not JSON") from None
+    return records
 
 
 def truncate_metrics(path: str, epochs: int) -> None:

@@ -293,6 +293,18 @@ def test_resume_with_every_checkpoint_corrupt_fails_naming_the_files(digits_run,
     assert all(f in last for f in bad_files)
 
 
+def test_resume_rewrites_metrics_after_the_checkpoint_and_drops_a_torn_last_line(digits_run,
+                                                                                 tmp_path, capsys):
+    out = copy_run(digits_run, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "117")  # back to the end of epoch 2 ...
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 4, "train_lo')  # ... with a line that a kill cut short
+    code, _, err = run_main(capsys, "train", "--out", str(out), "--resume")
+    assert code == 0 and "resumed from checkpoint step 78" in err
+    assert metric_values(out) == metric_values(digits_run[0])
+    assert_bitwise_equal(model_leaves(out), model_leaves(digits_run[0]))
+
+
 def test_resume_of_a_finished_run_changes_nothing(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
     code, stdout, err = run_main(capsys, "train", "--out", str(out), "--resume", "--quiet")
