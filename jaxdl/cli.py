@@ -622,13 +622,15 @@ def _progress(total: int, initial: int, quiet: bool):
 
 # ----------------------------------------------------------------------------- training
 
+_SUMMED = ("loss", "accuracy", "update_ratio", "grad_norm", "nonfinite")  # per-step metrics
+
 
 class Progress(NamedTuple):
     """Host-side bookkeeping saved in every checkpoint next to the `TrainState`.
 
-    ``sums``: the current epoch's sums of (loss, accuracy, update_ratio, grad_norm, nonfinite)
-    over its steps so far; ``best_val_loss``/``best_epoch`` the early-stopping record (epoch 0:
-    none yet); ``train_time`` seconds spent in training steps over all sessions.
+    ``sums``: the current epoch's sums of the `_SUMMED` metrics over its steps so far;
+    ``best_val_loss``/``best_epoch`` the early-stopping record (epoch 0: none yet);
+    ``train_time`` seconds spent in training steps over all sessions of the run.
     """
 
     sums: np.ndarray
@@ -639,39 +641,79 @@ class Progress(NamedTuple):
     @classmethod
     def empty(cls) -> "Progress":
         """Nothing accumulated yet."""
-        return cls(np.zeros(5), np.array(np.inf), np.array(0, np.int64), np.array(0.0))
+        return cls(np.zeros(len(_SUMMED)), np.array(np.inf), np.array(0, np.int64), np.array(0.0))
 
 
-def _checkpoint_tree(state, progress, best):
-    tree = {"state": state, "progress": progress._asdict()}
-    if best is not None:
-        tree["best"] = best
-    return tree
+class Run(NamedTuple):
+    """What a checkpoint holds: the `TrainState`, the `Progress` and, with early stopping, the
+    best epoch's ``{"params", "model_state"}`` (else None)."""
+
+    state: TrainState
+    progress: Progress
+    best: Any
+
+    def tree(self) -> dict:
+        """The pytree saved in a checkpoint."""
+        tree = {"state": self.state, "progress": self.progress._asdict()}
+        return tree if self.best is None else {**tree, "best": self.best}
+
+    @classmethod
+    def from_tree(cls, tree: dict) -> "Run":
+        """The inverse of `tree`."""
+        progress = Progress(**{k: np.asarray(v) for k, v in tree["progress"].items()})
+        return cls(tree["state"], progress, tree.get("best"))
+
+    def final_model(self) -> dict:
+        """``{"params", "model_state"}`` of the run's result: the best epoch's, else the last."""
+        return self.best or {"params": self.state.params, "model_state": self.state.model_state}
 
 
-def restore_latest(manager, state, progress, best, log):
-    """Restore the newest good checkpoint (falling back past corrupt ones, each reported);
-    returns ``(state, progress, best)`` and the step, or the inputs and None if there is none."""
+def restore_latest(manager, run: Run, log) -> tuple[Run, Any]:
+    """The newest good checkpoint as a `Run` (structure of ``run``) and its step, falling back past
+    corrupt ones (each reported through ``log``); ``(run, None)`` when there is none."""
     if manager.latest_step() is None:
-        return state, progress, best, None
+        return run, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            tree = manager.restore(_checkpoint_tree(state, progress, best))
+            tree = manager.restore(run.tree())
         except (OSError, ValueError) as err:  # CorruptCheckpointError is a ValueError
             raise RunError(f"cannot resume: {err}") from None
     for w in caught:
         log(f"warning: {w.message}")
-    restored = Progress(**{k: np.asarray(v) for k, v in tree["progress"].items()})
-    return tree["state"], restored, tree.get("best"), manager.restored_step
+    return Run.from_tree(tree), manager.restored_step
 
 
-def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples):
+def train_block(loop, run: Run, batches) -> tuple[Run, int, float]:
+    """Run one block of stacked batches; returns the run (epoch sums and time updated), the number
+    of steps and the seconds taken (the metrics come back to the host: one sync per block)."""
+    t0 = time.perf_counter()
+    state, metrics = loop(run.state, batches)
+    metrics = jax.device_get(metrics)
+    seconds = time.perf_counter() - t0
+    sums = run.progress.sums + [np.sum(metrics[name], dtype=np.float64) for name in _SUMMED]
+    progress = run.progress._replace(sums=sums, train_time=run.progress.train_time + seconds)
+    return Run(state, progress, run.best), len(metrics["loss"]), seconds
+
+
+def end_epoch(run: Run, epoch: int, val_loss: float) -> Run:
+    """Reset the epoch sums and update the early-stopping record (lower validation loss wins)."""
+    progress, best = run.progress._replace(sums=np.zeros(len(_SUMMED))), run.best
+    if best is not None and val_loss < progress.best_val_loss:
+        best = {"params": run.state.params, "model_state": run.state.model_state}
+        progress = progress._replace(best_val_loss=np.array(val_loss),
+                                     best_epoch=np.array(epoch, np.int64))
+    return Run(run.state, progress, best)
+
+
+def epoch_record(epoch, step, sums, steps, val, lr, seconds, examples) -> dict:
+    """One line of metrics.jsonl (see docs/cli.md)."""
     loss, acc, ratio, grad_norm, nonfinite = sums / steps
     return {"epoch": epoch, "step": step, "train_loss": loss, "train_accuracy": acc,
             "val_loss": val[0], "val_accuracy": val[1], "lr": lr, "update_ratio": ratio,
             "grad_norm": grad_norm, "nonfinite_steps": int(round(nonfinite * steps)),
-            "epoch_time_s": round(seconds, 3), "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
+            "epoch_time_s": round(seconds, 3),
+            "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
 
 
 def _stopped_early(cfg, completed_epochs, progress) -> bool:
@@ -679,78 +721,67 @@ def _stopped_early(cfg, completed_epochs, progress) -> bool:
     return bool(patience) and completed_epochs - int(progress.best_epoch) >= patience
 
 
+def _epoch_line(record, epochs) -> str:
+    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} acc "
+            f"{record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} acc "
+            f"{record['val_accuracy']:.4f} | lr {record['lr']:.3g} | update/weight "
+            f"{record['update_ratio']:.2e}")
+
+
 def train(cfg: dict, ds: data.Dataset, s: Setup, out: str, quiet: bool, log) -> dict:
-    """Train (or continue training) the run in ``out``; return the summary's training part."""
+    """Train (or continue training) the run in ``out``; return the summary's training part and
+    the final model as ``"state"`` with its ``"eval_step"``."""
     from jaxdl.checkpoint import CheckpointManager, save_checkpoint
 
     input_shape = ds.train.x.shape[1:]
+    S, epochs, bs = s.steps_per_epoch, cfg["epochs"], cfg["batch_size"]
     loop, eval_step = make_step_functions(s.loss_fn, s.optimizer)
     state = TrainState.create(s.model, s.optimizer, s.model_key, input_shape)
-    progress = Progress.empty()
-    best = ({"params": state.params, "model_state": state.model_state}
-            if cfg["early_stopping"] else None)
+    best = {"params": state.params, "model_state": state.model_state} if cfg["early_stopping"] else None
     metrics_path = os.path.join(out, "metrics.jsonl")
-    S, epochs, bs = s.steps_per_epoch, cfg["epochs"], cfg["batch_size"]
     with CheckpointManager(os.path.join(out, "checkpoints"), max_to_keep=cfg["keep"],
                            save_interval_steps=s.checkpoint_every) as manager:
-        state, progress, best, resumed = restore_latest(manager, state, progress, best, log)
-        step = int(state.step)
+        run, resumed = restore_latest(manager, Run(state, Progress.empty(), best), log)
+        step = int(run.state.step)
         if resumed is not None:
-            log(f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, "
-                f"step {step % S} of {S})")
+            log(f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})")
         truncate_metrics(metrics_path, step // S)
-        save = lambda: manager.save(step, _checkpoint_tree(state, progress, best))  # noqa: E731
+        stop = step % S == 0 and _stopped_early(cfg, step // S, run.progress)
         bar = _progress(epochs * S, step, quiet)
-        stop = _stopped_early(cfg, step // S, progress) if step % S == 0 else False
         while step < epochs * S and not stop:
             epoch, start = divmod(step, S)
-            t_epoch, n_steps = time.perf_counter(), 0
+            t_epoch = time.perf_counter()
             x_ep, y_ep = next(data.batch_blocks(ds.train.x, ds.train.y, bs, S, s.data_key, epoch))
-            chunks = ((x_ep[a:b], y_ep[a:b]) for a, b in chunk_bounds(epoch, S, s.block_size,
-                                                                      s.checkpoint_every, start))
-            for xb, yb in data.prefetch_to_device(chunks):
-                t0 = time.perf_counter()
-                state, m = loop(state, (xb, yb))
-                m = jax.device_get(m)
-                dt = time.perf_counter() - t0
-                k = len(m["loss"])
-                step, n_steps = step + k, n_steps + k
-                sums = progress.sums + [np.sum(m[name], dtype=np.float64) for name in
-                                        ("loss", "accuracy", "update_ratio", "grad_norm", "nonfinite")]
-                progress = progress._replace(sums=sums, train_time=progress.train_time + dt)
+            blocks = ((x_ep[a:b], y_ep[a:b])
+                      for a, b in chunk_bounds(epoch, S, s.block_size, s.checkpoint_every, start))
+            for batches in data.prefetch_to_device(blocks):
+                run, k, seconds = train_block(loop, run, batches)
+                step += k
+                mean = run.progress.sums / (step - epoch * S)
                 bar.update(k)
-                done = sums / (step - epoch * S)
-                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {done[0]:.4f} "
-                                    f"acc {done[1]:.4f} {k * bs / dt:.0f} ex/s")
+                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {mean[0]:.4f} acc {mean[1]:.4f} "
+                                    f"{k * bs / seconds:.0f} ex/s")
                 if step % S:
-                    save()
-            val = evaluate_split(eval_step, state, ds.val)
-            lr = float(s.schedule(step - 1))
-            record = _epoch_record(epoch + 1, step, progress.sums, S, val, lr,
-                                   time.perf_counter() - t_epoch, n_steps * bs)
+                    manager.save(step, run.tree())  # saves when step % checkpoint_every == 0
+            val = evaluate_split(eval_step, run.state, ds.val)
+            record = epoch_record(epoch + 1, step, run.progress.sums, S, val, float(s.schedule(step - 1)),
+                                  time.perf_counter() - t_epoch, (step - epoch * S - start) * bs)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if not quiet:
-                bar.write(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
-                          f"acc {record['train_accuracy']:.4f} | val loss {val[0]:.4f} acc "
-                          f"{val[1]:.4f} | lr {lr:.3g} | update/weight {record['update_ratio']:.2e}",
-                          file=sys.stderr)
-            progress = progress._replace(sums=np.zeros(5))
-            if best is not None and val[0] < progress.best_val_loss:
-                best = {"params": state.params, "model_state": state.model_state}
-                progress = progress._replace(best_val_loss=np.array(val[0]),
-                                             best_epoch=np.array(epoch + 1, np.int64))
-            stop = _stopped_early(cfg, epoch + 1, progress)
-            save()
+                bar.write(_epoch_line(record, epochs), file=sys.stderr)
+            run = end_epoch(run, epoch + 1, val[0])
+            stop = _stopped_early(cfg, epoch + 1, run.progress)
+            manager.save(step, run.tree())
         bar.close()
-        manager.save(step, _checkpoint_tree(state, progress, best), force=True)
-    final = best if best is not None else {"params": state.params, "model_state": state.model_state}
+        manager.save(step, run.tree(), force=True)
+    final = run.final_model()
     save_checkpoint(os.path.join(out, "model"), final, overwrite=True)
-    final_state = _eval_state(final["params"], final["model_state"], input_shape)
-    return {"state": final_state, "eval_step": eval_step, "steps": step, "epochs_completed": step // S,
+    return {"state": _eval_state(final["params"], final["model_state"], input_shape),
+            "eval_step": eval_step, "steps": step, "epochs_completed": step // S,
             "stopped_early": bool(stop) and step < epochs * S,
-            "best_epoch": int(progress.best_epoch) if best is not None else None,
-            "resumed_from_step": resumed, "train_time_s": round(float(progress.train_time), 3)}
+            "best_epoch": int(run.progress.best_epoch) if best is not None else None,
+            "resumed_from_step": resumed, "train_time_s": round(float(run.progress.train_time), 3)}
 
 
 def cmd_train(explicit: dict, log) -> dict:
