@@ -58,9 +58,10 @@ def model_leaves(run_dir):
 
 def assert_bitwise_equal(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
         assert x.dtype == y.dtype and x.shape == y.shape
-        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+        same = np.array_equal(x.view(np.uint8), y.view(np.uint8))
+        assert same, f"leaf {i} differs, max |difference| {np.max(np.abs(x - y))}"
 
 
 def metric_values(run_dir):
