@@ -1,6 +1,6 @@
 """Benchmark: one jitted optimizer update + apply on a ResNet-50-shaped parameter tree.
 
-jaxdl vs optax (same process, same tree) vs torch.optim (Adam(fused=True), SGD(foreach=True)),
+jaxdl vs optax (same process, same tree, timed round-robin) vs torch.optim (Adam(fused=True), SGD(foreach=True)),
 read against the machine's copy bandwidth: Adam reads p, g, m, v and writes p, m, v (28 bytes per
 float32 parameter); SGD with momentum reads p, g, v and writes p, v (20 bytes).
 
@@ -13,7 +13,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import optax
 import torch
 
 import jaxdl as dl
+from _timing import round_robin, timeit
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -36,17 +36,6 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
                 shapes += [(1, 1, cin, 4 * width), (4 * width,), (4 * width,)]
             cin = 4 * width
     return shapes + [(2048, 1000), (1000,)]
-
-
-def timeit(fn, repeats: int) -> list[float]:
-    fn()  # compile / warm up
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def copy_bandwidth(n_bytes: int = 512 << 20, repeats: int = 10) -> tuple[float, float]:
@@ -67,7 +56,7 @@ def copy_bandwidth(n_bytes: int = 512 << 20, repeats: int = 10) -> tuple[float, 
     return 2 * n_bytes / t_np, 2 * n_bytes / t_xla
 
 
-def bench_jax(tx, params, grads, repeats, donate=False):
+def jax_runner(tx, params, grads, donate=False):
     state = tx.init(params)
 
     def step(p, s, g):
@@ -81,10 +70,10 @@ def bench_jax(tx, params, grads, repeats, donate=False):
         holder["p"], holder["s"] = jitted(holder["p"], holder["s"], grads)
         jax.block_until_ready(holder["p"])
 
-    return timeit(run, repeats)
+    return run
 
 
-def bench_torch(make_opt, shapes, repeats):
+def torch_runner(make_opt, shapes):
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     for p in ps:
@@ -95,7 +84,7 @@ def bench_torch(make_opt, shapes, repeats):
         with torch.no_grad():
             opt.step()
 
-    return timeit(run, repeats)
+    return run
 
 
 def main():
@@ -129,13 +118,13 @@ def main():
     print(f"{'optimizer':<18} {'impl':<16} {'median ms':>9} {'min':>7} {'max':>7} {'x optax':>8} {'x torch':>8} {'x floor':>8}")
     for name, (ours, theirs, bytes_per_param, make_torch) in cases.items():
         floor = n * bytes_per_param / bw
-        results = {
-            "jaxdl": bench_jax(ours, params, grads, args.repeats),
-            "jaxdl (donated)": bench_jax(ours, params, grads, args.repeats, donate=True),
-            "optax": bench_jax(theirs, params, grads, args.repeats),
-            "optax (donated)": bench_jax(theirs, params, grads, args.repeats, donate=True),
-            "torch": bench_torch(make_torch, shapes, args.repeats),
-        }
+        results = round_robin({
+            "jaxdl": jax_runner(ours, params, grads),
+            "jaxdl (donated)": jax_runner(ours, params, grads, donate=True),
+            "optax": jax_runner(theirs, params, grads),
+            "optax (donated)": jax_runner(theirs, params, grads, donate=True),
+            "torch": torch_runner(make_torch, shapes),
+        }, args.repeats)
         med = {k: statistics.median(v) for k, v in results.items()}
         for impl, times in results.items():
             # Compare like with like: donated runs against optax's donated run.

@@ -6,6 +6,8 @@
    flax+optax one jitted step per call vs PyTorch eager; reported per step.
 3. First-call time (trace + compile + run) of the big MLP step, jaxdl vs flax+optax.
 
+Contenders are timed round-robin (one call of each in turn), so machine load hits them alike.
+
     python benchmarks/train_step.py [--repeats 30]
 """
 
@@ -26,19 +28,9 @@ import optax
 import torch
 
 import jaxdl as dl
+from _timing import round_robin
 from jaxdl import layers as L
 from jaxdl import train_step as ts
-
-
-def timeit(fn, repeats):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def _data(batch, d, classes, seed=0):
@@ -127,11 +119,7 @@ def bench_big(repeats):
 
     tstep = torch_step_fn(d, widths)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-    return {
-        "jaxdl": timeit(run_jaxdl, repeats),
-        "flax+optax": timeit(run_flax, repeats),
-        "torch eager": timeit(lambda: tstep(xt, yt), repeats),
-    }
+    return round_robin({"jaxdl": run_jaxdl, "flax+optax": run_flax, "torch eager": lambda: tstep(xt, yt)}, repeats)
 
 
 def bench_tiny(repeats, k=100):
@@ -165,12 +153,8 @@ def bench_tiny(repeats, k=100):
         for i in range(k):
             tstep(tx_[i], ty_[i])
 
-    per_step = lambda ts_: [t / k for t in ts_]  # noqa: E731
-    return {
-        "jaxdl scan loop": per_step(timeit(run_jaxdl, repeats)),
-        "flax+optax loop": per_step(timeit(run_flax, repeats)),
-        "torch eager": per_step(timeit(run_torch, repeats)),
-    }
+    times = round_robin({"jaxdl scan loop": run_jaxdl, "flax+optax loop": run_flax, "torch eager": run_torch}, repeats)
+    return {name: [t / k for t in ts_] for name, ts_ in times.items()}
 
 
 def bench_compile(repeats=5):

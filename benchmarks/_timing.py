@@ -1,0 +1,30 @@
+"""Timing helper shared by the benchmarks."""
+
+import time
+
+
+def timeit(fn, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call of ``fn`` (which must block until its work is done), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def round_robin(runners: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Time each runner ``repeats`` times, one call of each in turn, so that a changing machine
+    load (other processes) hits every contender alike; returns seconds per call by name."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
