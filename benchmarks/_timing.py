@@ -16,15 +16,16 @@ def timeit(fn, repeats: int, warmup: int = 2) -> list[float]:
 
 
 def round_robin(runners: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Time each runner ``repeats`` times, one call of each in turn, so that a changing machine
-    load (other processes) hits every contender alike; returns seconds per call by name."""
+    """Time each runner ``repeats`` times, one call of each in turn (the order rotating), so that
+    a changing machine load (other processes) hits every contender alike; seconds per call."""
     for fn in runners.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, fn in runners.items():
+    names = list(runners)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
             t0 = time.perf_counter()
-            fn()
+            runners[name]()
             times[name].append(time.perf_counter() - t0)
     return times
