@@ -44,8 +44,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import data, init, layers, optimizers, schedules, transforms
-from jaxdl.train_step import TrainState, check_labels, make_eval_step, make_train_loop, supervised_loss
+from jaxdl import data, init, layers, optimizers, parallel, schedules, transforms
+from jaxdl.train_step import (
+    TrainState,
+    check_labels,
+    make_eval_step,
+    make_sharded_train_step,
+    make_train_loop,
+    supervised_loss,
+)
 
 __all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_schedule", "chunk_bounds",
            "load_run"]
@@ -59,6 +66,7 @@ INITS = {"he_normal": init.he_normal, "he_uniform": init.he_uniform,
          "xavier_normal": init.xavier_normal, "xavier_uniform": init.xavier_uniform,
          "lecun_normal": init.lecun_normal, "lecun_uniform": init.lecun_uniform,
          "orthogonal": init.orthogonal(), "normal": init.normal(0.01)}
+DATA_AXIS = "batch"  # the mesh axis of --devices, and the BatchNorm axis_name that syncs over it
 EVAL_BATCH = 500  # examples per evaluation call: 500 and 1000 (mnist5k's val/test) share one compile
 
 # Training options and their defaults. ``None`` is resolved by `resolve_defaults` (per model, or
@@ -71,7 +79,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_final": 0.0, "step_every": None, "step_factor": 0.1, "decay_rate": 1e-3,
     "clip": None, "clip_norm": None, "noise_eta": 0.0, "noise_gamma": 0.55, "weight_decay": None,
     "epochs": None, "batch_size": 64, "augment": 1, "early_stopping": None, "seed": 0,
-    "checkpoint_every": None, "keep": 3, "block_size": None,
+    "checkpoint_every": None, "keep": 3, "block_size": None, "devices": None,
 }
 # Per-model defaults, measured on mnist5k (docs/cli.md): MLP >= 95% in < 1 min, CNN >= 98% in < 3 min.
 MODEL_DEFAULTS = {
@@ -224,7 +232,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    "augmentation and noise" + d("seed"))
     g.add_argument("--block-size", type=_positive_int, metavar="STEPS", help="steps fused in one "
                    "compiled lax.scan call (default: a divisor of the steps per epoch near 16)")
-    # Issue 6: `--devices N` (data-parallel training) belongs in this group; see make_step_functions.
+    g.add_argument("--devices", type=_positive_int, metavar="N", help="data-parallel training over "
+                   "N local devices (jax.shard_map; BatchNorm statistics synchronized); the batch "
+                   "size must be divisible by N. On a CPU, make N devices with "
+                   "XLA_FLAGS=--xla_force_host_platform_device_count=N (default: one device)")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<time>-<model>-<dataset>)")
@@ -371,17 +382,18 @@ def _conv_impl(name: str) -> str:
 def build_model(cfg: dict, num_classes: int) -> layers.Sequential:
     """The model of ``cfg`` as a `jaxdl.layers.Sequential` (see ``jaxdl train --help``)."""
     w_init, act, bn = INITS[cfg["init"]], ACTIVATIONS[cfg["activation"]], cfg["batchnorm"]
+    axis = DATA_AXIS if cfg.get("devices") else None  # data parallel: global-batch statistics
     stack = []
     if cfg["model"] == "cnn":
         for channels in cfg["channels"]:
             stack.append(layers.Conv(channels, 3, w_init=w_init, use_bias=not bn,
                                      impl=_conv_impl(cfg["conv_impl"])))
-            stack += [layers.BatchNorm()] if bn else []
+            stack += [layers.BatchNorm(axis_name=axis)] if bn else []
             stack += [act(), layers.MaxPool(2)]
     stack.append(layers.Flatten())
     for _ in range(cfg["depth"]):
         stack.append(layers.Dense(cfg["width"], w_init=w_init, use_bias=not bn))
-        stack += [layers.BatchNorm()] if bn else []
+        stack += [layers.BatchNorm(axis_name=axis)] if bn else []
         stack.append(act())
         stack += [layers.Dropout(cfg["dropout"])] if cfg["dropout"] else []
     stack.append(layers.Dense(num_classes, w_init=w_init))
@@ -459,12 +471,36 @@ class AugmentedLoss(NamedTuple):
         return self.inner(params, model_state, (x, y), key, train=train)
 
 
-def make_step_functions(loss_fn, optimizer):
-    """``(loop, evaluate)``: the scan-fused train loop (NaN/Inf steps skipped) and the eval step.
+def make_step_functions(loss_fn, optimizer, devices=None):
+    """``(loop, evaluate)``: the train loop ``loop(state, batches)`` over a block of stacked
+    batches (NaN/Inf steps skipped) and the eval step.
 
-    Issue 6 (``--devices N``) swaps in a data-parallel loop here; nothing else needs to change.
+    On one device the loop is the scan-fused `make_train_loop`. With ``devices`` it runs
+    `make_sharded_train_step` once per batch over a `parallel.data_mesh` of that many devices
+    (the state replicated, each batch split along the data axis), awaiting every step: on a
+    few CPU cores, un-awaited collective programs can miss XLA's rendezvous.
     """
-    return make_train_loop(loss_fn, optimizer, skip_nonfinite=True), make_eval_step(loss_fn)
+    if not devices:
+        return make_train_loop(loss_fn, optimizer, skip_nonfinite=True), make_eval_step(loss_fn)
+    try:
+        mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
+    except ValueError as err:
+        raise UsageError(f"--devices {devices}: {err}") from None
+    step = make_sharded_train_step(loss_fn, optimizer, mesh, skip_nonfinite=True)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def loop(state, batches):
+        if jax.tree.leaves(state.params)[0].sharding != replicated:  # fresh or restored state
+            state = parallel.put_state(state, mesh)
+        xs, ys = batches
+        per_step = []
+        for i in range(len(ys)):
+            state, metrics = step(state, parallel.put_batch((xs[i], ys[i]), mesh))
+            jax.block_until_ready((state, metrics))
+            per_step.append(metrics)
+        return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)
+
+    return loop, make_eval_step(loss_fn)
 
 
 class Setup(NamedTuple):
@@ -493,6 +529,13 @@ def setup(cfg: dict, ds: data.Dataset) -> Setup:
     n_train = len(ds.train.y)
     if cfg["batch_size"] > n_train:
         raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {n_train} training examples")
+    if cfg.get("devices"):
+        if cfg["devices"] > jax.local_device_count():
+            raise UsageError(f"--devices {cfg['devices']}: only {jax.local_device_count()} local devices "
+                             f"({jax.default_backend()}); on a CPU set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={cfg['devices']}")
+        if cfg["batch_size"] % cfg["devices"]:
+            raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}")
     steps = n_train // cfg["batch_size"]
     model_key, data_key, noise_key = jax.random.split(jax.random.key(cfg["seed"]), 3)
     try:
@@ -735,7 +778,7 @@ def train(cfg: dict, ds: data.Dataset, s: Setup, out: str, quiet: bool, log) -> 
 
     input_shape = ds.train.x.shape[1:]
     S, epochs, bs = s.steps_per_epoch, cfg["epochs"], cfg["batch_size"]
-    loop, eval_step = make_step_functions(s.loss_fn, s.optimizer)
+    loop, eval_step = make_step_functions(s.loss_fn, s.optimizer, cfg.get("devices"))
     state = TrainState.create(s.model, s.optimizer, s.model_key, input_shape)
     best = {"params": state.params, "model_state": state.model_state} if cfg["early_stopping"] else None
     metrics_path = os.path.join(out, "metrics.jsonl")

@@ -405,6 +405,8 @@ def bad_run_dir(tmp_path):
      "--resume: options differ from {tmp}/existing/config.json: --lr 0.1 (the run has 0.01)"),
     (["--resume"], "--resume needs --out DIR"),
     (["--warmup", "-1"], "argument --warmup: must be 0 <= value, got -1"),
+    (["--devices", "8"], "--devices 8: only 4 local devices"),
+    (["--devices", "3"], "--batch-size 64 is not divisible by --devices 3"),
 ])
 def test_bad_arguments_print_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # the default --out (runs/...) would land here
@@ -439,3 +441,18 @@ def test_train_script_is_valid_bash_that_installs_and_runs_jaxdl():
     subprocess.run(["bash", "-n", script], check=True)
     text = open(script).read()
     assert "pip install -e" in text and 'jaxdl" train "$@"' in text
+
+
+def test_devices_trains_data_parallel_like_one_device(tmp_path, capsys):
+    """--devices 4 (shard_map over 4 fake CPU devices, BatchNorm synced) follows the single-device
+    run: without dropout and augmentation the math is the same up to float reduction order."""
+    common = [*TINY, "--batchnorm", "--epochs", "1", "--limit-train", "512"]
+    results = {}
+    for name, extra in [("one", []), ("four", ["--devices", "4"])]:
+        code, out, err = run_main(capsys, "train", *common, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert results["four"]["config"]["devices"] == 4
+    assert abs(results["four"]["test_accuracy"] - results["one"]["test_accuracy"]) <= 0.01
+    for a, b in zip(model_leaves(tmp_path / "one"), model_leaves(tmp_path / "four")):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
