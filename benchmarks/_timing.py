@@ -17,7 +17,11 @@ def timeit(fn, repeats: int, warmup: int = 2) -> list[float]:
 
 def round_robin(runners: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
     """Time each runner ``repeats`` times, one call of each in turn (the order rotating), so that
-    a changing machine load (other processes) hits every contender alike; seconds per call."""
+    a changing machine load (other processes) hits every contender alike; seconds per call.
+
+    Use it for contenders that share one runtime (JAX programs): interleaving XLA with PyTorch
+    makes their spin-waiting thread pools starve each other on a small machine.
+    """
     for fn in runners.values():
         for _ in range(warmup):
             fn()

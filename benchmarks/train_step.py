@@ -6,7 +6,9 @@
    flax+optax one jitted step per call vs PyTorch eager; reported per step.
 3. First-call time (trace + compile + run) of the big MLP step, jaxdl vs flax+optax.
 
-Contenders are timed round-robin (one call of each in turn), so machine load hits them alike.
+JAX contenders are timed round-robin (one call of each in turn), so machine load hits them
+alike; PyTorch is timed in a block of its own (interleaved with XLA, the two spin-waiting thread
+pools starve each other on 2 cores).
 
     python benchmarks/train_step.py [--repeats 30]
 """
@@ -28,7 +30,7 @@ import optax
 import torch
 
 import jaxdl as dl
-from _timing import round_robin
+from _timing import round_robin, timeit
 from jaxdl import layers as L
 from jaxdl import train_step as ts
 
@@ -119,7 +121,9 @@ def bench_big(repeats):
 
     tstep = torch_step_fn(d, widths)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-    return round_robin({"jaxdl": run_jaxdl, "flax+optax": run_flax, "torch eager": lambda: tstep(xt, yt)}, repeats)
+    times = round_robin({"jaxdl": run_jaxdl, "flax+optax": run_flax}, repeats)
+    times["torch eager"] = timeit(lambda: tstep(xt, yt), repeats)  # apart: see _timing.round_robin
+    return times
 
 
 def bench_tiny(repeats, k=100):
@@ -153,7 +157,8 @@ def bench_tiny(repeats, k=100):
         for i in range(k):
             tstep(tx_[i], ty_[i])
 
-    times = round_robin({"jaxdl scan loop": run_jaxdl, "flax+optax loop": run_flax, "torch eager": run_torch}, repeats)
+    times = round_robin({"jaxdl scan loop": run_jaxdl, "flax+optax loop": run_flax}, repeats)
+    times["torch eager"] = timeit(run_torch, repeats)
     return {name: [t / k for t in ts_] for name, ts_ in times.items()}
 
 
