@@ -945,6 +945,326 @@ def _recipe():
     ]
 
 
+# ============================================================================= 4
+@notebook("gradient_noise")
+def _noise():
+    return [
+        md("""
+        # Gradient noise for very deep networks
+
+        **Question.** Neelakantan et al. (2016; seed 004) add annealed Gaussian noise to the
+        gradient, $g_t \\leftarrow g_t + N(0, \\sigma_t^2)$ with
+        $\\sigma_t^2 = \\eta / (1 + t)^{\\gamma}$, $\\gamma = 0.55$, and report (Table 1, 20-layer
+        ReLU network on MNIST, best and average test accuracy over 40 runs) that noise rescues
+        bad initializations (zero init: 11.4% → 94.5% best; simple init: 95.7% → 97.0%) and
+        does not matter with a good one (He init: 97.4% → 97.2%). Do we see the same, qualitatively?
+
+        **Setup (ours, smaller).** The 5,000 bundled MNIST digits (3,500 train / 500 validation
+        / 1,000 test), standardized and flattened; a 20-layer ReLU network, 50 units per hidden
+        layer (19 hidden layers + the output layer); plain SGD, learning rate 0.1, batch 64,
+        1,000 steps (about 18 epochs), gradient clipping at global norm 10 (the paper's
+        experiments 3-6), then the noise, then the step:
+        `dl.chain(dl.clip_by_global_norm(10), dl.add_noise(eta, 0.55, key), dl.scale_by_learning_rate(0.1))`.
+        Three initializations of the kernels (biases start at zero):
+
+        * **zero init**: every weight 0;
+        * **simple init**: $N(0, 0.1^2)$ (the paper's "simple init");
+        * **He init**: $N(0, 2/n_{in})$.
+
+        Noise levels $\\eta \\in \\{0, 0.01, 0.03, 0.1\\}$. As in the paper, $\\eta$ is picked from
+        a small set per experiment; we pick the one with the best mean *validation* accuracy and
+        report *test* accuracy. All runs of one model train in a single vmapped call
+        (`jaxdl.sweep.sweep`): the seeds vary the initialization and the noise (the optimizer
+        gets a per-run key); all runs see the same sequence of minibatches. Zero and simple
+        init share one model (`w_init=normal(1.0)`) whose kernels the sweep multiplies by a
+        traced `init_scale` of 0 or 0.1.
+        """),
+        code(SETUP),
+        code("""
+        from jaxdl import init
+        from jaxdl import train_step as ts
+        from jaxdl.sweep import grid, sweep
+
+        DEPTH, WIDTH = (6, 50) if FAST else (20, 50)
+        STEPS, BATCH, LR = (100, 64, 0.1) if FAST else (1000, 64, 0.1)
+        SEEDS = list(range(2 if FAST else 5))
+        ETAS = [0.0, 0.1] if FAST else [0.0, 0.01, 0.03, 0.1]
+
+        data = dl.data.load_dataset("mnist5k")
+        stats = dl.data.fit_standardization(data.train.x)
+        prep = lambda x: np.asarray(dl.data.standardize(x, stats)).reshape(len(x), -1)
+        x_train, y_train = prep(data.train.x), data.train.y
+        val, test = (prep(data.val.x), data.val.y), (prep(data.test.x), data.test.y)
+        idx = np.random.default_rng(0).integers(0, len(x_train), (STEPS, BATCH))
+        batches = (x_train[idx], y_train[idx])
+
+
+        def deep_net(w_init):
+            layers = []
+            for _ in range(DEPTH - 1):
+                layers += [L.Dense(WIDTH, w_init=w_init), L.Relu()]
+            return L.Sequential(*layers, L.Dense(10, w_init=w_init))
+
+
+        def make_optimizer(eta, key):
+            return dl.chain(dl.clip_by_global_norm(10.0), dl.add_noise(eta, 0.55, key=key), dl.scale_by_learning_rate(LR))
+
+
+        def run(model, hparams):
+            loss_fn = ts.supervised_loss(model)
+            t0 = time.perf_counter()
+            res = sweep(loss_fn, make_optimizer, model, (784,), batches, seeds=SEEDS, hparams=hparams, return_state=True)
+            evaluate = jax.vmap(ts.make_eval_step(loss_fn), in_axes=(0, None))
+            res["val_accuracy"] = np.asarray(evaluate(res["state"], val)["accuracy"])
+            res["test_accuracy"] = np.asarray(evaluate(res["state"], test)["accuracy"])
+            del res["state"]
+            print(f"{len(res['seed'])} runs x {STEPS} steps in {time.perf_counter() - t0:.0f} s (one compiled call)")
+            return res
+
+
+        scaled = run(deep_net(init.normal(1.0)), grid(init_scale=[0.0, 0.1], eta=ETAS))
+        he = run(deep_net(init.he_normal), {"eta": ETAS})
+        """),
+        code("""
+        # one row per (experiment, eta): accuracies over the seeds
+        rows = []
+        for exp, res, pick in (("zero init", scaled, np.asarray(scaled["init_scale"]) == 0.0),
+                               ("simple init N(0, 0.1²)", scaled, np.isclose(scaled["init_scale"], 0.1)),
+                               ("He init", he, np.ones(len(he["seed"]), bool))):
+            for eta in ETAS:
+                sel = pick & np.isclose(res["eta"], eta)
+                rows.append(dict(exp=exp, eta=eta, val=res["val_accuracy"][sel], test=res["test_accuracy"][sel],
+                                 loss=res["loss"][sel], nonfinite=int(res["nonfinite"][sel].sum())))
+
+        print(f"{'experiment':24s} {'eta':>6s}   {'val mean':>8s}   {'test best':>9s}   {'test mean':>9s}   test accuracy per seed")
+        for r in rows:
+            print(f"{r['exp']:24s} {r['eta']:6g}   {r['val'].mean():8.3f}   {r['test'].max():9.3f}   {r['test'].mean():9.3f}   "
+                  + " ".join(f"{a:.3f}" for a in r["test"]))
+        """),
+        md("""
+        ## Table 1, our version
+
+        Per experiment: no noise, and noise with the $\\eta$ of the best mean validation
+        accuracy; best and average test accuracy over the seeds.
+        """),
+        code("""
+        print(f"{'experiment':24s} {'setting':22s} {'best test':>9s} {'average test':>13s}")
+        table = {}
+        for exp in dict.fromkeys(r["exp"] for r in rows):
+            mine = [r for r in rows if r["exp"] == exp]
+            none = mine[0]
+            noisy = max(mine[1:], key=lambda r: r["val"].mean())
+            table[exp] = (none, noisy)
+            print(f"{exp:24s} {'no noise':22s} {none['test'].max():9.1%} {none['test'].mean():13.1%}")
+            label = "with noise (eta={:g})".format(noisy["eta"])
+            print(f"{'':24s} {label:22s} {noisy['test'].max():9.1%} {noisy['test'].mean():13.1%}")
+
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+        for i, (exp, (none, noisy)) in enumerate(table.items()):
+            for j, (r, label) in enumerate(((none, "no noise"), (noisy, f"noise, eta {noisy['eta']:g}"))):
+                x = 3 * i + j + np.linspace(-0.15, 0.15, len(r["test"]))
+                axes[0].plot(x, r["test"], "o", color=f"C{j}")
+                axes[0].plot([3 * i + j - 0.3, 3 * i + j + 0.3], [r["test"].mean()] * 2, color=f"C{j}")
+                w = max(STEPS // 40, 1)
+                smooth = np.convolve(np.median(r["loss"], axis=0), np.ones(w) / w, mode="valid")
+                axes[1].plot(np.arange(len(smooth)) + w, smooth, color=f"C{i}", ls="-" if j == 0 else "--",
+                             label=f"{exp}, {label}")
+        axes[0].set_xticks([3 * i + 0.5 for i in range(len(table))], list(table))
+        axes[0].set(ylabel="test accuracy", ylim=(0, 1), title="test accuracy per seed (bar: mean)")
+        axes[0].legend(handles=[plt.Line2D([], [], color=f"C{j}", marker="o", label=lab)
+                                for j, lab in enumerate(("no noise", "with noise (best eta)"))], loc="upper left")
+        axes[1].set(xlabel="step", ylabel="training loss (median over seeds, smoothed)", yscale="log", title="training loss")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        """),
+        md("""
+        **What we get.** (Numbers above; our network, data and budget are much smaller than the
+        paper's, so compare the pattern, not the percentages.)
+
+        * **Zero init, no noise: exactly 10%.** With every weight zero, every hidden
+          activation of a ReLU network is zero and so is every gradient except the output
+          bias's; the bias learns the class frequencies, and on a test set with 100 examples per
+          class any constant prediction scores 10% (the paper: 11.4% best, 10.1% average). With
+          enough noise the weights random-walk away from zero, the symmetry breaks, and the
+          network trains: the noise is the only thing that can start learning here.
+        * **Simple init $N(0, 0.1^2)$** scales the activations by about $0.1\\sqrt{50/2} = 0.5$ per
+          layer, $0.5^{19} \\approx 2\\cdot10^{-6}$ at the top: the signal, and the gradient coming
+          back, vanish, and plain SGD does not train in our budget. Noise again gets it going.
+        * **He init** trains without noise; small noise changes little, and larger noise hurts,
+          matching the paper's experiment 5 (97.4% vs 97.2% best) in spirit.
+
+        Noise is a rescue for bad initializations (and, per the paper, for hard-to-optimize
+        architectures), not a replacement for a good initialization, and $\\eta$ needs tuning:
+        the best $\\eta$ for zero init is too much for He init.
+        """),
+    ]
+
+
+# ============================================================================= 5
+@notebook("one_bit_and_data_parallel")
+def _data_parallel():
+    return [
+        md("""
+        # Data parallelism and one-bit gradients
+
+        **Question.** In data-parallel training (seed 001: "split the minibatch into chunks and
+        distribute them to GPUs") every device sends its gradient to every other at each step.
+        How much accuracy do we lose if each device sends one *bit* per gradient element
+        instead of 32 (seed 004: "one-bit gradients", Seide et al. 2014), with and without error
+        feedback, or with a majority vote of the signs (signSGD, Bernstein et al. 2018), and how
+        many bytes does it save?
+
+        **Setup.** Four fake CPU devices (`--xla_force_host_platform_device_count=4`, set in the
+        first cell, before jax is imported; they share this machine's cores, so this shows the
+        algorithms and their traffic, not a speedup). MNIST (the 5,000 bundled digits), an MLP
+        784-256-BatchNorm-ReLU-256-ReLU-10, global batch 128 (32 per device), SGD with momentum
+        0.9. The recommended data-parallel step, `make_sharded_train_step` (`jax.jit` over a
+        `jax.shard_map` on a one-axis mesh), with four ways of averaging the gradients across
+        devices:
+
+        * **fp32**: `lax.pmean` of the float32 gradients (exact);
+        * **one-bit, error feedback**: `jaxdl.parallel.onebit_allreduce(tx)`: each device sends the
+          signs of gradient + residual packed 32 to a word, and one scale per tensor; the residual
+          keeps what the quantization lost;
+        * **one-bit, no error feedback**: `mode="sign"`, the same without the residual;
+        * **majority vote**: `mode="majority_vote"`, the update is the sign of the sum of the
+          devices' signs (no scales, so it needs its own, smaller learning rate).
+
+        Every step is awaited with `jax.block_until_ready` (on a 2-core machine, un-awaited
+        collective programs can miss XLA's rendezvous).
+        """),
+        code("""
+        import os
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+        assert jax.device_count() >= 4, "restart the kernel: jax was imported before XLA_FLAGS was set"
+        """),
+        code(SETUP),
+        code("""
+        from jaxdl import parallel as par
+        from jaxdl import train_step as ts
+
+        N_DEV, GLOBAL_BATCH = 4, 128
+        STEPS = 40 if FAST else 500
+        EVAL_EVERY = 20 if FAST else 50
+        data = dl.data.load_dataset("mnist5k")
+        stats = dl.data.fit_standardization(data.train.x)
+        prep = lambda x: np.asarray(dl.data.standardize(x, stats)).reshape(len(x), -1)
+        x_train, y_train = prep(data.train.x), data.train.y
+        val, test = (prep(data.val.x), data.val.y), (prep(data.test.x), data.test.y)
+        idx = np.random.default_rng(0).integers(0, len(x_train), (STEPS, GLOBAL_BATCH))
+
+
+        def mlp(axis_name=None):
+            return L.Sequential(L.Dense(256, use_bias=False), L.BatchNorm(axis_name=axis_name), L.Relu(),
+                                L.Dense(256), L.Relu(), L.Dense(10))
+
+
+        mesh = par.data_mesh(N_DEV)  # one axis, "batch"
+        model = mlp("batch")  # BatchNorm statistics of the global batch, identical on every device
+        loss_fn = ts.supervised_loss(model)
+        evaluate = ts.make_eval_step(loss_fn)
+        tx = dl.sgd(0.05, momentum=0.9)
+        METHODS = {
+            "fp32 pmean": tx,
+            "one-bit, error feedback": par.onebit_allreduce(tx, mode="error_feedback"),
+            "one-bit, no error feedback": par.onebit_allreduce(tx, mode="sign"),
+            "majority vote (lr 1e-4)": par.onebit_allreduce(dl.sgd(1e-4, momentum=0.9), mode="majority_vote"),
+        }
+        print(f"{jax.device_count()} devices; mesh {dict(mesh.shape)}; {STEPS} steps of global batch {GLOBAL_BATCH}")
+        """),
+        md("""
+        ## Check: the data-parallel step is the single-device step
+
+        With fp32 averaging, equal shards and BatchNorm synchronized over the device axis, four
+        devices take exactly the step that one device takes on the whole global batch (up to
+        float rounding in the order of the sums).
+        """),
+        code("""
+        single = ts.make_train_step(ts.supervised_loss(mlp()), tx)
+        sharded = ts.make_sharded_train_step(loss_fn, tx, mesh)
+        s1 = ts.TrainState.create(mlp(), tx, jax.random.key(0), (784,))
+        s4 = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (784,)), mesh)
+        for k in range(5):
+            batch = (x_train[idx[k]], y_train[idx[k]])
+            s1, m1 = single(s1, batch)
+            s4, m4 = sharded(s4, par.put_batch(batch, mesh))
+            jax.block_until_ready((s1, s4))
+        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)))
+        print(f"after 5 steps: max |params(1 device) - params(4 devices)| = {diff:.2e}; losses {float(m1['loss']):.5f} vs {float(m4['loss']):.5f}")
+        assert diff < 1e-4
+        """),
+        md("""
+        ## Training with each gradient exchange
+
+        Same initialization, same batches; validation accuracy every few steps; the bytes each
+        device hands to collectives per step are read from the compiled program
+        (`jaxdl.parallel.collective_bytes`).
+        """),
+        code("""
+        runs = {}
+        for name, opt in METHODS.items():
+            step = ts.make_sharded_train_step(loss_fn, opt, mesh)
+            state = par.put_state(ts.TrainState.create(model, opt, jax.random.key(0), (784,)), mesh)
+            first = par.put_batch((x_train[idx[0]], y_train[idx[0]]), mesh)
+            nbytes = par.collective_bytes(step.lower(state, first))
+            losses, curve = [], []
+            t0 = time.perf_counter()
+            for k in range(STEPS):
+                state, metrics = step(state, par.put_batch((x_train[idx[k]], y_train[idx[k]]), mesh))
+                jax.block_until_ready((state, metrics))  # await every data-parallel step
+                losses.append(float(metrics["loss"]))
+                if (k + 1) % EVAL_EVERY == 0:
+                    curve.append((k + 1, float(evaluate(state, val)["accuracy"])))
+            seconds = time.perf_counter() - t0
+            test_acc = float(evaluate(state, test)["accuracy"])
+            runs[name] = dict(loss=np.array(losses), curve=np.array(curve), bytes=nbytes, test=test_acc, seconds=seconds)
+            print(f"{name:28s} test accuracy {test_acc:.3f}   bytes/device/step: total {nbytes['total']:>9,}"
+                  f" (all-reduce {nbytes['all-reduce']:,}, all-gather {nbytes['all-gather']:,})   {seconds:.1f} s")
+
+        n_params = sum(p.size for p in jax.tree.leaves(state.params))
+        fp32 = runs["fp32 pmean"]["bytes"]["total"]
+        print(f"\\n{n_params:,} parameters: a float32 gradient is {4 * n_params:,} bytes")
+        for name, r in runs.items():
+            print(f"  {name:28s} sends {fp32 / r['bytes']['total']:6.1f}x fewer bytes than fp32")
+        """),
+        code("""
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+        w = max(STEPS // 25, 1)
+        for name, r in runs.items():
+            smooth = np.convolve(r["loss"], np.ones(w) / w, mode="valid")
+            axes[0].plot(np.arange(len(smooth)) + w, smooth, label=name)
+            axes[1].plot(r["curve"][:, 0], r["curve"][:, 1], "o-", ms=3, label=name)
+        axes[0].set(xlabel="step", ylabel=f"training loss (moving average of {w})", yscale="log", title="training loss")
+        axes[1].set(xlabel="step", ylabel="validation accuracy", title="validation accuracy", ylim=(0.5, 1))
+        axes[0].legend(fontsize=8)
+        names = list(runs)
+        totals = [runs[n]["bytes"]["total"] for n in names]
+        bars = axes[2].barh(range(len(names)), totals, color=[f"C{i}" for i in range(len(names))])
+        axes[2].set_yticks(range(len(names)), [f"{n}\\n(test acc {runs[n]['test']:.3f})" for n in names], fontsize=8)
+        axes[2].set(xscale="log", xlabel="bytes per device per step", title="collective traffic")
+        axes[2].invert_yaxis()
+        fig.tight_layout()
+        """),
+        md("""
+        **What the plots show.** The one-bit exchanges send about 30 times fewer bytes than the
+        float32 all-reduce (one bit instead of 32 per element, plus one scale per tensor; the
+        BatchNorm statistics, the loss and the metrics are still averaged in float32, a few
+        kilobytes). With error feedback, one-bit training follows the fp32 run closely: the
+        residual carries what each step's quantization left out into the next step, so no part
+        of the gradient is lost for good (Seide et al. 2014; Karimireddy et al. 2019). Without
+        error feedback the scaled signs are a biased estimate of the gradient; here it still
+        trains, a little behind. The majority vote throws away the magnitudes altogether: every
+        parameter moves by the same step, so it needs a much smaller learning rate (with 1e-3
+        instead of 1e-4 its loss climbs after a hundred steps), and with a fixed step it keeps
+        jittering around a minimum instead of settling, which shows in its validation accuracy.
+        Its attractions are elsewhere: the vote is robust (one bad device cannot dominate it),
+        and the result is itself one bit per element, so the return traffic compresses too.
+        """),
+    ]
+
+
 # ============================================================================= build / run
 
 
