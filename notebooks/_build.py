@@ -1087,6 +1087,8 @@ def _noise():
           class any constant prediction scores 10% (the paper: 11.4% best, 10.1% average). With
           enough noise the weights random-walk away from zero, the symmetry breaks, and the
           network trains: the noise is the only thing that can start learning here.
+        * In the loss plot the two runs without noise on a bad initialization lie on top of each
+          other, flat at $\\ln 10 \\approx 2.3$.
         * **Simple init $N(0, 0.1^2)$** scales the activations by about $0.1\\sqrt{50/2} = 0.5$ per
           layer, $0.5^{19} \\approx 2\\cdot10^{-6}$ at the top: the signal, and the gradient coming
           back, vanish, and plain SGD does not train in our budget. Noise again gets it going.
