@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdl.train_step import TrainState, make_train_loop
+from jaxdl.train_step import TrainState, make_train_loop, step_key
 from jaxdl.transforms import global_norm
 
 __all__ = [
@@ -103,7 +103,7 @@ def layer_report(loss_fn, optimizer: optax.GradientTransformation, state: TrainS
     ``activations`` needs ``loss_fn`` from `supervised_loss` of a `Sequential` (else it is {}).
     Jit it for repeated use: ``jax.jit(functools.partial(layer_report, loss_fn, tx))``.
     """
-    _, key = jax.random.split(state.key)
+    key = step_key(state)
     grads, _ = jax.grad(lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(state.params)
     updates, _ = optimizer.update(grads, state.opt_state, state.params)
     report = {"grad_norms": leaf_norms(grads), "update_ratios": update_ratios(state.params, updates)}

@@ -7,9 +7,9 @@ One training step (DESIGN.md):
           -> apply_updates -> new TrainState, metrics
 
 Everything the step needs is in its arguments: the `TrainState` (a pytree) and the batch. The PRNG
-key is split every step, so dropout masks and gradient noise never repeat. A step whose loss,
-gradients or updates hold a NaN or Inf leaves params, model state and optimizer state as they
-were (seed 004: divergence is worse than a lost step) and reports ``nonfinite = 1``; the check
+key of step t is ``fold_in(state.key, t)`` (`step_key`), so dropout masks never repeat. A step
+whose loss, gradients or updates hold a NaN or Inf leaves params, model state and optimizer
+state as they were (seed 004: divergence is worse than a lost step) and reports ``nonfinite = 1``; the check
 is on the loss and the norms of the gradients and updates, so a norm beyond float32's range
 (about 1.8e38) counts as non-finite too.
 """
@@ -53,8 +53,8 @@ class TrainState(struct.PyTreeNode):
     """Everything that changes during training, as one pytree.
 
     ``step`` counts the batches seen (int32), ``params`` and ``model_state`` (e.g. BatchNorm's
-    running statistics) are the model's, ``opt_state`` the optimizer's, ``key`` the PRNG key
-    the next step splits. ``input_shape`` (one example, no batch axis) is static metadata used to
+    running statistics) are the model's, ``opt_state`` the optimizer's, ``key`` the PRNG key from
+    which step t draws ``fold_in(key, t)``. ``input_shape`` (one example, no batch axis) is static metadata used to
     check batches; it is not a leaf.
     """
 
@@ -192,9 +192,15 @@ def _step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key
     return new_state, metrics
 
 
-def _split_key(state: TrainState):
-    next_key, step_key = jax.random.split(state.key)
-    return state.replace(key=next_key), step_key
+def step_key(state: TrainState) -> jax.Array:
+    """The PRNG key of the step ``state.step``: ``fold_in(state.key, state.step)``.
+
+    A fresh key every step (dropout masks and noise never repeat), derived from the state's key
+    and the step counter, so the state's key itself never changes. It is a counter-based split:
+    XLA drops it entirely when the loss draws no random numbers, where splitting and carrying a
+    new key would cost a hash every step.
+    """
+    return jax.random.fold_in(state.key, state.step)
 
 
 def make_train_step(
@@ -218,7 +224,7 @@ def make_train_step(
     def step(state: TrainState, batch):
         _check_batch(state, batch)
         _check_state(state, loss_fn, optimizer)
-        state, key = _split_key(state)
+        key = step_key(state)
         return _step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key)
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
@@ -253,7 +259,7 @@ def make_train_loop(
     """
 
     def body(state, batch):
-        state, key = _split_key(state)
+        key = step_key(state)
         return _step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key)
 
     @jax.jit
@@ -289,7 +295,7 @@ def _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state: TrainSt
         loss, grads, aux = args
         return mean(loss), grads if exchange else jax.tree.map(mean, grads), jax.tree.map(mean, aux)
 
-    state, key = _split_key(state)
+    key = step_key(state)
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     state, metrics = _step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads)
     if exchange:  # each device saw its own local gradients
