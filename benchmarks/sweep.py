@@ -9,9 +9,12 @@ random data (the same 200 batches for every run). Contenders:
    scan-fused `make_train_loop`, lr a traced argument so it compiles once) called 16 times.
 3. PyTorch eager, sequential: 16 x (fresh model, ``torch.optim.Adam``, 200 steps).
 
-Steady-state times are medians over ``--repeats`` round-robin repeats of the whole sweep (each
-time with new learning rates, to show that the vmapped sweep does not recompile); compile time
-(first call minus a steady call) is reported apart.
+Steady-state times are medians over ``--repeats`` repeats of the whole sweep, each time with new
+learning rates (to show that the vmapped sweep does not recompile). The two JAX contenders are
+timed round-robin (one whole sweep of each in turn), so machine load hits them alike; PyTorch is
+timed in a block of its own (interleaved with XLA, the two spin-waiting thread pools starve each
+other on 2 cores; see `_timing.round_robin`). Compile time (first call minus a steady call) is
+reported apart.
 
     python benchmarks/sweep.py [--repeats 7] [--runs 16] [--steps 200]
 """
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import round_robin  # noqa: E402
+from _timing import round_robin, timeit  # noqa: E402
 
 import jaxdl as dl  # noqa: E402
 from jaxdl import layers as L  # noqa: E402
@@ -135,16 +138,15 @@ def main():
     np.testing.assert_allclose(a, b, rtol=2e-3)
     print(f"sweep vs sequential final losses: max relative difference {np.max(np.abs(a - b) / np.abs(b)):.1e}")
 
-    runners = {"vmapped sweep": run_sweep, "sequential (1 compiled scan x runs)": run_sequential,
-               "torch eager sequential": run_torch}
-
     def bump(fn):
         def wrapped():
             counter["repeat"] += 1
             fn()
         return wrapped
 
-    times = round_robin({k: bump(v) for k, v in runners.items()}, args.repeats, warmup=1)
+    times = round_robin({"vmapped sweep": bump(run_sweep),
+                         "sequential (1 compiled scan x runs)": bump(run_sequential)}, args.repeats, warmup=1)
+    times["torch eager sequential"] = timeit(bump(run_torch), args.repeats, warmup=1)
     ref = "sequential (1 compiled scan x runs)"
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n  {'contender':<38} {'median s':>9} {'min s':>8} {'max s':>8}   {'x best sequential':>17}   compile s")
