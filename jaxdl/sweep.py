@@ -204,7 +204,9 @@ def sweep(
     ``chunk_size`` vmaps that many runs at a time (``lax.map(..., batch_size=chunk_size)``) to
     bound memory; the default runs all R at once. Recompiles only when the static configuration
     (loss, ``make_optimizer`` object, model, names, R, K and batch shapes) changes, never for
-    new hyperparameter values or seeds. Run r equals the single run spelled out in the module
+    new hyperparameter values or seeds; ``loss_fn``, ``make_optimizer`` and ``model`` are
+    static, so they must be hashable (jaxdl layers and `supervised_loss` are), and a new
+    ``lambda`` per call is a new configuration: define ``make_optimizer`` once. Run r equals the single run spelled out in the module
     docstring to float rounding.
     """
     names, table = _settings(hparams)
