@@ -4,7 +4,19 @@
 optimizer state, a PRNG key, a step counter); see DESIGN.md for the public names.
 """
 
-from jaxdl import data, diagnostics, init, layers, losses, optimizers, parallel, schedules, train_step, transforms
+from jaxdl import (
+    data,
+    diagnostics,
+    init,
+    layers,
+    losses,
+    optimizers,
+    parallel,
+    schedules,
+    sweep,
+    train_step,
+    transforms,
+)
 from jaxdl.layers import (
     AvgPool,
     BatchNorm,
@@ -56,6 +68,7 @@ from jaxdl.parallel import (
     shard_batch,
     unreplicate,
 )
+from jaxdl.sweep import coarse_to_fine, grid, scale_init
 from jaxdl.train_step import (
     TrainState,
     make_eval_step,
@@ -66,6 +79,7 @@ from jaxdl.train_step import (
     supervised_loss,
 )
 
+# `dl.sweep` is the module; its function is `dl.sweep.sweep` (or `from jaxdl.sweep import sweep`).
 # `jaxdl.checkpoint` (orbax, ~1 s to import) is imported on first use: `from jaxdl import checkpoint`.
 
 __version__ = "0.1.0"

@@ -35,6 +35,7 @@ __all__ = [
     "OverfitReport",
     "lr_range_test",
     "LRRangeResult",
+    "suggest_lr",
 ]
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -177,6 +178,21 @@ def overfit_check(loss_fn, optimizer, state: TrainState, batch, steps: int = 200
     return OverfitReport(losses, final, passed, msg, state)
 
 
+def suggest_lr(lrs, losses) -> float:
+    """The rate where the 3-step smoothed loss falls fastest *before* its minimum.
+
+    A NaN/Inf loss counts as the largest loss seen (divergence never looks like progress), and
+    the smoothing pads each end with its own value (zero padding would fake a drop at the end).
+    """
+    lrs, losses = np.asarray(lrs), np.asarray(losses, np.float64)
+    finite = np.isfinite(losses)
+    vals = np.where(finite, losses, losses[finite].max() if finite.any() else 0.0)
+    smooth = np.convolve(np.pad(vals, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    lowest = int(np.argmin(smooth))
+    best = 1 + int(np.argmin(np.gradient(smooth)[1:lowest])) if lowest >= 2 else lowest
+    return float(lrs[best])
+
+
 class LRRangeResult(NamedTuple):
     lrs: np.ndarray
     losses: np.ndarray
@@ -195,7 +211,7 @@ def lr_range_test(
 
     Step k of K uses ``lr_k = min_lr (max_lr / min_lr)^(k / (K - 1))``; ``batches`` stacks the K
     batches (leading axis K). Returns the rates, the losses and a suggestion: the rate where the
-    smoothed loss falls fastest. Seed 004: too low, the loss does not go down; too high, it
+    smoothed loss falls fastest before reaching its minimum. Seed 004: too low, the loss does not go down; too high, it
     explodes. ``make_optimizer`` takes a schedule, e.g. ``lambda lr: dl.sgd(lr, momentum=0.9)``;
     the optimizer state starts fresh from ``state.params``.
     """
@@ -211,9 +227,5 @@ def lr_range_test(
     _, metrics = make_train_loop(loss_fn, tx, skip_nonfinite=False)(state, batches)
     lrs = min_lr * ratio ** (np.arange(k) / (k - 1))
     losses = np.asarray(metrics["loss"], np.float64)
-    finite = np.where(np.isfinite(losses), losses, np.nan)
-    smooth = np.convolve(np.nan_to_num(finite, nan=np.nanmax(finite) if np.isfinite(finite).any() else 0.0),
-                         np.ones(3) / 3, mode="same")
-    slope = np.gradient(smooth)
-    suggested = float(lrs[int(np.nanargmin(slope[1:-1])) + 1]) if k > 2 else float(lrs[0])
+    suggested = suggest_lr(lrs, losses)
     return LRRangeResult(lrs, losses, suggested)

@@ -122,3 +122,17 @@ def test_lr_range_test_spans_an_exponential_range_and_explodes_at_the_top():
     assert abs(result.losses[5] - result.losses[0]) < 1e-2, "at tiny rates the loss barely moves"
     assert not np.isfinite(result.losses[-1]) or result.losses[-1] > 2 * result.losses[0], "it should blow up"
     assert 1e-3 < result.suggested_lr < 1e2
+    finite = np.where(np.isfinite(result.losses), result.losses, np.inf)
+    assert result.suggested_lr <= result.lrs[int(np.argmin(finite))], "suggested a rate past the minimum"
+    i = int(np.searchsorted(result.lrs, result.suggested_lr))
+    assert result.losses[i] < result.losses[0], "the loss should still be going down there"
+
+
+def test_suggested_lr_is_the_steepest_descent_before_the_minimum_not_the_blow_up():
+    lrs = np.logspace(-4, 1, 12)
+    # Flat, then falling (steepest between 1e-2 and 3e-2), lowest near 0.1, then exploding.
+    losses = np.array([2.3, 2.3, 2.29, 2.2, 1.6, 0.9, 0.6, 0.5, 3.0, 40.0, 1e4, np.nan])
+    got = D.suggest_lr(lrs, losses)
+    assert lrs[3] <= got <= lrs[5], got
+    # A steadily falling curve has no steepest point at its end (zero-padded smoothing fakes one).
+    assert D.suggest_lr(lrs, np.linspace(3.0, 0.1, 12)) < lrs[-2]
