@@ -22,7 +22,6 @@ import numpy as np
 import optax
 
 from jaxdl.train_step import TrainState, make_train_loop, step_key
-from jaxdl.transforms import global_norm
 
 __all__ = [
     "leaf_norms",

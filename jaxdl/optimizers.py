@@ -8,7 +8,6 @@ floats, concrete arrays or traced arrays (for vmapped sweeps); ``lr`` may also b
 
 from __future__ import annotations
 
-import jax
 import optax
 
 from jaxdl import transforms as T
@@ -151,5 +150,3 @@ def apply_updates(params, updates):
     check_tree_match("apply_updates", params, updates, what="updates (against params)")
     return optax.apply_updates(params, updates)
 
-
-del jax

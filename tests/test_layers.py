@@ -11,7 +11,7 @@ import torch
 from jax import lax
 from jax.test_util import check_grads
 
-from jaxdl import init, layers as L
+from jaxdl import layers as L
 
 KEY = jax.random.key(0)
 RNG = np.random.default_rng(0)
