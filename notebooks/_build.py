@@ -711,8 +711,7 @@ def _recipe():
         lowest = lr_test.lrs[valid][np.argmin(smooth[valid])]
         print(f"lowest smoothed loss at lr = {lowest:.3g}; the loss explodes a little above it.")
         print(f"a tenth of that, {lowest / 10:.2g}, is a common safe choice; the search below starts from a wide range around both.")
-        print(f"(lr_range_test's automatic suggestion, {lr_test.suggested_lr:.3g}, lies past the divergence "
-              "here: read the curve.)")
+        print(f"lr_range_test's own suggestion, the steepest descent before the minimum: {lr_test.suggested_lr:.3g}")
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.semilogx(lr_test.lrs, lr_test.losses, lw=1, label="loss per step")
         ax.semilogx(lr_test.lrs[valid], smooth[valid], lw=2, label="moving average")
