@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdl._tree import is_key
+
 MANIFEST = "jaxdl_manifest.json"
 _FORMAT = "jaxdl-checkpoint-1"
 _ITEM = "state"  # the orbax item name inside a manager step directory
@@ -35,11 +37,6 @@ class CorruptCheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- leaves
-
-
-def _is_key(leaf) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _key_impl(leaf) -> str:
@@ -59,7 +56,7 @@ def _leaves(tree):
 
 def _spec(path: str, leaf) -> dict:
     """The manifest entry of one leaf: path, shape, dtype (and the key implementation)."""
-    if _is_key(leaf):
+    if is_key(leaf):
         return {"path": path, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
                 "key_impl": _key_impl(leaf)}
     if isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)):
@@ -71,7 +68,7 @@ def _spec(path: str, leaf) -> dict:
 
 
 def _to_savable(leaf):
-    if _is_key(leaf):
+    if is_key(leaf):
         return jax.random.key_data(leaf)
     return leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
 
@@ -83,7 +80,7 @@ def _default_sharding():
 def _abstract(leaf):
     """What orbax restores a target leaf from: jax targets become jax arrays on the target's
     sharding (or the default device), numpy and Python targets become numpy."""
-    if _is_key(leaf):
+    if is_key(leaf):
         data = jax.eval_shape(jax.random.key_data, leaf)
         sharding = (jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array)
                     else _default_sharding())
@@ -96,7 +93,7 @@ def _abstract(leaf):
 
 
 def _from_restored(value, target, spec: dict):
-    if _is_key(target):
+    if is_key(target):
         return jax.random.wrap_key_data(value, impl=spec["key_impl"])
     if isinstance(target, np.generic):
         return np.asarray(value)[()]

@@ -42,6 +42,8 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdl._tree import is_key
+
 __all__ = [
     "local_devices",
     "replicate",
@@ -62,10 +64,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- devices
-
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
 
 def _path(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
@@ -112,7 +110,7 @@ def replicate(tree, devices=None, axis_name: str = "batch"):
     sharding = NamedSharding(Mesh(np.array(devs), (axis_name,)), P(axis_name))
 
     def rep(x):
-        x = jnp.asarray(x) if not _is_key(x) else x
+        x = jnp.asarray(x) if not is_key(x) else x
         return jax.make_array_from_single_device_arrays(
             (len(devs), *x.shape), sharding, [jax.device_put(x[None], d) for d in devs])
 
@@ -226,7 +224,7 @@ def state_specs(tree, axis_name: str):
 
 def _global_array(x, sharding: NamedSharding, shape=None):
     """A global array of ``sharding`` from the host value ``x``, which every process holds."""
-    if _is_key(x):
+    if is_key(x):
         data = _global_array(jax.random.key_data(x), sharding, None if shape is None else
                              (*shape, *jax.random.key_data(x).shape[x.ndim:]))
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))

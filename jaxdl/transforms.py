@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdl._checks import check_number, check_tree_match
-from jaxdl._tree import select as select_tree
+from jaxdl._tree import is_key, select as select_tree
 
 __all__ = [
     "chain",
@@ -383,7 +383,7 @@ def sign_with_error_feedback() -> GradientTransformation:
 
 def _as_key(key: int | jax.Array) -> jax.Array:
     """A typed PRNG key from an int seed, a typed key, or a raw uint32 key."""
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if is_key(key):
         return key
     if isinstance(key, (jax.Array,)) and key.dtype == jnp.uint32:
         return jax.random.wrap_key_data(key)

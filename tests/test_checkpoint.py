@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from jaxdl import checkpoint as ckpt
+from jaxdl._tree import is_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*:UserWarning:orbax")
 
@@ -72,7 +73,7 @@ def assert_bitwise_equal(restored, expected):
     assert r_def == e_def
     for r, e in zip(r_leaves, e_leaves):
         assert type(r) is type(e) or (isinstance(r, jax.Array) and isinstance(e, jax.Array))
-        if ckpt._is_key(e):
+        if is_key(e):
             assert r.dtype == e.dtype
             r, e = jax.random.key_data(r), jax.random.key_data(e)
         r, e = np.asarray(r), np.asarray(e)
@@ -83,7 +84,7 @@ def assert_bitwise_equal(restored, expected):
 
 def zeros_like(tree):
     def zero(x):
-        if ckpt._is_key(x):
+        if is_key(x):
             return jax.random.wrap_key_data(jnp.zeros_like(jax.random.key_data(x)),
                                             impl=jax.random.key_impl(x))
         if isinstance(x, (int, float, np.generic)):
