@@ -495,7 +495,6 @@ def freeze(mask: Mask) -> GradientTransformation:
     def update(updates, state, params=None):
         del params
         m = mask(updates) if callable(mask) else mask
-        zero = lambda g: jnp.zeros_like(g)  # noqa: E731
-        return jax.tree.map(lambda f, g: jax.tree.map(zero, g) if f else g, m, updates), state
+        return jax.tree.map(lambda f, g: jax.tree.map(jnp.zeros_like, g) if f else g, m, updates), state
 
     return GradientTransformation(lambda params: optax.EmptyState(), update)
