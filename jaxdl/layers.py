@@ -355,46 +355,45 @@ class Maxout(Layer):
 
 # ----------------------------------------------------------------------------- pooling, shape
 
-def _pool_init(layer, self, input_shape):
-    h, w, c = _rank(layer, input_shape, 3, "(H, W, C)")
-    return tuple(_window_out(layer, n, k, s, self.padding)
-                 for n, k, s in zip((h, w), self.window, self.strides)) + (c,), {}, {}
-
-
-def _pool_post_init(layer, self):
-    window = _int_pair(layer, "window", self.window)
-    strides = window if self.strides is None else _int_pair(layer, "strides", self.strides)
-    _set(self, window=window, strides=strides, padding=_padding(layer, self.padding))
-
-
-def _reduce_window(x, init, op, self):
-    return lax.reduce_window(x, init, op, (1, *self.window, 1), (1, *self.strides, 1),
-                             self.padding)
-
-
 @_frozen
-class MaxPool(Layer):
-    """Max over each (window) patch of an NHWC input; ``strides`` defaults to ``window``.
-
-    Padded positions never win (they hold -inf), like flax and PyTorch.
-    """
+class _Pool(Layer):
+    """Shared by the pooling layers: NHWC windows, ``strides`` defaulting to ``window``."""
 
     window: Any
     strides: Any = None
     padding: str = "VALID"
 
     def __post_init__(self):
-        _pool_post_init("MaxPool", self)
+        name = type(self).__name__
+        window = _int_pair(name, "window", self.window)
+        strides = window if self.strides is None else _int_pair(name, "strides", self.strides)
+        _set(self, window=window, strides=strides, padding=_padding(name, self.padding))
 
     def init(self, key, input_shape):
-        return _pool_init("MaxPool", self, input_shape)
+        """Returns ``(output_shape, {}, {})``: the pooled (H', W', C)."""
+        name = type(self).__name__
+        h, w, c = _rank(name, input_shape, 3, "(H, W, C)")
+        return tuple(_window_out(name, n, k, s, self.padding)
+                     for n, k, s in zip((h, w), self.window, self.strides)) + (c,), {}, {}
 
-    def _apply(self, params, state, x, train, key):
-        return _reduce_window(x, -jnp.inf, lax.max, self), state
+    def _reduce(self, x, init, op):
+        return lax.reduce_window(x, init, op, (1, *self.window, 1), (1, *self.strides, 1),
+                                 self.padding)
 
 
 @_frozen
-class AvgPool(Layer):
+class MaxPool(_Pool):
+    """Max over each (window) patch of an NHWC input; ``strides`` defaults to ``window``.
+
+    Padded positions never win (they hold -inf), like flax and PyTorch.
+    """
+
+    def _apply(self, params, state, x, train, key):
+        return self._reduce(x, -jnp.inf, lax.max), state
+
+
+@_frozen
+class AvgPool(_Pool):
     """Mean over each (window) patch of an NHWC input; ``strides`` defaults to ``window``.
 
     With padding='SAME' the padded zeros count in the mean (divisor = window size), as flax's
@@ -402,19 +401,9 @@ class AvgPool(Layer):
     pooling.
     """
 
-    window: Any
-    strides: Any = None
-    padding: str = "VALID"
-
-    def __post_init__(self):
-        _pool_post_init("AvgPool", self)
-
-    def init(self, key, input_shape):
-        return _pool_init("AvgPool", self, input_shape)
-
     def _apply(self, params, state, x, train, key):
         size = self.window[0] * self.window[1]
-        return _reduce_window(x, 0.0, lax.add, self) / size, state
+        return self._reduce(x, 0.0, lax.add) / size, state
 
 
 @_frozen
