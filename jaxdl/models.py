@@ -1,0 +1,134 @@
+"""The two model families of ``jaxdl train``, as functions that return a `jaxdl.layers.Sequential`.
+
+The CLI, the notebooks, the doctor and the benchmarks build their classifiers here, so there is
+one definition of each:
+
+- `mlp`: ``Flatten, depth x [Dense(width), (BatchNorm), activation, (Dropout)], Dense(classes)``
+  (seed 000's fully connected network; seed 001's BatchNorm after the affine layer, whose bias
+  it makes redundant, so the bias is dropped).
+- `cnn`: for each entry of ``channels`` ``[Conv 3x3, (BatchNorm), activation, MaxPool 2]``, then
+  the mlp's layers on the flattened features.
+
+``activation`` and ``init`` accept a name (the CLI's choices: `ACTIVATIONS`, `INITS`) or the
+layer class / initializer itself. ``axis_name`` is given to every BatchNorm: data-parallel
+training needs it equal to the mesh's data axis so that statistics cover the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from jaxdl import init, layers
+from jaxdl._checks import check_number, check_positive_int
+
+__all__ = ["mlp", "cnn", "ACTIVATIONS", "INITS"]
+
+ACTIVATIONS: dict[str, type] = {
+    "relu": layers.Relu,
+    "leaky_relu": layers.LeakyRelu,
+    "elu": layers.Elu,
+    "tanh": layers.Tanh,
+    "sigmoid": layers.Sigmoid,
+    "prelu": layers.PRelu,
+}
+INITS: dict[str, Callable] = {
+    "he_normal": init.he_normal,
+    "he_uniform": init.he_uniform,
+    "xavier_normal": init.xavier_normal,
+    "xavier_uniform": init.xavier_uniform,
+    "lecun_normal": init.lecun_normal,
+    "lecun_uniform": init.lecun_uniform,
+    "orthogonal": init.orthogonal(),
+    "normal": init.normal(0.01),
+}
+
+
+def _lookup(owner: str, name: str, value: Any, table: dict) -> Any:
+    if isinstance(value, str):
+        if value not in table:
+            raise ValueError(f"{owner}: {name}={value!r} is not one of {sorted(table)}")
+        return table[value]
+    if not callable(value):
+        raise TypeError(f"{owner}: {name} must be a name in {sorted(table)} or a callable, got {value!r}")
+    return value
+
+
+def _hidden(owner, depth, width, act, w_init, batchnorm, dropout, axis_name) -> list:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"{owner}: depth={depth!r} is out of range; expected an integer >= 0")
+    check_positive_int(owner, "width", width)
+    check_number(owner, "dropout", dropout, low=0.0, high=1.0, high_open=True)
+    stack = []
+    for _ in range(depth):
+        stack.append(layers.Dense(width, w_init=w_init, use_bias=not batchnorm))
+        stack += [layers.BatchNorm(axis_name=axis_name)] if batchnorm else []
+        stack.append(act())
+        stack += [layers.Dropout(dropout)] if dropout else []
+    return stack
+
+
+def mlp(
+    num_classes: int,
+    *,
+    depth: int = 2,
+    width: int = 512,
+    activation: str | type = "relu",
+    init: str | Callable = "he_normal",
+    batchnorm: bool = False,
+    dropout: float = 0.0,
+    axis_name: str | None = None,
+) -> layers.Sequential:
+    """``Flatten, depth x [Dense(width), (BatchNorm), activation, (Dropout(dropout))], Dense(num_classes)``.
+
+    Every Dense layer's kernel is drawn from ``init`` (default He normal, seed 003:
+    ``N(0, 1) * sqrt(2 / n_in)``); with ``batchnorm`` the hidden Dense layers have no bias.
+    ``dropout`` is the drop probability after each hidden activation (0 leaves Dropout out).
+    The CLI's default MLP is ``mlp(10, dropout=0.2)``.
+    """
+    owner = "mlp"
+    check_positive_int(owner, "num_classes", num_classes)
+    act = _lookup(owner, "activation", activation, ACTIVATIONS)
+    w_init = _lookup(owner, "init", init, INITS)
+    stack = [layers.Flatten()]
+    stack += _hidden(owner, depth, width, act, w_init, batchnorm, dropout, axis_name)
+    stack.append(layers.Dense(num_classes, w_init=w_init))
+    return layers.Sequential(*stack)
+
+
+def cnn(
+    num_classes: int,
+    *,
+    channels: Sequence[int] = (32, 64),
+    depth: int = 1,
+    width: int = 128,
+    activation: str | type = "relu",
+    init: str | Callable = "he_normal",
+    batchnorm: bool = False,
+    dropout: float = 0.0,
+    conv_impl: str = "auto",
+    axis_name: str | None = None,
+) -> layers.Sequential:
+    """For each ``c`` in ``channels``: ``Conv(c, 3), (BatchNorm), activation, MaxPool(2)``; then
+    ``Flatten`` and the `mlp` head (``depth`` hidden layers of ``width``, ``Dense(num_classes)``).
+
+    Input NHWC. ``conv_impl`` is `jaxdl.layers.Conv`'s ``impl`` ('auto' picks the algorithm per
+    backend). The CLI's default CNN is ``cnn(10, depth=1, width=128, dropout=0.25)``.
+    """
+    owner = "cnn"
+    check_positive_int(owner, "num_classes", num_classes)
+    channels = tuple(channels)
+    if not channels:
+        raise ValueError(f"{owner}: channels={channels!r} is empty; expected at least one convolution")
+    for c in channels:
+        check_positive_int(owner, "channels", c)
+    act = _lookup(owner, "activation", activation, ACTIVATIONS)
+    w_init = _lookup(owner, "init", init, INITS)
+    stack = []
+    for c in channels:
+        stack.append(layers.Conv(c, 3, w_init=w_init, use_bias=not batchnorm, impl=conv_impl))
+        stack += [layers.BatchNorm(axis_name=axis_name)] if batchnorm else []
+        stack += [act(), layers.MaxPool(2)]
+    stack.append(layers.Flatten())
+    stack += _hidden(owner, depth, width, act, w_init, batchnorm, dropout, axis_name)
+    stack.append(layers.Dense(num_classes, w_init=w_init))
+    return layers.Sequential(*stack)
