@@ -18,8 +18,12 @@ __all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "apply_updat
 
 
 def _descend(owner: str, lr: ScalarOrSchedule) -> GradientTransformation:
-    """``scale_by_learning_rate(lr)``, with errors that name the optimizer the user called."""
+    """``scale_by_learning_rate(lr)``, with errors that name the optimizer the user called.
+
+    A concrete or traced ``lr`` must be a scalar (shape ()), as in ``torch.optim``.
+    """
     if not callable(lr):
+        T._check_scalar(owner, "lr", lr)
         check_number(owner, "lr", lr, low=0.0)
     return T.scale_by_learning_rate(lr)
 
@@ -95,15 +99,26 @@ def rmsprop(
     return T.chain(*parts)
 
 
-def adam(lr: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
-    """Adam (Kingma & Ba 2015; seeds 000, 004): ``chain(scale_by_adam(b1, b2, eps),
-    scale_by_learning_rate(lr))``.
+def adam(
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    mu_dtype=None,
+    nu_dtype=None,
+) -> GradientTransformation:
+    """Adam (Kingma & Ba 2015; seeds 000, 004): ``chain(scale_by_adam(b1, b2, eps, mu_dtype=...,
+    nu_dtype=...), scale_by_learning_rate(lr))``.
 
     .. math:: \\theta \\leftarrow \\theta - \\alpha_t \\hat m / (\\sqrt{\\hat v} + \\epsilon)
 
-    Equals ``torch.optim.Adam`` and ``optax.adam`` with the same hyperparameters.
+    Equals ``torch.optim.Adam`` and ``optax.adam`` with the same hyperparameters. ``mu_dtype`` /
+    ``nu_dtype`` store the moments in another dtype (e.g. ``jnp.bfloat16``; arithmetic stays in
+    float32), see `jaxdl.transforms.scale_by_adam`, which also says how complex parameters are
+    handled (as optax does; PyTorch differs).
     """
-    return T.chain(T.scale_by_adam(b1, b2, eps), _descend("adam", lr))
+    return T.chain(T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype), _descend("adam", lr))
 
 
 def adamw(
@@ -113,6 +128,9 @@ def adamw(
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
     mask: Mask | None = None,
+    *,
+    mu_dtype=None,
+    nu_dtype=None,
 ) -> GradientTransformation:
     """AdamW, Adam with decoupled weight decay (Loshchilov & Hutter 2019).
 
@@ -121,9 +139,10 @@ def adamw(
     ``chain(scale_by_adam, add_weight_decay(weight_decay, mask), scale_by_learning_rate(lr))``;
     equals ``torch.optim.AdamW`` and ``optax.adamw`` (both default ``weight_decay`` to 1e-2 too,
     PyTorch's since 2.x; optax's is 1e-4). ``mask`` limits the decay to some leaves.
+    ``mu_dtype`` / ``nu_dtype`` as in `adam`.
     """
     return T.chain(
-        T.scale_by_adam(b1, b2, eps),
+        T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         T.add_weight_decay(weight_decay, mask),
         _descend("adamw", lr),
     )

@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxdl._checks import check_number, check_tree_match
@@ -108,6 +109,66 @@ def _cast_like(tree, like):
     return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
+def _real_dtype(dtype):
+    """The real counterpart of a complex dtype (float32 for complex64); real dtypes unchanged."""
+    return jnp.finfo(dtype).dtype
+
+
+def _abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|^2 = x * conj(x)``, real (optax's ``numerics.abs_sq``); ``x * x`` for real ``x``."""
+    return (x * jnp.conj(x)).real if jnp.iscomplexobj(x) else x * x
+
+
+def _check_scalar(owner: str, name: str, value: Any) -> None:
+    """Raise ValueError unless `value` (a number, or a concrete or traced array) has shape ().
+
+    A learning rate of shape (n,) would broadcast against the last axis of every leaf and scale
+    each column by its own rate; ``torch.optim`` refuses it too. Shapes are static, so traced
+    scalars (vmapped sweeps, ``optax.inject_hyperparams``) pass and traced vectors are caught.
+    """
+    shape = np.shape(value)
+    if shape != ():
+        shown = "a traced array" if isinstance(value, jax.core.Tracer) else repr(np.asarray(value))
+        raise ValueError(
+            f"{owner}: {name}={shown} has shape {shape}; expected a scalar {name} (a number or a "
+            f"0-d array{', or a schedule' if name == 'lr' else ''})"
+        )
+
+
+def _check_real(owner: str, tree, why: str) -> None:
+    """Raise ValueError (at trace time) naming the first complex leaf of `tree`."""
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.iscomplexobj(x):
+            raise ValueError(
+                f"{owner}: leaf {jax.tree_util.keystr(path) or '<root>'} is complex ({x.dtype}); {why}"
+            )
+
+
+def _check_dtype(owner: str, name: str, dtype: Any):
+    """``dtype`` canonicalized (float64 -> float32 without x64), or None; raise unless a real float."""
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        shown = dtype.__name__ if isinstance(dtype, type) else repr(dtype)
+        raise ValueError(
+            f"{owner}: {name}={shown} is not allowed; expected None or a real floating dtype "
+            f"such as jnp.float32 or jnp.bfloat16"
+        )
+    return jax.dtypes.canonicalize_dtype(dt)
+
+
+def _map_unzip(fn, n: int, tree, *rest):
+    """``jax.tree.map`` for an ``fn`` returning ``n`` arrays per leaf: ``n`` trees like ``tree``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    others = [treedef.flatten_up_to(r) for r in rest]
+    outs = [fn(*args) for args in zip(leaves, *others)]
+    return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n))
+
+
 def _check_transform(owner: str, name: str, tx: Any) -> None:
     if not isinstance(tx, optax.GradientTransformation):
         hint = " (did you pass a constructor without calling it?)" if callable(tx) else ""
@@ -117,11 +178,14 @@ def _check_transform(owner: str, name: str, tx: Any) -> None:
 
 
 def global_norm(tree) -> jax.Array:
-    """``sqrt(sum over leaves of sum g^2)``, accumulated in float32 at least."""
+    """``sqrt(sum over leaves of sum |g|^2)``, accumulated in float32 at least.
+
+    For complex leaves ``|g|^2 = g conj(g)``, as ``optax.global_norm``.
+    """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros([], jnp.float32)
-    sq = [jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves]
+    sq = [jnp.sum(_abs_sq(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves]
     return jnp.sqrt(sum(sq))
 
 
@@ -154,10 +218,13 @@ def scale(factor: float) -> GradientTransformation:
 def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
     """``u = -lr(t) * g``: gradient *descent* with a constant or scheduled step size.
 
-    ``lr`` is a number (or array) >= 0, or a schedule ``t -> lr`` (see `jaxdl.schedules`); with a
-    schedule the state holds the step count ``t``.
+    ``lr`` is a scalar >= 0 (a number, or a 0-d array, concrete or traced as in a vmapped sweep),
+    or a schedule ``t -> lr`` (see `jaxdl.schedules`); with a schedule the state holds the step
+    count ``t``. A non-scalar ``lr`` is refused (at construction, or at trace time for a schedule's
+    output), as ``torch.optim`` does: it would silently scale each column by its own rate.
     """
     if not callable(lr):
+        _check_scalar("scale_by_learning_rate", "lr", lr)
         check_number("scale_by_learning_rate", "lr", lr, low=0.0)
 
         def update_const(updates, state, params=None):
@@ -173,6 +240,11 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
     def update(updates, state, params=None):
         del params
         step_size = -lr(state.count)
+        if jnp.shape(step_size) != ():
+            raise ValueError(
+                f"scale_by_learning_rate: the schedule returned lr of shape {jnp.shape(step_size)}; "
+                "expected a scalar"
+            )
         new = jax.tree.map(lambda g: (step_size * g).astype(g.dtype), updates)
         return new, ScheduleState(count=optax.safe_increment(state.count))
 
@@ -186,7 +258,7 @@ def momentum(decay: float = 0.9, nesterov: bool = False) -> GradientTransformati
 
     Followed by ``scale_by_learning_rate(lr)`` this is seed 001's ``v <- a v - eps g,
     theta <- theta + v`` with v rescaled by 1/eps, and exactly ``torch.optim.SGD(momentum=mu,
-    nesterov=...)`` (dampening 0). Equals ``optax.trace(decay, nesterov)``.
+    nesterov=...)`` (dampening 0). Equals ``optax.trace(decay, nesterov)``, complex leaves included.
     """
     check_number("momentum", "decay", decay, low=0.0, high=1.0, high_open=True)
     if not isinstance(nesterov, bool):
@@ -226,19 +298,25 @@ def scale_by_adagrad(eps: float = 1e-7, initial_accumulator: float = 0.0) -> Gra
     Same as ``torch.optim.Adagrad`` (whose ``eps`` also sits outside the root; its default is
     1e-10, ours is seed 001's 1e-7). optax's ``adagrad`` starts ``r`` at 0.1 and puts eps inside
     the root; ours starts at ``initial_accumulator`` = 0.
+
+    Complex parameters: ``g * g`` is ``|g|^2 = g * conj(g)``, real, and ``r`` is stored in the
+    real dtype (float32 for complex64), as in ``optax.scale_by_rss``. (``torch.optim`` instead
+    treats the real and imaginary parts as two separate parameters.)
     """
     check_number("scale_by_adagrad", "eps", eps, low=0.0, low_open=True)
     check_number("scale_by_adagrad", "initial_accumulator", initial_accumulator, low=0.0)
 
     def init(params):
         return AdagradState(
-            sum_of_squares=jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator), params)
+            sum_of_squares=jax.tree.map(
+                lambda p: jnp.full_like(p, initial_accumulator, dtype=_real_dtype(p.dtype)), params
+            )
         )
 
     def update(updates, state, params=None):
         del params
         check_tree_match("scale_by_adagrad", state.sum_of_squares, updates)
-        r = jax.tree.map(lambda g, r: (r + g * g).astype(r.dtype), updates, state.sum_of_squares)
+        r = jax.tree.map(lambda g, r: (r + _abs_sq(g)).astype(r.dtype), updates, state.sum_of_squares)
         out = jax.tree.map(lambda g, r: (g / (eps + jnp.sqrt(r))).astype(g.dtype), updates, r)
         return out, AdagradState(sum_of_squares=r)
 
@@ -252,22 +330,28 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) 
 
     ``centered`` also tracks ``m <- rho m + (1-rho) g`` and uses ``sqrt(s - m^2) + eps``
     (Graves 2013). This is ``torch.optim.RMSprop(alpha=decay)``; optax's ``scale_by_rms`` puts
-    eps inside the root (``1/sqrt(s + eps)``) and so gives different numbers.
+    eps inside the root (``1/sqrt(s + eps)``) by default; ours equals its
+    ``scale_by_rms(decay, eps, initial_scale=0, eps_in_sqrt=False)`` and, centered,
+    ``scale_by_stddev(decay, eps, eps_in_sqrt=False)``.
+
+    Complex parameters follow optax: ``g^2`` is ``|g|^2 = g * conj(g)`` (``s`` is real and stored in
+    the real dtype), ``m`` stays complex and the centered root is ``sqrt(s - |m|^2)``.
     """
     check_number("scale_by_rms", "decay", decay, low=0.0, high=1.0, high_open=True)
     check_number("scale_by_rms", "eps", eps, low=0.0, low_open=True)
 
     def init(params):
-        return RmsState(mean_square=_zeros_like(params), mean_grad=_zeros_like(params) if centered else None)
+        mean_square = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_real_dtype(p.dtype)), params)
+        return RmsState(mean_square=mean_square, mean_grad=_zeros_like(params) if centered else None)
 
     def update(updates, state, params=None):
         del params
         check_tree_match("scale_by_rms", state.mean_square, updates)
-        ema = lambda g, s, p: (decay * s + (1.0 - decay) * g**p).astype(s.dtype)  # noqa: E731
-        s = jax.tree.map(lambda g, s: ema(g, s, 2), updates, state.mean_square)
+        ema = lambda x, s: (decay * s + (1.0 - decay) * x).astype(s.dtype)  # noqa: E731
+        s = jax.tree.map(lambda g, s: ema(_abs_sq(g), s), updates, state.mean_square)
         if centered:
-            m = jax.tree.map(lambda g, m: ema(g, m, 1), updates, state.mean_grad)
-            denom = jax.tree.map(lambda s, m: jnp.sqrt(s - m * m) + eps, s, m)
+            m = jax.tree.map(ema, updates, state.mean_grad)
+            denom = jax.tree.map(lambda s, m: jnp.sqrt(s - _abs_sq(m)) + eps, s, m)
         else:
             m = None
             denom = jax.tree.map(lambda s: jnp.sqrt(s) + eps, s)
@@ -277,22 +361,47 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) 
     return GradientTransformation(init, update)
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> GradientTransformation:
     """Adam (Kingma & Ba 2015; seeds 000 and 004).
 
     .. math::
-        m \\leftarrow \\beta_1 m + (1-\\beta_1) g, \\quad v \\leftarrow \\beta_2 v + (1-\\beta_2) g^2,
+        m \\leftarrow \\beta_1 m + (1-\\beta_1) g, \\quad v \\leftarrow \\beta_2 v + (1-\\beta_2) |g|^2,
         \\quad u = \\frac{m / (1-\\beta_1^{t+1})}{\\sqrt{v / (1-\\beta_2^{t+1})} + \\epsilon}
 
-    Same numbers as ``optax.scale_by_adam`` and ``torch.optim.Adam``. The bias corrections are
-    computed in at least float32, also for bfloat16 leaves.
+    Same numbers as ``optax.scale_by_adam`` and ``torch.optim.Adam``. The state is optax's
+    ``(count, mu, nu)``.
+
+    ``mu_dtype`` / ``nu_dtype`` (e.g. ``jnp.bfloat16``) set the dtype ``m`` / ``v`` are stored in;
+    None keeps each parameter's dtype. The arithmetic runs in at least float32 whatever the
+    storage: moments are cast up when read and rounded to their dtype when written, and this
+    step's update uses the unrounded values, as ``optax.scale_by_adam(mu_dtype=...)`` does. With
+    bfloat16 moments the updates differ from a float32 run by bfloat16 rounding of the carried
+    moments (relative 2^-8 per step), and the state takes half the memory.
+
+    Complex parameters follow optax (``torch.optim.Adam`` instead treats the real and imaginary
+    parts as separate parameters): ``|g|^2 = g * conj(g)``, so ``v`` is real and stored in the
+    real dtype (float32 for complex64), while ``m`` stays complex. ``mu_dtype`` must then be None.
     """
     check_number("scale_by_adam", "b1", b1, low=0.0, high=1.0, high_open=True)
     check_number("scale_by_adam", "b2", b2, low=0.0, high=1.0, high_open=True)
     check_number("scale_by_adam", "eps", eps, low=0.0, low_open=True)
+    mu_dtype = _check_dtype("scale_by_adam", "mu_dtype", mu_dtype)
+    nu_dtype = _check_dtype("scale_by_adam", "nu_dtype", nu_dtype)
 
     def init(params):
-        return AdamState(count=_count0(), mu=_zeros_like(params), nu=_zeros_like(params))
+        if mu_dtype is not None:
+            _check_real("scale_by_adam", params, f"mu_dtype={jnp.dtype(mu_dtype).name} cannot hold a complex "
+                        "first moment; use mu_dtype=None")
+        mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
+        nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_real_dtype(p.dtype) if nu_dtype is None else nu_dtype), params)
+        return AdamState(count=_count0(), mu=mu, nu=nu)
 
     def update(updates, state, params=None):
         del params
@@ -300,22 +409,33 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.result_type(float))  # bias corrections in float32 (float64 with x64)
         bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
-        mu = jax.tree.map(lambda g, m: (b1 * m + (1.0 - b1) * g).astype(m.dtype), updates, state.mu)
-        nu = jax.tree.map(lambda g, v: (b2 * v + (1.0 - b2) * g * g).astype(v.dtype), updates, state.nu)
-        u = jax.tree.map(
-            lambda g, m, v: ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(g.dtype), updates, mu, nu
-        )
+
+        def leaf(g, m, v):
+            ct = jnp.result_type(g.dtype, m.dtype, jnp.float32)  # computed in float32 at least
+            m32 = b1 * m.astype(ct) + (1.0 - b1) * g.astype(ct)
+            v32 = b2 * v.astype(_real_dtype(ct)) + (1.0 - b2) * _abs_sq(g.astype(ct))
+            u = (m32 / bc1) / (jnp.sqrt(v32 / bc2) + eps)
+            return u.astype(g.dtype), m32.astype(m.dtype), v32.astype(v.dtype)
+
+        u, mu, nu = _map_unzip(leaf, 3, updates, state.mu, state.nu)
         return u, AdamState(count=count, mu=mu, nu=nu)
 
     return GradientTransformation(init, update)
 
 
 def clip(max_abs: float) -> GradientTransformation:
-    """Elementwise clipping (seed 004): ``u = min(g_max, max(-g_max, g))``, so ``|u| <= g_max``."""
+    """Elementwise clipping (seed 004): ``u = min(g_max, max(-g_max, g))``, so ``|u| <= g_max``.
+
+    Equals ``optax.clip(max_abs)``. Complex updates are refused (ValueError naming the leaf, at
+    trace time): complex numbers have no order, and optax's ``clip`` fails on them too; use
+    `clip_by_global_norm`, which is defined for them.
+    """
     check_number("clip", "max_abs", max_abs, low=0.0, low_open=True)
 
     def update(updates, state, params=None):
         del params
+        _check_real("clip", updates, "expected real updates (complex numbers have no order); "
+                    "use clip_by_global_norm for complex parameters")
         return jax.tree.map(lambda g: jnp.clip(g, -max_abs, max_abs).astype(g.dtype), updates), state
 
     return GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -325,7 +445,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Rescale the whole update so its norm is at most ``max_norm`` (Pascanu et al. 2013).
 
     .. math:: u = g \\cdot \\min(1, \\text{max\\_norm} / \\lVert g \\rVert_2),
-              \\quad \\lVert g \\rVert_2 = \\sqrt{\\textstyle\\sum_{\\text{leaves}} \\sum g^2}
+              \\quad \\lVert g \\rVert_2 = \\sqrt{\\textstyle\\sum_{\\text{leaves}} \\sum |g|^2}
+
+    Equals ``optax.clip_by_global_norm``, complex leaves included (``|g|^2 = g * conj(g)``).
     """
     check_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
 
@@ -343,7 +465,8 @@ def sign(scale: float = 1.0) -> GradientTransformation:
 
     .. math:: u = s \\cdot \\operatorname{sign}(g)
 
-    With ``s = 1`` equals ``optax.scale_by_sign()``. ``sign(0) = 0``.
+    With ``s = 1`` equals ``optax.scale_by_sign()``. ``sign(0) = 0``. For complex ``g`` it is
+    ``jnp.sign``'s ``g / |g|`` (the unit phase), as in optax.
     """
     check_number("sign", "scale", scale, low=0.0, low_open=True)
 
@@ -397,7 +520,9 @@ def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -
 
     The PRNG key lives in the state (an int seed or a ``jax.random.key``); each step splits it
     and draws independent noise for every leaf. For the same key the noise is identical to
-    ``optax.add_noise(eta, gamma, key)``.
+    ``optax.add_noise(eta, gamma, key)``; for complex leaves it is ``jax.random.normal``'s
+    circular complex normal (real and imaginary parts each of variance ``sigma_t^2 / 2``), as in
+    optax.
     """
     check_number("add_noise", "eta", eta, low=0.0)
     check_number("add_noise", "gamma", gamma, low=0.0)
