@@ -10,11 +10,13 @@ from jaxdl import (
     init,
     layers,
     losses,
+    models,
     optimizers,
     parallel,
     schedules,
     sweep,
     train_step,
+    trainer,
     transforms,
 )
 from jaxdl.layers import (
@@ -69,6 +71,7 @@ from jaxdl.parallel import (
     unreplicate,
 )
 from jaxdl.sweep import coarse_to_fine, grid, scale_init
+from jaxdl.trainer import FitResult, evaluate, fit
 from jaxdl.train_step import (
     TrainState,
     make_eval_step,

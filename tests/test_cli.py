@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # A tiny, fast configuration: 8x8 digits, one hidden layer (39 steps per epoch at batch 32).
 TINY = ["--dataset", "digits", "--depth", "1", "--width", "32", "--batch-size", "32", "--lr", "0.01",
         "--augment", "0", "--dropout", "0", "--quiet"]
-TIMING_FIELDS = ("epoch_time_s", "examples_per_s")
+TIMING_FIELDS = ("seconds", "examples_per_s")
 
 
 def run_main(capsys, *argv):
@@ -395,7 +395,7 @@ def bad_run_dir(tmp_path):
     (["--lr", "nan"], "argument --lr: must be 0 < value, got nan"),
     (["--epochs", "0"], "argument --epochs: must be 1 <= value, got 0"),
     (["--dropout", "1.5"], "argument --dropout: must be 0 <= value < 1, got 1.5"),
-    (["--dataset", "cifar10"], "argument --dataset: must be mnist5k, digits or mnist:DIR"),
+    (["--dataset", "cifar10"], "argument --dataset: must be mnist5k, digits, mnist:DIR or npz:PATH"),
     (["--dataset", "mnist:{tmp}/no-such-dir"], "MNIST folder not found: {tmp}/no-such-dir"),
     (["--batch-size", "5000"], "--batch-size 5000 exceeds the 3500 training examples"),
     (["--out", "{tmp}/a-file/run"], "{tmp}/a-file is not a directory"),

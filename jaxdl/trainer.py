@@ -1,0 +1,768 @@
+"""The training engine: `fit` a model to arrays, `evaluate` it. Scripts, notebooks and the
+``jaxdl`` command all train through `fit`.
+
+What one `fit` call does (docs/design.md has the path of one batch):
+
+- Each epoch's data order is a function of ``fold_in(data_key, epoch)`` (`jaxdl.data.batch_blocks`;
+  the last partial batch is dropped, as ``drop_last=True`` in PyTorch's DataLoader); the epoch's
+  ``steps = n // batch_size`` batches run as blocks of stacked batches, each block one call of the
+  scan-fused `jaxdl.train_step.make_train_loop` (with ``devices``, the sharded scan loop
+  `jaxdl.parallel.make_sharded_train_loop`). NaN/Inf steps are skipped and counted. The block
+  cuts depend on the global step alone (`chunk_bounds`), so a resumed run runs exactly the
+  blocks the uninterrupted run ran.
+- The `TrainState` is donated to the compiled loop (fit owns it), so XLA updates the
+  parameters and optimizer state in place; metrics come back to the host once per block.
+- After each epoch: validation loss and accuracy in eval mode (running statistics, no dropout),
+  one record in ``history``; early stopping (seed 000: "stop training when validation error
+  starts to rise") keeps the parameters of the epoch with the lowest validation loss.
+- With ``out_dir``: ``metrics.jsonl`` (one record per epoch), ``curves.png``, ``checkpoints/``
+  (`jaxdl.checkpoint.CheckpointManager`, sha256 manifests: every ``checkpoint_every`` steps and at
+  each epoch end, the last ``keep``), ``model/`` (the final or best ``{"params",
+  "model_state"}``), ``summary.json`` and ``fit_config.json`` (what a resumption must match); a
+  TensorBoard event file beside metrics.jsonl when ``tensorboardX`` is installed. A checkpoint
+  holds the state and the host-side bookkeeping (the epoch's running metric sums, the
+  early-stopping record), so ``resume=True`` after a kill, at any point, ends in bitwise the same
+  state and history as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdl import data
+from jaxdl._checks import check_positive_int
+from jaxdl.train_step import TrainState, check_labels, make_eval_step, make_train_loop, supervised_loss
+
+__all__ = [
+    "fit",
+    "evaluate",
+    "FitResult",
+    "AugmentedLoss",
+    "augmented_loss",
+    "run_keys",
+    "chunk_bounds",
+    "default_block_size",
+    "read_metrics",
+    "plot_curves",
+]
+
+DATA_AXIS = "batch"  # the mesh axis of devices=N; BatchNorm needs axis_name equal to it
+EVAL_BATCH = 500  # examples per evaluation call
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns.
+
+    ``state``: the final `TrainState` (with early stopping, its params and model state are those
+    of the epoch with the lowest validation loss); ``history``: one dict per epoch (see `fit`);
+    ``best_epoch``: the epoch (from 1) with the lowest validation loss, None without validation;
+    ``steps``: optimizer steps taken; ``stopped_early``; ``resumed_from_step``: the checkpoint
+    step a resumed run started from (None otherwise); ``train_time_s``: seconds spent in the
+    compiled loop over all sessions of the run.
+    """
+
+    state: TrainState
+    history: list
+    best_epoch: int | None
+    steps: int = 0
+    stopped_early: bool = False
+    resumed_from_step: int | None = None
+    train_time_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(model_key, data_key, extra_key)`` of a run: ``split(key(seed), 3)``.
+
+    `fit` initializes the model (and seeds dropout, augmentation) from ``model_key`` and orders
+    the data with ``data_key``; ``extra_key`` is free for the caller (the CLI seeds
+    `jaxdl.transforms.add_noise` with it).
+    """
+    model_key, data_key, extra_key = jax.random.split(jax.random.key(seed), 3)
+    return model_key, data_key, extra_key
+
+
+class AugmentedLoss(NamedTuple):
+    """A loss whose training batches are augmented inside the compiled step.
+
+    ``augment(key, x) -> x`` draws from the step's key (`jaxdl.train_step.step_key`), so
+    augmentation is reproducible from the `TrainState` (bitwise resume) and costs no host work.
+    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, seed 000's translation
+    augmentation) or from a callable.
+    """
+
+    inner: Any
+    augment: Callable
+
+    @property
+    def model(self):
+        """The wrapped loss's model (the train step checks states against it)."""
+        return self.inner.model
+
+    def __call__(self, params, model_state, batch, key=None, train=True):
+        """The inner loss on ``batch``, its inputs augmented in training."""
+        x, y = batch
+        if train and key is not None:
+            aug_key, key = jax.random.split(key)
+            x = self.augment(aug_key, x)
+        return self.inner(params, model_state, (x, y), key, train=train)
+
+
+class _Shift(NamedTuple):
+    max_shift: int
+
+    def __call__(self, key, x):
+        return data.random_shift(key, x, self.max_shift)
+
+
+def augmented_loss(loss_fn, augment):
+    """``loss_fn`` with its training inputs augmented (an `AugmentedLoss`), or ``loss_fn`` itself
+    when ``augment`` is None or 0. ``augment``: an int ``s``, a random translation of every image
+    by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``."""
+    if isinstance(augment, bool) or not (augment is None or callable(augment)
+                                         or isinstance(augment, (int, np.integer))):
+        raise TypeError(f"augment must be None, a max shift in pixels or augment(key, x), got {augment!r}")
+    if not augment:
+        return loss_fn
+    if not callable(augment) and augment < 0:
+        raise ValueError(f"augment={augment!r} is out of range; expected a shift >= 0 pixels")
+    return AugmentedLoss(loss_fn, augment if callable(augment) else _Shift(int(augment)))
+
+
+def default_block_size(steps_per_epoch: int, target: int = 16) -> int:
+    """A divisor of ``steps_per_epoch`` near ``target``, so that every block of an epoch has the
+    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target]."""
+    near = [d for d in range(target // 2, 2 * target + 1) if steps_per_epoch % d == 0]
+    return min(near, key=lambda d: (abs(d - target), d)) if near else min(target, steps_per_epoch)
+
+
+def chunk_bounds(
+    epoch: int, steps_per_epoch: int, block_size: int, checkpoint_every: int, start: int = 0
+) -> list[tuple[int, int]]:
+    """The ``[a, b)`` step ranges (positions within the epoch) that one scan call each runs.
+
+    The epoch is cut into segments at every global step that is a multiple of
+    ``checkpoint_every`` (where a checkpoint may be saved); each segment runs as blocks of
+    ``block_size`` steps, then single steps for what is left. So the loop compiles for two
+    lengths at most (one when ``block_size`` divides the segments), and the cuts depend on the
+    global step alone: a run resumed from a checkpoint runs exactly the blocks that the
+    uninterrupted run ran from there on.
+    """
+    first = epoch * steps_per_epoch
+    anchors = sorted(
+        {0, steps_per_epoch} | {p for p in range(steps_per_epoch) if (first + p) % checkpoint_every == 0}
+    )
+    bounds = []
+    for a, b in zip(anchors[:-1], anchors[1:]):
+        while a < b:
+            size = block_size if a + block_size <= b else 1
+            bounds.append((a, a + size))
+            a += size
+    return [(a, b) for a, b in bounds if a >= start]
+
+
+def _arrays(name: str, split) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of a `jaxdl.data.Split` or a pair of arrays, as host numpy arrays."""
+    if isinstance(split, data.Split):
+        x, y = split.x, split.y
+    elif isinstance(split, (tuple, list)) and len(split) == 2:
+        x, y = split
+    else:
+        raise TypeError(f"{name} must be (x, y) arrays or a jaxdl.data.Split, got {type(split).__name__}")
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"{name}: x and y need a leading example axis, got shapes {x.shape} and {y.shape}")
+    if len(x) != len(y):
+        raise ValueError(f"{name}: x and y must hold as many examples, got {len(x)} and {len(y)}")
+    if len(x) == 0:
+        raise ValueError(f"{name}: no examples")
+    return x, y
+
+
+def _eval_state(state: TrainState) -> TrainState:
+    return state.replace(opt_state=())
+
+
+_EVAL_STEPS: dict = {}  # loss -> compiled eval step; the last few, so evaluate() compiles once
+
+
+def _eval_step(loss_fn):
+    """The compiled eval step of ``loss_fn``, cached: an `evaluate` each epoch compiles once."""
+    try:
+        step = _EVAL_STEPS.pop(loss_fn, None) or make_eval_step(loss_fn)
+    except TypeError:  # an unhashable loss: no cache
+        return make_eval_step(loss_fn)
+    _EVAL_STEPS[loss_fn] = step
+    while len(_EVAL_STEPS) > 8:
+        _EVAL_STEPS.pop(next(iter(_EVAL_STEPS)))
+    return step
+
+
+def _evaluate_arrays(eval_step, state: TrainState, x, y, batch_size: int) -> dict:
+    """Weighted means of the eval metrics over all of ``(x, y)`` in batches of ``batch_size``."""
+    totals: dict = {}
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        metrics = jax.device_get(eval_step(state, (xb, yb)))
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + len(yb) * float(value)
+    return {name: total / len(y) for name, total in totals.items()}
+
+
+def evaluate(model, state: TrainState, data_, *, batch_size: int = EVAL_BATCH, loss_fn=None) -> dict:
+    """Loss and accuracy of ``state``'s parameters on ``data_`` in eval mode.
+
+    Eval mode: BatchNorm uses its running statistics, Dropout is off (seed 001: "at test time
+    BatchNorm ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
+    y)`` arrays or a `jaxdl.data.Split`, scored in batches of ``batch_size``; the result is the
+    mean over examples, each batch weighted by its size, so a last partial batch counts exactly
+    as much as its examples. Returns ``{"loss": ..., "accuracy": ...}`` (and any other metric the
+    loss reports; ``loss_fn`` default ``supervised_loss(model)``: softmax cross-entropy).
+    """
+    x, y = _arrays("data", data_)
+    check_positive_int("evaluate", "batch_size", batch_size)
+    loss_fn = loss_fn if loss_fn is not None else supervised_loss(model)
+    return _evaluate_arrays(_eval_step(loss_fn), _eval_state(state), x, y, batch_size)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _write_json(path: str, obj) -> None:
+    """Write JSON atomically (temp file, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The epoch records of a ``metrics.jsonl`` (none if it does not exist). A last line cut
+    short by a kill is dropped; the resumed run writes that epoch again."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return records
+
+
+def _truncate_metrics(path: str, epochs: int) -> list[dict]:
+    """Keep only the records of the first ``epochs`` epochs (a resumed run rewrites the rest)."""
+    kept = [r for r in read_metrics(path) if r["epoch"] <= epochs]
+    if os.path.exists(path):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+    return kept
+
+
+def plot_curves(records: list[dict], path: str) -> None:
+    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    whats = [w for w in ("loss", "accuracy") if records and f"train_{w}" in records[0]]
+    fig, axes = plt.subplots(1, max(len(whats), 1), figsize=(5 * max(len(whats), 1), 4), squeeze=False)
+    for ax, what in zip(axes[0], whats):
+        for split, label in (("train", "train"), ("val", "validation")):
+            if f"{split}_{what}" in records[0]:
+                ax.plot(epochs, [r[f"{split}_{what}"] for r in records], "o-", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if whats and whats[0] == "loss":
+        axes[0][0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tensorboard_writer(out_dir: str):
+    """A tensorboardX ``SummaryWriter`` into ``out_dir`` when tensorboardX is installed, else None."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(out_dir)
+
+
+# ----------------------------------------------------------------------------- the run's bookkeeping
+
+
+class Progress(NamedTuple):
+    """Host-side bookkeeping saved in every checkpoint next to the `TrainState`.
+
+    ``sums``: the current epoch's sums of the per-step metrics over its steps so far (a dict);
+    ``best_val_loss``/``best_epoch``: the lowest validation loss so far and its epoch (0: none);
+    ``train_time``: seconds spent in the compiled loop over all sessions of the run.
+    """
+
+    sums: dict
+    best_val_loss: np.ndarray
+    best_epoch: np.ndarray
+    train_time: np.ndarray
+
+
+class Run(NamedTuple):
+    """What a checkpoint holds: the `TrainState`, the `Progress` and, with early stopping, the
+    best epoch's ``{"params", "model_state"}`` (else None)."""
+
+    state: TrainState
+    progress: Progress
+    best: Any
+
+    def tree(self) -> dict:
+        """The pytree saved in a checkpoint."""
+        tree = {"state": self.state, "progress": self.progress._asdict()}
+        return tree if self.best is None else {**tree, "best": self.best}
+
+    @classmethod
+    def from_tree(cls, tree: dict) -> "Run":
+        """The inverse of `tree`."""
+        p = tree["progress"]
+        progress = Progress(
+            {k: np.asarray(v) for k, v in p["sums"].items()},
+            *(np.asarray(p[k]) for k in ("best_val_loss", "best_epoch", "train_time")),
+        )
+        return cls(tree["state"], progress, tree.get("best"))
+
+
+def _restore_latest(manager, run: Run, log) -> tuple[Run, Any]:
+    """The newest good checkpoint as a `Run` (structure of ``run``) and its step, falling back past
+    corrupt ones (each reported through ``log``); ``(run, None)`` when there is none."""
+    if manager.latest_step() is None:
+        return run, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tree = manager.restore(run.tree())  # CorruptCheckpointError (a ValueError) when none is good
+    for w in caught:
+        log(f"warning: {w.message}")
+    return Run.from_tree(tree), manager.restored_step
+
+
+def _host_copy(tree):
+    """A host (numpy) copy: what survives the donation of the device buffers it came from."""
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+_RATE_METRICS = ("grad_norm", "update_ratio")  # reported under their own name, not train_*
+
+
+def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples) -> dict:
+    """One line of metrics.jsonl / one entry of ``history``."""
+    record = {"epoch": epoch, "step": step}
+    means = {name: float(total) / steps for name, total in sums.items()}
+    for name in sorted(means, key=lambda n: (n != "loss", n)):  # loss first, then the loss's metrics
+        if name not in _RATE_METRICS and name != "nonfinite":
+            record[f"train_{name}"] = means[name]
+    record.update({f"val_{name}": (val or {})[name] for name in sorted(val or {}, key=lambda n: (n != "loss", n))})
+    if lr is not None:
+        record["lr"] = lr
+    record.update({name: means[name] for name in _RATE_METRICS if name in means})
+    if "nonfinite" in means:
+        record["nonfinite_steps"] = int(round(means["nonfinite"] * steps))
+    record["seconds"] = round(seconds, 3)
+    record["examples_per_s"] = round(examples / max(seconds, 1e-9), 1)
+    return record
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}:"]
+    for split in ("train", "val"):
+        found = [f"{what} {record[f'{split}_{what}']:.4f}" for what in ("loss", "accuracy")
+                 if f"{split}_{what}" in record]
+        if found:
+            parts.append(f"{split} " + " ".join(found).replace("accuracy", "acc") + " |")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.3g} |")
+    if "update_ratio" in record:
+        parts.append(f"update/weight {record['update_ratio']:.2e}")
+    return " ".join(parts).rstrip(" |")
+
+
+def _learning_rate(learning_rate, opt_state, step: int):
+    """The learning rate of step ``step`` for the history: ``learning_rate`` (a number or a
+    schedule) when given, else an `optax.inject_hyperparams` state's ``learning_rate``, else None."""
+    if learning_rate is not None:
+        return float(learning_rate(step) if callable(learning_rate) else learning_rate)
+    states = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.InjectHyperparamsState))
+    for s in states:
+        if isinstance(s, optax.InjectHyperparamsState) and "learning_rate" in s.hyperparams:
+            return float(np.asarray(s.hyperparams["learning_rate"]).reshape(-1)[0])
+    return None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _describe(obj) -> str:
+    """A repr without memory addresses (stable across processes), for fit_config.json."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        expected = f"an integer >= {low}" + (" or None" if allow_none else "")
+        raise ValueError(f"fit: {name}={value!r} is out of range; expected {expected}")
+
+
+def _check_classes(name: str, y: np.ndarray, out_shape) -> None:
+    """Integer labels of a classifier (outputs (C,)) must lie in [0, C)."""
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(out_shape) == 1:
+        try:
+            check_labels(y, out_shape[0])
+        except ValueError as err:
+            raise ValueError(f"fit: {name} {err} (the model outputs {out_shape[0]} classes)") from None
+
+
+def _check_out_dir(out_dir: str, resume: bool) -> None:
+    """Refuse an out_dir that is a file or that holds another run (without ``resume``)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"fit: out_dir={out_dir!r} exists and is not a directory")
+    has_run = os.path.isfile(os.path.join(out_dir, "fit_config.json"))
+    if has_run and not resume:
+        raise ValueError(f"fit: out_dir={out_dir!r} already holds a run (fit_config.json); pass "
+                         "resume=True to continue it or choose another directory")
+
+
+def _check_same_config(out_dir: str, config: dict) -> None:
+    path = os.path.join(out_dir, "fit_config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    differ = [f"{k}: {config.get(k)!r} (the run has {saved.get(k)!r})"
+              for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    if differ:
+        raise ValueError(f"fit: resume=True, but the configuration differs from {path}: "
+                         + "; ".join(differ) + ". Start a new out_dir or pass what the run used.")
+
+
+def _make_loop(loss_fn, optimizer, devices):
+    """``(loop, place_state, block_sharding)``: the donated scan loop over a block of stacked
+    batches, how to place a (fresh or restored) state, and where a block goes (None: default
+    device). With ``devices`` the loop is the sharded scan loop over a `data_mesh` of them."""
+    if not devices:
+        loop = jax.jit(make_train_loop(loss_fn, optimizer, skip_nonfinite=True), donate_argnums=(0,))
+        return loop, (lambda s: s), None
+    from jaxdl import parallel
+
+    mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
+    loop = parallel.make_sharded_train_loop(loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True)
+    block_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
+    return loop, (lambda s: parallel.put_state(s, mesh)), block_sharding
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(
+    model,
+    optimizer: optax.GradientTransformation,
+    train,
+    *,
+    epochs: int,
+    batch_size: int,
+    validation=None,
+    seed: int = 0,
+    loss_fn=None,
+    augment=None,
+    early_stopping: int | None = None,
+    out_dir: str | None = None,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+    keep: int = 3,
+    devices: int | None = None,
+    progress: bool = True,
+    block_size: int | None = None,
+    learning_rate=None,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
+
+    Minibatch SGD (seed 001): each epoch visits the ``n // batch_size`` batches of a fresh random
+    order (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer
+    step each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
+    gradient or update is skipped and counted (``nonfinite_steps``).
+
+    - ``model``: a jaxdl layer (e.g. `jaxdl.models.mlp`, `jaxdl.layers.Sequential`) or
+      `jaxdl.layers.from_flax`; ``optimizer``: any jaxdl or optax ``GradientTransformation``.
+    - ``train``, ``validation``: ``(x, y)`` arrays (numpy or jax) or `jaxdl.data.Split`.
+    - ``loss_fn``: default ``supervised_loss(model)`` (softmax cross-entropy, reports accuracy).
+    - ``augment``: an int ``s`` (random translation by up to ``s`` pixels, zero fill; images
+      NHWC) or ``augment(key, x) -> x``, applied to training batches inside the compiled step.
+    - ``early_stopping``: patience in epochs: stop after that many epochs without a lower
+      validation loss and return the best epoch's parameters (needs ``validation``).
+    - ``out_dir``/``resume``/``checkpoint_every`` (steps; default every epoch)/``keep``: see the
+      module docstring. ``resume=True`` with an ``out_dir`` that holds no checkpoint starts from
+      the beginning; one that holds a run of another configuration is refused.
+    - ``devices``: train data-parallel over that many local devices with the sharded scan loop;
+      ``batch_size`` must be divisible by it and the model's BatchNorm layers need
+      ``axis_name="batch"`` (`jaxdl.models.mlp(..., axis_name="batch")`). Same result as one
+      device up to float reduction order.
+    - ``progress``: a `tqdm.auto` bar (a widget in notebooks) and one line per epoch on stderr;
+      False prints nothing. ``log``: where messages go (resumption, skipped corrupt checkpoints);
+      default: stderr when ``progress``, else nowhere.
+    - ``block_size``: steps per compiled scan call (default: a divisor of the steps per epoch
+      near 16); ``learning_rate``: the number or schedule to report as ``lr`` in the history
+      (default: read from an `optax.inject_hyperparams` state, else not reported).
+
+    ``history`` entries: ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``val_loss``,
+    ``val_accuracy`` (with validation), ``lr``, ``update_ratio`` (mean over the epoch's steps of
+    ||update|| / ||params||; seed 004 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
+    ``seconds``, ``examples_per_s``. Bad arguments are refused with a ValueError or TypeError
+    naming the argument and the value before anything is trained or written.
+    """
+    x, y = _arrays("train", train)
+    val = _arrays("validation", validation) if validation is not None else None
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"fit: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    _check_int("epochs", epochs, 1)
+    _check_int("batch_size", batch_size, 1)
+    if batch_size > len(y):
+        raise ValueError(f"fit: batch_size={batch_size} exceeds the {len(y)} training examples")
+    _check_int("early_stopping", early_stopping, 1, allow_none=True)
+    _check_int("checkpoint_every", checkpoint_every, 1, allow_none=True)
+    _check_int("keep", keep, 1)
+    _check_int("block_size", block_size, 1, allow_none=True)
+    _check_int("devices", devices, 1, allow_none=True)
+    _check_int("seed", seed, 0)
+    if early_stopping and val is None:
+        raise ValueError(f"fit: early_stopping={early_stopping} needs validation data")
+    if val is not None and (val[0].shape[1:] != x.shape[1:] or val[1].shape[1:] != y.shape[1:]):
+        raise ValueError(f"fit: validation examples have shape x {val[0].shape[1:]}, y {val[1].shape[1:]}, "
+                         f"but training examples x {x.shape[1:]}, y {y.shape[1:]}")
+    if devices:
+        if devices > jax.local_device_count():
+            raise ValueError(f"fit: devices={devices}, but only {jax.local_device_count()} local devices "
+                             f"exist ({jax.default_backend()}); on a CPU set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={devices} before jax is imported")
+        if batch_size % devices:
+            raise ValueError(f"fit: batch_size={batch_size} is not divisible by devices={devices}")
+    if (resume or checkpoint_every) and out_dir is None:
+        raise ValueError("fit: resume and checkpoint_every need out_dir")
+    try:
+        loss_fn = augmented_loss(loss_fn if loss_fn is not None else supervised_loss(model), augment)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"fit: {err}") from None
+    if isinstance(augment, (int, np.integer)) and augment and x.ndim != 4:
+        raise ValueError(f"fit: augment={augment} shifts images (N, H, W, C), but x has shape {x.shape}")
+    if out_dir is not None:
+        _check_out_dir(out_dir, resume)
+
+    model_key, data_key, _ = run_keys(seed)
+    input_shape = x.shape[1:]
+    state = TrainState.create(model, optimizer, model_key, input_shape)
+    out = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb)[0], state.params, state.model_state,
+                         jax.ShapeDtypeStruct((1, *input_shape), x.dtype))
+    _check_classes("train", y, out.shape[1:])
+    if val is not None:
+        _check_classes("validation", val[1], out.shape[1:])
+
+    steps_per_epoch = len(y) // batch_size
+    block_size = block_size or default_block_size(steps_per_epoch)
+    checkpoint_every = checkpoint_every or steps_per_epoch
+    config = {
+        "model": _describe(model), "loss_fn": _describe(loss_fn),
+        "optimizer_state": _describe(jax.tree.map(lambda a: (a.shape, a.dtype.name),
+                                                  jax.eval_shape(optimizer.init, state.params))),
+        "train": _digest(x, y), "validation": None if val is None else _digest(*val),
+        "epochs": epochs, "batch_size": batch_size, "seed": seed, "early_stopping": early_stopping,
+        "checkpoint_every": checkpoint_every, "keep": keep, "block_size": block_size, "devices": devices,
+    }
+    if out_dir is not None and resume and os.path.isfile(os.path.join(out_dir, "fit_config.json")):
+        _check_same_config(out_dir, config)
+    if log is None:
+        log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
+
+    engine = _Engine(loss_fn, optimizer, x, y, val, epochs, batch_size, steps_per_epoch, block_size,
+                     checkpoint_every, early_stopping, data_key, devices, learning_rate, progress, log)
+    if out_dir is None:
+        return engine.run(state, None)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(os.path.join(out_dir, "fit_config.json"), config)
+    from jaxdl.checkpoint import CheckpointManager, save_checkpoint
+
+    with CheckpointManager(os.path.join(out_dir, "checkpoints"), max_to_keep=keep,
+                           save_interval_steps=checkpoint_every) as manager:
+        result = engine.run(state, _Outputs(out_dir, manager))
+    best = {"params": result.state.params, "model_state": result.state.model_state}
+    save_checkpoint(os.path.join(out_dir, "model"), best, overwrite=True)
+    plot_curves(result.history, os.path.join(out_dir, "curves.png"))
+    summary = {"steps": result.steps, "epochs_completed": len(result.history),
+               "stopped_early": result.stopped_early, "best_epoch": result.best_epoch,
+               "resumed_from_step": result.resumed_from_step, "train_time_s": result.train_time_s,
+               "final": result.history[-1] if result.history else None}
+    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    return result
+
+
+class _Outputs(NamedTuple):
+    out_dir: str
+    manager: Any
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.out_dir, "metrics.jsonl")
+
+
+class _Engine(NamedTuple):
+    """The epoch loop of `fit`, with everything fixed before it starts."""
+
+    loss_fn: Any
+    optimizer: Any
+    x: np.ndarray
+    y: np.ndarray
+    val: Any
+    epochs: int
+    batch_size: int
+    steps_per_epoch: int
+    block_size: int
+    checkpoint_every: int
+    early_stopping: int | None
+    data_key: jax.Array
+    devices: int | None
+    learning_rate: Any
+    progress: bool
+    log: Callable
+
+    def _stop(self, completed_epochs: int, progress: Progress) -> bool:
+        patience = self.early_stopping
+        return bool(patience) and completed_epochs - int(progress.best_epoch) >= patience
+
+    def run(self, state: TrainState, outputs: _Outputs | None) -> FitResult:
+        from tqdm.auto import tqdm
+
+        S, E, bs = self.steps_per_epoch, self.epochs, self.batch_size
+        loop, place, block_sharding = _make_loop(self.loss_fn, self.optimizer, self.devices)
+        eval_step = _eval_step(self.loss_fn)
+        best = _host_copy({"params": state.params, "model_state": state.model_state}) if self.early_stopping else None
+        fresh = Progress({}, np.array(np.inf), np.array(0, np.int64), np.array(0.0))
+        run, resumed, history = Run(state, fresh, best), None, []
+        if outputs is not None:
+            sums_like = jax.eval_shape(loop, state, self._block(0, 0, 1))[1]
+            fresh = fresh._replace(sums={k: np.zeros((), np.float64) for k in sums_like})
+            run, resumed = _restore_latest(outputs.manager, run._replace(progress=fresh), self.log)
+            step = int(run.state.step)
+            if resumed is not None:
+                self.log(f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})")
+            history = _truncate_metrics(outputs.metrics_path, step // S)
+        writer = _tensorboard_writer(outputs.out_dir) if outputs is not None else None
+        run = run._replace(state=place(run.state))
+        step = int(run.state.step)
+        stop = step % S == 0 and self._stop(step // S, run.progress)
+        bar = tqdm(total=E * S, initial=step, unit="step", disable=not self.progress, dynamic_ncols=True,
+                   file=sys.stderr, leave=False)
+        try:
+            while step < E * S and not stop:
+                epoch, start = divmod(step, S)
+                t_epoch = time.perf_counter()
+                bounds = chunk_bounds(epoch, S, self.block_size, self.checkpoint_every, start)
+                blocks = (self._block(epoch, a, b) for a, b in bounds)
+                for batches in data.prefetch_to_device(blocks, device=block_sharding):
+                    run, k, seconds = self._train_block(loop, run, batches)
+                    step += k
+                    bar.update(k)
+                    if self.progress:
+                        mean = {n: float(v) / (step - epoch * S) for n, v in run.progress.sums.items()}
+                        shown = " ".join(f"{n[:3] if n == 'accuracy' else n} {mean[n]:.4f}"
+                                         for n in ("loss", "accuracy") if n in mean)
+                        bar.set_postfix_str(f"epoch {epoch + 1}/{E} {shown} {k * bs / seconds:.0f} ex/s")
+                    if outputs is not None and step % S:
+                        outputs.manager.save(step, run.tree())  # saves when step % checkpoint_every == 0
+                val = None
+                if self.val is not None:
+                    val = _evaluate_arrays(eval_step, _eval_state(run.state), *self.val, EVAL_BATCH)
+                lr = _learning_rate(self.learning_rate, run.state.opt_state, step - 1)
+                record = _epoch_record(epoch + 1, step, run.progress.sums, S, val, lr,
+                                       time.perf_counter() - t_epoch, (step - epoch * S - start) * bs)
+                history.append(record)
+                if outputs is not None:
+                    with open(outputs.metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for name, value in record.items():
+                        if name not in ("epoch", "step"):
+                            writer.add_scalar(name, value, step)
+                    writer.flush()
+                if self.progress:
+                    bar.write(_epoch_line(record, E), file=sys.stderr)
+                run = self._end_epoch(run, epoch + 1, None if val is None else val["loss"])
+                stop = self._stop(epoch + 1, run.progress)
+                if outputs is not None:
+                    outputs.manager.save(step, run.tree())
+            if outputs is not None:
+                outputs.manager.save(step, run.tree(), force=True)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        final = run.state
+        if run.best is not None:
+            final = final.replace(params=jax.tree.map(jnp.asarray, run.best["params"]),
+                                  model_state=jax.tree.map(jnp.asarray, run.best["model_state"]))
+        best_epoch = int(run.progress.best_epoch) if self.val is not None and history else None
+        return FitResult(final, history, best_epoch, step, bool(stop) and step < E * S, resumed,
+                         round(float(run.progress.train_time), 3))
+
+    def _block(self, epoch: int, a: int, b: int):
+        """Batches ``a..b-1`` of epoch ``epoch``, stacked: ``(x[K, B, ...], y[K, B, ...])``."""
+        order = data.epoch_permutation(len(self.y), self.data_key, epoch)
+        idx = order[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)[a:b]
+        return self.x[idx], self.y[idx]
+
+    def _train_block(self, loop, run: Run, batches) -> tuple[Run, int, float]:
+        t0 = time.perf_counter()
+        state, metrics = loop(run.state, batches)
+        metrics = jax.device_get(metrics)
+        seconds = time.perf_counter() - t0
+        sums = dict(run.progress.sums)
+        for name, values in metrics.items():
+            sums[name] = sums.get(name, np.zeros((), np.float64)) + np.sum(values, dtype=np.float64)
+        progress = run.progress._replace(sums=sums, train_time=run.progress.train_time + seconds)
+        return Run(state, progress, run.best), len(metrics["loss"]), seconds
+
+    def _end_epoch(self, run: Run, epoch: int, val_loss) -> Run:
+        """Reset the epoch sums and update the best-epoch record (lower validation loss wins)."""
+        sums = {name: np.zeros((), np.float64) for name in run.progress.sums}
+        progress, best = run.progress._replace(sums=sums), run.best
+        if val_loss is not None and val_loss < progress.best_val_loss:
+            progress = progress._replace(best_val_loss=np.array(val_loss), best_epoch=np.array(epoch, np.int64))
+            if best is not None:
+                best = _host_copy({"params": run.state.params, "model_state": run.state.model_state})
+        return Run(run.state, progress, best)
