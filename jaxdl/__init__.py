@@ -63,6 +63,9 @@ from jaxdl.transforms import (
 from jaxdl.parallel import (
     collective_bytes,
     data_mesh,
+    make_pmap_train_step,
+    make_sharded_train_loop,
+    make_sharded_train_step,
     onebit_allreduce,
     put_batch,
     put_state,
@@ -75,8 +78,6 @@ from jaxdl.trainer import FitResult, evaluate, fit
 from jaxdl.train_step import (
     TrainState,
     make_eval_step,
-    make_pmap_train_step,
-    make_sharded_train_step,
     make_train_loop,
     make_train_step,
     supervised_loss,

@@ -81,7 +81,7 @@ def test_asking_for_more_devices_than_exist_is_an_error():
         with pytest.raises(ValueError, match=r"asked for 8 devices, but only 4 exist"):
             make(8)
     with pytest.raises(ValueError, match=r"asked for 8 devices, but only 4 exist"):
-        ts.make_pmap_train_step(ts.supervised_loss(_mlp()), dl.sgd(0.1), devices=8)
+        par.make_pmap_train_step(ts.supervised_loss(_mlp()), dl.sgd(0.1), devices=8)
     assert len(par.local_devices(2)) == 2 and par.data_mesh(2).shape == {"batch": 2}
 
 
@@ -97,8 +97,8 @@ def test_pmap_and_sharded_steps_match_single_device_steps_on_the_global_batch(ma
     ref_step = ts.make_train_step(ts.supervised_loss(_mlp(None)), tx)
     mesh = par.data_mesh()
     loss_fn = ts.supervised_loss(_mlp("batch"))
-    pmap_step = ts.make_pmap_train_step(loss_fn, tx)
-    sharded_step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+    pmap_step = par.make_pmap_train_step(loss_fn, tx)
+    sharded_step = par.make_sharded_train_step(loss_fn, tx, mesh)
     pmapped, sharded = par.replicate(reference), par.put_state(reference, mesh)
     for i in range(steps):
         reference, m_ref = ref_step(reference, (x[i], y[i]))
@@ -142,7 +142,7 @@ def test_step_key_is_folded_with_the_device_index_and_the_state_key_stays_replic
     batch = np.zeros((D * 2, 3), np.float32)
     mesh = par.data_mesh()
 
-    pmap_step = ts.make_pmap_train_step(loss_fn, tx)
+    pmap_step = par.make_pmap_train_step(loss_fn, tx)
     new, _ = _run(pmap_step, par.replicate(state), par.shard_batch(batch, D))
     keys = np.asarray(jax.random.key_data(new.key))
     np.testing.assert_array_equal(keys, np.broadcast_to(jax.random.key_data(next_key), keys.shape))
@@ -150,7 +150,7 @@ def test_step_key_is_folded_with_the_device_index_and_the_state_key_stays_replic
     _run(pmap_step, new, par.shard_batch(batch, D))  # the state pmap returned: no new trace
     assert len(traces) == 1
 
-    sharded_step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+    sharded_step = par.make_sharded_train_step(loss_fn, tx, mesh)
     new, _ = _run(sharded_step, par.put_state(state, mesh), par.put_batch(batch, mesh))
     np.testing.assert_array_equal(jax.random.key_data(new.key), jax.random.key_data(next_key))
     np.testing.assert_allclose(new.params["w"], -draws.mean(0), rtol=1e-6)
@@ -164,7 +164,7 @@ def test_pmap_step_refuses_an_unreplicated_state_or_unsplit_batch_naming_the_lea
     model = _mlp()
     tx = dl.sgd(0.1)
     state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
-    step = ts.make_pmap_train_step(ts.supervised_loss(model), tx)
+    step = par.make_pmap_train_step(ts.supervised_loss(model), tx)
     x, y = _data(1)
     with pytest.raises(ValueError, match=r"state leaf \.step has shape \(\).*leading device axis of 4"
                                          r".*replicate"):
@@ -186,9 +186,9 @@ def test_a_batchnorm_that_does_not_sync_over_the_data_axis_is_refused(axis_name)
     mesh = par.data_mesh()
     match = r"diverge across replicas.*axis_name='batch'" if axis_name is None else r"axis_name='batch'"
     with pytest.raises(ValueError, match=match):
-        ts.make_pmap_train_step(loss_fn, tx)(par.replicate(state), par.shard_batch((x[0], y[0]), D))
+        par.make_pmap_train_step(loss_fn, tx)(par.replicate(state), par.shard_batch((x[0], y[0]), D))
     with pytest.raises(ValueError, match=match):
-        ts.make_sharded_train_step(loss_fn, tx, mesh)(par.put_state(state, mesh),
+        par.make_sharded_train_step(loss_fn, tx, mesh)(par.put_state(state, mesh),
                                                      par.put_batch((x[0], y[0]), mesh))
 
 
@@ -197,7 +197,7 @@ def test_sharded_step_refuses_uneven_batches_and_unplaced_per_device_state():
     mesh = par.data_mesh()
     tx = par.onebit_allreduce(dl.sgd(0.1))
     state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
-    step = ts.make_sharded_train_step(ts.supervised_loss(model), tx, mesh)
+    step = par.make_sharded_train_step(ts.supervised_loss(model), tx, mesh)
     x, y = _data(1, n=30)
     with pytest.raises(ValueError, match=r"30 examples does not split evenly over 4 devices"):
         step(par.put_state(state, mesh), (x[0], y[0]))
@@ -206,7 +206,7 @@ def test_sharded_step_refuses_uneven_batches_and_unplaced_per_device_state():
                                          r"\['beta'\] has shape \(1, 32\).*put_state"):
         step(state, (x[0], y[0]))
     with pytest.raises(ValueError, match="exchanges gradients over axis_name='data'"):
-        ts.make_sharded_train_step(ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh)
+        par.make_sharded_train_step(ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh)
     with pytest.raises(ValueError, match="mode="):
         par.onebit_allreduce(dl.sgd(0.1), mode="two_bit")
 
@@ -261,7 +261,7 @@ def test_onebit_step_applies_the_decoded_mean_and_keeps_the_residual_per_device(
     loss_fn = ts.supervised_loss(model)
     mesh = par.data_mesh()
     state = ts.TrainState.create(model, tx, jax.random.key(2), (8,))
-    step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+    step = par.make_sharded_train_step(loss_fn, tx, mesh)
     sharded = par.put_state(state, mesh)
     x, y = _data(2)
     residual = [np.zeros((D, *np.shape(p))) for p in jax.tree.leaves(state.params)]
@@ -307,12 +307,12 @@ def test_onebit_nonfinite_gradient_on_one_device_skips_the_step_on_every_device(
     batch = np.ones((D * 2, 3), np.float32)
     batch[0, 1] = 0.0  # device 0's shard
     pstate = par.replicate(state)
-    new, metrics = _run(ts.make_pmap_train_step(loss_fn, tx), pstate, par.shard_batch(batch, D))
+    new, metrics = _run(par.make_pmap_train_step(loss_fn, tx), pstate, par.shard_batch(batch, D))
     assert np.all(np.isfinite(metrics["loss"]))
     np.testing.assert_array_equal(metrics["nonfinite"], np.ones(D))
     np.testing.assert_array_equal(new.params["w"], pstate.params["w"])
     batch[0, 1] = 1.0
-    new, metrics = _run(ts.make_pmap_train_step(loss_fn, tx), pstate, par.shard_batch(batch, D))
+    new, metrics = _run(par.make_pmap_train_step(loss_fn, tx), pstate, par.shard_batch(batch, D))
     np.testing.assert_array_equal(metrics["nonfinite"], np.zeros(D))
     np.testing.assert_allclose(new.params["w"], np.full((D, 3), 0.9), rtol=1e-6)
 
@@ -333,7 +333,7 @@ def test_onebit_error_feedback_trains_mnist5k_to_within_half_a_point_of_full_pre
 
     def train(tx, epochs=10):
         state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (784,)), mesh)
-        step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+        step = par.make_sharded_train_step(loss_fn, tx, mesh)
         for epoch in range(epochs):
             for batch in dl.data.batches(x, y, 128, jax.random.key(1), epoch):
                 state, _ = _run(step, state, par.put_batch(batch, mesh))
@@ -393,7 +393,7 @@ def test_onebit_step_exchanges_at_most_a_thirtieth_of_the_fp32_all_reduce_bytes(
     total = {}
     for name, tx in (("fp32", dl.sgd(0.1)), ("onebit", par.onebit_allreduce(dl.sgd(0.1)))):
         state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (784,)), mesh)
-        step = ts.make_sharded_train_step(loss_fn, tx, mesh)
+        step = par.make_sharded_train_step(loss_fn, tx, mesh)
         _run(step, state, batch)
         total[name] = par.collective_bytes(step.lower(state, batch))
         if name == "fp32":
@@ -404,3 +404,176 @@ def test_onebit_step_exchanges_at_most_a_thirtieth_of_the_fp32_all_reduce_bytes(
     leaves = jax.tree.leaves(state.params)
     assert total["onebit"]["all-gather"] == sum(4 * -(-p.size // 32) for p in leaves) + 4 * (len(leaves) + 1)
     assert total["onebit"]["total"] * 30 <= total["fp32"]["total"]
+
+
+# ----------------------------------------------------------------------------- placement
+
+def test_shard_batch_defaults_to_the_local_device_count_like_flax_common_utils_shard():
+    from flax.training.common_utils import shard
+
+    assert jax.local_device_count() == D
+    batch = {"x": np.arange(48.0).reshape(8, 6), "y": np.arange(8)}
+    got = par.shard_batch(batch)
+    assert got["x"].shape == (D, 2, 6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(shard(batch))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"6 examples does not split evenly over 4 devices"):
+        par.shard_batch(np.zeros((6, 2)))
+
+
+def test_put_batch_along_axis_1_shards_each_stacked_batch_over_the_devices():
+    mesh = par.data_mesh()
+    x, y = np.arange(3 * 8 * 2.0).reshape(3, 8, 2), np.arange(24).reshape(3, 8)
+    xb, yb = par.put_batch((x, y), mesh, batch_axis=1)
+    assert xb.shape == (3, 8, 2) and xb.sharding.spec == P(None, "batch")
+    for shard in xb.addressable_shards:
+        d = mesh.devices.tolist().index(shard.device)
+        np.testing.assert_array_equal(shard.data, x[:, 2 * d:2 * (d + 1)])
+    np.testing.assert_array_equal(yb, y)
+    with pytest.raises(ValueError, match=r"10 examples does not split evenly over 4 devices"):
+        par.put_batch(np.zeros((3, 10)), mesh, batch_axis=1)
+    with pytest.raises(ValueError, match=r"disagree on the number of stacked batches: \[0\] has 3, \[1\] has 2"):
+        par.put_batch((np.zeros((3, 8)), np.zeros((2, 8))), mesh, batch_axis=1)
+    with pytest.raises(ValueError, match=r"batch leaf \[1\] has shape \(8,\); every leaf needs axes \(K"):
+        par.put_batch((np.zeros((3, 8)), np.zeros(8)), mesh, batch_axis=1)
+    with pytest.raises(ValueError, match=r"batch_axis=2; expected 0 .* or 1"):
+        par.put_batch(x, mesh, batch_axis=2)
+
+
+@pytest.mark.parametrize("batch_axis", [0, 1])
+def test_put_batch_moves_a_device_array_without_a_round_trip_through_the_host(batch_axis):
+    mesh = par.data_mesh()
+    host = np.random.default_rng(0).normal(size=(2, 8, 3)).astype(np.float32)
+    host = host[0] if batch_axis == 0 else host
+    prefetched = jax.device_put(host, jax.devices()[0])  # e.g. from a prefetch queue
+    # The old put_batch called np.asarray on it: a device-to-host copy, which this guard refuses.
+    with jax.transfer_guard_device_to_host("disallow"):
+        placed = par.put_batch(prefetched, mesh, batch_axis=batch_axis)
+        jax.block_until_ready(placed)
+    assert placed.sharding.spec == P(*[None] * batch_axis, "batch")
+    np.testing.assert_array_equal(placed, host)
+
+
+# ----------------------------------------------------------------------------- scan-fused sharded loop
+
+@pytest.mark.parametrize("make_tx", [lambda: dl.adam(1e-2), lambda: dl.sgd(0.1, momentum=0.9)],
+                         ids=["adam", "sgd_momentum"])
+def test_sharded_loop_equals_sharded_steps_and_single_device_steps_on_the_global_batches(make_tx):
+    tx, steps = make_tx(), 4
+    x, y = _data(steps)
+    reference = ts.TrainState.create(_mlp(None), tx, jax.random.key(1), (8,))
+    ref_step = ts.make_train_step(ts.supervised_loss(_mlp(None)), tx)
+    mesh = par.data_mesh()
+    loss_fn = ts.supervised_loss(_mlp("batch"))
+    sharded_step = par.make_sharded_train_step(loss_fn, tx, mesh)
+    loop = par.make_sharded_train_loop(loss_fn, tx, mesh)
+    sharded = par.put_state(reference, mesh)
+    looped, m_loop = _run(loop, sharded, par.put_batch((x, y), mesh, batch_axis=1))
+    ref_metrics = []
+    for i in range(steps):
+        reference, m_ref = ref_step(reference, (x[i], y[i]))
+        sharded, m_step = _run(sharded_step, sharded, par.put_batch((x[i], y[i]), mesh))
+        ref_metrics.append(m_ref)
+        for name in ("loss", "grad_norm", "update_ratio", "accuracy"):
+            np.testing.assert_allclose(m_loop[name][i], m_step[name], rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(m_loop[name][i], m_ref[name], rtol=1e-5, err_msg=name)
+
+    assert m_loop["loss"].shape == (steps,) and m_loop["loss"].sharding.is_fully_replicated
+    assert not np.allclose(m_loop["loss"][0], m_loop["loss"][-1])  # the steps really differ
+    assert int(looped.step) == steps
+    assert not np.allclose(reference.model_state["batchnorm_1"]["mean"], 0.0)
+    for other in (sharded, reference):
+        a_leaves = jax.tree.leaves((looped.params, looped.model_state, looped.opt_state))
+        b_leaves = jax.tree.leaves((other.params, other.model_state, other.opt_state))
+        assert len(a_leaves) == len(b_leaves)
+        for a, b in zip(a_leaves, b_leaves):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_loop_carries_dropout_keys_and_the_onebit_residual_like_single_sharded_steps():
+    # Dropout: step k draws from fold_in(fold_in(key, k), device) in both; one-bit: the per-device
+    # residual (P(axis)) is carried through the scan.
+    model = L.Sequential(L.Dense(16), L.BatchNorm(axis_name="batch"), L.Relu(), L.Dropout(0.5),
+                         L.Dense(4))
+    tx = par.onebit_allreduce(dl.sgd(0.1, momentum=0.9))
+    mesh = par.data_mesh()
+    loss_fn = ts.supervised_loss(model)
+    state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(3), (8,)), mesh)
+    x, y = _data(3)
+    looped, m_loop = _run(par.make_sharded_train_loop(loss_fn, tx, mesh), state,
+                          par.put_batch((x, y), mesh, batch_axis=1))
+    step = par.make_sharded_train_step(loss_fn, tx, mesh)
+    for i in range(3):
+        state, m = _run(step, state, par.put_batch((x[i], y[i]), mesh))
+        np.testing.assert_allclose(m_loop["loss"][i], m["loss"], rtol=1e-5)
+    residual = jax.tree.leaves(looped.opt_state.residual.value)
+    assert residual[0].shape[0] == D and not np.allclose(residual[0][0], residual[0][1])
+    for a, b in zip(jax.tree.leaves((looped.params, looped.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_loop_refuses_uneven_batches_unplaced_state_and_unsynced_batchnorm():
+    mesh = par.data_mesh()
+    tx = par.onebit_allreduce(dl.sgd(0.1))
+    model = _mlp()
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
+    loop = par.make_sharded_train_loop(ts.supervised_loss(model), tx, mesh)
+    x, y = _data(2, n=30)
+    with pytest.raises(ValueError, match=r"make_sharded_train_loop: the global batch of 30 examples "
+                                         r"does not split evenly over 4 devices"):
+        loop(par.put_state(state, mesh), (x, y))
+    x, y = _data(2)
+    with pytest.raises(ValueError, match=r"per-device state leaf \.opt_state\.residual.*put_state"):
+        loop(state, (x, y))
+    with pytest.raises(ValueError, match=r"batch leaf \[1\] has shape \(64,\); every leaf needs axes"):
+        loop(par.put_state(state, mesh), (x[0], y[0]))
+    unsynced = _mlp(None)
+    plain = ts.TrainState.create(unsynced, dl.sgd(0.1), jax.random.key(0), (8,))
+    with pytest.raises(ValueError, match=r"diverge across replicas.*axis_name='batch'"):
+        par.make_sharded_train_loop(ts.supervised_loss(unsynced), dl.sgd(0.1), mesh)(
+            par.put_state(plain, mesh), par.put_batch((x, y), mesh, batch_axis=1))
+    with pytest.raises(ValueError, match="exchanges gradients over axis_name='data'"):
+        par.make_sharded_train_loop(ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh)
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        par.make_sharded_train_loop(ts.supervised_loss(model), tx, "batch")
+
+
+def test_sharded_loop_lowers_to_one_program_whose_collectives_are_the_steps():
+    model = L.Sequential(L.Dense(16), L.Relu(), L.Dense(4))
+    tx = dl.sgd(0.1)
+    mesh = par.data_mesh()
+    loss_fn = ts.supervised_loss(model)
+    state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (8,)), mesh)
+    x, y = _data(5)
+    one = par.collective_bytes(par.make_sharded_train_step(loss_fn, tx, mesh).lower(
+        state, par.put_batch((x[0], y[0]), mesh)))
+    block = par.collective_bytes(par.make_sharded_train_loop(loss_fn, tx, mesh).lower(
+        state, par.put_batch((x, y), mesh, batch_axis=1)))
+    n = sum(p.size for p in jax.tree.leaves(state.params))
+    # The scan body holds one step's collectives (run K times): the gradient all-reduce included.
+    assert one["all-reduce"] >= 4 * n and block["all-reduce"] == one["all-reduce"]
+
+
+# ----------------------------------------------------------------------------- module layout
+
+def test_train_step_does_not_import_parallel_and_the_old_names_still_resolve():
+    import ast
+    import pathlib
+
+    root = pathlib.Path(dl.__file__).parent
+    tree = ast.parse((root / "train_step.py").read_text())
+    imported = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)] + [
+        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+    assert not [m for m in imported if m and m.startswith("jaxdl.parallel")]
+    assert not any(isinstance(node, ast.ImportFrom) and node.module == "jaxdl"
+                   and any(a.name == "parallel" for a in node.names) for node in tree.body)
+    # No module of jaxdl.parallel reaches into another module's private helpers.
+    for path in (root / "parallel").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxdl"):
+                assert not [a.name for a in node.names if a.name.startswith("_")], path
+    for name in ("make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"):
+        assert getattr(ts, name) is getattr(par, name) is getattr(par.steps, name)
+    assert dl.make_sharded_train_loop is par.make_sharded_train_loop
+    for name in par.__all__:
+        assert getattr(par, name).__doc__, name
