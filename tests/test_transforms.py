@@ -334,3 +334,142 @@ def test_traced_hyperparameters_are_accepted_under_vmap():
         return u
 
     np.testing.assert_allclose(jax.vmap(one)(lrs), -lrs[:, None] * jnp.ones((3, 2)), rtol=1e-6)
+
+
+# --- learning rates must be scalars (issue 14) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [dl.sgd, dl.adagrad, dl.rmsprop, dl.adam, dl.adamw, dl.signsgd, T.scale_by_learning_rate,
+     lambda lr: dl.sgd(lr, momentum=0.9), lambda lr: dl.signsgd(lr, error_feedback=True)],
+    ids=["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "scale_by_learning_rate", "sgd_momentum",
+         "signsgd_ef"],
+)
+@pytest.mark.parametrize("lr", [jnp.array([1e-3, 1e-3]), np.full((1,), 0.1), [0.1, 0.2], jnp.ones((2, 2))])
+def test_non_scalar_learning_rate_is_refused_at_construction(make, lr):
+    # Before issue 14 a (2,) lr broadcast against the last axis: each column got its own rate.
+    with pytest.raises(ValueError) as info:
+        make(lr)
+    msg = str(info.value)
+    assert "lr=" in msg and f"shape {np.shape(lr)}" in msg and "expected a scalar" in msg, msg
+
+
+def test_non_scalar_learning_rate_names_the_optimizer():
+    with pytest.raises(ValueError, match=r"^adamw: lr=array\(\[0.001, 0.001\]"):
+        dl.adamw(np.array([1e-3, 1e-3]))
+
+
+def test_schedule_returning_a_vector_is_refused_when_traced():
+    tx = dl.adam(lambda t: jnp.full((3,), 1e-3))
+    with pytest.raises(ValueError, match=r"schedule returned lr of shape \(3,\); expected a scalar"):
+        jax.jit(tx.update)(jnp.ones(3), tx.init(jnp.ones(3)))
+
+
+def test_traced_scalar_learning_rate_works_under_jit_and_a_traced_vector_is_refused():
+    def one(lr):
+        tx = dl.adam(lr)
+        u, _ = tx.update(jnp.ones(3), tx.init(jnp.zeros(3)))
+        return u
+
+    np.testing.assert_allclose(jax.jit(one)(jnp.float32(0.01)), -0.01 * np.ones(3), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"adam: lr=a traced array has shape \(2,\)"):
+        jax.jit(one)(jnp.ones(2))
+
+
+@pytest.mark.parametrize("make", [dl.adam, dl.sgd, dl.rmsprop, dl.adagrad])
+def test_inject_hyperparams_scalar_learning_rate_still_works(make):
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    grads = _grads(0, params)
+    injected = optax.inject_hyperparams(make)(lr=0.05)
+    plain = make(0.05)
+    a, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    b, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    # inject_hyperparams turns b2 into a float32 array too, so 1 - b2 is rounded in float32
+    # rather than in float64: 1e-5 relative in Adam's first step, the same as optax shows.
+    _assert_trees_close(a, b, rtol=2e-5)
+
+
+# --- complex parameters follow optax (issue 14) ----------------------------------------------
+
+CPARAMS = {"w": (1.0 + 0.5j) * jnp.ones((4, 3), jnp.complex64), "r": jnp.ones(3), "s": jnp.array(2.0 - 1.0j, jnp.complex64)}
+
+
+def _complex_run(tx, steps=6, params=CPARAMS):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    outs = []
+    for i in range(steps):
+        g = jax.tree.map(
+            lambda x, re, im: (re + 1j * im).astype(x.dtype) if jnp.iscomplexobj(x) else re,
+            params, _grads(2 * i, params), _grads(2 * i + 1, params),
+        )
+        u, state = update(g, state, params)
+        outs.append(u)
+    return outs, state
+
+
+def _assert_complex_close(a, b, rtol=2e-5, atol=1e-6):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype, (x.dtype, y.dtype)
+        np.testing.assert_allclose(np.asarray(x, np.complex128), np.asarray(y, np.complex128), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (lambda: T.scale_by_adam(0.8, 0.95, 1e-6), lambda: optax.scale_by_adam(0.8, 0.95, 1e-6)),
+        (lambda: dl.adam(0.1), lambda: optax.adam(0.1)),
+        (lambda: dl.adamw(0.1, weight_decay=0.05), lambda: optax.adamw(0.1, weight_decay=0.05)),
+        (lambda: T.scale_by_rms(0.9, 1e-3), lambda: optax.scale_by_rms(0.9, 1e-3, 0.0, eps_in_sqrt=False)),
+        (lambda: T.scale_by_rms(0.9, 1e-3, centered=True), lambda: optax.scale_by_stddev(0.9, 1e-3, eps_in_sqrt=False)),
+        # optax's AdaGrad puts eps inside the root: compare with eps -> 0 (eps itself is checked
+        # in closed form below and against torch on real parameters).
+        (lambda: T.scale_by_adagrad(1e-30), lambda: optax.scale_by_rss(0.0, 0.0)),
+        (lambda: T.momentum(0.9), lambda: optax.trace(0.9)),
+        (lambda: T.nesterov(0.9), lambda: optax.trace(0.9, nesterov=True)),
+        (lambda: T.clip_by_global_norm(1.0), lambda: optax.clip_by_global_norm(1.0)),
+        (lambda: T.sign(), lambda: optax.scale_by_sign()),
+        (lambda: T.add_noise(0.3, 0.55, key=7), lambda: optax.add_noise(0.3, 0.55, key=7)),
+        (lambda: T.add_weight_decay(0.1), lambda: optax.add_decayed_weights(0.1)),
+    ],
+    ids=["scale_by_adam", "adam", "adamw", "rms", "rms_centered", "adagrad", "momentum", "nesterov",
+         "clip_by_global_norm", "sign", "add_noise", "weight_decay"],
+)
+def test_complex_parameters_follow_optax(ours, theirs):
+    a, _ = _complex_run(ours())
+    b, _ = _complex_run(theirs())
+    for x, y in zip(a, b):
+        _assert_complex_close(x, y)
+
+
+def test_complex_second_moments_are_real_and_first_moments_complex():
+    _, s = _complex_run(dl.adam(0.1))
+    assert s[0].nu["w"].dtype == jnp.float32 and s[0].mu["w"].dtype == jnp.complex64
+    _, s = _complex_run(T.scale_by_rms(centered=True))
+    assert s.mean_square["w"].dtype == jnp.float32 and s.mean_grad["w"].dtype == jnp.complex64
+    _, s = _complex_run(T.scale_by_adagrad())
+    assert s.sum_of_squares["s"].dtype == jnp.float32
+
+
+def test_complex_adagrad_and_rmsprop_match_closed_form():
+    rng = np.random.default_rng(0)
+    gs = rng.normal(size=(5, 3)) + 1j * rng.normal(size=(5, 3))
+    eps, rho = 0.5, 0.8
+    ada, rms = T.scale_by_adagrad(eps), T.scale_by_rms(rho, eps, centered=True)
+    sa, sr = ada.init(jnp.zeros(3, jnp.complex64)), rms.init(jnp.zeros(3, jnp.complex64))
+    r, s, m = np.zeros(3), np.zeros(3), np.zeros(3, complex)
+    for g in gs:
+        ua, sa = ada.update(jnp.asarray(g, jnp.complex64), sa)
+        ur, sr = rms.update(jnp.asarray(g, jnp.complex64), sr)
+        r = r + np.abs(g) ** 2
+        s, m = rho * s + (1 - rho) * np.abs(g) ** 2, rho * m + (1 - rho) * g
+        np.testing.assert_allclose(ua, g / (eps + np.sqrt(r)), rtol=1e-5)
+        np.testing.assert_allclose(ur, g / (np.sqrt(s - np.abs(m) ** 2) + eps), rtol=1e-4)
+
+
+def test_clip_refuses_complex_updates_naming_the_leaf():
+    tx = T.clip(1.0)
+    with pytest.raises(ValueError, match=r"clip: leaf \['s'\] is complex \(complex64\).*clip_by_global_norm"):
+        jax.jit(tx.update)(CPARAMS, tx.init(CPARAMS))
