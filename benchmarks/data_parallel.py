@@ -13,7 +13,14 @@ and the bytes each device hands to collectives per step, read from the compiled 
 ``--xla_force_host_platform_device_count`` share the machine's cores, so on a CPU this measures
 the overhead of data parallelism (collectives, packing), not a speedup.
 
-    python benchmarks/data_parallel.py [--repeats 30] [--devices 4]
+``--case loop`` (issue 10) times a block of ``--block`` K steps on the same model and batch size,
+batches prefetched to the default device, two ways: (a) per step, `put_batch` after the old host
+round trip (``np.asarray`` of the device array, then placement) and `make_sharded_train_step`,
+each step awaited; (b) the block placed once with ``put_batch(block, mesh, batch_axis=1)``
+(device to device) and one `make_sharded_train_loop` call. Reported: the median of the
+pair-by-pair ratios a/b (`_timing.round_robin` pairs them by round).
+
+    python benchmarks/data_parallel.py [--repeats 30] [--devices 4] [--case steps|loop|all]
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ def _parse():
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--case", choices=("steps", "loop", "all"), default="all")
+    ap.add_argument("--block", type=int, default=8, help="K steps per block (--case loop)")
     return ap.parse_args()
 
 
@@ -80,7 +89,73 @@ def interleaved(cases, repeats):
             case.times.append(time.perf_counter() - t0)
 
 
+def machine_line(n_dev):
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+            f"(shared with other jobs; load average {os.getloadavg()[0]:.1f} at start); python "
+            f"{sys.version.split()[0]}, jax {jax.__version__} ({jax.default_backend()}), "
+            f"{n_dev} fake devices")
+
+
+def loop_vs_steps():
+    """Issue 10: a block of K sharded steps, per-step placement + steps vs one placement + one loop."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _timing import round_robin
+
+    n_dev, k, repeats = ARGS.devices, ARGS.block, ARGS.repeats
+    ds = dl.data.load_dataset("mnist5k")
+    need = k * ARGS.batch
+    x = ds.train.x[:need].reshape(k, ARGS.batch, -1)
+    y = ds.train.y[:need].reshape(k, ARGS.batch)
+    mesh = par.data_mesh(n_dev)
+    tx = dl.sgd(0.01, momentum=0.9)
+    loss_fn = ts.supervised_loss(model("batch"))
+    state0 = par.put_state(ts.TrainState.create(model(None), tx, jax.random.key(0), (784,)), mesh)
+    print(machine_line(n_dev))
+    print(f"model: MLP 784-1024(BN)-1024-10; block of K={k} steps of global batch {ARGS.batch} "
+          f"({ARGS.batch // n_dev} per device); sgd(0.01, momentum=0.9); {repeats} timed blocks each")
+
+    # Both paths start from batches already on the default device (as a prefetch queue leaves them).
+    default = jax.devices()[0]
+    steps_in = [jax.device_put((x[i], y[i]), default) for i in range(k)]
+    block_in = jax.device_put((x, y), default)
+    step = par.make_sharded_train_step(loss_fn, tx, mesh)
+    loop = par.make_sharded_train_loop(loss_fn, tx, mesh)
+    states = {"old": state0, "new": state0}
+
+    def old():  # per step: device -> host (np.asarray) -> devices, then the step, awaited
+        state = states["old"]
+        for batch in steps_in:
+            placed = par.put_batch(jax.tree.map(np.asarray, batch), mesh)
+            state, metrics = step(state, placed)
+            jax.block_until_ready((state, metrics))
+        states["old"] = state
+
+    def new():  # the block, device -> devices once, then one scan-fused program
+        state, metrics = loop(states["new"], par.put_batch(block_in, mesh, batch_axis=1))
+        jax.block_until_ready((state, metrics))
+        states["new"] = state
+
+    times = round_robin({"old": old, "new": new}, repeats)
+    ratios = [a / b for a, b in zip(times["old"], times["new"])]
+    print(f"\n| path (K={k} steps) | median ms / block | min ms / block | median ms / step |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, label in (("old", "(a) per step: np.asarray + put_batch + sharded step"),
+                        ("new", "(b) put_batch(batch_axis=1) once + sharded loop")):
+        med = statistics.median(times[name])
+        print(f"| {label} | {med * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {med / k * 1e3:.2f} |")
+    print(f"\nratio (a)/(b), median of {repeats} pair-by-pair ratios: {statistics.median(ratios):.2f} "
+          f"(quartiles {statistics.quantiles(ratios, n=4)[0]:.2f}-{statistics.quantiles(ratios, n=4)[2]:.2f}); "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    same = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                        states["old"].params, states["new"].params)
+    print(f"after {repeats + 2} blocks both paths differ by at most {max(jax.tree.leaves(same)):.1e} in any param")
+
+
 def main():
+    if ARGS.case in ("loop", "all"):
+        loop_vs_steps()
+    if ARGS.case == "loop":
+        return
     n_dev, repeats = ARGS.devices, ARGS.repeats
     ds = dl.data.load_dataset("mnist5k")
     x = ds.train.x[:ARGS.batch].reshape(ARGS.batch, -1)

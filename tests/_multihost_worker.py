@@ -6,7 +6,8 @@ The launcher sets JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_devi
 the processes together hold 4 CPU devices; cross-process collectives go through gloo (JAX's
 default ``jax_cpu_collectives_implementation`` on CPU). Every process builds the same state,
 feeds its own half of each global batch (`jaxdl.parallel.put_batch`) and runs the sharded step
-over the global mesh; process 0 writes the final state. `train` is also what the test runs in a
+over the global mesh, then once more with all steps in one `make_sharded_train_loop` call on its
+half of the stacked block (``put_batch(..., batch_axis=1)``); process 0 writes the final states. `train` is also what the test runs in a
 single process with 4 devices, as the reference.
 """
 
@@ -34,8 +35,9 @@ def optimizers():
     return {"adam": dl.adam(1e-2), "onebit": parallel.onebit_allreduce(dl.sgd(0.1, momentum=0.9))}
 
 
-def train(name: str, mesh, rows: slice) -> dict[str, np.ndarray]:
-    """``STEPS`` sharded steps feeding ``rows`` of each global batch; the final state as arrays."""
+def train(name: str, mesh, rows: slice, loop: bool = False) -> dict[str, np.ndarray]:
+    """``STEPS`` sharded steps feeding ``rows`` of each global batch (``loop``: one sharded loop
+    over the stacked block); the final state as arrays."""
     from jax.experimental import multihost_utils
 
     from jaxdl import layers as L
@@ -46,9 +48,14 @@ def train(name: str, mesh, rows: slice) -> dict[str, np.ndarray]:
                          L.Dense(CLASSES))
     tx = optimizers()[name]
     state = parallel.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (FEATURES,)), mesh)
-    step = ts.make_sharded_train_step(ts.supervised_loss(model), tx, mesh)
     x, y = batches()
-    for i in range(STEPS):
+    if loop:
+        run = parallel.make_sharded_train_loop(ts.supervised_loss(model), tx, mesh)
+        state, metrics = run(state, parallel.put_batch((x[:, rows], y[:, rows]), mesh, batch_axis=1))
+        jax.block_until_ready((state, metrics))
+        metrics = jax.tree.map(lambda m: m[-1], metrics)
+    step = parallel.make_sharded_train_step(ts.supervised_loss(model), tx, mesh)
+    for i in range(0 if loop else STEPS):
         state, metrics = step(state, parallel.put_batch((x[i, rows], y[i, rows]), mesh))
         jax.block_until_ready((state, metrics))
     leaves = jax.tree_util.tree_flatten_with_path((state.params, state.model_state, state.opt_state))[0]
@@ -78,6 +85,7 @@ def main() -> None:
     results = {}
     for name in optimizers():
         results.update({f"{name}/{k}": v for k, v in train(name, mesh, rows).items()})
+        results.update({f"{name}+loop/{k}": v for k, v in train(name, mesh, rows, loop=True).items()})
     if args.process_id == 0:
         np.savez(args.out, **results)
     jax.distributed.shutdown()

@@ -1,5 +1,6 @@
-"""Two processes on 127.0.0.1, 2 CPU devices each, trained through `jax.distributed.initialize`,
-end in the state a single process with 4 devices reaches on the same global batches."""
+"""Two processes on 127.0.0.1, 2 CPU devices each, trained through `jax.distributed.initialize`
+(sharded steps, and one sharded loop over the stacked batches), end in the state a single process
+with 4 devices reaches on the same global batches."""
 
 import importlib.util
 import os
@@ -76,8 +77,14 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     for name in worker.optimizers():
         reference.update({f"{name}/{k}": v for k, v in
                           worker.train(name, mesh, slice(None)).items()})
+        reference.update({f"{name}+loop/{k}": v for k, v in
+                          worker.train(name, mesh, slice(None), loop=True).items()})
     assert sorted(got) == sorted(reference)
     # The one-bit residual is per device: (4, ...), rows 0-1 from process 0, rows 2-3 from process 1.
     assert any(k.startswith("onebit/") and "residual" in k and v.shape[0] == 4 for k, v in got.items())
     for key in reference:
         np.testing.assert_allclose(got[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # One sharded loop over the block ends where the steps one by one do, across processes too.
+    for key in [k for k in got if "+loop/" in k]:
+        np.testing.assert_allclose(got[key], got[key.replace("+loop", "")], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
