@@ -412,9 +412,11 @@ def _learning_rate(learning_rate, opt_state, step: int):
     schedule) when given, else an `optax.inject_hyperparams` state's ``learning_rate``, else None."""
     if learning_rate is not None:
         return float(learning_rate(step) if callable(learning_rate) else learning_rate)
-    states = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.InjectHyperparamsState))
-    for s in states:
-        if isinstance(s, optax.InjectHyperparamsState) and "learning_rate" in s.hyperparams:
+    def injected(s):  # optax's InjectHyperparamsState / InjectStatefulHyperparamsState
+        return isinstance(getattr(s, "hyperparams", None), dict) and "learning_rate" in s.hyperparams
+
+    for s in jax.tree.leaves(opt_state, is_leaf=injected):
+        if injected(s):
             return float(np.asarray(s.hyperparams["learning_rate"]).reshape(-1)[0])
     return None
 
@@ -725,9 +727,7 @@ class _Engine(NamedTuple):
                 run = self._end_epoch(run, epoch + 1, None if val is None else val["loss"])
                 stop = self._stop(epoch + 1, run.progress)
                 if outputs is not None:
-                    outputs.manager.save(step, run.tree())
-            if outputs is not None:
-                outputs.manager.save(step, run.tree(), force=True)
+                    outputs.manager.save(step, run.tree(), force=True)  # every epoch end
         finally:
             bar.close()
             if writer is not None:

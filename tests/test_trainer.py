@@ -1,0 +1,283 @@
+"""Specification of the training engine `jaxdl.fit` / `jaxdl.evaluate` (jaxdl/trainer.py).
+
+References are independent of the engine: a hand-written loop of `make_train_step` over the same
+batches, a direct forward pass for evaluation, the single-device run for data parallel, and a
+real SIGKILL for resumption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdl as dl
+from jaxdl import data
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_dataset("digits")
+
+
+def small_mlp(**kwargs):
+    return dl.models.mlp(10, depth=1, width=32, **kwargs)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_bitwise_equal(a, b):
+    a, b = leaves(a), leaves(b)
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"leaf {i} differs"
+
+
+def without_timing(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "examples_per_s")} for r in history]
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def test_fit_takes_the_same_steps_as_a_hand_loop_of_make_train_step(digits):
+    """fit = TrainState.create from the run's model key + make_train_step over the batches of
+    data.batches(fold_in(data_key, epoch)), in blocks of scan: the same parameters."""
+    model, tx = small_mlp(dropout=0.1), dl.adam(3e-3)
+    x, y = digits.train.x[:320], digits.train.y[:320]
+    result = dl.fit(model, tx, (x, y), epochs=2, batch_size=32, seed=3, block_size=4, progress=False)
+
+    model_key, data_key, _ = dl.trainer.run_keys(3)
+    state = dl.TrainState.create(model, tx, model_key, x.shape[1:])
+    step = dl.make_train_step(dl.supervised_loss(model), tx)
+    losses = []
+    for epoch in range(2):
+        for xb, yb in data.batches(x, y, 32, data_key, epoch):
+            state, metrics = step(state, (xb, yb))
+            losses.append(float(metrics["loss"]))
+    assert result.steps == int(state.step) == 20
+    for got, want in zip(leaves(result.state.params), leaves(state.params)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert result.history[0]["train_loss"] == pytest.approx(np.mean(losses[:10]), rel=1e-5)
+    assert result.history[1]["train_loss"] == pytest.approx(np.mean(losses[10:]), rel=1e-5)
+
+
+def test_evaluate_is_the_example_weighted_mean_over_a_last_partial_batch(digits):
+    model = small_mlp(batchnorm=True, dropout=0.5)
+    result = dl.fit(model, dl.adam(1e-2), digits.train, epochs=1, batch_size=64, progress=False)
+    x, y = digits.test.x[:250], digits.test.y[:250]
+    got = dl.evaluate(model, result.state, (x, y), batch_size=100)  # 100 + 100 + 50
+
+    logits, _ = model.apply(result.state.params, result.state.model_state, jnp.asarray(x))  # eval mode
+    logp = jax.nn.log_softmax(logits)
+    want_loss = -float(jnp.mean(logp[jnp.arange(len(y)), y]))
+    want_acc = float(np.mean(np.argmax(np.asarray(logits), -1) == y))
+    assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert got["accuracy"] == pytest.approx(want_acc, abs=1e-7)
+    assert dl.evaluate(model, result.state, data.Split(x, y), batch_size=250)["loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_fit_history_records_every_epoch_and_learns(digits):
+    sched = dl.schedules.cosine_decay(1e-2, 3 * 39)
+    result = dl.fit(small_mlp(), dl.adam(sched), digits.train, validation=digits.val, epochs=3,
+                    batch_size=32, learning_rate=sched, progress=False)
+    assert isinstance(result, dl.FitResult)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert [r["step"] for r in result.history] == [39, 78, 117]
+    for r in result.history:
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "update_ratio",
+                    "grad_norm", "seconds"):
+            assert np.isfinite(r[key]) and r[key] >= 0, key
+        assert r["nonfinite_steps"] == 0 and 0 < r["update_ratio"] < 1
+    assert [r["lr"] for r in result.history] == pytest.approx([float(sched(s - 1)) for s in (39, 78, 117)])
+    assert result.history[-1]["val_accuracy"] > 0.85  # chance is 0.1
+    assert result.best_epoch == 1 + int(np.argmin([r["val_loss"] for r in result.history]))
+
+
+def test_learning_rate_is_read_from_inject_hyperparams(digits):
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)
+    result = dl.fit(small_mlp(), tx, digits.train, epochs=1, batch_size=64, progress=False)
+    assert result.history[0]["lr"] == pytest.approx(0.05)
+    assert "lr" not in dl.fit(small_mlp(), optax.sgd(0.05), digits.train, epochs=1, batch_size=64,
+                              progress=False).history[0]
+
+
+def test_early_stopping_returns_the_parameters_of_the_lowest_validation_loss(digits):
+    # 64 examples and a large constant rate: validation loss bottoms out, then rises.
+    x, y = digits.train.x[:64], digits.train.y[:64]
+    model = dl.models.mlp(10, depth=1, width=64)
+    result = dl.fit(model, dl.adam(0.01), (x, y), validation=digits.val, epochs=40, batch_size=32,
+                    early_stopping=3, progress=False)
+    val_losses = [r["val_loss"] for r in result.history]
+    best = int(np.argmin(val_losses)) + 1
+    assert result.best_epoch == best and result.stopped_early
+    assert len(result.history) == best + 3 < 40
+    assert dl.evaluate(model, result.state, digits.val)["loss"] == pytest.approx(val_losses[best - 1], rel=1e-6)
+
+
+def test_augment_shifts_training_images_inside_the_step(digits):
+    seen = []
+
+    def augment(key, x):
+        seen.append(x.shape)
+        return jnp.roll(x, 1, axis=1)
+
+    result = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, augment=augment,
+                    progress=False)
+    plain = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, progress=False)
+    assert seen and seen[0] == (64, 8, 8, 1)  # traced once, on a training batch
+    assert not np.allclose(leaves(result.state.params)[0], leaves(plain.state.params)[0])
+
+
+def test_progress_false_prints_nothing(digits, capfd):
+    dl.fit(small_mlp(), dl.adam(1e-2), digits.train, validation=digits.val, epochs=1, batch_size=64,
+           progress=False)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    dl.fit(small_mlp(), dl.adam(1e-2), digits.train, validation=digits.val, epochs=1, batch_size=64)
+    _, err = capfd.readouterr()
+    assert "epoch 1/1: train loss" in err
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+def test_devices_4_gives_the_single_device_result_with_synced_batchnorm(digits):
+    assert jax.local_device_count() >= 4
+    x, y = digits.train.x[:512], digits.train.y[:512]
+    results = {}
+    for devices in (None, 4):
+        model = small_mlp(batchnorm=True, axis_name="batch" if devices else None)
+        results[devices] = dl.fit(model, dl.adam(1e-2), (x, y), validation=digits.val, epochs=2,
+                                  batch_size=64, devices=devices, progress=False)
+    one, four = results[None].state, results[4].state
+    for a, b in zip(leaves((one.params, one.model_state, one.opt_state)),
+                    leaves((four.params, four.model_state, four.opt_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for ra, rb in zip(results[None].history, results[4].history):
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- outputs and resume
+
+
+def test_out_dir_receives_metrics_curves_checkpoints_model_summary_and_tensorboard(digits, tmp_path):
+    out = tmp_path / "run"
+    result = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, validation=digits.val, epochs=2,
+                    batch_size=64, out_dir=str(out), checkpoint_every=7, keep=2, progress=False)
+    records = dl.trainer.read_metrics(str(out / "metrics.jsonl"))
+    assert records == json.loads(json.dumps(result.history))
+    assert (out / "curves.png").stat().st_size > 1000
+    assert sorted(int(s) for s in os.listdir(out / "checkpoints")) == [35, 38]  # the last 2 of 7, 14, ..., 38
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 38 and summary["epochs_completed"] == 2
+    assert [p for p in os.listdir(out) if p.startswith("events.out.tfevents")], os.listdir(out)
+    from jaxdl.checkpoint import restore_checkpoint
+
+    restored = restore_checkpoint(str(out / "model"), {"params": result.state.params,
+                                                        "model_state": result.state.model_state})
+    assert_bitwise_equal(restored["params"], result.state.params)
+
+
+FIT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import jaxdl as dl
+    ds = dl.data.load_dataset("digits")
+    result = dl.fit(dl.models.mlp(10, depth=1, width=64, dropout=0.2), dl.adam(3e-3), ds.train,
+                    validation=ds.val, epochs=6, batch_size=32, augment=1, out_dir=sys.argv[1],
+                    resume=len(sys.argv) > 2, checkpoint_every=15, block_size=5, progress=False)
+    np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in dl.jax.tree.leaves(result.state.params)])
+    print(json.dumps({"resumed": result.resumed_from_step, "history": result.history}))
+""").replace("dl.jax", "__import__('jax')")
+
+
+def fit_process(*argv):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-c", FIT_SCRIPT, *argv], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_fit_killed_midway_resumes_to_bitwise_the_same_state_and_history(tmp_path):
+    whole = fit_process(str(tmp_path / "whole"))
+    killed_dir = tmp_path / "killed"
+    killed = fit_process(str(killed_dir))
+    checkpoints = killed_dir / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints.is_dir() and any((checkpoints / s / "jaxdl_manifest.json").is_file()
+                                            for s in os.listdir(checkpoints))):
+        assert killed.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert not (killed_dir / "final.npz").exists(), "killed too late: the run had finished"
+
+    resumed = fit_process(str(killed_dir), "--resume")
+    out_r, err_r = resumed.communicate(timeout=300)
+    out_w, err_w = whole.communicate(timeout=300)
+    assert resumed.returncode == 0 and whole.returncode == 0, err_r[-2000:] + err_w[-2000:]
+    r, w = json.loads(out_r), json.loads(out_w)
+    assert r["resumed"] is not None and 0 < r["resumed"] < 6 * 39 and r["resumed"] % 15 == 0
+    assert without_timing(r["history"]) == without_timing(w["history"])
+    a, b = np.load(killed_dir / "final.npz"), np.load(tmp_path / "whole" / "final.npz")
+    assert_bitwise_equal([a[k] for k in sorted(a.files)], [b[k] for k in sorted(b.files)])
+
+
+def test_resume_with_another_configuration_is_refused_naming_what_differs(digits, tmp_path):
+    out = str(tmp_path / "run")
+    dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, out_dir=out, progress=False)
+    with pytest.raises(ValueError, match=r"resume=True, but the configuration differs .*batch_size: 32 \(the run has 64\)"):
+        dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=32, out_dir=out, resume=True,
+               progress=False)
+    with pytest.raises(ValueError, match="model: "):
+        dl.fit(dl.models.mlp(10, depth=1, width=16), dl.adam(1e-2), digits.train, epochs=1, batch_size=64,
+               out_dir=out, resume=True, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, out_dir=out, progress=False)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(train="short_y"), ValueError, r"train: x and y must hold as many examples, got 1257 and 100"),
+    (dict(train="bad_labels"), ValueError, r"fit: train labels must lie in \[0, 10\).*e\.g\. \[10\]"),
+    (dict(batch_size=0), ValueError, r"fit: batch_size=0 is out of range; expected an integer >= 1"),
+    (dict(batch_size=5000), ValueError, r"fit: batch_size=5000 exceeds the 1257 training examples"),
+    (dict(epochs=0), ValueError, r"fit: epochs=0 is out of range; expected an integer >= 1"),
+    (dict(validation="wide"), ValueError, r"validation examples have shape x \(8, 9, 1\).*training examples x \(8, 8, 1\)"),
+    (dict(early_stopping=2), ValueError, r"early_stopping=2 needs validation data"),
+    (dict(devices=3), ValueError, r"batch_size=64 is not divisible by devices=3"),
+    (dict(augment=-1), ValueError, r"augment=-1 is out of range"),
+    (dict(optimizer="adam"), TypeError, r"optimizer must be an optax.GradientTransformation"),
+])
+def test_bad_input_is_refused_before_anything_is_trained_or_written(digits, tmp_path, change, error, message):
+    x, y = digits.train
+    args = {"train": (x, y), "epochs": 1, "batch_size": 64, "optimizer": dl.adam(1e-2)}
+    if change.get("train") == "short_y":
+        change = {"train": (x, y[:100])}
+    elif change.get("train") == "bad_labels":
+        change = {"train": (x, np.where(np.arange(len(y)) == 5, 10, y))}
+    elif change.get("validation") == "wide":
+        change = {"validation": (np.zeros((10, 8, 9, 1), np.float32), np.zeros(10, np.int32))}
+    args.update(change)
+    out = tmp_path / "run"
+    optimizer = args.pop("optimizer")
+    train = args.pop("train")
+    with pytest.raises(error, match=message):
+        dl.fit(small_mlp(), optimizer, train, out_dir=str(out), progress=False, **args)
+    assert not out.exists()
