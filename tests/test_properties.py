@@ -63,6 +63,7 @@ TRANSFORMS = {
     "adagrad": lambda: dl.adagrad(0.1),
     "rmsprop": lambda: dl.rmsprop(0.1, centered=True, momentum=0.5),
     "adam": lambda: dl.adam(0.1),
+    "adam_bf16_moments": lambda: dl.adam(0.1, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
     "adamw": lambda: dl.adamw(0.1),
     "signsgd_ef": lambda: dl.signsgd(0.1, error_feedback=True),
 }
