@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -56,6 +55,7 @@ __all__ = [
     "chunk_bounds",
     "default_block_size",
     "read_metrics",
+    "write_json",
     "plot_curves",
 ]
 
@@ -243,7 +243,7 @@ def evaluate(model, state: TrainState, data_, *, batch_size: int = EVAL_BATCH, l
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     """Write JSON atomically (temp file, rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -617,7 +617,7 @@ def fit(
     if out_dir is None:
         return engine.run(state, None)
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "fit_config.json"), config)
+    write_json(os.path.join(out_dir, "fit_config.json"), config)
     from jaxdl.checkpoint import CheckpointManager, save_checkpoint
 
     with CheckpointManager(os.path.join(out_dir, "checkpoints"), max_to_keep=keep,
@@ -630,7 +630,7 @@ def fit(
                "stopped_early": result.stopped_early, "best_epoch": result.best_epoch,
                "resumed_from_step": result.resumed_from_step, "train_time_s": result.train_time_s,
                "final": result.history[-1] if result.history else None}
-    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
     return result
 
 

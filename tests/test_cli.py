@@ -187,9 +187,8 @@ def test_evaluate_restores_the_run_and_scores_another_dataset_of_the_same_shape(
     mnist_dir = tmp_path / "mnist"
     mnist_dir.mkdir()
     pixels = np.rint(test.x[..., 0] * 255).astype(np.uint8)
-    for prefix, copies in (("train", 6), ("t10k", 1)):  # mnist:DIR splits 5,000 off for val
-        write_idx(mnist_dir / f"{prefix}-images-idx3-ubyte.gz", np.tile(pixels, (copies, 1, 1)))
-        write_idx(mnist_dir / f"{prefix}-labels-idx1-ubyte.gz", np.tile(test.y, copies))
+    write_idx(mnist_dir / "t10k-images-idx3-ubyte.gz", pixels)  # scoring needs no training set
+    write_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz", test.y)
     result = cli.cmd_evaluate(str(out), f"mnist:{mnist_dir}", "test")
     assert result["examples"] == 1000
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
@@ -198,6 +197,66 @@ def test_evaluate_restores_the_run_and_scores_another_dataset_of_the_same_shape(
     code, _, err = run_main(capsys, "evaluate", str(out), "--dataset", "digits")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "(8, 8, 1)" in err and "(28, 28, 1)" in err
+
+
+def test_config_reruns_a_previous_run_with_command_line_options_overriding_it(digits_run, tmp_path, capsys):
+    first, _ = digits_run
+    again = tmp_path / "again"
+    code, _, err = run_main(capsys, "train", "--config", str(first / "config.json"), "--keep", "1",
+                            "--quiet", "--out", str(again))
+    assert code == 0, err
+    cfg_first = json.loads((first / "config.json").read_text())["config"]
+    cfg_again = json.loads((again / "config.json").read_text())["config"]
+    assert cfg_again == {**cfg_first, "keep": 1} and cfg_first["keep"] == 2
+    assert metric_values(again) == metric_values(first)  # the same run, bit for bit
+    assert_bitwise_equal(model_leaves(again), model_leaves(first))
+    code, _, err = run_main(capsys, "train", "--config", str(tmp_path / "none.json"))
+    assert code == 2 and "--config" in err and "no such file" in err
+
+
+def write_npz(path, n_train=300, n_test=60, classes=3, shape=(10, 12)):
+    """Images whose class sets the brightness of one band of rows, plus noise."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = rng.integers(0, classes, n)
+        x = rng.integers(0, 60, (n, *shape))
+        for c in range(classes):
+            x[y == c, 3 * c:3 * c + 3] += 180
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x.astype(np.uint8), y
+    np.savez(path, **arrays)
+
+
+def test_npz_dataset_trains_on_the_users_own_arrays(tmp_path, capsys):
+    write_npz(tmp_path / "mine.npz")
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "train", "--dataset", f"npz:{tmp_path / 'mine.npz'}", "--depth", "1",
+                                 "--width", "16", "--epochs", "3", "--batch-size", "30", "--quiet",
+                                 "--out", str(out))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["num_classes"] == 3 and summary["data"]["input_shape"] == [10, 12, 1]
+    assert summary["data"]["train_examples"] == 270 and summary["test_examples"] == 60
+    assert summary["test_accuracy"] > 0.9  # the classes are far apart; chance is 1/3
+    assert stdout.startswith("test accuracy ")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.zeros(4, int)},
+     "missing arrays ['x_test', 'y_test']"),
+    ({"x_train": np.zeros((4, 5), np.uint8), "y_train": np.zeros(4, int), "x_test": np.zeros((2, 5), np.uint8),
+      "y_test": np.zeros(2, int)}, "x_train has shape (4, 5); expected images (N, H, W) or (N, H, W, C)"),
+    ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.zeros(3, int),
+      "x_test": np.zeros((2, 5, 5), np.uint8), "y_test": np.zeros(2, int)}, "y_train holds 3 labels for 4 images"),
+    ({"x_train": np.full((4, 5, 5), np.nan, np.float32), "y_train": np.zeros(4, int),
+      "x_test": np.zeros((2, 5, 5), np.float32), "y_test": np.zeros(2, int)}, "x_train holds 100 NaN or Inf"),
+])
+def test_a_bad_npz_is_refused_in_one_line_naming_the_array(tmp_path, capsys, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    code, _, err = run_main(capsys, "train", "--dataset", f"npz:{tmp_path / 'bad.npz'}", "--out",
+                            str(tmp_path / "run"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_refuses_a_corrupt_model_naming_the_file(digits_run, tmp_path, capsys):
