@@ -36,7 +36,11 @@ from jaxdl.parallel.placement import (
     state_specs,
     unreplicate,
 )
-from jaxdl.parallel.steps import make_pmap_train_step, make_sharded_train_loop, make_sharded_train_step
+from jaxdl.parallel.steps import (
+    make_pmap_train_step,
+    make_sharded_train_loop,
+    make_sharded_train_step,
+)
 
 __all__ = [
     "local_devices",

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxdl.parallel.onebit import CrossDeviceTransformation
 from jaxdl.parallel.placement import (
@@ -38,7 +39,14 @@ from jaxdl.parallel.placement import (
     pick_devices,
     state_specs,
 )
-from jaxdl.train_step import TrainState, accepts_train, check_batch, check_state, step_body, step_key
+from jaxdl.train_step import (
+    TrainState,
+    accepts_train,
+    check_batch,
+    check_state,
+    step_body,
+    step_key,
+)
 
 __all__ = ["make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"]
 
