@@ -7,6 +7,7 @@ notebook: fewer steps, seeds and examples.
 
 import io
 import os
+import warnings
 
 import jax
 import matplotlib.pyplot as plt
@@ -30,6 +31,8 @@ def _png_256_colours(fig) -> bytes:
 def setup() -> None:
     """Plot style and the small-PNG formatter; prints the versions, the devices and ``FAST``."""
     plt.rcParams.update({"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3, "font.size": 10})
+    # dl.fit imports tqdm.auto even with progress=False, which warns in a kernel without ipywidgets
+    warnings.filterwarnings("ignore", message="IProgress not found")
     from IPython import get_ipython
 
     shell = get_ipython()
