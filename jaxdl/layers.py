@@ -266,10 +266,13 @@ class Conv(Layer):
     ``impl``: 'xla' uses `lax.conv_general_dilated`; 'im2col' gathers the kh*kw shifted views of
     the input with strided slices and does one large matmul (exact; gradients equal up to float
     rounding); 'auto' (default) decides at trace time: on GPU/TPU (`jax.default_backend()` is
-    not 'cpu') always 'xla'; on the CPU 'im2col' where the patch matrix is small, kh*kw <=
-    2.25*sh*sw (1x1 convolutions, 3x3 with stride 2), or the input is shallow, kh*kw*I <= 27 (a
+    not 'cpu') always 'xla'; on the CPU 'im2col' where the patch matrix is at most 9x the input,
+    kh*kw <= 9*sh*sw (every 1x1 and 3x3 convolution), or the input is shallow, kh*kw*I <= 27 (a
     3x3 RGB input layer), else 'xla'. Reason: XLA:CPU's convolution *gradients* (dilated
-    convolutions) are slow; measured in benchmarks/layers_cnn.py and benchmarks/RESULTS.md.
+    convolutions) are slow: the default CNN of ``jaxdl train`` (3x3 convolutions with 1 and 32
+    input channels) trains 7.4x faster with im2col than with XLA's convolution for both layers
+    (benchmarks/RESULTS.md). This is the one rule for the algorithm; `jaxdl.models.cnn` and the
+    CLI use it.
     """
 
     features: int
@@ -282,7 +285,7 @@ class Conv(Layer):
     impl: str = "auto"
 
     # Class constants of the 'auto' rule (not fields), measured on a 2-core x86 CPU.
-    im2col_max_blowup = 2.25  # kh*kw/(sh*sw): size of the patch matrix relative to the input
+    im2col_max_blowup = 9.0  # kh*kw/(sh*sw): size of the patch matrix relative to the input
     im2col_max_depth = 27     # kh*kw*I: shallow inputs, where XLA's kernel gradient is slow
 
     def __post_init__(self):

@@ -115,7 +115,8 @@ def test_conv_im2col_equals_lax_conv_including_gradients(kernel, strides, paddin
 
 def test_conv_auto_impl_uses_im2col_only_on_cpu_for_small_patches_or_shallow_inputs(monkeypatch):
     assert L.Conv(8, 3)._impl(3) == "im2col"             # 3x3 RGB input layer: kh*kw*I = 27
-    assert L.Conv(8, 3)._impl(4) == "xla"                # 3x3, stride 1, deeper input
+    assert L.Conv(8, 3)._impl(32) == "im2col"            # 3x3, stride 1: patches 9x the input
+    assert L.Conv(8, 5)._impl(4) == "xla"                # 5x5, stride 1: 25x the input
     assert L.Conv(8, 3, strides=2)._impl(64) == "im2col"  # patches 9/4 of the input
     assert L.Conv(8, 1)._impl(64) == "im2col"            # 1x1: a plain matmul
     assert L.Conv(8, 7, strides=2)._impl(3) == "xla"     # 49/4 of the input
