@@ -18,6 +18,18 @@ are built from the same pieces, which are public for that reason: `step_body` (t
 step, the one body every step runs), `step_key`, `check_batch`, `check_state` and
 `accepts_train`. This module does not import `jaxdl.parallel`; `make_pmap_train_step` and
 `make_sharded_train_step` are still reachable here, loaded from there on first use.
+
+Options of every train step and loop (`step_options`; off by default, and then the step is the
+float32 program above with no extra state):
+
+- ``precision``: a `jaxdl.precision.Policy` or ``"bf16"``/``"fp16"``: float32 master weights and
+  optimizer state, forward and backward in the compute dtype (Micikevicius et al. 2018);
+- ``loss_scale``: ``"dynamic"`` (PyTorch GradScaler's rule) or a number, kept in
+  ``state.loss_scale``; an overflowing step is skipped and counted in ``nonfinite``;
+- ``micro_batches=K``: gradient accumulation, the mean gradient of K micro-batches in a
+  `lax.scan`, one optimizer step per batch (`accumulate_gradients`);
+- ``ema=decay``: an exponential moving average of the parameters in ``state.ema_params``
+  (Polyak & Juditsky 1992), evaluated with ``make_eval_step(..., use_ema=True)``.
 """
 
 from __future__ import annotations
@@ -32,10 +44,11 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxdl._checks import check_tree_match
+from jaxdl._checks import check_number, check_positive_int, check_tree_match
 from jaxdl._tree import select as select_tree
 from jaxdl.losses import accuracy, softmax_cross_entropy
 from jaxdl.optimizers import apply_updates
+from jaxdl.precision import LossScale, Policy, get_loss_scale, get_policy, with_policy
 from jaxdl.transforms import global_norm
 
 __all__ = [
@@ -51,6 +64,10 @@ __all__ = [
     "check_batch",
     "check_state",
     "accepts_train",
+    "StepOptions",
+    "step_options",
+    "accumulate_gradients",
+    "ema_update",
 ]
 
 Batch = Any
@@ -63,7 +80,9 @@ class TrainState(struct.PyTreeNode):
     ``step`` counts the batches seen (int32), ``params`` and ``model_state`` (e.g. BatchNorm's
     running statistics) are the model's, ``opt_state`` the optimizer's, ``key`` the PRNG key from
     which step t draws ``fold_in(key, t)``. ``input_shape`` (one example, no batch axis) is static metadata used to
-    check batches; it is not a leaf.
+    check batches; it is not a leaf. Optional, None unless the steps use them (`step_options`):
+    ``ema_params``, the moving average of the params (``ema=``), and ``loss_scale``, a
+    `jaxdl.precision.LossScaleState` (``loss_scale=``).
     """
 
     step: jax.Array
@@ -71,25 +90,34 @@ class TrainState(struct.PyTreeNode):
     model_state: Any
     opt_state: Any
     key: jax.Array
+    ema_params: Any = None
+    loss_scale: Any = None
     input_shape: tuple = struct.field(pytree_node=False, default=())
 
     @classmethod
-    def create(cls, model, optimizer: optax.GradientTransformation, key: jax.Array, input_shape) -> "TrainState":
+    def create(cls, model, optimizer: optax.GradientTransformation, key: jax.Array, input_shape, *,
+               ema=None, loss_scale=None) -> "TrainState":
         """Initialize ``model`` for ``input_shape`` (one example) and ``optimizer`` for its params.
 
         ``key`` is split in two: one half initializes the model, the other seeds training.
+        Pass the steps' ``ema`` and ``loss_scale`` here too: ``ema`` (a decay, not None) starts
+        ``ema_params`` as a copy of the params; ``loss_scale`` (``"dynamic"``, a number, a
+        `jaxdl.precision.LossScale`) starts ``loss_scale`` at its initial scale.
         """
         if isinstance(key, int):
             key = jax.random.key(key)
         init_key, train_key = jax.random.split(key)
         input_shape = tuple(int(d) for d in input_shape)
         _, params, model_state = model.init(init_key, input_shape)
+        scaler = get_loss_scale(loss_scale, "TrainState.create")
         return cls(
             step=jnp.zeros([], jnp.int32),
             params=params,
             model_state=model_state,
             opt_state=optimizer.init(params),
             key=train_key,
+            ema_params=None if ema is None or ema is False else jax.tree.map(jnp.copy, params),
+            loss_scale=None if scaler is None else scaler.init(),
             input_shape=input_shape,
         )
 
@@ -183,7 +211,135 @@ def check_state(state: TrainState, loss_fn, optimizer) -> None:
     check_tree_match("train step", expected, state.opt_state, "state.opt_state (against the optimizer)", hint)
 
 
-def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key, reduce_grads=None):
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The optional parts of a train step, checked and fixed when the step is built (static).
+
+    ``policy``: a `jaxdl.precision.Policy` or None; ``micro_batches``: K >= 1; ``loss_scale``: a
+    `jaxdl.precision.LossScale` or None; ``ema``: the decay in [0, 1) or None (may be traced, so
+    that a vmapped sweep over decays compiles once). Build it with `step_options`.
+    """
+
+    policy: Policy | None = None
+    micro_batches: int = 1
+    loss_scale: LossScale | None = None
+    ema: Any = None
+
+
+def step_options(owner: str, precision=None, micro_batches: int = 1, loss_scale=None, ema=None):
+    """Check the steps' optional arguments and bundle them in a `StepOptions`; None when every
+    option is off (then the step is the plain float32 program, with no extra state or ops).
+
+    Refused here, naming the argument: an unknown ``precision``, ``micro_batches`` not an int
+    >= 1, a ``loss_scale`` other than None/"dynamic"/a number > 0, ``ema`` outside [0, 1).
+    """
+    policy = get_policy(precision, owner)
+    check_positive_int(owner, "micro_batches", micro_batches)
+    scaler = get_loss_scale(loss_scale, owner)
+    if ema is not None:
+        if isinstance(ema, bool):
+            raise TypeError(f"{owner}: ema must be a decay in [0, 1) or None, got {ema!r}")
+        check_number(owner, "ema", ema, low=0, high=1, high_open=True)
+    if policy is None and micro_batches == 1 and scaler is None and ema is None:
+        return None
+    return StepOptions(policy, int(micro_batches), scaler, ema)
+
+
+def _check_options_state(state, options) -> None:
+    """Trace-time: the state carries exactly the optional leaves the step updates."""
+    want_ema = options is not None and options.ema is not None
+    want_scale = options is not None and options.loss_scale is not None
+    if want_ema and state.ema_params is None:
+        raise ValueError("train step: ema= is set but state.ema_params is None; build the state with "
+                         "TrainState.create(..., ema=decay)")
+    if not want_ema and state.ema_params is not None:
+        raise ValueError("train step: the state has ema_params but the step was built without ema=; "
+                         "pass the same ema= to the step, or drop them (state.replace(ema_params=None))")
+    if want_scale and state.loss_scale is None:
+        raise ValueError("train step: loss_scale= is set but state.loss_scale is None; build the state "
+                         "with TrainState.create(..., loss_scale=...)")
+    if not want_scale and state.loss_scale is not None:
+        raise ValueError("train step: the state has a loss_scale but the step was built without "
+                         "loss_scale=; pass the same loss_scale= to the step")
+
+
+def accumulate_gradients(loss_fn, params, model_state, batch, key, micro_batches: int = 1,
+                         scale=None, kwargs=None):
+    """``((loss, (model_state', aux)), g)``: the gradient of the mean loss over K micro-batches.
+
+    The batch (every leaf, along its first axis) is cut into K equal micro-batches b_k, and
+
+    .. math:: g = \\frac{1}{K} \\sum_{k=1}^{K} \\nabla L(b_k), \\qquad
+              \\text{loss} = \\frac{1}{K} \\sum_k L(b_k)
+
+    summed in float32 in a `lax.scan`, so the activations held are those of one micro-batch. For
+    a loss that is a mean over examples this is the gradient of the whole batch (the single
+    step's), but the model state is threaded through the micro-batches in order: BatchNorm
+    normalizes each micro-batch with its own statistics and updates its running statistics K
+    times, once per micro-batch (as PyTorch under accumulation). Micro-batch k's key is
+    ``fold_in(key, k)`` (K = 1: ``key`` itself). ``scale`` (a loss scale S): differentiate
+    ``S * L`` and divide the gradient by S (Micikevicius et al. 2018). ``aux`` is the mean over
+    micro-batches. A batch whose size K does not divide is a ValueError.
+    """
+    kwargs = kwargs or {}
+
+    def value_and_grad(model_state, b, k):
+        def scaled(p):
+            loss, (ms, aux) = loss_fn(p, model_state, b, k, **kwargs)
+            return (loss if scale is None else loss * scale.astype(loss.dtype)), (loss, ms, aux)
+
+        (_, (loss, ms, aux)), g = jax.value_and_grad(scaled, has_aux=True)(params)
+        return loss, ms, aux, g
+
+    if micro_batches == 1:
+        loss, model_state, aux, grads = value_and_grad(model_state, batch, key)
+    else:
+        k_ = micro_batches
+        for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+            if np.ndim(x) == 0 or np.shape(x)[0] % k_:
+                raise ValueError(
+                    f"train step: batch leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+                    f"{np.shape(x)}; micro_batches={k_} needs a leading batch axis divisible by {k_}")
+        split = jax.tree.map(lambda x: x.reshape(k_, x.shape[0] // k_, *x.shape[1:]), batch)
+
+        def body(carry, xs):
+            total, ms = carry
+            i, b = xs
+            loss, ms, aux, g = value_and_grad(ms, b, jax.random.fold_in(key, i))
+            return (jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, g), ms), (loss, aux)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+        (total, model_state), (losses, auxs) = jax.lax.scan(
+            body, (zeros, model_state), (jnp.arange(k_), split))
+        grads = jax.tree.map(lambda t, p: (t / k_).astype(p.dtype), total, params)
+        loss, aux = jnp.mean(losses), jax.tree.map(lambda a: jnp.mean(a, 0), auxs)
+    if scale is not None:
+        grads = jax.tree.map(lambda g: (g / scale).astype(g.dtype), grads)
+    return (loss, (model_state, aux)), grads
+
+
+def ema_update(ema_params, params, decay, count):
+    """One step of the exponential moving average of the parameters, with warm-up.
+
+    .. math:: \\bar\\theta_{t+1} = d_t \\bar\\theta_t + (1 - d_t)\\, \\theta_{t+1}, \\qquad
+              d_t = \\min\\left(d, \\frac{1 + t}{10 + t}\\right)
+
+    (Polyak & Juditsky 1992 average the iterates; the exponential form with this warm-up of the
+    decay is TensorFlow's ``ExponentialMovingAverage(num_updates=t)``.) ``ema_params`` starts as a
+    copy of the initial params (`TrainState.create`), so no bias correction is needed, and the
+    warm-up keeps the first updates from weighing the random initialization for ~1/(1-d) steps.
+    ``count`` = t is the step counter before the update (0 at the first). Differs from
+    ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(d))``, whose decay is
+    d from the first update, and from ``optax.ema(debias=True)``, which starts at zero and divides
+    by 1 - d^t. Leaves keep their dtype.
+    """
+    t = jnp.asarray(count, jnp.float32)
+    d = jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, params)
+
+
+def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key, reduce_grads=None,
+              options: StepOptions | None = None):
     """One step of pure math: the body of the single-device, scan, pmap and sharded steps.
 
     With ``(loss, (model_state', aux)) = loss_fn(params, model_state, batch, key[, train=True])``
@@ -193,11 +349,21 @@ def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key,
     (``lax.pmean``). Returns ``(new_state, metrics)`` with ``loss``, ``grad_norm`` = ``|g|``,
     ``update_ratio`` = ``|u| / |params|`` (seed 004), ``nonfinite`` and ``aux``; with
     ``skip_nonfinite``, a step whose loss, ``|g|`` or ``|u|`` is NaN/Inf keeps params, model
-    state and optimizer state (only ``step`` advances).
+    state and optimizer state (only ``step`` advances). ``options`` (`step_options`): the
+    precision policy, micro-batches and loss scale act on the gradient (`accumulate_gradients`),
+    the EMA and the loss scale's update follow the step (`_finish_options`); with a loss scale an
+    overflowing step is always skipped.
     """
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(p, state.model_state, batch, key, **kwargs), has_aux=True)
-    (loss, (model_state, aux)), grads = grad_fn(state.params)
+    _check_options_state(state, options)
+    if options is None:
+        grad_fn = jax.value_and_grad(lambda p: loss_fn(p, state.model_state, batch, key, **kwargs), has_aux=True)
+        (loss, (model_state, aux)), grads = grad_fn(state.params)
+    else:
+        scale = None if options.loss_scale is None else state.loss_scale.scale
+        (loss, (model_state, aux)), grads = accumulate_gradients(
+            with_policy(loss_fn, options.policy), state.params, state.model_state, batch, key,
+            options.micro_batches, scale, kwargs)
     if reduce_grads is not None:
         loss, grads, aux = reduce_grads((loss, grads, aux))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -207,7 +373,7 @@ def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key,
     # skipping costs no extra pass over the gradients and updates.
     grad_norm, update_norm, param_norm = global_norm(grads), global_norm(updates), global_norm(state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    if skip_nonfinite:
+    if skip_nonfinite or (options is not None and options.loss_scale is not None):
         params = select_tree(finite, params, state.params)
         model_state = select_tree(finite, model_state, state.model_state)
         opt_state = select_tree(finite, opt_state, state.opt_state)
@@ -219,6 +385,22 @@ def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key,
         **aux,
     }
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    if options is not None:
+        new_state, metrics = _finish_options(options, skip_nonfinite, state, new_state, finite, metrics)
+    return new_state, metrics
+
+
+def _finish_options(options: StepOptions, skip_nonfinite, state, new_state, finite, metrics):
+    """The EMA update (kept on a skipped step) and the loss scale's update; reports ``loss_scale``
+    (the scale this step used)."""
+    if options.ema is not None:
+        ema = ema_update(state.ema_params, new_state.params, options.ema, state.step)
+        if skip_nonfinite or options.loss_scale is not None:
+            ema = select_tree(finite, ema, state.ema_params)
+        new_state = new_state.replace(ema_params=ema)
+    if options.loss_scale is not None:
+        metrics = {**metrics, "loss_scale": state.loss_scale.scale}
+        new_state = new_state.replace(loss_scale=options.loss_scale.update(state.loss_scale, finite))
     return new_state, metrics
 
 
@@ -239,6 +421,10 @@ def make_train_step(
     *,
     skip_nonfinite: bool = True,
     donate: bool = False,
+    precision=None,
+    micro_batches: int = 1,
+    loss_scale=None,
+    ema=None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """A jit-compiled ``step(state, batch) -> (state, metrics)``.
 
@@ -247,58 +433,86 @@ def make_train_step(
     skipped for a NaN/Inf; ``skip_nonfinite=False`` applies such steps anyway) and what the loss
     returns in ``aux``. The step compiles once per batch shape; schedules run on the traced step
     count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers.
+
+    Options (module docstring; build the state with ``TrainState.create(..., ema=ema,
+    loss_scale=loss_scale)``): ``precision`` (``"bf16"``, ``"fp16"``, a `Policy`),
+    ``micro_batches`` (gradient accumulation over K micro-batches), ``loss_scale``
+    (``"dynamic"`` or a number; reports ``loss_scale``), ``ema`` (a decay in [0, 1)).
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"make_train_step: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    options = step_options("make_train_step", precision, micro_batches, loss_scale, ema)
 
     def step(state: TrainState, batch):
         check_batch(state, batch)
         check_state(state, loss_fn, optimizer)
         key = step_key(state)
-        return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key)
+        return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, options=options)
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(loss_fn: LossFn, *, use_ema: bool = False, precision=None) -> Callable[[TrainState, Batch], dict]:
     """A jit-compiled ``evaluate(state, batch) -> metrics`` in eval mode.
 
     Eval mode: running statistics instead of batch statistics, no dropout (``train=False`` and no
     key). The state is never changed. ``metrics`` holds ``loss`` and the loss's ``aux``.
+    ``use_ema=True`` evaluates ``state.ema_params`` (the moving average) instead of
+    ``state.params``, with the same running statistics (those of the raw weights; see
+    `jaxdl.recalibrate_batchnorm` for BatchNorm); ``precision`` runs the model as the train
+    step's policy does.
     """
     if not accepts_train(loss_fn):
         raise TypeError("make_eval_step: loss_fn must accept a train= keyword to run in eval mode")
+    if not isinstance(use_ema, bool):
+        raise TypeError(f"make_eval_step: use_ema must be a bool, got {use_ema!r}")
+    policy = get_policy(precision, "make_eval_step")
+    run = with_policy(loss_fn, policy)
 
     @jax.jit
     def evaluate(state: TrainState, batch):
         check_batch(state, batch)
-        loss, (_, aux) = loss_fn(state.params, state.model_state, batch, None, train=False)
+        if use_ema and state.ema_params is None:
+            raise ValueError("make_eval_step: use_ema=True, but state.ema_params is None; train with "
+                             "ema= and TrainState.create(..., ema=decay)")
+        params = state.ema_params if use_ema else state.params
+        loss, (_, aux) = run(params, state.model_state, batch, None, train=False)
         return {"loss": loss, **aux}
 
     return evaluate
 
 
 def make_train_loop(
-    loss_fn: LossFn, optimizer: optax.GradientTransformation, *, skip_nonfinite: bool = True
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    skip_nonfinite: bool = True,
+    donate: bool = False,
+    precision=None,
+    micro_batches: int = 1,
+    loss_scale=None,
+    ema=None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """A jit-compiled ``loop(state, batches) -> (state, metrics)`` fusing K steps in one `lax.scan`.
 
     ``batches`` stacks K batches along a new leading axis; the metrics come back stacked per step.
-    Each iteration is exactly `make_train_step`'s step, so K loop iterations end in the same state
-    as K single steps, with one dispatch instead of K.
+    Each iteration is exactly `make_train_step`'s step (with the same options: ``precision``,
+    ``micro_batches``, ``loss_scale``, ``ema``), so K loop iterations end in the same state as K
+    single steps, with one dispatch instead of K. ``donate=True`` lets XLA reuse the old state's
+    buffers (what `jaxdl.fit` does: it owns the state).
     """
+    options = step_options("make_train_loop", precision, micro_batches, loss_scale, ema)
 
     def body(state, batch):
         key = step_key(state)
-        return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key)
+        return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, options=options)
 
-    @jax.jit
     def loop(state: TrainState, batches):
         check_batch(state, jax.tree.map(lambda b: b[0], batches))
         check_state(state, loss_fn, optimizer)
         return jax.lax.scan(body, state, batches)
 
-    return loop
+    return jax.jit(loop, donate_argnums=(0,) if donate else ())
 
 
 def __getattr__(name):
