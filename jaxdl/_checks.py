@@ -1,4 +1,6 @@
-"""Argument checks shared by the constructors of transforms, schedules and optimizers.
+"""Argument checks, one home for all of jaxdl, with one message format:
+``owner: name=value is out of range; expected ...`` (ValueError) and ``owner: name must be ...,
+got ... of type ...`` (TypeError).
 
 Hyperparameters may be Python numbers, concrete arrays, or traced values (a vmapped sweep builds
 its optimizer inside the traced function). Concrete values are checked at construction; traced
@@ -58,12 +60,30 @@ def check_number(
         raise ValueError(f"{owner}: {name}={shown!r} is out of range; expected {expected}")
 
 
-def check_positive_int(owner: str, name: str, value: Any) -> None:
-    """Raise unless `value` is an integer >= 1 (steps, periods and other counts)."""
+def check_int(
+    owner: str, name: str, value: Any, *, low: int = 1, high: int | None = None, allow_none: bool = False
+) -> int | None:
+    """Return ``int(value)``; raise unless it is an integer in ``[low, high]`` (None where allowed).
+
+    The one check of every count in jaxdl (sizes, steps, periods, devices). A value of another
+    type is a TypeError, ``owner: name must be an int, got 1.5 of type float``; one outside the
+    range a ValueError, ``owner: name=0 is out of range; expected an integer >= 1``.
+    """
+    if value is None and allow_none:
+        return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{owner}: {name} must be an int, got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{owner}: {name}={value!r} is out of range; expected an integer >= 1")
+        kind = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{owner}: {name} must be {kind}, got {value!r} of type {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValueError(f"{owner}: {name}={value!r} is out of range; expected {expected}"
+                         + (" or None" if allow_none else ""))
+    return int(value)
+
+
+def check_positive_int(owner: str, name: str, value: Any) -> int:
+    """`check_int` with ``low=1``: steps, periods and other counts."""
+    return check_int(owner, name, value, low=1)
 
 
 def check_tree_match(

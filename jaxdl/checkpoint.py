@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdl._checks import check_int
 from jaxdl._tree import is_key
 
 MANIFEST = "jaxdl_manifest.json"
@@ -252,14 +253,6 @@ def restore_checkpoint(path, target):
 # ----------------------------------------------------------------------------- manager
 
 
-def _positive_int(value, name: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        allowed = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
 class CheckpointManager:
     """Numbered checkpoints in one directory: save every N steps, keep the last K, restore the
     newest good one. A thin wrapper over `orbax.checkpoint.CheckpointManager` (synchronous
@@ -282,8 +275,8 @@ class CheckpointManager:
     """
 
     def __init__(self, directory, max_to_keep=3, save_interval_steps: int = 1):
-        _positive_int(max_to_keep, "max_to_keep", allow_none=True)
-        _positive_int(save_interval_steps, "save_interval_steps")
+        check_int("CheckpointManager", "max_to_keep", max_to_keep, allow_none=True)
+        check_int("CheckpointManager", "save_interval_steps", save_interval_steps)
         self.directory = os.path.abspath(os.fspath(directory))
         self.max_to_keep = max_to_keep
         self.save_interval_steps = int(save_interval_steps)

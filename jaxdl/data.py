@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl._checks import check_int
+
 DATASETS = ("mnist5k", "digits", "mnist:DIR", "npz:PATH")
 # name -> (test_size, val_size) used when the caller passes None.
 _DEFAULT_SIZES = {"mnist5k": (1000, 500), "digits": (360, 180), "mnist": (None, 5000)}
@@ -325,10 +327,8 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None,
 # ----------------------------------------------------------------------------- batching
 
 
-def _check_batch_size(batch_size, n: int, drop_last: bool) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def _check_batch_size(owner: str, batch_size, n: int, drop_last: bool) -> None:
+    check_int(owner, "batch_size", batch_size)
     if drop_last and batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the number of examples ({n}) with "
                          f"drop_last=True, so an epoch would have no batch; expected "
@@ -351,7 +351,7 @@ def batches(x, y, batch_size: int, key, epoch: int = 0, *, drop_last: bool = Tru
     n = len(x)
     if len(y) != n:
         raise ValueError(f"x and y must hold as many examples, got {n} and {len(y)}")
-    _check_batch_size(batch_size, n, drop_last)
+    _check_batch_size("batches", batch_size, n, drop_last)
     order = epoch_permutation(n, key, epoch) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
@@ -367,13 +367,11 @@ def batch_blocks(x, y, batch_size: int, block_size: int, key, epoch: int = 0
     a time: x_block has shape (K, batch_size, ...). A last block with fewer than K batches is
     yielded as it is (one extra compilation of the loop for that length).
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
-            or block_size <= 0:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    check_int("batch_blocks", "block_size", block_size)
     n = len(x)
     if len(y) != n:
         raise ValueError(f"x and y must hold as many examples, got {n} and {len(y)}")
-    _check_batch_size(batch_size, n, drop_last=True)
+    _check_batch_size("batch_blocks", batch_size, n, drop_last=True)
     order = epoch_permutation(n, key, epoch)
     num_batches = n // batch_size
     order = order[:num_batches * batch_size].reshape(num_batches, batch_size)
@@ -389,8 +387,7 @@ def prefetch_to_device(iterator, size: int = 2, device=None) -> Iterator:
     to the device while step i runs (seed 001: do not let data loading bottleneck training).
     ``device`` is a device or a sharding (None: the default device).
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+    check_int("prefetch_to_device", "size", size)
     queue = collections.deque()
     iterator = iter(iterator)
 
@@ -493,11 +490,6 @@ def _check_images(images) -> None:
                          f"{jnp.shape(images)}")
 
 
-def _check_nonneg_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
 def random_flip(key, images, prob: float = 0.5):
     """Flip each image left-right (axis W) with probability ``prob`` (seed 000).
 
@@ -531,8 +523,8 @@ def random_shift(key, images, max_shift=2):
     """
     _check_images(images)
     max_y, max_x = (max_shift, max_shift) if np.ndim(max_shift) == 0 else tuple(max_shift)
-    _check_nonneg_int(max_y, "max_shift")
-    _check_nonneg_int(max_x, "max_shift")
+    check_int("random_shift", "max_shift", max_y, low=0)
+    check_int("random_shift", "max_shift", max_x, low=0)
     return _pad_and_crop(key, images, int(max_y), int(max_x), "constant")
 
 
@@ -543,7 +535,7 @@ def random_crop(key, images, padding: int = 4, pad_mode: str = "constant"):
     CIFAR recipe is padding=4.
     """
     _check_images(images)
-    _check_nonneg_int(padding, "padding")
+    check_int("random_crop", "padding", padding, low=0)
     if pad_mode not in ("constant", "edge", "reflect"):
         raise ValueError(f"pad_mode must be 'constant', 'edge' or 'reflect', got {pad_mode!r}")
     return _pad_and_crop(key, images, int(padding), int(padding), pad_mode)

@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from jaxdl import init as initializers
+from jaxdl._checks import check_number, check_positive_int
 
 __all__ = [
     "Dense", "Conv", "MaxPool", "AvgPool", "Flatten", "Relu", "LeakyRelu", "PRelu", "Sigmoid",
@@ -47,22 +48,19 @@ _frozen = dataclasses.dataclass(frozen=True)
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _positive_int(layer, name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _int_pair(layer, name, value):
     """An int or a pair of ints -> a pair of positive ints."""
     pair = (value, value) if isinstance(value, (int, np.integer)) else value
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(f"{layer}: {name} must be a positive int or a pair of them, got {value!r}")
-    return tuple(_positive_int(layer, name, v) for v in pair)
+        raise ValueError(f"{layer}: {name}={value!r} is not an int or a pair; expected a positive int or a pair of them")
+    return tuple(check_positive_int(layer, name, v) for v in pair)
 
 
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def _check_real(layer, name, value, **interval):
+    """A layer hyperparameter is a Python real number (a static field) inside the interval."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{layer}: {name} must be a real number, got {value!r} of type {type(value).__name__}")
+    check_number(layer, name, value, **interval)
 
 
 def _padding(layer, value):
@@ -206,7 +204,7 @@ class Dense(Layer):
     use_bias: bool = True
 
     def __post_init__(self):
-        _positive_int("Dense", "features", self.features)
+        check_positive_int("Dense", "features", self.features)
         _callable("Dense", "w_init", self.w_init)
         _callable("Dense", "b_init", self.b_init)
 
@@ -289,7 +287,7 @@ class Conv(Layer):
     im2col_max_depth = 27     # kh*kw*I: shallow inputs, where XLA's kernel gradient is slow
 
     def __post_init__(self):
-        _positive_int("Conv", "features", self.features)
+        check_positive_int("Conv", "features", self.features)
         _set(self, kernel_size=_int_pair("Conv", "kernel_size", self.kernel_size),
              strides=_int_pair("Conv", "strides", self.strides),
              padding=_padding("Conv", self.padding))
@@ -339,8 +337,8 @@ class Maxout(Layer):
     b_init: Initializer = initializers.zeros
 
     def __post_init__(self):
-        _positive_int("Maxout", "features", self.features)
-        _positive_int("Maxout", "pieces", self.pieces)
+        check_positive_int("Maxout", "features", self.features)
+        check_positive_int("Maxout", "pieces", self.pieces)
         _callable("Maxout", "w_init", self.w_init)
         _callable("Maxout", "b_init", self.b_init)
 
@@ -498,9 +496,7 @@ class Dropout(Layer):
     rate: float
 
     def __post_init__(self):
-        if not _is_real(self.rate) or not 0 <= self.rate < 1:
-            raise ValueError(f"Dropout: rate (probability of dropping) must be in [0, 1), "
-                             f"got {self.rate!r}")
+        _check_real("Dropout", "rate", self.rate, low=0.0, high=1.0, high_open=True)  # drop probability
 
     def init(self, key, input_shape):
         return tuple(input_shape), {}, {}
@@ -543,11 +539,8 @@ class BatchNorm(Layer):
     axis_name: Any = None
 
     def __post_init__(self):
-        if not _is_real(self.momentum) or not 0 <= self.momentum <= 1:
-            raise ValueError(f"BatchNorm: momentum (weight of the old running value) must be in "
-                             f"[0, 1], got {self.momentum!r}")
-        if not _is_real(self.eps) or not self.eps > 0:
-            raise ValueError(f"BatchNorm: eps must be > 0, got {self.eps!r}")
+        _check_real("BatchNorm", "momentum", self.momentum, low=0.0, high=1.0)  # weight of the old value
+        _check_real("BatchNorm", "eps", self.eps, low=0.0, low_open=True)
 
     def init(self, key, input_shape):
         shape = _rank("BatchNorm", input_shape, None, "")

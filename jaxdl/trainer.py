@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from jaxdl import data
-from jaxdl._checks import check_positive_int
+from jaxdl._checks import check_int, check_positive_int
 from jaxdl.train_step import TrainState, check_labels, make_eval_step, make_train_loop, supervised_loss
 
 __all__ = [
@@ -437,14 +437,6 @@ def _digest(*arrays) -> str:
     return h.hexdigest()
 
 
-def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        expected = f"an integer >= {low}" + (" or None" if allow_none else "")
-        raise ValueError(f"fit: {name}={value!r} is out of range; expected {expected}")
-
-
 def _check_classes(name: str, y: np.ndarray, out_shape) -> None:
     """Integer labels of a classifier (outputs (C,)) must lie in [0, C)."""
     if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(out_shape) == 1:
@@ -554,16 +546,16 @@ def fit(
     val = _arrays("validation", validation) if validation is not None else None
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"fit: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
-    _check_int("epochs", epochs, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("fit", "epochs", epochs, low=1)
+    check_int("fit", "batch_size", batch_size, low=1)
     if batch_size > len(y):
         raise ValueError(f"fit: batch_size={batch_size} exceeds the {len(y)} training examples")
-    _check_int("early_stopping", early_stopping, 1, allow_none=True)
-    _check_int("checkpoint_every", checkpoint_every, 1, allow_none=True)
-    _check_int("keep", keep, 1)
-    _check_int("block_size", block_size, 1, allow_none=True)
-    _check_int("devices", devices, 1, allow_none=True)
-    _check_int("seed", seed, 0)
+    check_int("fit", "early_stopping", early_stopping, low=1, allow_none=True)
+    check_int("fit", "checkpoint_every", checkpoint_every, low=1, allow_none=True)
+    check_int("fit", "keep", keep, low=1)
+    check_int("fit", "block_size", block_size, low=1, allow_none=True)
+    check_int("fit", "devices", devices, low=1, allow_none=True)
+    check_int("fit", "seed", seed, low=0)
     if early_stopping and val is None:
         raise ValueError(f"fit: early_stopping={early_stopping} needs validation data")
     if val is not None and (val[0].shape[1:] != x.shape[1:] or val[1].shape[1:] != y.shape[1:]):

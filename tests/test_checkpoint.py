@@ -206,12 +206,12 @@ def test_manager_restores_a_train_state(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(max_to_keep=0), "max_to_keep must be a positive integer or None, got 0"),
-    (dict(save_interval_steps=0), "save_interval_steps must be a positive integer, got 0"),
-    (dict(save_interval_steps=2.5), "save_interval_steps must be a positive integer, got 2.5"),
+    (dict(max_to_keep=0), "CheckpointManager: max_to_keep=0 is out of range; expected an integer >= 1 or None"),
+    (dict(save_interval_steps=0), "CheckpointManager: save_interval_steps=0 is out of range; expected an integer >= 1"),
+    (dict(save_interval_steps=2.5), "CheckpointManager: save_interval_steps must be an int, got 2.5 of type float"),
 ])
 def test_bad_manager_arguments(tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         ckpt.CheckpointManager(tmp_path, **kwargs)
 
 
