@@ -1,7 +1,7 @@
 """jaxdl: a small, purely functional deep-learning toolkit on JAX.
 
 ``import jaxdl as dl``. Every piece is a pure function of explicit values (params, model state,
-optimizer state, a PRNG key, a step counter); see DESIGN.md for the public names.
+optimizer state, a PRNG key, a step counter); docs/design.md has the layout, the README the names.
 """
 
 from jaxdl import (
