@@ -13,6 +13,7 @@ from jaxdl import (
     models,
     optimizers,
     parallel,
+    precision,
     schedules,
     sweep,
     train_step,
@@ -73,6 +74,7 @@ from jaxdl.parallel import (
     shard_batch,
     unreplicate,
 )
+from jaxdl.precision import DynamicLossScale, LossScale, Policy
 from jaxdl.sweep import coarse_to_fine, grid, scale_init
 from jaxdl.trainer import FitResult, evaluate, fit
 from jaxdl.train_step import (
@@ -80,6 +82,7 @@ from jaxdl.train_step import (
     make_eval_step,
     make_train_loop,
     make_train_step,
+    recalibrate_batchnorm,
     supervised_loss,
 )
 

@@ -178,6 +178,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="step: factor of each drop" + d("step_factor"))
     g.add_argument("--decay-rate", type=_nonneg_float, help="inverse-time: decay per step"
                    + d("decay_rate"))
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="fp32, or float32 "
+                   "master weights with bfloat16 / float16 forward and backward passes (fp16 adds "
+                   "a dynamic loss scale)" + d("precision"))
+    g.add_argument("--accumulate", type=_positive_int, metavar="K", help="gradient accumulation: "
+                   "one optimizer step per batch, the mean gradient of K micro-batches of "
+                   "batch-size/K examples" + d("accumulate"))
+    g.add_argument("--ema", type=_rate, metavar="DECAY", help="keep an exponential moving average "
+                   "of the weights and report its validation and test accuracy too (default: off)")
     g.add_argument("--clip", type=_positive_float, metavar="MAX_ABS",
                    help="clip every gradient entry to [-MAX_ABS, MAX_ABS] (default: off)")
     g.add_argument("--clip-norm", type=_positive_float, metavar="MAX_NORM",
@@ -373,6 +381,10 @@ def setup(cfg: dict, ds: data.Dataset) -> Setup:
                              f"--xla_force_host_platform_device_count={cfg['devices']}")
         if cfg["batch_size"] % cfg["devices"]:
             raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}")
+    k = cfg.get("accumulate", 1)
+    if cfg["batch_size"] % (k * (cfg.get("devices") or 1)):
+        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by --accumulate {k}"
+                         + (f" times --devices {cfg['devices']}" if cfg.get("devices") else ""))
     if cfg["augment"] and ds.train.x.ndim != 4:
         raise UsageError(f"--augment {cfg['augment']}: shifts images, but --dataset {cfg['dataset']} "
                          f"has examples of shape {ds.train.x.shape[1:]}")
@@ -396,11 +408,21 @@ def _fit(cfg: dict, ds: data.Dataset, s: Setup, out: str, resume: bool, quiet: b
             batch_size=cfg["batch_size"], seed=cfg["seed"], augment=cfg["augment"] or None,
             early_stopping=cfg["early_stopping"], out_dir=out, resume=resume,
             checkpoint_every=cfg["checkpoint_every"], keep=cfg["keep"], devices=cfg["devices"],
-            progress=not quiet, block_size=cfg["block_size"], learning_rate=s.schedule, log=log)
+            progress=not quiet, block_size=cfg["block_size"], learning_rate=s.schedule, log=log,
+            **_step_options(cfg))
     except CorruptCheckpointError as err:
         raise RunError(f"cannot resume: {err}") from None
     except OSError as err:
         raise RunError(str(err)) from None
+
+
+def _step_options(cfg: dict) -> dict:
+    """`fit`'s precision, micro_batches, loss_scale and ema of a configuration (``--precision
+    fp16`` trains with a dynamic loss scale); a config.json older than these options has none."""
+    precision = cfg.get("precision", "fp32")
+    return {"precision": None if precision == "fp32" else precision,
+            "micro_batches": cfg.get("accumulate", 1),
+            "loss_scale": "dynamic" if precision == "fp16" else None, "ema": cfg.get("ema")}
 
 
 # ----------------------------------------------------------------------------- commands
@@ -434,11 +456,16 @@ def cmd_train(explicit: dict, log) -> dict:
     log(f"run directory {out}: {cfg['model']} on {cfg['dataset']} ({info['train_examples']} train "
         f"examples, {s.steps_per_epoch} steps per epoch), {cfg['optimizer']} lr {cfg['lr']:g}")
     result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, log)
-    test = trainer.evaluate(s.model, result.state, ds.test)
+    precision = _step_options(cfg)["precision"]
+    test = trainer.evaluate(s.model, result.state, ds.test, precision=precision)
     n_test = len(ds.test.y)
+    ema_test = {}
+    if cfg.get("ema") is not None:
+        m = trainer.evaluate(s.model, result.state, ds.test, precision=precision, use_ema=True)
+        ema_test = {"ema_test_accuracy": m["accuracy"], "ema_test_loss": m["loss"]}
     summary = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": n_test,
-        "test_correct": int(round(test["accuracy"] * n_test)), "dataset": cfg["dataset"],
+        "test_correct": int(round(test["accuracy"] * n_test)), **ema_test, "dataset": cfg["dataset"],
         "steps": result.steps, "epochs_completed": len(result.history),
         "stopped_early": result.stopped_early,
         "best_epoch": result.best_epoch if cfg["early_stopping"] else None,
@@ -449,8 +476,10 @@ def cmd_train(explicit: dict, log) -> dict:
         "config": cfg, "data": info,
     }
     trainer.write_json(os.path.join(out, "summary.json"), summary)
+    ema_line = (f", EMA weights {ema_test['ema_test_accuracy']:.4f} (loss {ema_test['ema_test_loss']:.4f})"
+                if ema_test else "")
     print(f"test accuracy {test['accuracy']:.4f} ({summary['test_correct']}/{n_test} on {cfg['dataset']}), "
-          f"test loss {test['loss']:.4f}, {summary['wall_time_s']:.1f} s; run directory {out}")
+          f"test loss {test['loss']:.4f}{ema_line}, {summary['wall_time_s']:.1f} s; run directory {out}")
     return summary
 
 

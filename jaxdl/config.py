@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "clip": None, "clip_norm": None, "noise_eta": 0.0, "noise_gamma": 0.55, "weight_decay": None,
     "epochs": None, "batch_size": 64, "augment": 1, "early_stopping": None, "seed": 0,
     "checkpoint_every": None, "keep": 3, "block_size": None, "devices": None,
+    "precision": "fp32", "accumulate": 1, "ema": None,
 }
 # Per-model defaults, measured on mnist5k (docs/cli.md): MLP >= 95% in < 1 min, CNN >= 98% in < 3 min.
 MODEL_DEFAULTS = {

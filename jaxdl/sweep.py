@@ -7,7 +7,8 @@
 - ``seeds`` (S ints) vary everything random: the model's initialization, dropout masks and, when
   ``make_optimizer`` takes a ``key`` argument, the optimizer's own randomness (`add_noise`).
 - ``hparams`` (H settings) are the values handed to ``make_optimizer(**setting)`` (learning
-  rate, momentum, noise eta, weight decay, ...), plus the reserved name ``init_scale``.
+  rate, momentum, noise eta, weight decay, ...), plus the reserved names ``init_scale``,
+  ``ema`` (the EMA decay of the train loop) and ``loss_scale`` (the initial loss scale).
 
 Grid semantics: the settings are *zipped* (setting h takes ``hparams[name][h]`` for every name;
 build a Cartesian product with `grid`), and the runs are the *product* seeds x settings, seed
@@ -24,10 +25,12 @@ Each run is exactly the single run::
     tx = make_optimizer(**setting)           # plus key=jax.random.fold_in(key, 1) if accepted
     state = TrainState.create(model, tx, key, input_shape)
     state = state.replace(params=p := scale_init(state.params, init_scale), opt_state=tx.init(p))
-    state, metrics = make_train_loop(loss_fn, tx)(state, batches)
+    state, metrics = make_train_loop(loss_fn, tx, precision=..., micro_batches=...,
+                                     loss_scale=..., ema=...)(state, batches)
 
-(the ``scale_init`` line only when ``init_scale`` is swept). Tests check the sweep against a
-Python loop of these runs.
+(the ``scale_init`` line only when ``init_scale`` is swept; ``ema`` and ``loss_scale`` from the
+setting when swept, else from `sweep`'s arguments; the state built with them). Tests check the
+sweep against a Python loop of these runs.
 """
 
 from __future__ import annotations
@@ -41,12 +44,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl.train_step import TrainState, make_eval_step, make_train_loop
+from jaxdl._checks import check_number
+from jaxdl.precision import get_loss_scale, get_policy
+from jaxdl.train_step import TrainState, make_eval_step, make_train_loop, step_options
 
-__all__ = ["sweep", "grid", "scale_init", "coarse_to_fine", "SearchResult", "INIT_SCALE"]
+__all__ = ["sweep", "grid", "scale_init", "coarse_to_fine", "SearchResult", "INIT_SCALE", "EMA",
+           "LOSS_SCALE"]
 
 INIT_SCALE = "init_scale"
 """The reserved hyperparameter name: multiplies the initial kernels (see `scale_init`)."""
+EMA = "ema"
+"""The reserved hyperparameter name of the train loop's EMA decay (a vmapped sweep over decays)."""
+LOSS_SCALE = "loss_scale"
+"""The reserved hyperparameter name of the initial loss scale (``state.loss_scale.scale``)."""
 
 
 def scale_init(params, scale):
@@ -126,37 +136,50 @@ def _seeds(seeds) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values):
-    """The per-run optimizer and initial state, from a (traced) seed and setting."""
+def _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values, ema=None, loss_scale=None):
+    """The per-run optimizer, initial state and EMA decay, from a (traced) seed and setting."""
     key = jax.random.key(seed)
     setting = {n: values[i] for i, n in enumerate(names)}
     init_scale = setting.pop(INIT_SCALE, None)
+    ema = setting.pop(EMA, ema)
+    initial_loss_scale = setting.pop(LOSS_SCALE, None)
     if pass_key:
         setting["key"] = jax.random.fold_in(key, 1)
     tx = make_optimizer(**setting)
-    state = TrainState.create(model, tx, key, input_shape)
+    state = TrainState.create(model, tx, key, input_shape, ema=ema, loss_scale=loss_scale)
     if init_scale is not None:
         params = scale_init(state.params, init_scale)
-        state = state.replace(params=params, opt_state=tx.init(params))
-    return tx, state
+        state = state.replace(params=params, opt_state=tx.init(params),
+                              ema_params=None if ema is None else jax.tree.map(jnp.copy, params))
+    if initial_loss_scale is not None:
+        state = state.replace(loss_scale=state.loss_scale.replace(
+            scale=jnp.asarray(initial_loss_scale, jnp.float32)))
+    return tx, state, ema
 
 
 @functools.partial(jax.jit, static_argnames=(
     "loss_fn", "make_optimizer", "model", "input_shape", "names", "chunk_size", "return_state",
-    "skip_nonfinite"))
+    "skip_nonfinite", "precision", "micro_batches", "loss_scale", "ema"))
 def _run(seeds, table, batches, eval_batch, *, loss_fn, make_optimizer, model, input_shape, names,
-         chunk_size, return_state, skip_nonfinite):
+         chunk_size, return_state, skip_nonfinite, precision, micro_batches, loss_scale, ema):
     pass_key = _accepts_key(make_optimizer)
-    evaluate = None if eval_batch is None else make_eval_step(loss_fn)
+    evaluate = None if eval_batch is None else make_eval_step(loss_fn, precision=precision)
+    evaluate_ema = None if eval_batch is None or (ema is None and EMA not in names) else \
+        make_eval_step(loss_fn, precision=precision, use_ema=True)
 
     def one(args):
         seed, values = args
-        tx, state = _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values)
-        state, metrics = make_train_loop(loss_fn, tx, skip_nonfinite=skip_nonfinite)(state, batches)
+        tx, state, decay = _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values,
+                                     ema, loss_scale)
+        loop = make_train_loop(loss_fn, tx, skip_nonfinite=skip_nonfinite, precision=precision,
+                               micro_batches=micro_batches, loss_scale=loss_scale, ema=decay)
+        state, metrics = loop(state, batches)
         out = dict(metrics)
         out.update({f"final_{k}": v[-1] for k, v in metrics.items()})
         if evaluate is not None:
             out.update({f"eval_{k}": v for k, v in evaluate(state, eval_batch).items()})
+        if evaluate_ema is not None:
+            out.update({f"ema_eval_{k}": v for k, v in evaluate_ema(state, eval_batch).items()})
         if return_state:
             out["state"] = state
         return out
@@ -179,6 +202,10 @@ def sweep(
     chunk_size: int | None = None,
     return_state: bool = False,
     skip_nonfinite: bool = True,
+    precision=None,
+    micro_batches: int = 1,
+    loss_scale=None,
+    ema=None,
 ) -> dict[str, Any]:
     """Train every (seed, setting) run of one model in one compiled, vmapped call.
 
@@ -190,7 +217,11 @@ def sweep(
     ``add_noise(eta, key=key)``. ``batches`` stacks the K training batches (leading axis K),
     shared by all runs. ``hparams`` maps names to scalars or 1-D arrays of one length H (zipped;
     `grid` builds products); ``init_scale`` is reserved: it multiplies the initial kernels
-    (`scale_init`) instead of going to ``make_optimizer``. ``seeds``: an int or S ints.
+    (`scale_init`) instead of going to ``make_optimizer``; ``ema`` sweeps the EMA decay and
+    ``loss_scale`` the initial loss scale (one compilation for every value). ``seeds``: an int or
+    S ints. ``precision``, ``micro_batches``, ``loss_scale`` (needed to sweep its initial value)
+    and ``ema`` are the train loop's options (`jaxdl.train_step.make_train_loop`), the same for
+    every run.
 
     Runs are seeds x settings, seed major (run ``r = s*H + h``), R = S*H. Returns a dict of
     numpy arrays with a leading run axis:
@@ -198,7 +229,8 @@ def sweep(
     - ``seed`` (R,) and every hyperparameter (R,): what run r used;
     - every step metric of `make_train_loop` (``loss``, ``grad_norm``, ``update_ratio``,
       ``nonfinite``, ``accuracy``, ...) as a curve (R, K), and its last value ``final_<name>`` (R,);
-    - with ``eval_batch``: ``eval_<name>`` (R,) from `make_eval_step` after training;
+    - with ``eval_batch``: ``eval_<name>`` (R,) from `make_eval_step` after training, and with an
+      EMA ``ema_eval_<name>`` (R,) of the averaged weights;
     - with ``return_state``: ``state``, the final `TrainState` of every run (leading axis R).
 
     ``chunk_size`` vmaps that many runs at a time (``lax.map(..., batch_size=chunk_size)``) to
@@ -218,11 +250,21 @@ def sweep(
         raise ValueError(f"sweep: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not callable(make_optimizer):
         raise TypeError(f"sweep: make_optimizer must be callable (**hparams) -> optimizer, got {make_optimizer!r}")
+    step_options("sweep", precision, micro_batches, loss_scale, ema)  # refuse bad options here
+    if EMA in names:
+        check_number("sweep", "hparams['ema']", table[:, names.index(EMA)], low=0, high=1, high_open=True)
+    if LOSS_SCALE in names:
+        if loss_scale is None:
+            raise ValueError("sweep: hparams['loss_scale'] sweeps the initial loss scale; pass "
+                             "loss_scale='dynamic' or a number to choose the rule")
+        check_number("sweep", "hparams['loss_scale']", table[:, names.index(LOSS_SCALE)], low=0, low_open=True)
     out = _run(jnp.asarray(run_seeds), jnp.asarray(run_table), batches, eval_batch,
                loss_fn=loss_fn, make_optimizer=make_optimizer, model=model,
                input_shape=tuple(int(d) for d in input_shape), names=names,
                chunk_size=min(chunk_size or s * h, s * h), return_state=bool(return_state),
-               skip_nonfinite=bool(skip_nonfinite))
+               skip_nonfinite=bool(skip_nonfinite), precision=get_policy(precision, "sweep"),
+               micro_batches=micro_batches, loss_scale=get_loss_scale(loss_scale, "sweep"),
+               ema=None if ema is None else float(ema))
     state = out.pop("state", None)
     result = {"seed": run_seeds}
     result.update({n: run_table[:, i] for i, n in enumerate(names)})

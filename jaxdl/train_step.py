@@ -68,6 +68,7 @@ __all__ = [
     "step_options",
     "accumulate_gradients",
     "ema_update",
+    "recalibrate_batchnorm",
 ]
 
 Batch = Any
@@ -336,6 +337,61 @@ def ema_update(ema_params, params, decay, count):
     t = jnp.asarray(count, jnp.float32)
     d = jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + t) / (10.0 + t))
     return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, params)
+
+
+def _momentum_zero(model):
+    """``model`` with every `jaxdl.layers.BatchNorm` at momentum 0 (its state becomes the batch's
+    statistics), and the count of them."""
+    from jaxdl.layers import BatchNorm, Sequential
+    from jaxdl.precision import PolicyModel
+
+    if isinstance(model, BatchNorm):
+        return dataclasses.replace(model, momentum=0.0), 1
+    if isinstance(model, Sequential):
+        layers = [_momentum_zero(layer) for layer in model.layers]
+        return Sequential(*(layer for layer, _ in layers)), sum(n for _, n in layers)
+    if isinstance(model, PolicyModel):
+        inner, n = _momentum_zero(model.model)
+        return dataclasses.replace(model, model=inner), n
+    return model, 0
+
+
+def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
+    """BatchNorm running statistics recomputed for ``params`` (e.g. averaged weights) over ``batches``.
+
+    The semantics of ``torch.optim.swa_utils.update_bn`` (Izmailov et al. 2018, "Averaging
+    weights leads to wider optima and better generalization", sec. 3.2): run the model in
+    training mode on each batch n = 1..N and set every BatchNorm's running mean and (unbiased)
+    variance to the cumulative average of the batch statistics,
+
+    .. math:: \bar\mu_n = \bar\mu_{n-1} + \frac{1}{n}(\mu_n - \bar\mu_{n-1}),
+              \quad\text{i.e.}\quad \bar\mu_N = \frac{1}{N}\sum_n \mu_n
+
+    (each batch weighs the same, whatever its size, as in PyTorch's ``momentum=None``). The
+    average weights of an EMA or SWA have no running statistics of their own; those trained
+    with the raw weights do not fit them. ``batches``: an iterable of ``x`` or ``(x, ...)``
+    batches (a stacked array ``(N, B, ...)`` works). Dropout, if any, draws from ``key`` (default
+    ``key(0)``) as in training, like ``update_bn`` in ``model.train()``. Returns the new model
+    state; ``model_state`` gives its structure. A model without `jaxdl.layers.BatchNorm` is a
+    ValueError (there is nothing to recalibrate).
+    """
+    zero, count = _momentum_zero(model)
+    if count == 0:
+        raise ValueError(f"recalibrate_batchnorm: the model has no jaxdl.layers.BatchNorm, got {model!r}")
+    key = jax.random.key(0) if key is None else key
+
+    @jax.jit
+    def stats(x, k):
+        return zero.apply(params, model_state, x, train=True, key=k)[1]
+
+    average = None
+    for i, batch in enumerate(batches):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        new = stats(jnp.asarray(x), jax.random.fold_in(key, i))
+        average = new if average is None else jax.tree.map(lambda a, b: a + (b - a) / (i + 1), average, new)
+    if average is None:
+        raise ValueError("recalibrate_batchnorm: batches is empty")
+    return average
 
 
 def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key, reduce_grads=None,

@@ -43,7 +43,15 @@ import optax
 
 from jaxdl import data
 from jaxdl._checks import check_int, check_positive_int
-from jaxdl.train_step import TrainState, check_labels, make_eval_step, make_train_loop, supervised_loss
+from jaxdl.precision import get_policy
+from jaxdl.train_step import (
+    TrainState,
+    check_labels,
+    make_eval_step,
+    make_train_loop,
+    step_options,
+    supervised_loss,
+)
 
 __all__ = [
     "fit",
@@ -201,13 +209,14 @@ def _eval_state(state: TrainState) -> TrainState:
 _EVAL_STEPS: dict = {}  # loss -> compiled eval step; the last few, so evaluate() compiles once
 
 
-def _eval_step(loss_fn):
+def _eval_step(loss_fn, use_ema=False, precision=None):
     """The compiled eval step of ``loss_fn``, cached: an `evaluate` each epoch compiles once."""
+    cache_key = loss_fn if not use_ema and precision is None else (loss_fn, use_ema, precision)
     try:
-        step = _EVAL_STEPS.pop(loss_fn, None) or make_eval_step(loss_fn)
+        step = _EVAL_STEPS.pop(cache_key, None) or make_eval_step(loss_fn, use_ema=use_ema, precision=precision)
     except TypeError:  # an unhashable loss: no cache
-        return make_eval_step(loss_fn)
-    _EVAL_STEPS[loss_fn] = step
+        return make_eval_step(loss_fn, use_ema=use_ema, precision=precision)
+    _EVAL_STEPS[cache_key] = step
     while len(_EVAL_STEPS) > 8:
         _EVAL_STEPS.pop(next(iter(_EVAL_STEPS)))
     return step
@@ -224,7 +233,8 @@ def _evaluate_arrays(eval_step, state: TrainState, x, y, batch_size: int) -> dic
     return {name: total / len(y) for name, total in totals.items()}
 
 
-def evaluate(model, state: TrainState, data_, *, batch_size: int = EVAL_BATCH, loss_fn=None) -> dict:
+def evaluate(model, state: TrainState, data_, *, batch_size: int = EVAL_BATCH, loss_fn=None,
+             use_ema: bool = False, precision=None) -> dict:
     """Loss and accuracy of ``state``'s parameters on ``data_`` in eval mode.
 
     Eval mode: BatchNorm uses its running statistics, Dropout is off (seed 001: "at test time
@@ -233,11 +243,14 @@ def evaluate(model, state: TrainState, data_, *, batch_size: int = EVAL_BATCH, l
     mean over examples, each batch weighted by its size, so a last partial batch counts exactly
     as much as its examples. Returns ``{"loss": ..., "accuracy": ...}`` (and any other metric the
     loss reports; ``loss_fn`` default ``supervised_loss(model)``: softmax cross-entropy).
+    ``use_ema=True`` scores ``state.ema_params`` (the moving average of `fit`'s ``ema=``);
+    ``precision`` runs the model under that policy (as `fit` trained it).
     """
     x, y = _arrays("data", data_)
     check_positive_int("evaluate", "batch_size", batch_size)
     loss_fn = loss_fn if loss_fn is not None else supervised_loss(model)
-    return _evaluate_arrays(_eval_step(loss_fn), _eval_state(state), x, y, batch_size)
+    policy = get_policy(precision, "evaluate")
+    return _evaluate_arrays(_eval_step(loss_fn, use_ema, policy), _eval_state(state), x, y, batch_size)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -372,10 +385,10 @@ def _host_copy(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-_RATE_METRICS = ("grad_norm", "update_ratio")  # reported under their own name, not train_*
+_RATE_METRICS = ("grad_norm", "update_ratio", "loss_scale")  # reported under their own name, not train_*
 
 
-def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples) -> dict:
+def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples, ema_val=None) -> dict:
     """One line of metrics.jsonl / one entry of ``history``."""
     record = {"epoch": epoch, "step": step}
     means = {name: float(total) / steps for name, total in sums.items()}
@@ -383,6 +396,8 @@ def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples) -> dict:
         if name not in _RATE_METRICS and name != "nonfinite":
             record[f"train_{name}"] = means[name]
     record.update({f"val_{name}": (val or {})[name] for name in sorted(val or {}, key=lambda n: (n != "loss", n))})
+    record.update({f"ema_val_{name}": ema_val[name]
+                   for name in sorted(ema_val or {}, key=lambda n: (n != "loss", n))})
     if lr is not None:
         record["lr"] = lr
     record.update({name: means[name] for name in _RATE_METRICS if name in means})
@@ -400,6 +415,8 @@ def _epoch_line(record: dict, epochs: int) -> str:
                  if f"{split}_{what}" in record]
         if found:
             parts.append(f"{split} " + " ".join(found).replace("accuracy", "acc") + " |")
+    if "ema_val_accuracy" in record:
+        parts.append(f"ema val acc {record['ema_val_accuracy']:.4f} |")
     if "lr" in record:
         parts.append(f"lr {record['lr']:.3g} |")
     if "update_ratio" in record:
@@ -467,17 +484,20 @@ def _check_same_config(out_dir: str, config: dict) -> None:
                          + "; ".join(differ) + ". Start a new out_dir or pass what the run used.")
 
 
-def _make_loop(loss_fn, optimizer, devices):
+def _make_loop(loss_fn, optimizer, devices, step_kwargs=None):
     """``(loop, place_state, block_sharding)``: the donated scan loop over a block of stacked
     batches, how to place a (fresh or restored) state, and where a block goes (None: default
-    device). With ``devices`` the loop is the sharded scan loop over a `data_mesh` of them."""
+    device). With ``devices`` the loop is the sharded scan loop over a `data_mesh` of them.
+    ``step_kwargs``: the loop's options (precision, micro_batches, loss_scale, ema)."""
+    step_kwargs = step_kwargs or {}
     if not devices:
-        loop = jax.jit(make_train_loop(loss_fn, optimizer, skip_nonfinite=True), donate_argnums=(0,))
+        loop = make_train_loop(loss_fn, optimizer, skip_nonfinite=True, donate=True, **step_kwargs)
         return loop, (lambda s: s), None
     from jaxdl import parallel
 
     mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
-    loop = parallel.make_sharded_train_loop(loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True)
+    loop = parallel.make_sharded_train_loop(loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True,
+                                            **step_kwargs)
     block_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
     return loop, (lambda s: parallel.put_state(s, mesh)), block_sharding
 
@@ -506,6 +526,10 @@ def fit(
     block_size: int | None = None,
     learning_rate=None,
     log: Callable[[str], None] | None = None,
+    precision=None,
+    micro_batches: int = 1,
+    loss_scale=None,
+    ema=None,
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
 
@@ -535,6 +559,18 @@ def fit(
     - ``block_size``: steps per compiled scan call (default: a divisor of the steps per epoch
       near 16); ``learning_rate``: the number or schedule to report as ``lr`` in the history
       (default: read from an `optax.inject_hyperparams` state, else not reported).
+    - ``precision``: ``"bf16"``/``"fp16"`` or a `jaxdl.precision.Policy` (float32 master
+      weights, 16-bit forward and backward; validation runs under the same policy);
+      ``loss_scale``: ``"dynamic"`` or a number (use it with ``"fp16"``), kept in the state and
+      checkpointed; the history reports its mean as ``loss_scale``.
+    - ``micro_batches``: K, gradient accumulation: each optimizer step averages the gradients of
+      K micro-batches of ``batch_size / K`` examples (``batch_size`` must be divisible by K,
+      and by ``devices * K`` with devices); BatchNorm uses each micro-batch's statistics.
+    - ``ema``: a decay in [0, 1): keep an exponential moving average of the params in the
+      state (`jaxdl.train_step.ema_update`); validation is scored with both, and the history
+      adds ``ema_val_loss``, ``ema_val_accuracy``. The returned state carries ``ema_params``
+      (score it with ``evaluate(..., use_ema=True)``); early stopping and ``model/`` use the raw
+      params.
 
     ``history`` entries: ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``val_loss``,
     ``val_accuracy`` (with validation), ``lr``, ``update_ratio`` (mean over the epoch's steps of
@@ -570,6 +606,13 @@ def fit(
             raise ValueError(f"fit: batch_size={batch_size} is not divisible by devices={devices}")
     if (resume or checkpoint_every) and out_dir is None:
         raise ValueError("fit: resume and checkpoint_every need out_dir")
+    options = step_options("fit", precision, micro_batches, loss_scale, ema)
+    if batch_size % ((devices or 1) * micro_batches):
+        raise ValueError(f"fit: batch_size={batch_size} is not divisible by micro_batches={micro_batches}"
+                         + (f" times devices={devices}" if devices else ""))
+    step_kwargs = {} if options is None else {
+        "precision": options.policy, "micro_batches": options.micro_batches,
+        "loss_scale": options.loss_scale, "ema": options.ema}
     try:
         loss_fn = augmented_loss(loss_fn if loss_fn is not None else supervised_loss(model), augment)
     except (TypeError, ValueError) as err:
@@ -581,7 +624,8 @@ def fit(
 
     model_key, data_key, _ = run_keys(seed)
     input_shape = x.shape[1:]
-    state = TrainState.create(model, optimizer, model_key, input_shape)
+    state = TrainState.create(model, optimizer, model_key, input_shape, ema=step_kwargs.get("ema"),
+                              loss_scale=step_kwargs.get("loss_scale"))
     out = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb)[0], state.params, state.model_state,
                          jax.ShapeDtypeStruct((1, *input_shape), x.dtype))
     _check_classes("train", y, out.shape[1:])
@@ -599,13 +643,16 @@ def fit(
         "epochs": epochs, "batch_size": batch_size, "seed": seed, "early_stopping": early_stopping,
         "checkpoint_every": checkpoint_every, "keep": keep, "block_size": block_size, "devices": devices,
     }
+    config.update({k: _describe(v) if k in ("precision", "loss_scale") else (float(v) if k == "ema" else v)
+                   for k, v in step_kwargs.items() if v is not None and not (k == "micro_batches" and v == 1)})
     if out_dir is not None and resume and os.path.isfile(os.path.join(out_dir, "fit_config.json")):
         _check_same_config(out_dir, config)
     if log is None:
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
 
     engine = _Engine(loss_fn, optimizer, x, y, val, epochs, batch_size, steps_per_epoch, block_size,
-                     checkpoint_every, early_stopping, data_key, devices, learning_rate, progress, log)
+                     checkpoint_every, early_stopping, data_key, devices, learning_rate, progress, log,
+                     step_kwargs)
     if out_dir is None:
         return engine.run(state, None)
     os.makedirs(out_dir, exist_ok=True)
@@ -654,6 +701,7 @@ class _Engine(NamedTuple):
     learning_rate: Any
     progress: bool
     log: Callable
+    step_kwargs: dict
 
     def _stop(self, completed_epochs: int, progress: Progress) -> bool:
         patience = self.early_stopping
@@ -663,8 +711,10 @@ class _Engine(NamedTuple):
         from tqdm.auto import tqdm
 
         S, E, bs = self.steps_per_epoch, self.epochs, self.batch_size
-        loop, place, block_sharding = _make_loop(self.loss_fn, self.optimizer, self.devices)
-        eval_step = _eval_step(self.loss_fn)
+        loop, place, block_sharding = _make_loop(self.loss_fn, self.optimizer, self.devices, self.step_kwargs)
+        policy = self.step_kwargs.get("precision")
+        eval_step = _eval_step(self.loss_fn, False, policy)
+        ema_eval_step = _eval_step(self.loss_fn, True, policy) if self.step_kwargs.get("ema") is not None else None
         best = _host_copy({"params": state.params, "model_state": state.model_state}) if self.early_stopping else None
         fresh = Progress({}, np.array(np.inf), np.array(0, np.int64), np.array(0.0))
         run, resumed, history = Run(state, fresh, best), None, []
@@ -699,12 +749,14 @@ class _Engine(NamedTuple):
                         bar.set_postfix_str(f"epoch {epoch + 1}/{E} {shown} {k * bs / seconds:.0f} ex/s")
                     if outputs is not None and step % S:
                         outputs.manager.save(step, run.tree())  # saves when step % checkpoint_every == 0
-                val = None
+                val = ema_val = None
                 if self.val is not None:
                     val = _evaluate_arrays(eval_step, _eval_state(run.state), *self.val, EVAL_BATCH)
+                    if ema_eval_step is not None:
+                        ema_val = _evaluate_arrays(ema_eval_step, _eval_state(run.state), *self.val, EVAL_BATCH)
                 lr = _learning_rate(self.learning_rate, run.state.opt_state, step - 1)
                 record = _epoch_record(epoch + 1, step, run.progress.sums, S, val, lr,
-                                       time.perf_counter() - t_epoch, (step - epoch * S - start) * bs)
+                                       time.perf_counter() - t_epoch, (step - epoch * S - start) * bs, ema_val)
                 history.append(record)
                 if outputs is not None:
                     with open(outputs.metrics_path, "a") as f:

@@ -46,6 +46,7 @@ from jaxdl.train_step import (
     check_state,
     step_body,
     step_key,
+    step_options,
 )
 
 __all__ = ["make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"]
@@ -54,8 +55,11 @@ Batch = Any
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
 
 
-def _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state: TrainState, batch):
-    """`step_body` on this device's shard, averaged over ``axis_name`` (runs inside pmap/shard_map)."""
+def _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state: TrainState, batch, options=None):
+    """`step_body` on this device's shard, averaged over ``axis_name`` (runs inside pmap/shard_map).
+
+    With ``options.micro_batches = K`` each device accumulates the gradient of its shard's K
+    micro-batches first; the average over devices follows, once per optimizer step."""
     check_batch(state, batch)
     check_state(state, loss_fn, optimizer)
     exchange = isinstance(optimizer, CrossDeviceTransformation)
@@ -68,7 +72,7 @@ def _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state: TrainSt
         return mean(loss), grads if exchange else jax.tree.map(mean, grads), jax.tree.map(mean, aux)
 
     key = jax.random.fold_in(step_key(state), lax.axis_index(axis_name))
-    state, metrics = step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads)
+    state, metrics = step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options)
     if exchange:  # each device saw its own local gradients
         metrics["grad_norm"] = mean(metrics["grad_norm"])
     return state, metrics
@@ -136,6 +140,10 @@ def make_pmap_train_step(
     *,
     devices=None,
     skip_nonfinite: bool = True,
+    precision=None,
+    micro_batches: int = 1,
+    loss_scale=None,
+    ema=None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """A `jax.pmap` ``step(state, batch) -> (state, metrics)`` over the local devices.
 
@@ -155,14 +163,17 @@ def make_pmap_train_step(
     ``devices``: None (all local devices), a count, or a list. Metrics come back with the
     leading device axis (equal values); ``step.lower(state, batch)`` gives the lowered program.
     `jax.pmap` is in maintenance mode since JAX 0.8: prefer `make_sharded_train_step`.
+    ``precision``, ``micro_batches`` (per device: each shard is cut into K micro-batches),
+    ``loss_scale`` and ``ema`` as in `jaxdl.train_step.make_train_step`.
     """
     owner = "make_pmap_train_step"
+    options = step_options(owner, precision, micro_batches, loss_scale, ema)
     _check_exchange_axis(owner, optimizer, axis_name)
     devs = pick_devices(owner, devices, jax.local_devices())
     n = len(devs)
     mesh = Mesh(np.array(devs), (axis_name,))
     pstep = jax.pmap(
-        lambda state, batch: _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state, batch),
+        lambda state, batch: _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state, batch, options),
         axis_name=axis_name, devices=devs)
     checked = set()
 
@@ -185,7 +196,7 @@ def make_pmap_train_step(
     return step
 
 
-def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, donate, stacked):
+def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, donate, stacked, options=None):
     """`jax.jit(jax.shard_map(body))` over ``mesh``, with the checks both sharded makers share.
 
     ``stacked=False``: body = one step, batch sharded ``P(axis)``. ``stacked=True``: body =
@@ -201,12 +212,17 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
     placed_hint = "Place the state first: state = jaxdl.parallel.put_state(state, mesh)."
 
     def one_step(state, batch):
-        return _parallel_body(loss_fn, optimizer, skip_nonfinite, axis, state, batch)
+        return _parallel_body(loss_fn, optimizer, skip_nonfinite, axis, state, batch, options)
 
     body = (lambda state, batches: lax.scan(one_step, state, batches)) if stacked else one_step
 
     def run(state: TrainState, batch):
         check_divisible(owner, batch_size_of(owner, batch, batch_axis), n)
+        k = 1 if options is None else options.micro_batches
+        if k > 1 and batch_size_of(owner, batch, batch_axis) // n % k:
+            raise ValueError(f"{owner}: each of the {n} devices gets "
+                             f"{batch_size_of(owner, batch, batch_axis) // n} examples, which "
+                             f"micro_batches={k} does not divide")
         for outer, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_device)[0]:
             if is_per_device(node):
                 for path, x in jax.tree_util.tree_flatten_with_path(node.value)[0]:
@@ -245,6 +261,10 @@ def make_sharded_train_step(
     axis_name: str | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
+    precision=None,
+    micro_batches: int = 1,
+    loss_scale=None,
+    ema=None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The recommended data-parallel step: `jax.jit` of `jax.shard_map` over ``mesh``.
 
@@ -263,10 +283,15 @@ def make_sharded_train_step(
     the step with its `put_batch` part of the global batch; `jax.distributed.initialize`).
     Metrics are replicated scalars. A global batch that the data axis does not divide, or a model
     whose state would differ across devices, is an error. ``step.lower(state, batch)`` gives
-    the `jax.stages.Lowered` program (e.g. for `collective_bytes`).
+    the `jax.stages.Lowered` program (e.g. for `collective_bytes`). ``precision``,
+    ``micro_batches`` (per device: each device accumulates its shard's K micro-batches, then one
+    all-reduce per optimizer step), ``loss_scale`` and ``ema`` as in
+    `jaxdl.train_step.make_train_step`.
     """
+    options = step_options("make_sharded_train_step", precision, micro_batches, loss_scale, ema)
     return _make_sharded("make_sharded_train_step", loss_fn, optimizer, mesh, axis_name,
-                         skip_nonfinite, donate, stacked=False)
+                         skip_nonfinite, donate, stacked=False,
+                         options=options)
 
 
 def make_sharded_train_loop(
@@ -277,6 +302,10 @@ def make_sharded_train_loop(
     axis_name: str | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
+    precision=None,
+    micro_batches: int = 1,
+    loss_scale=None,
+    ema=None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """K sharded steps in one program: ``loop(state, batches) -> (state, metrics)``.
 
@@ -295,6 +324,9 @@ def make_sharded_train_loop(
     an unplaced `PerDevice` state, or a model whose state would differ across devices (a
     `BatchNorm` without ``axis_name``) is an error. ``loop.lower(state, batches)`` gives the
     `jax.stages.Lowered` program; ``donate=True`` lets XLA reuse the old state's buffers.
+    ``precision``, ``micro_batches``, ``loss_scale`` and ``ema`` as in `make_sharded_train_step`.
     """
+    options = step_options("make_sharded_train_loop", precision, micro_batches, loss_scale, ema)
     return _make_sharded("make_sharded_train_loop", loss_fn, optimizer, mesh, axis_name,
-                         skip_nonfinite, donate, stacked=True)
+                         skip_nonfinite, donate, stacked=True,
+                         options=options)
