@@ -203,14 +203,14 @@ _PROGRAMS: dict = {}  # compiled programs, keyed by the (hashable) objects they 
 def _cached(kind: str, make: Callable, *key):
     """``make(*key)``, reused across `examine` calls with the same model / loss / optimizer, so
     that a second look at the same setup (new data, a new seed) compiles nothing. Unhashable
-    keys are not cached; the cache holds the 16 latest programs."""
+    keys are not cached; the cache holds the 32 latest programs."""
     try:
         k = (kind, *key)
         hash(k)
     except TypeError:
         return make(*key)
     if k not in _PROGRAMS:
-        if len(_PROGRAMS) >= 16:
+        if len(_PROGRAMS) >= 32:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
         _PROGRAMS[k] = make(*key)
     return _PROGRAMS[k]

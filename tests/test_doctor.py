@@ -40,8 +40,10 @@ MLP = L.Sequential(L.Flatten(), L.Dense(32, w_init=I.he_normal), L.Relu(), L.Den
 ADAM = dl.adam(1e-3)
 SIGMOID = L.Sequential(L.Flatten(), *[m for _ in range(3) for m in (L.Dense(64, w_init=I.normal(1.0)), L.Sigmoid())],
                        L.Dense(10, w_init=I.normal(0.01)))
-BN_FROZEN = L.Sequential(L.Flatten(), L.Dense(32, w_init=I.normal(1.0)), L.BatchNorm(momentum=1.0), L.Relu(),
-                         L.Dense(10, w_init=I.normal(0.01)))
+# momentum=1.0 keeps the running statistics at their initial (0, 1) forever (momentum is the weight
+# of the old value); the Dense before it has std ~16 and mean 3, so eval mode does not normalize
+BN_FROZEN = L.Sequential(L.Flatten(), L.Dense(32, w_init=I.normal(2.0), b_init=I.constant(3.0)),
+                         L.BatchNorm(momentum=1.0), L.Relu(), L.Dense(10, w_init=I.xavier_normal))
 
 
 @jax.custom_vjp
@@ -62,25 +64,30 @@ def _bwd(res, g):
 ce_forgetting_the_mean.defvjp(_fwd, _bwd)
 
 
-def _init(model, key=0):
-    return model.init(jax.random.key(key), X.shape[1:])[1:]
+# Initial parameters for ``params=``, drawn with numpy (eager JAX would compile every op anew).
+def _numpy_init(model, draw):
+    _, params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), X.shape[1:]))
+    rng = np.random.default_rng(7)
+    tree = lambda t: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, v: np.asarray(draw(rng, jax.tree_util.keystr(path), v.shape), np.float32), t)
+    return tree(params), jax.tree.map(lambda v: np.zeros(v.shape, np.float32), state)
 
 
 def _zeros(model):
-    params, state = _init(model)
-    return jax.tree.map(jnp.zeros_like, params), state
+    return _numpy_init(model, lambda rng, path, shape: np.zeros(shape))
 
 
-def _dead_biases(model):
-    params, state = _init(model)
-    params = {k: ({**v, "b": jnp.full_like(v["b"], -10.0)} if k != "dense_5" else v) for k, v in params.items()}
-    return params, state
+def _dead_biases(model):  # He weights, hidden biases -10: every hidden ReLU starts (and stays) at 0
+    def draw(rng, path, shape):
+        if len(shape) == 2:
+            return rng.standard_normal(shape) * np.sqrt(2 / shape[0]) * (0.3 if "dense_5" in path else 1)
+        return np.zeros(shape) if "dense_5" in path else np.full(shape, -10.0)
+    return _numpy_init(model, draw)
 
 
-def _small(model):
-    params, state = _init(model)
-    keys = iter(jax.random.split(jax.random.key(7), 16))
-    return jax.tree.map(lambda p: 0.01 * jax.random.normal(next(keys), p.shape) if p.ndim == 2 else p, params), state
+def _small(model):  # N(0, 0.01^2) weights (seed 003's "small random numbers"), zero biases
+    return _numpy_init(model, lambda rng, path, shape: 0.01 * rng.standard_normal(shape) if len(shape) == 2
+                       else np.zeros(shape))
 
 
 def _with_nan():
@@ -102,12 +109,15 @@ PANEL = {
     "relu_start_dead": (MLP, ADAM, TRAIN, {"init": _dead_biases}, {"activations": "fail"},
                         {"overfit", "learning_rate", "update_ratio", "gradients"}),
     "wrong_custom_vjp": (MLP, ADAM, TRAIN, {"loss": ce_forgetting_the_mean}, {"gradient_check": "fail"}, set()),
+    "lr_far_too_low": (MLP, dl.adam(1e-7), TRAIN, {}, {"overfit": "fail", "learning_rate": "warn",
+                                                      "update_ratio": "warn"}, set()),
     "nan_inputs": (MLP, ADAM, _with_nan(), {}, {"data": "fail"}, set()),
-    "deep_sigmoid_large_init": (SIGMOID, ADAM, TRAIN, {}, {"activations": "fail"},
+    # (the float64 gradient check is left out below: it is shown on the MLP, and costs a compile)
+    "deep_sigmoid_large_init": (SIGMOID, ADAM, TRAIN, {"skip": "gradient_check"}, {"activations": "fail"},
                                 {"overfit", "learning_rate", "update_ratio", "gradients"}),
-    "vanishing_gradients": (SIGMOID, ADAM, TRAIN, {"init": _small}, {"gradients": "fail"},
-                            {"overfit", "learning_rate", "update_ratio", "activations"}),
-    "batchnorm_statistics_frozen": (BN_FROZEN, ADAM, TRAIN, {}, {"batchnorm": "fail"},
+    "vanishing_gradients": (SIGMOID, ADAM, TRAIN, {"init": _small, "skip": "gradient_check"},
+                            {"gradients": "fail"}, {"overfit", "learning_rate", "update_ratio", "activations"}),
+    "batchnorm_statistics_frozen": (BN_FROZEN, ADAM, TRAIN, {"skip": "gradient_check"}, {"batchnorm": "fail"},
                                     {"overfit", "learning_rate", "update_ratio", "activations", "gradients"}),
 }
 _REPORTS: dict = {}
@@ -121,6 +131,8 @@ def _report(case):
             kw["params"], kw["model_state"] = extra["init"](model)
         if "loss" in extra:
             kw["loss_fn"] = dl.supervised_loss(model, loss=extra["loss"])
+        if "skip" in extra:
+            kw["checks"] = [c for c in doctor.CHECKS if c != extra["skip"]]
         _REPORTS[case] = doctor.examine(model, opt, train, validation=VAL, **kw)
     return _REPORTS[case]
 
@@ -130,11 +142,11 @@ def test_panel_each_problem_is_caught_by_its_check_and_only_there(case):
     report = _report(case)
     _, _, _, _, expected, consequences = PANEL[case]
     got = {f.check: f.severity for f in report.findings}
-    assert set(got) == set(doctor.CHECKS)
+    assert set(got) == set(doctor.CHECKS) - {PANEL[case][3].get("skip")}
     detail = "\n" + report.summary()
     for check, severity in expected.items():
         assert got[check] == severity, f"{case}: {check} should be {severity}" + detail
-    for check in set(doctor.CHECKS) - set(expected) - consequences:
+    for check in set(got) - set(expected) - consequences:
         assert got[check] == "ok", f"{case}: unrelated check {check} flagged" + detail
     assert report.ok == all(s != "fail" for s in got.values())
     for f in report.findings:  # every problem comes with what to do
@@ -230,14 +242,18 @@ def test_estimate_learning_rate_closed_forms(make, expected):
 def test_scan_update_ratio_is_the_norm_ratio_of_one_sgd_step():
     """Reference: the SGD step by hand, u = -lr g, ratio ||u|| / ||theta|| per layer."""
     model = L.Sequential(L.Dense(4), L.Tanh(), L.Dense(3))
-    params, state = model.init(jax.random.key(1), (5,))
-    x, y = jax.random.normal(jax.random.key(2), (1, 8, 5)), jnp.zeros((1, 8), jnp.int32)
+    rng = np.random.default_rng(1)
+    params = {"dense_0": {"w": rng.normal(size=(5, 4)), "b": rng.normal(size=4)},
+              "dense_2": {"w": rng.normal(size=(4, 3)), "b": np.zeros(3)}}
+    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+    state = {}
+    x, y = jnp.asarray(rng.normal(size=(1, 8, 5)), jnp.float32), jnp.asarray(rng.integers(0, 3, (1, 8)), jnp.int32)
     loss_fn = dl.supervised_loss(model)
     tx = dl.sgd(0.1)
     scan = doctor._make_scan(loss_fn, tx)
     carry = (params, state, tx.init(params), jax.random.key(0), jnp.zeros([], jnp.int32))
     (new, *_), met = scan(carry, (x, y, jnp.ones(1), jnp.ones(1, bool)))
-    g = jax.grad(lambda p: loss_fn(p, state, (x[0], y[0]), None, train=True)[0])(params)
+    g = jax.jit(jax.grad(lambda p: loss_fn(p, state, (x[0], y[0]), None, train=True)[0]))(params)
     for name in ("dense_0", "dense_2"):
         gn = np.sqrt(sum(float(jnp.sum(v**2)) for v in g[name].values()))
         pn = np.sqrt(sum(float(jnp.sum(v**2)) for v in params[name].values()))
@@ -253,7 +269,9 @@ def test_divergence_and_suggestion_on_a_known_curve():
     # a loss that falls fastest (in log m) at m = 0.1, bottoms out near m = 3, explodes from m = 50
     loss = 2.0 - np.tanh(2 * (np.log10(m) + 1)) + np.where(m > 50, (m / 50) ** 3, 0.0)
     div = doctor._divergence_index(loss)
-    assert m[div] == pytest.approx(10 ** 2.3, rel=0.3)  # 3-step mean past 4 x its best and the start
+    # the raw loss passes 4 x its minimum (1.0) at 1 + (m/50)^3 = 4, m = 50 * 3^(1/3) = 72.1; the
+    # 3-step mean gets there within one grid step (a factor 10^0.1) of it
+    assert 72.1 / 10**0.1 <= m[div] <= 72.1 * 10**0.1
     assert doctor._suggest(m[:div], loss[:div]) == pytest.approx(0.1, rel=0.3)
     assert doctor._divergence_index(np.r_[2.0, 1.0, np.nan, 1.0]) == 2
     assert doctor._divergence_index(np.full(20, 2.0)) is None and not doctor._falls(np.full(20, 2.0))
