@@ -7,6 +7,7 @@ optimizer state, a PRNG key, a step counter); docs/design.md has the layout, the
 from jaxdl import (
     data,
     diagnostics,
+    doctor,
     init,
     layers,
     losses,
