@@ -364,8 +364,8 @@ def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
     training mode on each batch n = 1..N and set every BatchNorm's running mean and (unbiased)
     variance to the cumulative average of the batch statistics,
 
-    .. math:: \bar\mu_n = \bar\mu_{n-1} + \frac{1}{n}(\mu_n - \bar\mu_{n-1}),
-              \quad\text{i.e.}\quad \bar\mu_N = \frac{1}{N}\sum_n \mu_n
+    .. math:: \\bar\\mu_n = \\bar\\mu_{n-1} + \\frac{1}{n}(\\mu_n - \\bar\\mu_{n-1}),
+              \\quad\\text{i.e.}\\quad \\bar\\mu_N = \\frac{1}{N}\\sum_n \\mu_n
 
     (each batch weighs the same, whatever its size, as in PyTorch's ``momentum=None``). The
     average weights of an EMA or SWA have no running statistics of their own; those trained
