@@ -54,38 +54,48 @@ from jaxdl.train_step import supervised_loss
 
 __all__ = ["examine", "Report", "Finding", "CHECKS", "SEVERITIES", "THRESHOLDS", "estimate_learning_rate"]
 
-CHECKS = ("data", "initial_loss", "gradient_check", "symmetry", "overfit", "learning_rate",
-          "update_ratio", "activations", "gradients", "batchnorm")
+CHECKS = (
+    "data",
+    "initial_loss",
+    "gradient_check",
+    "symmetry",
+    "overfit",
+    "learning_rate",
+    "update_ratio",
+    "activations",
+    "gradients",
+    "batchnorm",
+)
 SEVERITIES = ("ok", "warn", "fail")
 
 # Every threshold in one place; docs/doctor.md says where each comes from.
 THRESHOLDS: dict[str, float] = {
-    "data_mean": 1.0,             # warn when |mean of the inputs| exceeds this (seed 001: centre)
-    "data_std_low": 0.1,          # warn when the inputs' std is outside [low, high] (unit scale)
+    "data_mean": 1.0,  # warn when |mean of the inputs| exceeds this (seed 001: centre)
+    "data_std_low": 0.1,  # warn when the inputs' std is outside [low, high] (unit scale)
     "data_std_high": 10.0,
-    "data_rare_class": 0.2,       # warn when a class has fewer than this x the median count
-    "data_duplicates": 0.01,      # warn when this fraction of validation examples is in train
-    "initial_loss_warn": 0.25,    # |loss / ln C - 1| above: warn
-    "initial_loss_high": 3.0,     # loss / ln C above: fail (He init of the output layer gives ~2)
-    "initial_loss_low": 0.5,      # loss / ln C below: fail (below the label entropy: a leak)
+    "data_rare_class": 0.2,  # warn when a class has fewer than this x the median count
+    "data_duplicates": 0.01,  # warn when this fraction of validation examples is in train
+    "initial_loss_warn": 0.25,  # |loss / ln C - 1| above: warn
+    "initial_loss_high": 3.0,  # loss / ln C above: fail (He init of the output layer gives ~2)
+    "initial_loss_low": 0.5,  # loss / ln C below: fail (below the label entropy: a leak)
     "gradient_check_fail": 1e-4,  # relative error per leaf (float64 central differences)
-    "gradient_check_eps": 1e-6,   # finite-difference step (float64)
-    "symmetry_tol": 1e-3,         # units closer than this (relative) count as identical
-    "symmetry_frac": 0.1,         # fail when this fraction of a layer's units are clones
-    "overfit_ok": 0.99,           # training accuracy on the subset: ok at or above
-    "overfit_fail": 0.9,          # fail below (warn in between)
-    "lr_suggest_warn": 100.0,     # warn when the suggestion is this many times the configured rate
-    "update_ratio_low": 1e-4,     # warn when a layer's median ratio leaves [low, high]
+    "gradient_check_eps": 1e-6,  # finite-difference step (float64)
+    "symmetry_tol": 1e-3,  # units closer than this (relative) count as identical
+    "symmetry_frac": 0.1,  # fail when this fraction of a layer's units are clones
+    "overfit_ok": 0.99,  # training accuracy on the subset: ok at or above
+    "overfit_fail": 0.9,  # fail below (warn in between)
+    "lr_suggest_warn": 100.0,  # warn when the suggestion is this many times the configured rate
+    "update_ratio_low": 1e-4,  # warn when a layer's median ratio leaves [low, high]
     "update_ratio_high": 1e-2,
-    "dead_warn": 0.25,            # fraction of ReLU units that never activate
+    "dead_warn": 0.25,  # fraction of ReLU units that never activate
     "dead_fail": 0.5,
-    "saturated_warn": 0.1,        # fraction of sigmoid/tanh outputs in the flat tails
+    "saturated_warn": 0.1,  # fraction of sigmoid/tanh outputs in the flat tails
     "saturated_fail": 0.5,
-    "scale_ratio": 100.0,         # std of the last hidden pre-activation vs the first: warn beyond
-    "grad_ratio_warn": 1e2,       # RMS gradient, last layer vs first (or first vs last): warn
-    "grad_ratio_fail": 1e4,       # fail
-    "batchnorm_warn": 0.5,        # (eval loss - train loss) / train loss: warn
-    "batchnorm_fail": 2.0,        # fail
+    "scale_ratio": 100.0,  # std of the last hidden pre-activation vs the first: warn beyond
+    "grad_ratio_warn": 1e2,  # RMS gradient, last layer vs first (or first vs last): warn
+    "grad_ratio_fail": 1e4,  # fail
+    "batchnorm_warn": 0.5,  # (eval loss - train loss) / train loss: warn
+    "batchnorm_fail": 2.0,  # fail
 }
 
 _ACTIVATION_KINDS = ("relu", "sigmoid", "tanh", "leakyrelu", "prelu", "elu", "maxout")
@@ -135,21 +145,27 @@ class Report:
         for f in self.findings:
             if f.check == check:
                 return f
-        raise KeyError(f"Report: no finding for check {check!r}; checks run: {[f.check for f in self.findings]}")
+        raise KeyError(
+            f"Report: no finding for check {check!r}; checks run: {[f.check for f in self.findings]}"
+        )
 
     def summary(self) -> str:
         """The plain-text report: one line per check, advice under each problem."""
         n_fail = sum(f.severity == "fail" for f in self.findings)
         n_warn = sum(f.severity == "warn" for f in self.findings)
         i = self.info
-        head = (f"jaxdl doctor: {'OK' if self.ok else 'PROBLEMS FOUND'}: {len(self.findings)} checks, "
-                f"{n_fail} fail, {n_warn} warn")
+        head = (
+            f"jaxdl doctor: {'OK' if self.ok else 'PROBLEMS FOUND'}: {len(self.findings)} checks, "
+            f"{n_fail} fail, {n_warn} warn"
+        )
         lines = [head]
         if i:
-            lines.append(f"  model: {i.get('layers', '?')} layers, {i.get('parameters', 0):,} parameters, "
-                         f"{i.get('num_classes', '?')} classes; {i.get('train_examples', 0):,} training / "
-                         f"{i.get('validation_examples', 0):,} validation examples; "
-                         f"{i.get('wall_time_s', 0):.1f} s")
+            lines.append(
+                f"  model: {i.get('layers', '?')} layers, {i.get('parameters', 0):,} parameters, "
+                f"{i.get('num_classes', '?')} classes; {i.get('train_examples', 0):,} training / "
+                f"{i.get('validation_examples', 0):,} validation examples; "
+                f"{i.get('wall_time_s', 0):.1f} s"
+            )
         for f in self.findings:
             tag = {"ok": " ok ", "warn": "WARN", "fail": "FAIL"}[f.severity]
             lines.append(f"[{tag}] {f.check:<15} {f.message}")
@@ -159,9 +175,14 @@ class Report:
 
     def to_dict(self) -> dict:
         """Everything as JSON-able values (non-finite numbers become None)."""
-        return _jsonable({"ok": self.ok, "info": self.info,
-                          "findings": [dataclasses.asdict(f) for f in self.findings],
-                          "curves": self.curves})
+        return _jsonable(
+            {
+                "ok": self.ok,
+                "info": self.info,
+                "findings": [dataclasses.asdict(f) for f in self.findings],
+                "curves": self.curves,
+            }
+        )
 
     def write(self, out_dir: str) -> list[str]:
         """Write ``report.md``, ``report.json`` and the PNG figures into ``out_dir`` (created if
@@ -240,7 +261,9 @@ def _unit_step(optimizer, params):
     zeros = jax.tree.map(jnp.zeros_like, params)
     ones = jax.tree.map(jnp.ones_like, params)
     updates, _ = optimizer.update(ones, optimizer.init(zeros), zeros)
-    return jnp.mean(jnp.concatenate([jnp.abs(jnp.ravel(u)).astype(jnp.float32) for u in jax.tree.leaves(updates)]))
+    return jnp.mean(
+        jnp.concatenate([jnp.abs(jnp.ravel(u)).astype(jnp.float32) for u in jax.tree.leaves(updates)])
+    )
 
 
 def estimate_learning_rate(optimizer: optax.GradientTransformation, params) -> float:
@@ -260,7 +283,9 @@ def estimate_learning_rate(optimizer: optax.GradientTransformation, params) -> f
 
 def _path_name(path) -> str:
     """``dense_1.w`` for the tree path ``['dense_1']['w']``."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path) or "params"
+    return (
+        ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path) or "params"
+    )
 
 
 def _layer_index(name: str) -> tuple:
@@ -279,8 +304,10 @@ def _layer_groups(tree) -> dict[str, list]:
 
 
 def _layer_norms(tree) -> dict:
-    return {k: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in v))
-            for k, v in _layer_groups(tree).items()}
+    return {
+        k: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in v))
+        for k, v in _layer_groups(tree).items()
+    }
 
 
 def _make_scan(loss_fn, optimizer):
@@ -292,11 +319,16 @@ def _make_scan(loss_fn, optimizer):
         x, y, mult, active = xs
         k = jax.random.fold_in(key, step)
         (loss, (new_ms, aux)), grads = jax.value_and_grad(
-            lambda p: loss_fn(p, model_state, (x, y), k, train=True), has_aux=True)(params)
+            lambda p: loss_fn(p, model_state, (x, y), k, train=True), has_aux=True
+        )(params)
         updates, new_opt = optimizer.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: (u * mult).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(optax.global_norm(updates))
+        finite = (
+            jnp.isfinite(loss)
+            & jnp.isfinite(optax.global_norm(grads))
+            & jnp.isfinite(optax.global_norm(updates))
+        )
         keep = finite & active
         sel = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)  # noqa: E731
         pn, un, gn = _layer_norms(params), _layer_norms(updates), _layer_norms(grads)
@@ -307,8 +339,13 @@ def _make_scan(loss_fn, optimizer):
             "grad_norm": gn,
             "nonfinite": (~finite & active).astype(jnp.int32),
         }
-        carry = (sel(new_params, params), sel(new_ms, model_state), sel(new_opt, opt_state), key,
-                 step + active.astype(step.dtype))
+        carry = (
+            sel(new_params, params),
+            sel(new_ms, model_state),
+            sel(new_opt, opt_state),
+            key,
+            step + active.astype(step.dtype),
+        )
         return carry, metrics
 
     return jax.jit(lambda carry, xs: jax.lax.scan(body, carry, xs))
@@ -319,7 +356,7 @@ def _layer_outputs(model, params, model_state, x, key, train):
     names = [f"{type(layer).__name__.lower()}_{i}" for i, layer in enumerate(model.layers)]
     keys = [None] * len(names) if key is None else list(jax.random.split(key, len(names)))
     out, h = {}, x
-    for name, layer, k in zip(names, model.layers, keys):
+    for name, layer, k in zip(names, model.layers, keys, strict=True):
         h, _ = layer.apply(params.get(name, {}), model_state.get(name, {}), h, train=train, key=k)
         out[name] = h
     return out
@@ -340,7 +377,8 @@ def _make_inspect(model, loss_fn, sequential: bool):
     @jax.jit
     def raw(params, model_state, x, y, key):
         (loss, _), grads = jax.value_and_grad(
-            lambda p: loss_fn(p, model_state, (x, y), key, train=True), has_aux=True)(params)
+            lambda p: loss_fn(p, model_state, (x, y), key, train=True), has_aux=True
+        )(params)
         eval_loss = loss_fn(params, model_state, (x, y), None, train=False)[0]
         acts = _layer_outputs(model, params, model_state, x, key, True) if sequential else {}
         return loss, eval_loss, grads, acts
@@ -351,20 +389,27 @@ def _make_inspect(model, loss_fn, sequential: bool):
         for name, leaves in _layer_groups(grads).items():
             flat = np.concatenate([np.ravel(g).astype(np.float64) for g in leaves])
             counts, edges = _hist(flat)
-            res["grads"][name] = {"norm": float(np.linalg.norm(flat)), "rms": float(np.sqrt(np.mean(flat**2))),
-                                  "nonfinite": int(np.sum(~np.isfinite(flat))), "size": flat.size,
-                                  "hist_counts": counts, "hist_edges": edges}
+            res["grads"][name] = {
+                "norm": float(np.linalg.norm(flat)),
+                "rms": float(np.sqrt(np.mean(flat**2))),
+                "nonfinite": int(np.sum(~np.isfinite(flat))),
+                "size": flat.size,
+                "hist_counts": counts,
+                "hist_edges": edges,
+            }
         for name, h in acts.items():
             hf = np.asarray(h, np.float32)
             axes = tuple(range(hf.ndim - 1))
             counts, edges = _hist(hf)
             res["acts"][name] = {
-                "mean": float(hf.mean(dtype=np.float64)), "std": float(hf.std(dtype=np.float64)),
+                "mean": float(hf.mean(dtype=np.float64)),
+                "std": float(hf.std(dtype=np.float64)),
                 "dead_units": float(1.0 - np.mean(np.any(hf > 0, axis=axes))),
                 "sat_sigmoid": float(np.mean((hf < 0.01) | (hf > 0.99))),
                 "sat_tanh": float(np.mean(np.abs(hf) > 0.99)),
                 "nonfinite": int(np.sum(~np.isfinite(hf))),
-                "hist_counts": counts, "hist_edges": edges,
+                "hist_counts": counts,
+                "hist_edges": edges,
             }
         return res
 
@@ -382,9 +427,25 @@ def _np(tree):
 class _Run:
     """Shared state of one `examine` call: data, the compiled functions, cached results."""
 
-    def __init__(self, model, optimizer, loss_fn, train, validation, batch_size, seed, steps,
-                 overfit_size, overfit_steps, range_steps, range_multipliers, inspect_size, learning_rate,
-                 params=None, model_state=None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        loss_fn,
+        train,
+        validation,
+        batch_size,
+        seed,
+        steps,
+        overfit_size,
+        overfit_steps,
+        range_steps,
+        range_multipliers,
+        inspect_size,
+        learning_rate,
+        params=None,
+        model_state=None,
+    ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.x, self.y = train
         self.validation = validation
@@ -418,7 +479,9 @@ class _Run:
 
     def inspect_batch(self):
         if "batch" not in self._inspected:
-            idx = self.indices(min(self.inspect_size, len(self.usable if self.usable is not None else self.y)))
+            idx = self.indices(
+                min(self.inspect_size, len(self.usable if self.usable is not None else self.y))
+            )
             self._inspected["batch"] = (jnp.asarray(self.x[idx]), jnp.asarray(self.y[idx]))
         return self._inspected["batch"]
 
@@ -439,10 +502,15 @@ class _Run:
             if pad:
                 ix = np.concatenate([ix, np.repeat(ix[-1:], pad, 0)])
                 m, a = np.concatenate([m, np.zeros(pad)]), np.concatenate([a, np.zeros(pad, bool)])
-            xs = (jnp.asarray(self.x[ix]), jnp.asarray(self.y[ix]), jnp.asarray(m, jnp.float32), jnp.asarray(a))
+            xs = (
+                jnp.asarray(self.x[ix]),
+                jnp.asarray(self.y[ix]),
+                jnp.asarray(m, jnp.float32),
+                jnp.asarray(a),
+            )
             carry, met = self._scan(carry, xs)
             met = _np(met)
-            metrics.append(jax.tree.map(lambda v: v[: c - pad], met))
+            metrics.append(jax.tree.map(lambda v, n=c - pad: v[:n], met))
             if stop is not None and stop(carry):
                 break
         return carry, jax.tree.map(lambda *v: np.concatenate(v), *metrics)
@@ -461,7 +529,9 @@ class _Run:
         """``steps`` steps of the configured optimizer from initialization: (carry, metrics)."""
         if self._probe is None:
             idx = self.indices(self.steps * self.batch_size).reshape(self.steps, self.batch_size)
-            self._probe = self.scan(self.params0, self.ms0, idx, np.ones(self.steps), np.ones(self.steps, bool))
+            self._probe = self.scan(
+                self.params0, self.ms0, idx, np.ones(self.steps), np.ones(self.steps, bool)
+            )
         return self._probe
 
 
@@ -475,35 +545,49 @@ def _check_data(run: _Run) -> Finding:
     finite_rows = np.all(np.isfinite(flat), axis=1)
     in_range = (y >= 0) & (y < C)
     run.usable = np.flatnonzero(finite_rows & in_range)
-    ev: dict[str, Any] = {"examples": len(y), "nonfinite_examples": int((~finite_rows).sum()),
-                          "labels_out_of_range": int((~in_range).sum()), "num_classes": C}
+    ev: dict[str, Any] = {
+        "examples": len(y),
+        "nonfinite_examples": int((~finite_rows).sum()),
+        "labels_out_of_range": int((~in_range).sum()),
+        "num_classes": C,
+    }
     fails, warns, advice = [], [], []
     if (~finite_rows).any():
-        fails.append(f"{ev['nonfinite_examples']} of {len(y)} training examples hold NaN/Inf "
-                     f"(first at index {int(np.flatnonzero(~finite_rows)[0])})")
-        advice.append("remove or repair the non-finite examples (a NaN input makes the loss and every "
-                      "gradient NaN)")
+        fails.append(
+            f"{ev['nonfinite_examples']} of {len(y)} training examples hold NaN/Inf "
+            f"(first at index {int(np.flatnonzero(~finite_rows)[0])})"
+        )
+        advice.append(
+            "remove or repair the non-finite examples (a NaN input makes the loss and every gradient NaN)"
+        )
     if (~in_range).any():
         bad = np.unique(y[~in_range])[:5].tolist()
-        fails.append(f"{ev['labels_out_of_range']} labels outside [0, {C}) for a model with {C} outputs, "
-                     f"e.g. {bad}")
+        fails.append(
+            f"{ev['labels_out_of_range']} labels outside [0, {C}) for a model with {C} outputs, e.g. {bad}"
+        )
         advice.append(f"give the last layer one output per class, or map the labels to 0..{C - 1}")
     vals = flat[finite_rows].astype(np.float64)
     if vals.size:
         mean, std = float(vals.mean()), float(vals.std())
         ev.update(mean=mean, std=std, min=float(vals.min()), max=float(vals.max()))
         if abs(mean) > t["data_mean"] or not t["data_std_low"] <= std <= t["data_std_high"]:
-            warns.append(f"inputs have mean {mean:.3g} and std {std:.3g} (range [{vals.min():.3g}, "
-                         f"{vals.max():.3g}]), far from zero mean / unit scale")
-            advice.append("preprocess: subtract the mean and divide by the std, fitted on the training "
-                          "split (jaxdl.data.fit_standardization / standardize; seed 001)")
+            warns.append(
+                f"inputs have mean {mean:.3g} and std {std:.3g} (range [{vals.min():.3g}, "
+                f"{vals.max():.3g}]), far from zero mean / unit scale"
+            )
+            advice.append(
+                "preprocess: subtract the mean and divide by the std, fitted on the training "
+                "split (jaxdl.data.fit_standardization / standardize; seed 001)"
+            )
     counts = np.bincount(y[in_range], minlength=C)
     ev["class_counts"] = counts.tolist()
     median = float(np.median(counts))
     rare = np.flatnonzero(counts < t["data_rare_class"] * median)
     if median > 0 and rare.size:
-        warns.append(f"class(es) {rare[:5].tolist()} have {counts[rare[:5]].tolist()} examples against a "
-                     f"median of {median:g} per class")
+        warns.append(
+            f"class(es) {rare[:5].tolist()} have {counts[rare[:5]].tolist()} examples against a "
+            f"median of {median:g} per class"
+        )
         advice.append("collect or augment more examples of the rare classes, or weight the loss by class")
     if run.validation is not None:
         vx, vy = run.validation
@@ -521,16 +605,25 @@ def _check_data(run: _Run) -> Finding:
         dup = sum(r.tobytes() in seen for r in np.ascontiguousarray(vflat))
         ev["validation_duplicates"] = dup
         if len(vy) and dup / len(vy) >= t["data_duplicates"]:
-            warns.append(f"{dup} of {len(vy)} validation examples ({dup / len(vy):.1%}) are copies of "
-                         "training examples")
-            advice.append("deduplicate before splitting: repeated examples make the validation score "
-                          "optimistic")
+            warns.append(
+                f"{dup} of {len(vy)} validation examples ({dup / len(vy):.1%}) are copies of "
+                "training examples"
+            )
+            advice.append(
+                "deduplicate before splitting: repeated examples make the validation score optimistic"
+            )
     if fails:
         return Finding("data", "fail", "; ".join(fails + warns), " ".join(advice), ev)
     if warns:
         return Finding("data", "warn", "; ".join(warns), " ".join(advice), ev)
-    return Finding("data", "ok", f"{len(y)} finite examples, labels in [0, {C}), mean {ev.get('mean', 0):.3g}, "
-                   f"std {ev.get('std', 0):.3g}, smallest class {int(counts.min())} / median {median:g}", "", ev)
+    return Finding(
+        "data",
+        "ok",
+        f"{len(y)} finite examples, labels in [0, {C}), mean {ev.get('mean', 0):.3g}, "
+        f"std {ev.get('std', 0):.3g}, smallest class {int(counts.min())} / median {median:g}",
+        "",
+        ev,
+    )
 
 
 def _is_cross_entropy(loss_fn) -> bool:
@@ -547,23 +640,39 @@ def _check_initial_loss(run: _Run) -> Finding:
     t = THRESHOLDS
     C = run.num_classes
     if C < 2 or not _is_cross_entropy(run.loss_fn):
-        return Finding("initial_loss", "ok", "not applicable: the loss is not a softmax cross-entropy over "
-                       f"{C} classes, so ln C says nothing", "", {"num_classes": C})
+        return Finding(
+            "initial_loss",
+            "ok",
+            f"not applicable: the loss is not a softmax cross-entropy over {C} classes, so ln C says nothing",
+            "",
+            {"num_classes": C},
+        )
     loss = float(run.inspect("init")["loss"])
     rep = initial_loss_check(loss, C)
     ratio = loss / rep.expected
     ev = {"loss": loss, "expected": rep.expected, "ratio": ratio, "num_classes": C}
     msg = f"initial loss {loss:.4g} vs ln({C}) = {rep.expected:.4f} (ratio {ratio:.2f})"
     if not math.isfinite(loss):
-        return Finding("initial_loss", "fail", msg + ": not finite", "check the inputs and the initialization", ev)
-    severity = ("fail" if ratio > t["initial_loss_high"] or ratio < t["initial_loss_low"] else
-                "warn" if abs(ratio - 1) > t["initial_loss_warn"] else "ok")
+        return Finding(
+            "initial_loss", "fail", msg + ": not finite", "check the inputs and the initialization", ev
+        )
+    severity = (
+        "fail"
+        if ratio > t["initial_loss_high"] or ratio < t["initial_loss_low"]
+        else "warn"
+        if abs(ratio - 1) > t["initial_loss_warn"]
+        else "ok"
+    )
     if ratio > 1:
-        advice = ("the initial outputs are confidently wrong: scale the initial weights down (Xavier/He, "
-                  "seed 003) or normalize the inputs (seed 001)")
+        advice = (
+            "the initial outputs are confidently wrong: scale the initial weights down (Xavier/He, "
+            "seed 003) or normalize the inputs (seed 001)"
+        )
     else:
-        advice = ("too low for an untrained model: look for labels leaking into the inputs, or a loss that "
-                  "is not the mean cross-entropy")
+        advice = (
+            "too low for an untrained model: look for labels leaking into the inputs, or a loss that "
+            "is not the mean cross-entropy"
+        )
     return Finding("initial_loss", severity, msg, advice if severity != "ok" else "", ev)
 
 
@@ -583,14 +692,20 @@ def _check_gradients_fd(run: _Run) -> Finding:
             v = v.astype(np.float64)
             # off the kinks: zero biases and zero (background) inputs put ReLUs exactly at 0
             return v + 1e-3 * rng.standard_normal(v.shape) if noise else v
+
         return jax.tree.map(leaf, tree)
 
     p64, ms64 = to64(_np(run.params0), True), to64(_np(run.ms0), False)
     paths = [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(p64)[0]]
     sizes = [int(np.size(v)) for v in jax.tree.leaves(p64)]
     offsets = np.cumsum([0] + sizes)
-    rand = np.concatenate([rng.integers(lo, hi, size=min(k, hi - lo)) for lo, hi in zip(offsets[:-1], offsets[1:])
-                           if hi > lo]).astype(np.int64)
+    rand = np.concatenate(
+        [
+            rng.integers(lo, hi, size=min(k, hi - lo))
+            for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
+            if hi > lo
+        ]
+    ).astype(np.int64)
     sig = (jax.tree.structure(p64), tuple((v.shape, str(v.dtype)) for v in jax.tree.leaves(p64)))
     with jax.enable_x64(True):
         flat = np.concatenate([np.ravel(v) for v in jax.tree.leaves(p64)])  # ravel_pytree's order
@@ -606,23 +721,38 @@ def _check_gradients_fd(run: _Run) -> Finding:
         e = entry_err[owner == name]
         errors[name] = float(np.median(e))
         disagree[name] = float(np.mean(~(e <= t["gradient_check_fail"])))
-    ev = {"median_relative_error": errors, "fraction_disagreeing": disagree, "entries_checked": int(len(idx)),
-          "eps": eps, "examples": len(y), "threshold": t["gradient_check_fail"]}
+    ev = {
+        "median_relative_error": errors,
+        "fraction_disagreeing": disagree,
+        "entries_checked": int(len(idx)),
+        "eps": eps,
+        "examples": len(y),
+        "threshold": t["gradient_check_fail"],
+    }
     # a majority vote per array: one entry whose +-eps straddles a ReLU/max kink is not a bug
     bad = {k: errors[k] for k, v in disagree.items() if v > 0.5}
     worst = max(errors, key=lambda k: errors[k] if math.isfinite(errors[k]) else math.inf)
     if bad:
         names = ", ".join(f"{k} ({v:.2g})" for k, v in list(bad.items())[:6])
-        return Finding("gradient_check", "fail",
-                       f"autodiff and float64 central differences disagree on {names} (median relative error "
-                       f"per array; above {t['gradient_check_fail']:g} on most checked entries of {len(bad)} of "
-                       f"{len(errors)} parameter arrays)",
-                       "a custom layer, loss or jax.custom_vjp computes a wrong gradient there (or a "
-                       "non-differentiable op such as a rounding sits in the model): test that function's "
-                       "gradient against finite differences (jax.test_util.check_grads)", ev)
-    return Finding("gradient_check", "ok",
-                   f"autodiff matches float64 central differences on {len(idx)} entries of {len(errors)} "
-                   f"parameter arrays (largest median relative error {errors[worst]:.1g}, in {worst})", "", ev)
+        return Finding(
+            "gradient_check",
+            "fail",
+            f"autodiff and float64 central differences disagree on {names} (median relative error "
+            f"per array; above {t['gradient_check_fail']:g} on most checked entries of {len(bad)} of "
+            f"{len(errors)} parameter arrays)",
+            "a custom layer, loss or jax.custom_vjp computes a wrong gradient there (or a "
+            "non-differentiable op such as a rounding sits in the model): test that function's "
+            "gradient against finite differences (jax.test_util.check_grads)",
+            ev,
+        )
+    return Finding(
+        "gradient_check",
+        "ok",
+        f"autodiff matches float64 central differences on {len(idx)} entries of {len(errors)} "
+        f"parameter arrays (largest median relative error {errors[worst]:.1g}, in {worst})",
+        "",
+        ev,
+    )
 
 
 def _make_fd_program(loss_fn, sig, k, eps):
@@ -634,7 +764,10 @@ def _make_fd_program(loss_fn, sig, k, eps):
     offsets = np.cumsum([0] + sizes)
 
     def unravel(v):
-        leaves = [v[lo:hi].reshape(shape) for (shape, _), lo, hi in zip(shapes, offsets[:-1], offsets[1:])]
+        leaves = [
+            v[lo:hi].reshape(shape)
+            for (shape, _), lo, hi in zip(shapes, offsets[:-1], offsets[1:], strict=True)
+        ]
         return jax.tree.unflatten(treedef, leaves)
 
     @jax.jit
@@ -643,8 +776,11 @@ def _make_fd_program(loss_fn, sig, k, eps):
             return loss_fn(unravel(v), ms, (x, y), key, train=True)[0]
 
         loss, grad = jax.value_and_grad(f)(flat)
-        top = [lo + jax.lax.top_k(jnp.abs(grad[lo:hi]), min(k, hi - lo))[1]
-               for lo, hi in zip(offsets[:-1], offsets[1:]) if hi > lo]
+        top = [
+            lo + jax.lax.top_k(jnp.abs(grad[lo:hi]), min(k, hi - lo))[1]
+            for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
+            if hi > lo
+        ]
         idx = jnp.concatenate(top + [rand])
         fd = jax.lax.map(lambda i: (f(flat.at[i].add(eps)) - f(flat.at[i].add(-eps))) / (2 * eps), idx)
         return loss, grad[idx], fd, idx
@@ -659,7 +795,9 @@ def _unit_columns(leaves):
         return None
     units = kernels[0].shape[-1]
     cols = [k.reshape(-1, units) for k in kernels if k.shape[-1] == units]
-    cols += [np.asarray(v, np.float64).reshape(1, units) for v in leaves if np.ndim(v) == 1 and np.size(v) == units]
+    cols += [
+        np.asarray(v, np.float64).reshape(1, units) for v in leaves if np.ndim(v) == 1 and np.size(v) == units
+    ]
     return np.concatenate(cols, axis=0) if units >= 2 else None
 
 
@@ -686,18 +824,34 @@ def _check_symmetry(run: _Run) -> Finding:
         f0, f1 = _clone_fraction(c0, t["symmetry_tol"]), _clone_fraction(c1, t["symmetry_tol"])
         ev[name] = {"units": c0.shape[1], "identical_at_init": f0, "identical_after_probe": f1}
         if f0 >= t["symmetry_frac"] and f1 >= t["symmetry_frac"]:
-            bad.append(f"{name} ({f0:.0%} of {c0.shape[1]} units identical at init, {f1:.0%} after {run.steps} steps)")
+            bad.append(
+                f"{name} ({f0:.0%} of {c0.shape[1]} units identical at init, "
+                f"{f1:.0%} after {run.steps} steps)"
+            )
         elif f0 >= t["symmetry_frac"]:
             noisy.append(f"{name} ({f0:.0%} identical at init)")
     if bad:
-        return Finding("symmetry", "fail", "units start identical and stay identical in " + ", ".join(bad),
-                       "initialize the weights randomly (He for ReLU, Xavier for tanh; seed 003: constant "
-                       "initialization is degenerate, every unit gets the same gradient)", ev)
+        return Finding(
+            "symmetry",
+            "fail",
+            "units start identical and stay identical in " + ", ".join(bad),
+            "initialize the weights randomly (He for ReLU, Xavier for tanh; seed 003: constant "
+            "initialization is degenerate, every unit gets the same gradient)",
+            ev,
+        )
     if noisy:
-        return Finding("symmetry", "warn", "units start identical in " + ", ".join(noisy) +
-                       "; only noise (e.g. dropout) told them apart during the probe run",
-                       "initialize the weights randomly (He/Xavier, seed 003)", ev)
-    return Finding("symmetry", "ok", f"no identical units in {len(ev)} layers at init or after the probe run", "", ev)
+        return Finding(
+            "symmetry",
+            "warn",
+            "units start identical in "
+            + ", ".join(noisy)
+            + "; only noise (e.g. dropout) told them apart during the probe run",
+            "initialize the weights randomly (He/Xavier, seed 003)",
+            ev,
+        )
+    return Finding(
+        "symmetry", "ok", f"no identical units in {len(ev)} layers at init or after the probe run", "", ev
+    )
 
 
 def _make_predict(model):
@@ -723,18 +877,34 @@ def _check_overfit(run: _Run) -> Finding:
         accs.append(float(predict(c[0], c[1], xs, ys)))
         return accs[-1] >= t["overfit_ok"]
 
-    carry, met = run._run_chunks(carry, idx, np.ones(run.overfit_steps), np.ones(run.overfit_steps, bool), done)
+    carry, met = run._run_chunks(
+        carry, idx, np.ones(run.overfit_steps), np.ones(run.overfit_steps, bool), done
+    )
     steps, acc = len(met["loss"]), accs[-1]
     losses = met["loss"]
-    ev = {"examples": n, "steps": steps, "max_steps": run.overfit_steps, "accuracy": acc,
-          "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
+    ev = {
+        "examples": n,
+        "steps": steps,
+        "max_steps": run.overfit_steps,
+        "accuracy": acc,
+        "first_loss": float(losses[0]),
+        "last_loss": float(losses[-1]),
+    }
     run.curves_overfit = {"loss": losses}
-    msg = (f"{acc:.0%} training accuracy on {n} examples after {steps} steps "
-           f"(loss {losses[0]:.3g} -> {losses[-1]:.3g})")
+    msg = (
+        f"{acc:.0%} training accuracy on {n} examples after {steps} steps "
+        f"(loss {losses[0]:.3g} -> {losses[-1]:.3g})"
+    )
     severity = "ok" if acc >= t["overfit_ok"] else "warn" if acc >= t["overfit_fail"] else "fail"
-    advice = ("a model that cannot overfit a few dozen examples has a bug, too little capacity or a broken "
-              "optimization (seed 004): look at the other findings (learning rate, symmetry, dead units, "
-              "gradients) before any hyperparameter search") if severity != "ok" else ""
+    advice = (
+        (
+            "a model that cannot overfit a few dozen examples has a bug, too little capacity or a broken "
+            "optimization (seed 004): look at the other findings (learning rate, symmetry, dead units, "
+            "gradients) before any hyperparameter search"
+        )
+        if severity != "ok"
+        else ""
+    )
     return Finding("overfit", severity, msg, advice, ev)
 
 
@@ -744,8 +914,15 @@ def _divergence_index(losses):
     vals = np.asarray(losses, np.float64)
     finite = np.isfinite(vals)
     filled = np.where(finite, vals, np.inf)
-    smooth = np.convolve(np.pad(np.where(finite, vals, np.nanmax(np.where(finite, vals, np.nan))
-                                         if finite.any() else 0.0), 1, mode="edge"), np.ones(3) / 3, "valid")
+    smooth = np.convolve(
+        np.pad(
+            np.where(finite, vals, np.nanmax(np.where(finite, vals, np.nan)) if finite.any() else 0.0),
+            1,
+            mode="edge",
+        ),
+        np.ones(3) / 3,
+        "valid",
+    )
     best = np.minimum.accumulate(smooth)
     for k in range(len(vals)):
         if not finite[k] or (smooth[k] > 4 * best[k] and smooth[k] > filled[0]):
@@ -754,20 +931,16 @@ def _divergence_index(losses):
 
 
 def _suggest(mult, losses):
-    """The multiple where the smoothed loss falls fastest (per unit of log rate) before its
-    minimum. The window is a tenth of the run: the 3-step smoothing of
-    `jaxdl.diagnostics.suggest_lr` lets one lucky batch at a tiny rate win (Adam moves the loss
-    even there)."""
+    """A tenth of the multiple where the loss, smoothed over a tenth of the run, is lowest (the
+    minimum-over-ten rule of the fastai/Smith range test: a rate safely below the point where the
+    loss stops improving). The steepest-descent rule of `jaxdl.diagnostics.suggest_lr` picked
+    batch noise at tiny rates on these short runs (Adam moves the loss even at 1e-6 x)."""
     vals = np.asarray(losses, np.float64)
     finite = np.isfinite(vals)
     vals = np.where(finite, vals, vals[finite].max() if finite.any() else 0.0)
     w = max(3, (len(vals) // 10) | 1)
     smooth = np.convolve(np.pad(vals, w // 2, mode="edge"), np.ones(w) / w, mode="valid")
-    lowest = int(np.argmin(smooth))
-    if lowest < 2:
-        return float(mult[lowest])
-    slope = np.gradient(smooth, np.log(mult))
-    return float(mult[int(np.argmin(slope[:lowest]))])
+    return float(mult[int(np.argmin(smooth))] / 10)
 
 
 def _range_test(run: _Run, lo: float, hi: float):
@@ -782,8 +955,9 @@ def _falls(losses) -> bool:
     """Whether the smoothed loss ever drops 20% below its start (else the range was too low)."""
     vals = np.asarray(losses, np.float64)
     w = max(3, (len(vals) // 10) | 1)
-    smooth = np.convolve(np.pad(np.where(np.isfinite(vals), vals, np.inf), w // 2, mode="edge"),
-                         np.ones(w) / w, mode="valid")
+    smooth = np.convolve(
+        np.pad(np.where(np.isfinite(vals), vals, np.inf), w // 2, mode="edge"), np.ones(w) / w, mode="valid"
+    )
     return bool(np.nanmin(smooth) < 0.8 * smooth[0])
 
 
@@ -802,32 +976,65 @@ def _check_learning_rate(run: _Run) -> Finding:
     m_sugg = _suggest(mult[:div] if div else mult, losses[:div] if div else losses) if falls else None
     m_div = float(mult[div]) if div is not None else None
     lr = run.learning_rate
-    run.curves_lr = {"multipliers": mult, "lrs": mult * lr, "losses": losses,
-                     "suggested": None if m_sugg is None else m_sugg * lr,
-                     "diverged": None if m_div is None else m_div * lr, "configured": lr}
-    ev = {"configured_lr": lr, "configured_lr_source": run.lr_source,
-          "suggested_lr": None if m_sugg is None else m_sugg * lr, "suggested_multiple": m_sugg,
-          "diverges_at_lr": None if m_div is None else m_div * lr, "diverges_at_multiple": m_div,
-          "range_multiples": [lo, hi], "extended": extended, "steps": run.range_steps}
-    where = ("estimated from the optimizer's first update" if run.lr_source == "estimated" else "given")
+    run.curves_lr = {
+        "multipliers": mult,
+        "lrs": mult * lr,
+        "losses": losses,
+        "suggested": None if m_sugg is None else m_sugg * lr,
+        "diverged": None if m_div is None else m_div * lr,
+        "configured": lr,
+    }
+    ev = {
+        "configured_lr": lr,
+        "configured_lr_source": run.lr_source,
+        "suggested_lr": None if m_sugg is None else m_sugg * lr,
+        "suggested_multiple": m_sugg,
+        "diverges_at_lr": None if m_div is None else m_div * lr,
+        "diverges_at_multiple": m_div,
+        "range_multiples": [lo, hi],
+        "extended": extended,
+        "steps": run.range_steps,
+    }
+    where = "estimated from the optimizer's first update" if run.lr_source == "estimated" else "given"
     base = f"range test over {lo:g}..{hi:g} x the configured rate {lr:.3g} ({where}): "
-    base += (f"the loss falls fastest at {m_sugg * lr:.3g} ({m_sugg:.3g} x)" if m_sugg is not None
-             else "the loss does not fall anywhere in the range")
-    base += (f" and diverges at {m_div * lr:.3g} ({m_div:.3g} x)" if m_div is not None
-             else "; no divergence up to the largest rate tried")
+    base += (
+        f"suggested {m_sugg * lr:.3g} ({m_sugg:.3g} x, a tenth of the lowest loss's rate)"
+        if m_sugg is not None
+        else "the loss does not fall anywhere in the range"
+    )
+    base += (
+        f" and diverges at {m_div * lr:.3g} ({m_div:.3g} x)"
+        if m_div is not None
+        else "; no divergence up to the largest rate tried"
+    )
     if m_div is not None and m_div <= 1:
         fix = f"about {m_sugg * lr:.2g}" if m_sugg is not None else f"well below {m_div * lr:.2g}"
-        return Finding("learning_rate", "fail", base + ": the configured rate is past the divergence point",
-                       f"lower the learning rate to {fix} (seed 004: loss exploding means the rate is too high)", ev)
+        return Finding(
+            "learning_rate",
+            "fail",
+            base + ": the configured rate is past the divergence point",
+            f"lower the learning rate to {fix} (seed 004: loss exploding means the rate is too high)",
+            ev,
+        )
     if m_sugg is None:
-        return Finding("learning_rate", "warn", base + f", even at {hi:g} x the configured rate",
-                       "the rate is far too low, or nothing can learn (see overfit, symmetry, gradients): "
-                       "raise the learning rate by orders of magnitude (seed 004: loss not going down means "
-                       "the rate is too low)", ev)
+        return Finding(
+            "learning_rate",
+            "warn",
+            base + f", even at {hi:g} x the configured rate",
+            "the rate is far too low, or nothing can learn (see overfit, symmetry, gradients): "
+            "raise the learning rate by orders of magnitude (seed 004: loss not going down means "
+            "the rate is too low)",
+            ev,
+        )
     if m_sugg >= t["lr_suggest_warn"]:
-        return Finding("learning_rate", "warn", base + f": the configured rate is {m_sugg:.0f}x below the "
-                       "suggestion", f"raise the learning rate towards {m_sugg * lr:.2g} (seed 004: a loss that "
-                       "does not go down means the rate is too low)", ev)
+        return Finding(
+            "learning_rate",
+            "warn",
+            base + f": the configured rate is {m_sugg:.0f}x below the suggestion",
+            f"raise the learning rate towards {m_sugg * lr:.2g} (seed 004: a loss that "
+            "does not go down means the rate is too low)",
+            ev,
+        )
     return Finding("learning_rate", "ok", base, "", ev)
 
 
@@ -837,7 +1044,9 @@ def _check_update_ratio(run: _Run) -> Finding:
     ok_steps = met["nonfinite"] == 0
     half = np.arange(len(ok_steps)) >= len(ok_steps) // 2
     use = ok_steps & half if (ok_steps & half).any() else ok_steps
-    ratios = {k: float(np.median(v[use])) if use.any() else float("nan") for k, v in met["update_ratio"].items()}
+    ratios = {
+        k: float(np.median(v[use])) if use.any() else float("nan") for k, v in met["update_ratio"].items()
+    }
     run.curves_update = {k: v for k, v in met["update_ratio"].items()}
     lo, hi = t["update_ratio_low"], t["update_ratio_high"]
     ev = {"median_ratio": ratios, "steps": run.steps, "window": [lo, hi]}
@@ -845,21 +1054,44 @@ def _check_update_ratio(run: _Run) -> Finding:
     high = {k: v for k, v in ratios.items() if not v <= hi and not v < lo}
     fmt = lambda d: ", ".join(f"{k} {v:.1e}" for k, v in d.items())  # noqa: E731
     if high or low:
-        parts = ([f"too large in {fmt(high)}"] if high else []) + ([f"too small in {fmt(low)}"] if low else [])
-        advice = ("above ~1e-2 the layer is rewritten every step: lower the learning rate" if high else
-                  "below ~1e-4 the layer barely moves: raise the learning rate") + " (seed 004: want ~1e-3)"
-        return Finding("update_ratio", "warn", f"median ||update||/||weights|| over the last {use.sum()} of "
-                       f"{run.steps} probe steps is " + "; ".join(parts) + f" (want about 1e-3, [{lo:g}, {hi:g}])",
-                       advice, ev)
-    return Finding("update_ratio", "ok", "median ||update||/||weights|| per layer: " + fmt(ratios) +
-                   f" (want about 1e-3, within [{lo:g}, {hi:g}])", "", ev)
+        parts = ([f"too large in {fmt(high)}"] if high else []) + (
+            [f"too small in {fmt(low)}"] if low else []
+        )
+        advice = (
+            "above ~1e-2 the layer is rewritten every step: lower the learning rate"
+            if high
+            else "below ~1e-4 the layer barely moves: raise the learning rate"
+        ) + " (seed 004: want ~1e-3)"
+        return Finding(
+            "update_ratio",
+            "warn",
+            f"median ||update||/||weights|| over the last {use.sum()} of "
+            f"{run.steps} probe steps is " + "; ".join(parts) + f" (want about 1e-3, [{lo:g}, {hi:g}])",
+            advice,
+            ev,
+        )
+    return Finding(
+        "update_ratio",
+        "ok",
+        "median ||update||/||weights|| per layer: "
+        + fmt(ratios)
+        + f" (want about 1e-3, within [{lo:g}, {hi:g}])",
+        "",
+        ev,
+    )
 
 
 def _check_activations(run: _Run) -> Finding:
     t = THRESHOLDS
     if not run.sequential:
-        return Finding("activations", "warn", "not run: the model has no .layers (not a Sequential), so its "
-                       "layers' outputs cannot be inspected", "inspect the model's layers by hand", {})
+        return Finding(
+            "activations",
+            "warn",
+            "not run: the model has no .layers (not a Sequential), so its "
+            "layers' outputs cannot be inspected",
+            "inspect the model's layers by hand",
+            {},
+        )
     ev, fails, warns = {}, [], []
     for when in ("init", "probe"):
         acts = run.inspect(when)["acts"]
@@ -872,14 +1104,18 @@ def _check_activations(run: _Run) -> Finding:
                 fails.append(f"{name} outputs {int(s['nonfinite'])} NaN/Inf values {label}")
             if kind == "relu":
                 rec["dead_units"] = dead = float(s["dead_units"])
-                if dead > t["dead_warn"]:  # fail only at init: training that kills units is wasteful, not broken
+                if (
+                    dead > t["dead_warn"]
+                ):  # fail only at init: training that kills units is wasteful, not broken
                     (fails if dead > t["dead_fail"] and when == "init" else warns).append(
-                        f"{name}: {dead:.0%} of the units never activate {label} (dead ReLUs)")
+                        f"{name}: {dead:.0%} of the units never activate {label} (dead ReLUs)"
+                    )
             if kind in ("sigmoid", "tanh"):
                 rec["saturated"] = sat = float(s["sat_" + kind])
                 if sat > t["saturated_warn"]:
                     (fails if sat > t["saturated_fail"] else warns).append(
-                        f"{name}: {sat:.0%} of the outputs saturated {label}")
+                        f"{name}: {sat:.0%} of the outputs saturated {label}"
+                    )
             ev.setdefault(when, {})[name] = rec
         if len(pre) >= 2:
             s0, s1 = float(acts[pre[0]]["std"]), float(acts[pre[-1]]["std"])
@@ -887,19 +1123,29 @@ def _check_activations(run: _Run) -> Finding:
                 r = s1 / s0
                 ev[when]["scale_ratio"] = r
                 if r < 1 / t["scale_ratio"] or r > t["scale_ratio"]:
-                    warns.append(f"the std of the pre-activations {'shrinks' if r < 1 else 'grows'} from "
-                                 f"{s0:.3g} ({pre[0]}) to {s1:.3g} ({pre[-1]}) {label}")
-    advice = ("dead ReLUs: a negative bias or too high a learning rate pushed them off (seed 003/001: use "
-              "He init, zero biases, a lower rate or leaky ReLU); saturated sigmoid/tanh: the weights are too "
-              "large (seed 003: Xavier init; seed 001: prefer ReLU); shrinking/growing scales: use the "
-              "fan-in-scaled init of the activation (Xavier/He) or BatchNorm")
+                    warns.append(
+                        f"the std of the pre-activations {'shrinks' if r < 1 else 'grows'} from "
+                        f"{s0:.3g} ({pre[0]}) to {s1:.3g} ({pre[-1]}) {label}"
+                    )
+    advice = (
+        "dead ReLUs: a negative bias or too high a learning rate pushed them off (seed 003/001: use "
+        "He init, zero biases, a lower rate or leaky ReLU); saturated sigmoid/tanh: the weights are too "
+        "large (seed 003: Xavier init; seed 001: prefer ReLU); shrinking/growing scales: use the "
+        "fan-in-scaled init of the activation (Xavier/He) or BatchNorm"
+    )
     if fails:
         return Finding("activations", "fail", "; ".join(fails + warns), advice, ev)
     if warns:
         return Finding("activations", "warn", "; ".join(warns), advice, ev)
     n = len(ev.get("init", {}))
-    return Finding("activations", "ok", f"{n} layers inspected at init and after the probe run: no dead ReLUs, "
-                   "no saturation, no shrinking or growing scale", "", ev)
+    return Finding(
+        "activations",
+        "ok",
+        f"{n} layers inspected at init and after the probe run: no dead ReLUs, "
+        "no saturation, no shrinking or growing scale",
+        "",
+        ev,
+    )
 
 
 def _check_gradients(run: _Run) -> Finding:
@@ -908,14 +1154,22 @@ def _check_gradients(run: _Run) -> Finding:
     probe = run.probe()[1]
     skipped = int(probe["nonfinite"].sum())
     rms = {k: float(v["rms"]) for k, v in g.items()}
-    ev = {"rms_at_init": rms, "norm_at_init": {k: float(v["norm"]) for k, v in g.items()},
-          "nonfinite_at_init": int(sum(int(v["nonfinite"]) for v in g.values())),
-          "nonfinite_probe_steps": skipped}
+    ev = {
+        "rms_at_init": rms,
+        "norm_at_init": {k: float(v["norm"]) for k, v in g.items()},
+        "nonfinite_at_init": int(sum(int(v["nonfinite"]) for v in g.values())),
+        "nonfinite_probe_steps": skipped,
+    }
     if ev["nonfinite_at_init"] or skipped:
-        return Finding("gradients", "fail", f"non-finite gradients: {ev['nonfinite_at_init']} NaN/Inf entries at "
-                       f"init, {skipped} of {run.steps} probe steps with a NaN/Inf loss or gradient",
-                       "find the first NaN: the inputs, a log/sqrt/division without a guard, or a "
-                       "divergent learning rate (gradient clipping bounds the step, seed 004)", ev)
+        return Finding(
+            "gradients",
+            "fail",
+            f"non-finite gradients: {ev['nonfinite_at_init']} NaN/Inf entries at "
+            f"init, {skipped} of {run.steps} probe steps with a NaN/Inf loss or gradient",
+            "find the first NaN: the inputs, a log/sqrt/division without a guard, or a "
+            "divergent learning rate (gradient clipping bounds the step, seed 004)",
+            ev,
+        )
     names = list(rms)
     if len(names) < 2:
         return Finding("gradients", "ok", f"one layer with parameters, RMS gradient {rms}", "", ev)
@@ -923,8 +1177,7 @@ def _check_gradients(run: _Run) -> Finding:
     ratio = rms[first] / max(rms[last], 1e-30)
     ev.update(first=first, last=last, first_over_last=ratio)
     zero = [k for k in rms if rms[k] == 0]
-    desc = (f"RMS gradient at init: {first} {rms[first]:.2e}, {last} {rms[last]:.2e} "
-            f"(first/last {ratio:.2g})")
+    desc = f"RMS gradient at init: {first} {rms[first]:.2e}, {last} {rms[last]:.2e} (first/last {ratio:.2g})"
     if zero:  # a layer that gets no gradient at all cannot learn: the extreme of vanishing
         desc += f"; exactly zero in {', '.join(zero)}"
     sev = "ok"
@@ -933,9 +1186,15 @@ def _check_gradients(run: _Run) -> Finding:
     if ratio < 1 / t["grad_ratio_fail"] or ratio > t["grad_ratio_fail"] or zero:
         sev = "fail"
     kind = "vanish towards the input" if ratio < 1 else "explode towards the input"
-    advice = (f"the gradients {kind} (seed 000/003: a product of per-layer Jacobians): use Xavier/He init, "
-              "ReLU instead of saturating units, BatchNorm, or gradient clipping for explosions (seed 004); "
-              "a layer with exactly zero gradient is cut off (dead or symmetric units)") if sev != "ok" else ""
+    advice = (
+        (
+            f"the gradients {kind} (seed 000/003: a product of per-layer Jacobians): use Xavier/He init, "
+            "ReLU instead of saturating units, BatchNorm, or gradient clipping for explosions (seed 004); "
+            "a layer with exactly zero gradient is cut off (dead or symmetric units)"
+        )
+        if sev != "ok"
+        else ""
+    )
     return Finding("gradients", sev, desc, advice, ev)
 
 
@@ -943,25 +1202,41 @@ def _check_batchnorm(run: _Run) -> Finding:
     t = THRESHOLDS
     has_bn = run.sequential and any(isinstance(layer, L.BatchNorm) for layer in run.model.layers)
     if not has_bn:
-        return Finding("batchnorm", "ok", "not applicable: the model has no BatchNorm layer", "", {"batchnorm": False})
+        return Finding(
+            "batchnorm", "ok", "not applicable: the model has no BatchNorm layer", "", {"batchnorm": False}
+        )
     s = run.inspect("probe")
     tr, ev_loss = float(s["loss"]), float(s["eval_loss"])
     gap = (ev_loss - tr) / max(abs(tr), 1e-8)
     ev = {"train_mode_loss": tr, "eval_mode_loss": ev_loss, "relative_gap": gap, "after_steps": run.steps}
-    msg = (f"after {run.steps} steps, on {len(run.inspect_batch()[1])} training examples: eval-mode loss "
-           f"{ev_loss:.4g} (running statistics) vs train-mode loss {tr:.4g} (batch statistics), gap {gap:+.0%}")
-    sev = ("fail" if not gap <= t["batchnorm_fail"] else "warn" if gap > t["batchnorm_warn"] else "ok")
-    advice = ("the running statistics do not describe the activations the model was trained on (seed 001: at "
-              "test time BatchNorm uses running averages): check BatchNorm's momentum (weight of the old "
-              "value, e.g. 0.9; 1.0 never updates), use larger batches, or train longer before "
-              "evaluating") if sev != "ok" else ""
+    msg = (
+        f"after {run.steps} steps, on {len(run.inspect_batch()[1])} training examples: eval-mode loss "
+        f"{ev_loss:.4g} (running statistics) vs train-mode loss {tr:.4g} (batch statistics), gap {gap:+.0%}"
+    )
+    sev = "fail" if not gap <= t["batchnorm_fail"] else "warn" if gap > t["batchnorm_warn"] else "ok"
+    advice = (
+        (
+            "the running statistics do not describe the activations the model was trained on (seed 001: at "
+            "test time BatchNorm uses running averages): check BatchNorm's momentum (weight of the old "
+            "value, e.g. 0.9; 1.0 never updates), use larger batches, or train longer before "
+            "evaluating"
+        )
+        if sev != "ok"
+        else ""
+    )
     return Finding("batchnorm", sev, msg, advice, ev)
 
 
 _RUNNERS: dict[str, Callable[[_Run], Finding]] = {
-    "data": _check_data, "initial_loss": _check_initial_loss, "gradient_check": _check_gradients_fd,
-    "symmetry": _check_symmetry, "overfit": _check_overfit, "learning_rate": _check_learning_rate,
-    "update_ratio": _check_update_ratio, "activations": _check_activations, "gradients": _check_gradients,
+    "data": _check_data,
+    "initial_loss": _check_initial_loss,
+    "gradient_check": _check_gradients_fd,
+    "symmetry": _check_symmetry,
+    "overfit": _check_overfit,
+    "learning_rate": _check_learning_rate,
+    "update_ratio": _check_update_ratio,
+    "activations": _check_activations,
+    "gradients": _check_gradients,
     "batchnorm": _check_batchnorm,
 }
 
@@ -982,7 +1257,9 @@ def _check_split(name, split):
     if x.ndim < 2:
         raise ValueError(f"examine: {name} x has shape {x.shape}; expected (examples, ...features)")
     if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"examine: {name} y has shape {y.shape}; expected ({len(x)},), one label per example")
+        raise ValueError(
+            f"examine: {name} y has shape {y.shape}; expected ({len(x)},), one label per example"
+        )
     if not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"examine: {name} y has dtype {y.dtype}; expected integer class labels")
     return x, y
@@ -1052,8 +1329,10 @@ def examine(
     if validation is not None:
         validation = _check_split("validation", validation)
         if validation[0].shape[1:] != x.shape[1:]:
-            raise ValueError(f"examine: validation x has examples of shape {validation[0].shape[1:]}, "
-                             f"train x {x.shape[1:]}; expected the same")
+            raise ValueError(
+                f"examine: validation x has examples of shape {validation[0].shape[1:]}, "
+                f"train x {x.shape[1:]}; expected the same"
+            )
     batch_size = _check_int("batch_size", batch_size, 1)
     if batch_size > len(y):
         raise ValueError(f"examine: batch_size={batch_size} exceeds the {len(y)} training examples")
@@ -1063,11 +1342,16 @@ def examine(
     range_steps = _check_int("range_steps", range_steps, 3)
     inspect_size = _check_int("inspect_size", inspect_size, 2)
     _check_int("seed", seed, 0)
-    lo, hi = (range_multipliers if isinstance(range_multipliers, (tuple, list)) and len(range_multipliers) == 2
-              else (None, None))
+    lo, hi = (
+        range_multipliers
+        if isinstance(range_multipliers, (tuple, list)) and len(range_multipliers) == 2
+        else (None, None)
+    )
     if lo is None or not (0 < lo < 1 < hi):
-        raise ValueError(f"examine: range_multipliers={range_multipliers!r}; expected (low, high) with "
-                         "0 < low < 1 < high (multiples of the configured rate)")
+        raise ValueError(
+            f"examine: range_multipliers={range_multipliers!r}; expected (low, high) with "
+            "0 < low < 1 < high (multiples of the configured rate)"
+        )
     if learning_rate is not None and not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise ValueError(f"examine: learning_rate={learning_rate!r}; expected a number > 0 or None")
     checks = tuple(checks)
@@ -1081,12 +1365,15 @@ def examine(
     else:
         try:
             params_ok = "train" in inspect.signature(loss_fn).parameters or any(
-                p.kind is p.VAR_KEYWORD for p in inspect.signature(loss_fn).parameters.values())
+                p.kind is p.VAR_KEYWORD for p in inspect.signature(loss_fn).parameters.values()
+            )
         except (TypeError, ValueError):
             params_ok = True
         if not params_ok:
-            raise TypeError("examine: loss_fn must accept a train= keyword (train and eval mode), "
-                            "like jaxdl.supervised_loss(model)")
+            raise TypeError(
+                "examine: loss_fn must accept a train= keyword (train and eval mode), "
+                "like jaxdl.supervised_loss(model)"
+            )
 
     if params is not None:
         if model_state is None:
@@ -1097,9 +1384,24 @@ def examine(
         check_tree_match("examine", exp_state, model_state, "model_state (against the model)", hint)
     elif model_state is not None:
         raise ValueError("examine: model_state given without params; pass both or neither")
-    run = _Run(model, optimizer, loss_fn, (x, y), validation, batch_size, seed, steps, overfit_size,
-               overfit_steps, range_steps, (float(lo), float(hi)), inspect_size, learning_rate,
-               params, model_state)
+    run = _Run(
+        model,
+        optimizer,
+        loss_fn,
+        (x, y),
+        validation,
+        batch_size,
+        seed,
+        steps,
+        overfit_size,
+        overfit_steps,
+        range_steps,
+        (float(lo), float(hi)),
+        inspect_size,
+        learning_rate,
+        params,
+        model_state,
+    )
     findings, timings, cpu = [], {"setup": time.perf_counter() - t0}, {"setup": time.process_time() - c0}
     t1, c1 = time.perf_counter(), time.process_time()
     data_finding = _check_data(run)  # always: the other checks use only the usable examples
@@ -1112,19 +1414,37 @@ def examine(
             continue
         t1, c1 = time.perf_counter(), time.process_time()
         if usable < 2:
-            findings.append(Finding(check, "warn", f"not run: only {usable} training examples are finite "
-                                    "with labels in range", "repair the data first", {}))
+            findings.append(
+                Finding(
+                    check,
+                    "warn",
+                    f"not run: only {usable} training examples are finite with labels in range",
+                    "repair the data first",
+                    {},
+                )
+            )
             continue
         findings.append(_RUNNERS[check](run))
         timings[check], cpu[check] = time.perf_counter() - t1, time.process_time() - c1
     n_params = sum(int(np.size(v)) for v in jax.tree.leaves(run.params0))
-    info = {"layers": len(model.layers) if run.sequential else None, "parameters": n_params,
-            "num_classes": run.num_classes, "input_shape": list(run.input_shape),
-            "train_examples": len(y), "validation_examples": 0 if validation is None else len(validation[1]),
-            "usable_train_examples": usable, "batch_size": batch_size, "probe_steps": steps,
-            "seed": seed, "learning_rate": run.learning_rate, "learning_rate_source": run.lr_source,
-            "check_seconds": timings, "check_cpu_seconds": cpu, "wall_time_s": time.perf_counter() - t0,
-            "cpu_time_s": time.process_time() - c0}
+    info = {
+        "layers": len(model.layers) if run.sequential else None,
+        "parameters": n_params,
+        "num_classes": run.num_classes,
+        "input_shape": list(run.input_shape),
+        "train_examples": len(y),
+        "validation_examples": 0 if validation is None else len(validation[1]),
+        "usable_train_examples": usable,
+        "batch_size": batch_size,
+        "probe_steps": steps,
+        "seed": seed,
+        "learning_rate": run.learning_rate,
+        "learning_rate_source": run.lr_source,
+        "check_seconds": timings,
+        "check_cpu_seconds": cpu,
+        "wall_time_s": time.perf_counter() - t0,
+        "cpu_time_s": time.process_time() - c0,
+    }
     curves, hists = {}, {}
     if hasattr(run, "curves_lr"):
         curves["lr_range"] = run.curves_lr
@@ -1134,8 +1454,10 @@ def examine(
     for when in ("init", "probe"):
         if when in run._inspected:
             s = run._inspected[when]
-            hists[when] = {"activations": {k: (v["hist_counts"], v["hist_edges"]) for k, v in s["acts"].items()},
-                           "gradients": {k: (v["hist_counts"], v["hist_edges"]) for k, v in s["grads"].items()}}
+            hists[when] = {
+                "activations": {k: (v["hist_counts"], v["hist_edges"]) for k, v in s["acts"].items()},
+                "gradients": {k: (v["hist_counts"], v["hist_edges"]) for k, v in s["grads"].items()},
+            }
     order = {c: i for i, c in enumerate(CHECKS)}
     findings.sort(key=lambda f: order[f.check])
     return Report(findings, _jsonable(info), curves, hists)
@@ -1162,16 +1484,19 @@ def _write_figures(report: Report, out_dir: str) -> list[str]:
     for what in ("activations", "gradients"):
         names = []
         for when in ("init", "probe"):
-            for k in report.histograms.get(when, {}).get(what, {}):
-                if k not in names and (what == "gradients" or _kind(k) in ("dense", "conv", "batchnorm", "maxout")
-                                       or _kind(k) in _ACTIVATION_KINDS):
+            for k in sorted(report.histograms.get(when, {}).get(what, {}), key=_layer_index):
+                if k not in names and (
+                    what == "gradients"
+                    or _kind(k) in ("dense", "conv", "batchnorm", "maxout")
+                    or _kind(k) in _ACTIVATION_KINDS
+                ):
                     names.append(k)
         if not names:
             continue
         cols = min(4, len(names))
         rows = -(-len(names) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-        for ax, name in zip(axes.ravel(), names):
+        for ax, name in zip(axes.ravel(), names, strict=False):
             for when, color in (("init", "tab:blue"), ("probe", "tab:orange")):
                 h = report.histograms.get(when, {}).get(what, {}).get(name)
                 if h is not None:
@@ -1179,10 +1504,12 @@ def _write_figures(report: Report, out_dir: str) -> list[str]:
                     ax.stairs(counts, edges, color=color, label="init" if when == "init" else "after probe")
             ax.set_title(name, fontsize=9)
             ax.tick_params(labelsize=7)
-        for ax in axes.ravel()[len(names):]:
+        for ax in axes.ravel()[len(names) :]:
             ax.axis("off")
         axes.ravel()[0].legend(fontsize=7)
-        fig.suptitle(f"per-layer {'activation' if what == 'activations' else 'gradient'} histograms", fontsize=10)
+        fig.suptitle(
+            f"per-layer {'activation' if what == 'activations' else 'gradient'} histograms", fontsize=10
+        )
         save(fig, f"{what}.png")
     lr = report.curves.get("lr_range")
     if lr is not None:
@@ -1209,7 +1536,9 @@ def _write_figures(report: Report, out_dir: str) -> list[str]:
         for name, r in probe["update_ratio"].items():
             ax.plot(np.maximum(np.asarray(r, np.float64), 1e-12), label=name)
         ax.set_yscale("log")
-        ax.axhspan(THRESHOLDS["update_ratio_low"], THRESHOLDS["update_ratio_high"], color="tab:green", alpha=0.1)
+        ax.axhspan(
+            THRESHOLDS["update_ratio_low"], THRESHOLDS["update_ratio_high"], color="tab:green", alpha=0.1
+        )
         ax.axhline(1e-3, color="k", ls="--", lw=0.8)
         ax.set_xlabel("probe step")
         ax.set_ylabel("||update|| / ||weights||")
@@ -1220,8 +1549,16 @@ def _write_figures(report: Report, out_dir: str) -> list[str]:
 
 
 def _markdown(report: Report, figures: list[str]) -> str:
-    lines = ["# jaxdl doctor report", "", "```", report.summary(), "```", "",
-             "| check | severity | finding | advice |", "| --- | --- | --- | --- |"]
+    lines = [
+        "# jaxdl doctor report",
+        "",
+        "```",
+        report.summary(),
+        "```",
+        "",
+        "| check | severity | finding | advice |",
+        "| --- | --- | --- | --- |",
+    ]
     for f in report.findings:
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines.append(f"| `{f.check}` | {f.severity} | {cell(f.message)} | {cell(f.advice)} |")
