@@ -1138,11 +1138,24 @@ def _check_activations(run: _Run) -> Finding:
     if warns:
         return Finding("activations", "warn", "; ".join(warns), advice, ev)
     n = len(ev.get("init", {}))
+    worst = []
+    for key, what in (("dead_units", "dead ReLU units"), ("saturated", "saturated outputs")):
+        vals = [
+            (r[key], name, w)
+            for w, layers in ev.items()
+            for name, r in layers.items()
+            if isinstance(r, dict) and key in r
+        ]
+        if vals:
+            v, name, w = max(vals)
+            worst.append(
+                f"at most {v:.0%} {what} ({name}, {'at init' if w == 'init' else 'after the probe'})"
+            )
     return Finding(
         "activations",
         "ok",
-        f"{n} layers inspected at init and after the probe run: no dead ReLUs, "
-        "no saturation, no shrinking or growing scale",
+        f"{n} layers inspected at init and after the probe run: "
+        + "; ".join(worst + ["no shrinking or growing scale across the hidden layers"]),
         "",
         ev,
     )
@@ -1293,32 +1306,43 @@ def examine(
       with |mean| > 1 or std outside [0.1, 10], a class with < 0.2 x the median count, or >= 1%
       of the validation set repeated from train warn. Later checks use only the finite,
       in-range examples.
-    - ``initial_loss`` (seed 004): loss at init vs ``ln C``; fail when the ratio leaves [1/2, 2].
-    - ``gradient_check``: autodiff vs central differences ``(L(t + e) - L(t - e)) / 2e`` in float64
-      (e = 1e-6) on 3 random and the 3 largest entries of every parameter array, 16 examples;
-      fail when ``||g_ad - g_fd|| / (||g_ad|| + ||g_fd||) > 1e-4`` for an array (naming it).
+    - ``initial_loss`` (seed 004): loss at init vs ``ln C``; warn when the ratio is off by more
+      than 25%, fail when it leaves [0.5, 3].
+    - ``gradient_check`` (seeds 000, 003): autodiff vs central differences
+      ``(L(t + e) - L(t - e)) / 2e`` in float64 (e = 1e-6) on 3 random and the 3 largest entries
+      of every parameter array, 16 examples; per entry ``|g_ad - g_fd| / (|g_ad| + |g_fd|)``;
+      fail when most entries of an array exceed 1e-4 (naming it).
     - ``symmetry`` (seed 003, seed 000): >= 10% of a layer's units identical (relative distance
       <= 1e-3) at init and still after the probe run fails.
     - ``overfit`` (seed 004): ``overfit_size`` examples, up to ``overfit_steps`` steps of the
       configured optimizer; eval-mode training accuracy >= 99% ok, < 90% fail.
     - ``learning_rate`` (seed 004; Smith 2017): ``range_steps`` steps with the optimizer's update
       multiplied by ``m_k`` growing geometrically over ``range_multipliers``; fail when the loss
-      diverges at ``m <= 1``, warn when the suggestion is >= 100 x.
+      diverges at ``m <= 1``, warn when the suggestion (a tenth of the rate at the smoothed
+      loss's minimum) is >= 100 x or the loss falls nowhere (the range is then extended once).
     - ``update_ratio`` (seed 004): median per-layer ``||u|| / ||theta||`` over the second half of
-      a ``steps``-step probe run; warn outside [1e-4, 3e-2].
+      a ``steps``-step probe run; warn outside [1e-4, 1e-2].
     - ``activations`` (seeds 001, 003, 004): at init and after the probe, dead ReLU units (never
-      positive on ``inspect_size`` examples), saturated sigmoid/tanh outputs (warn > 10%,
-      fail > 50%), pre-activation std of the last hidden layer vs the first beyond 100x (warn).
+      positive on ``inspect_size`` examples; warn > 25%, fail > 50% at init), saturated
+      sigmoid/tanh outputs (warn > 10%, fail > 50%), pre-activation std of the last hidden layer
+      vs the first beyond 100x (warn).
     - ``gradients`` (seeds 000, 004): NaN/Inf gradients fail; RMS gradient of the first layer vs
-      the last beyond 1e2 warns, beyond 1e4 fails.
+      the last beyond 1e2 warns, beyond 1e4 (or a layer with exactly zero gradient) fails.
     - ``batchnorm`` (seed 001): after the probe, ``(L_eval - L_train) / L_train`` above 0.5 warns,
       above 2 fails.
 
     ``loss_fn(params, model_state, (x, y), key, train=...) -> (loss, (model_state, aux))``
     defaults to ``supervised_loss(model)`` (a wrapper with ``.model``, e.g. the CLI's
     augmentation, works too). ``learning_rate`` only labels the rates (else
-    `estimate_learning_rate`). Thresholds: `THRESHOLDS`. Every run starts from the same
-    initialization (``seed``) with a fresh optimizer state.
+    `estimate_learning_rate`). ``checks`` runs a subset. ``params``/``model_state`` start from
+    given parameters instead of ``model.init`` (a pretrained model, a custom initialization).
+    Thresholds: `THRESHOLDS`; each one's source and reason: docs/doctor.md. Every run starts from
+    the same initialization (``seed``) with a fresh optimizer state.
+
+    Example::
+
+        report = jaxdl.doctor.examine(jaxdl.models.mlp(10), jaxdl.adam(1e-3), (x, y))
+        print(report.summary()); report.write("runs/doctor")
     """
     t0, c0 = time.perf_counter(), time.process_time()
     if not (callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))):
