@@ -226,7 +226,8 @@ def sweep(
     Runs are seeds x settings, seed major (run ``r = s*H + h``), R = S*H. Returns a dict of
     numpy arrays with a leading run axis:
 
-    - ``seed`` (R,) and every hyperparameter (R,): what run r used;
+    - ``seed`` (R,) and every hyperparameter (R,): what run r used (a swept ``loss_scale`` replaces
+      the step metric of that name; ``final_loss_scale`` remains);
     - every step metric of `make_train_loop` (``loss``, ``grad_norm``, ``update_ratio``,
       ``nonfinite``, ``accuracy``, ...) as a curve (R, K), and its last value ``final_<name>`` (R,);
     - with ``eval_batch``: ``eval_<name>`` (R,) from `make_eval_step` after training, and with an
@@ -267,8 +268,8 @@ def sweep(
                ema=None if ema is None else float(ema))
     state = out.pop("state", None)
     result = {"seed": run_seeds}
-    result.update({n: run_table[:, i] for i, n in enumerate(names)})
     result.update(jax.device_get(out))
+    result.update({n: run_table[:, i] for i, n in enumerate(names)})  # a swept loss_scale: the setting
     if state is not None:
         result["state"] = state
     return result
