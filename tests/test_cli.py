@@ -259,6 +259,23 @@ def test_a_bad_npz_is_refused_in_one_line_naming_the_array(tmp_path, capsys, arr
     assert not (tmp_path / "run").exists()
 
 
+def test_doctor_examines_what_train_would_train_and_exits_by_the_report(tmp_path, capsys):
+    small = ["--dataset", "digits", "--depth", "1", "--width", "64", "--batch-size", "32", "--augment", "0"]
+    out = tmp_path / "report"
+    code, stdout, err = run_main(capsys, "doctor", *small, "--out", str(out))
+    assert code == 0, stdout + err
+    for check in ("data", "initial_loss", "gradient_check", "symmetry", "overfit", "learning_rate",
+                  "update_ratio", "activations", "gradients"):
+        assert check in stdout, check
+    assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())
+    code, stdout, _ = run_main(capsys, "doctor", *small, "--lr", "50")  # far past divergence
+    assert code == 1
+    report = [line for line in stdout.splitlines() if "learning_rate" in line]
+    assert report and "fail" in report[0].lower(), stdout
+    code, _, err = run_main(capsys, "doctor", *small, "--lr", "-1")
+    assert code == 2 and "argument --lr: must be 0 < value" in err
+
+
 def test_evaluate_refuses_a_corrupt_model_naming_the_file(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
     bad_file = corrupt(out / "model")
