@@ -326,8 +326,8 @@ def _make_scan(loss_fn, optimizer):
         new_params = optax.apply_updates(params, updates)
         finite = (
             jnp.isfinite(loss)
-            & jnp.isfinite(optax.global_norm(grads))
-            & jnp.isfinite(optax.global_norm(updates))
+            & jnp.isfinite(optax.tree.norm(grads))
+            & jnp.isfinite(optax.tree.norm(updates))
         )
         keep = finite & active
         sel = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)  # noqa: E731
