@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import data, trainer
+from jaxdl import compile_cache, data, trainer
 from jaxdl.config import (  # noqa: F401  (the configuration's names are the command's too)
     DEFAULTS,
     MODEL_DEFAULTS,
@@ -224,6 +224,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    "good checkpoint (options default to the run's config.json; ones given must "
                    "match it); a run without a checkpoint starts from the beginning")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
+    g.add_argument("--no-compile-cache", action="store_true", help="neither read nor write JAX's persistent "
+                   "compilation cache (default: on, in ~/.cache/jaxdl/xla; or JAXDL_COMPILE_CACHE=0/DIR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -567,6 +569,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
+    if command != "evaluate":  # the cache is process-wide: off means off for fit's enable() too
+        (compile_cache.disable if args.pop("no_compile_cache", False) else compile_cache.enable)()
     prog = f"jaxdl {command}"
 
     def log(message):

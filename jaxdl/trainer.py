@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdl import compile_cache as _compile_cache
 from jaxdl import data
 from jaxdl._checks import check_int, check_positive_int
 from jaxdl.precision import get_policy
@@ -530,6 +531,7 @@ def fit(
     micro_batches: int = 1,
     loss_scale=None,
     ema=None,
+    compile_cache: bool | str = True,
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
 
@@ -571,6 +573,9 @@ def fit(
       adds ``ema_val_loss``, ``ema_val_accuracy``. The returned state carries ``ema_params``
       (score it with ``evaluate(..., use_ema=True)``); early stopping and ``model/`` use the raw
       params.
+    - ``compile_cache``: turn on JAX's persistent compilation cache (`jaxdl.compile_cache`;
+      a str: its folder), so a rerun loads the compiled loop instead of compiling it;
+      ``JAXDL_COMPILE_CACHE=0`` keeps it off. False leaves JAX's setting as it is.
 
     ``history`` entries: ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``val_loss``,
     ``val_accuracy`` (with validation), ``lr``, ``update_ratio`` (mean over the epoch's steps of
@@ -622,6 +627,8 @@ def fit(
     if out_dir is not None:
         _check_out_dir(out_dir, resume)
 
+    if compile_cache:
+        _compile_cache.enable(compile_cache if isinstance(compile_cache, str) else None)
     model_key, data_key, _ = run_keys(seed)
     input_shape = x.shape[1:]
     state = TrainState.create(model, optimizer, model_key, input_shape, ema=step_kwargs.get("ema"),

@@ -37,7 +37,8 @@ def _run(env_value, tmp_path):
         env.pop(compile_cache.ENV, None)
     else:
         env[compile_cache.ENV] = env_value
-    out = subprocess.run([sys.executable, "-c", _WORKER], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _WORKER], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -97,3 +98,41 @@ def test_enable_in_process_switches_folders_and_disable_sticks(tmp_path, monkeyp
 def test_the_test_suite_never_writes_into_the_home_cache():
     assert os.environ.get(compile_cache.ENV) == "0"  # set by tests/conftest.py
     assert compile_cache.enable() is None
+
+
+@pytest.mark.parametrize("flag, on", [((), True), (("--no-compile-cache",), False)])
+def test_jaxdl_train_turns_it_on_unless_no_compile_cache(tmp_path, monkeypatch, flag, on):
+    from jaxdl import cli
+
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        with pytest.raises(SystemExit) as exit_:  # refused after the cache is set: nothing trains
+            cli.main(["train", *flag, "--resume"])
+        assert exit_.value.code == 2
+        assert compile_cache.directory() == (str(tmp_path / "cache") if on else None)
+        assert (os.environ[compile_cache.ENV] == "0") == (not on)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compile_cache._reset()
+
+
+@pytest.mark.parametrize("setting", [False, True, "folder"])
+def test_fit_turns_it_on_by_default_and_leaves_it_alone_with_false(tmp_path, monkeypatch, setting):
+    import numpy as np
+
+    import jaxdl as dl
+
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "env"))
+    before = jax.config.jax_compilation_cache_dir
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    arg = str(tmp_path / "given") if setting == "folder" else setting
+    try:
+        dl.fit(dl.Sequential(dl.Dense(2)), dl.sgd(0.1), (x, y), epochs=1, batch_size=8, progress=False,
+               compile_cache=arg)
+        expected = {False: before, True: str(tmp_path / "env"), "folder": str(tmp_path / "given")}[setting]
+        assert compile_cache.directory() == expected
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compile_cache._reset()
