@@ -2,9 +2,9 @@
 
     python benchmarks/doctor.py [mlp|cnn ...] [--out DIR]
 
-mlp: ``models.mlp(10, dropout=0.2)``; cnn: ``models.cnn(10, dropout=0.25)`` (its Conv layers'
-'auto' rule: im2col for the first, XLA's convolution for the second on the CPU); cnn-im2col: the
-same with ``conv_impl="im2col"`` (what ``jaxdl train --model cnn`` has trained with so far); all with
+mlp: ``models.mlp(10, dropout=0.2)``; cnn: ``models.cnn(10, dropout=0.25)`` (Conv's 'auto'
+rule; on the CPU im2col for every 3x3 convolution since da5c991); cnn-im2col: the same with
+``conv_impl="im2col"`` explicitly; all with
 ``adam`` under a cosine schedule from 2e-3 over 15 (12) epochs of batch 64, on mnist5k (pixels
 in [0, 1], then standardized with the training split's statistics), the CLI's augmentation
 wrapper around ``supervised_loss`` as the loss. Prints each check's seconds, the total and the
