@@ -325,9 +325,7 @@ def _make_scan(loss_fn, optimizer):
         updates = jax.tree.map(lambda u: (u * mult).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
         finite = (
-            jnp.isfinite(loss)
-            & jnp.isfinite(optax.tree.norm(grads))
-            & jnp.isfinite(optax.tree.norm(updates))
+            jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(optax.tree.norm(updates))
         )
         keep = finite & active
         sel = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)  # noqa: E731
