@@ -43,7 +43,7 @@ import optax
 
 from jaxdl import compile_cache as _compile_cache
 from jaxdl import data
-from jaxdl._checks import check_int, check_positive_int
+from jaxdl._checks import check_int, check_positive_int, check_tree_match
 from jaxdl.precision import get_policy
 from jaxdl.train_step import (
     TrainState,
@@ -532,6 +532,7 @@ def fit(
     loss_scale=None,
     ema=None,
     compile_cache: bool | str = True,
+    initial_params=None,
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
 
@@ -555,6 +556,10 @@ def fit(
       ``batch_size`` must be divisible by it and the model's BatchNorm layers need
       ``axis_name="batch"`` (`jaxdl.models.mlp(..., axis_name="batch")`). Same result as one
       device up to float reduction order.
+    - ``initial_params``: start from these parameters (e.g. a pretrained body for transfer
+      learning, seed 001) instead of the model's initialization; the same tree as
+      ``model.init``'s. fit copies them (its state is donated to the compiled loop), so the
+      caller's arrays stay valid.
     - ``progress``: a `tqdm.auto` bar (a widget in notebooks) and one line per epoch on stderr;
       False prints nothing. ``log``: where messages go (resumption, skipped corrupt checkpoints);
       default: stderr when ``progress``, else nowhere.
@@ -633,6 +638,14 @@ def fit(
     input_shape = x.shape[1:]
     state = TrainState.create(model, optimizer, model_key, input_shape, ema=step_kwargs.get("ema"),
                               loss_scale=step_kwargs.get("loss_scale"))
+    if initial_params is not None:
+        check_tree_match("fit", state.params, initial_params, "initial_params",
+                         "Pass parameters of the tree that model.init returns for these inputs.")
+        params = jax.tree.map(lambda new, old: jnp.array(new, dtype=old.dtype, copy=True),
+                              initial_params, state.params)
+        state = state.replace(params=params, opt_state=optimizer.init(params))
+        if getattr(state, "ema_params", None) is not None:  # the average starts at the start
+            state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
     out = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb)[0], state.params, state.model_state,
                          jax.ShapeDtypeStruct((1, *input_shape), x.dtype))
     _check_classes("train", y, out.shape[1:])
@@ -647,6 +660,7 @@ def fit(
         "optimizer_state": _describe(jax.tree.map(lambda a: (a.shape, a.dtype.name),
                                                   jax.eval_shape(optimizer.init, state.params))),
         "train": _digest(x, y), "validation": None if val is None else _digest(*val),
+        "initial_params": None if initial_params is None else _digest(*map(np.asarray, jax.tree.leaves(state.params))),
         "epochs": epochs, "batch_size": batch_size, "seed": seed, "early_stopping": early_stopping,
         "checkpoint_every": checkpoint_every, "keep": keep, "block_size": block_size, "devices": devices,
     }
@@ -678,6 +692,19 @@ def fit(
                "final": result.history[-1] if result.history else None}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return result
+
+
+class _NoBar:
+    """What `fit` uses in place of a tqdm bar when ``progress=False``."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
 
 
 class _Outputs(NamedTuple):
@@ -715,8 +742,10 @@ class _Engine(NamedTuple):
         return bool(patience) and completed_epochs - int(progress.best_epoch) >= patience
 
     def run(self, state: TrainState, outputs: _Outputs | None) -> FitResult:
-        from tqdm.auto import tqdm
-
+        if self.progress:
+            from tqdm.auto import tqdm  # imported only to show a bar: in a kernel without
+        else:  # ipywidgets, importing tqdm.auto warns
+            tqdm = _NoBar
         S, E, bs = self.steps_per_epoch, self.epochs, self.batch_size
         loop, place, block_sharding = _make_loop(self.loss_fn, self.optimizer, self.devices, self.step_kwargs)
         policy = self.step_kwargs.get("precision")

@@ -151,6 +151,21 @@ def test_progress_false_prints_nothing(digits, capfd):
     assert "epoch 1/1: train loss" in err
 
 
+def test_initial_params_start_the_run_and_stay_valid_for_the_caller(digits):
+    model, tx = small_mlp(), optax.sgd(0.0)  # lr 0: the parameters must come back unchanged
+    _, params, _ = model.init(jax.random.key(7), (8, 8, 1))
+    result = dl.fit(model, tx, digits.train, epochs=1, batch_size=64, initial_params=params, progress=False)
+    assert_bitwise_equal(result.state.params, params)
+    assert all(not x.is_deleted() for x in jax.tree.leaves(params))  # copied, not donated
+    trained = dl.fit(model, dl.adam(1e-2), digits.train, epochs=1, batch_size=64, initial_params=params,
+                     progress=False)
+    fresh = dl.fit(model, dl.adam(1e-2), digits.train, epochs=1, batch_size=64, progress=False)
+    assert not np.allclose(leaves(trained.state.params)[0], leaves(fresh.state.params)[0])
+    with pytest.raises(ValueError, match=r"fit: initial_params tree does not match"):
+        dl.fit(model, tx, digits.train, epochs=1, batch_size=64, initial_params={"dense_1": params["dense_1"]},
+               progress=False)
+
+
 # ----------------------------------------------------------------------------- data parallel
 
 
