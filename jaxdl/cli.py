@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import compile_cache, data, trainer
+from jaxdl import compile_cache, config, data, trainer
 from jaxdl.config import (  # noqa: F401  (the configuration's names are the command's too)
     DEFAULTS,
     MODEL_DEFAULTS,
@@ -53,7 +52,6 @@ from jaxdl.trainer import chunk_bounds, default_block_size, read_metrics  # noqa
 
 __all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_schedule", "load_run"]
 
-RUNTIME_OPTIONS = ("out", "resume", "quiet", "config")  # may differ between a run and its resumption
 
 
 class UsageError(Exception):
@@ -262,51 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- configuration
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise RunError(f"cannot read {path}: {err}") from None
-
-
-def _config_file(path: str) -> dict:
-    """The options of a previous run's config.json (``--config``), checked to be ours."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--config {path}: no such file")
-    try:
-        saved = _read_json(path)
-    except RunError as err:
-        raise UsageError(f"--config {err}") from None
-    options = saved.get("config") if isinstance(saved, dict) else None
-    if not isinstance(options, dict) or set(options) - set(DEFAULTS):
-        unknown = sorted(set(options) - set(DEFAULTS)) if isinstance(options, dict) else []
-        raise UsageError(f"--config {path}: not a jaxdl run's config.json (expected a 'config' object "
-                         f"of train options{'; unknown ' + ', '.join(unknown) if unknown else ''})")
-    return options
-
-
 def train_config(explicit: dict) -> tuple[dict, bool]:
-    """The run's configuration and whether it resumes one: `DEFAULTS` updated with ``--config``'s
-    options and then the explicit ones, or with ``--resume`` the saved config.json, whose values
-    the given options must equal."""
-    out = explicit.get("out")
-    saved_path = os.path.join(out, "config.json") if out else None
-    given = {k: v for k, v in explicit.items() if k not in RUNTIME_OPTIONS}
-    if explicit.get("config"):
-        given = {**_config_file(explicit["config"]), **given}
-    if explicit.get("resume"):
-        if not out:
-            raise UsageError("--resume needs --out DIR, the run to continue")
-        if os.path.isfile(saved_path):
-            saved = _read_json(saved_path)["config"]
-            differ = [f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
-                      for k, v in given.items() if saved.get(k) != v]
-            if differ:
-                raise UsageError(f"--resume: options differ from {saved_path}: {'; '.join(differ)}; "
-                                 "drop them or start a new --out")
-            return saved, True
-    return resolve_defaults({**DEFAULTS, **given}), False
+    """`jaxdl.config.train_config`, its errors as the command's."""
+    try:
+        return config.train_config(explicit)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise RunError(str(err)) from None
+
+
+def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
+    """`jaxdl.config.load_run`, its errors as the command's."""
+    try:
+        return config.load_run(run_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise RunError(str(err)) from None
 
 
 def default_out_dir(cfg: dict) -> str:
@@ -503,29 +474,6 @@ def cmd_doctor(explicit: dict) -> int:
         report.write(out)
         print(f"report written to {out}")
     return 0 if report.ok else 1
-
-
-def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
-    """``(config, data_info, model, {"params", "model_state"})`` of a finished run: the model is
-    rebuilt from config.json and its final (or best) parameters restored from ``model/``."""
-    from jaxdl.checkpoint import restore_checkpoint
-
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise UsageError(f"{run_dir}: not a jaxdl run directory (no config.json)")
-    saved = _read_json(config_path)
-    cfg, info = saved["config"], saved["data"]
-    model_dir = os.path.join(run_dir, "model")
-    if not os.path.isdir(model_dir):
-        raise RunError(f"{run_dir}: no model/ yet, the run has not finished; resume it with "
-                       f"jaxdl train --out {run_dir} --resume")
-    model = build_model(cfg, info["num_classes"])
-    _, params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(info["input_shape"])))
-    try:
-        restored = restore_checkpoint(model_dir, {"params": params, "model_state": state})
-    except (OSError, ValueError) as err:
-        raise RunError(f"cannot restore the model: {err}") from None
-    return cfg, info, model, restored
 
 
 def _split_to_score(name: str, split: str, split_seed: int) -> tuple[data.Split, int]:

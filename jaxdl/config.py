@@ -7,12 +7,18 @@ repeated (``jaxdl train --config``), resumed and examined (``jaxdl doctor``) fro
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
+
+import jax
 
 from jaxdl import models, optimizers, schedules, transforms
 
-__all__ = ["DEFAULTS", "MODEL_DEFAULTS", "OPTIMIZER_LR", "resolve_defaults", "build_model",
-           "build_schedule", "build_optimizer"]
+__all__ = ["DEFAULTS", "MODEL_DEFAULTS", "OPTIMIZER_LR", "resolve_defaults", "train_config", "build_model",
+           "build_schedule", "build_optimizer", "load_run"]
+
+RUNTIME_OPTIONS = ("out", "resume", "quiet", "config", "no_compile_cache")  # may differ on resumption
 
 from jaxdl.trainer import DATA_AXIS  # BatchNorm's axis_name with devices: fit's data axis
 
@@ -115,3 +121,79 @@ def build_optimizer(cfg: dict, lr, noise_key):
         parts.append(transforms.add_noise(cfg["noise_eta"], cfg["noise_gamma"], key=noise_key))
     parts.append(_base_optimizer(cfg, lr))
     return transforms.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def read_json(path: str) -> dict:
+    """A JSON file; OSError naming the file when it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read {path}: {err}") from None
+
+
+def _config_file(path: str) -> dict:
+    """The options of a previous run's config.json (``--config``), checked to be ours."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        saved = read_json(path)
+    except OSError as err:
+        raise ValueError(f"--config {err}") from None
+    options = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(options, dict) or set(options) - set(DEFAULTS):
+        unknown = sorted(set(options) - set(DEFAULTS)) if isinstance(options, dict) else []
+        raise ValueError(f"--config {path}: not a jaxdl run's config.json (expected a 'config' object "
+                         f"of train options{'; unknown ' + ', '.join(unknown) if unknown else ''})")
+    return options
+
+
+def train_config(explicit: dict) -> tuple[dict, bool]:
+    """The run's configuration and whether it resumes one: `DEFAULTS` updated with ``--config``'s
+    options and then the explicit ones, or with ``--resume`` the saved config.json, whose values
+    the given options must equal. ``explicit``: the options given on the command line (dashes as
+    underscores); a bad combination is a ValueError in the command's words, an unreadable file an
+    OSError."""
+    out = explicit.get("out")
+    saved_path = os.path.join(out, "config.json") if out else None
+    given = {k: v for k, v in explicit.items() if k not in RUNTIME_OPTIONS}
+    if explicit.get("config"):
+        given = {**_config_file(explicit["config"]), **given}
+    if explicit.get("resume"):
+        if not out:
+            raise ValueError("--resume needs --out DIR, the run to continue")
+        if os.path.isfile(saved_path):
+            saved = read_json(saved_path)["config"]
+            differ = [f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
+                      for k, v in given.items() if saved.get(k) != v]
+            if differ:
+                raise ValueError(f"--resume: options differ from {saved_path}: {'; '.join(differ)}; "
+                                 "drop them or start a new --out")
+            return saved, True
+    return resolve_defaults({**DEFAULTS, **given}), False
+
+
+def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
+    """``(config, data_info, model, {"params", "model_state"})`` of a finished run: the model is
+    rebuilt from config.json and its final (or best) parameters restored from ``model/``."""
+    from jaxdl.checkpoint import restore_checkpoint
+
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{run_dir}: not a jaxdl run directory (no config.json)")
+    saved = read_json(config_path)
+    cfg, info = saved["config"], saved["data"]
+    model_dir = os.path.join(run_dir, "model")
+    if not os.path.isdir(model_dir):
+        raise OSError(f"{run_dir}: no model/ yet, the run has not finished; resume it with "
+                       f"jaxdl train --out {run_dir} --resume")
+    model = build_model(cfg, info["num_classes"])
+    _, params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(info["input_shape"])))
+    try:
+        restored = restore_checkpoint(model_dir, {"params": params, "model_state": state})
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot restore the model: {err}") from None
+    return cfg, info, model, restored
