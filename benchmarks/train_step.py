@@ -11,6 +11,7 @@ alike; PyTorch is timed in a block of its own (interleaved with XLA, the two spi
 pools starve each other on 2 cores).
 
     python benchmarks/train_step.py [--repeats 30]
+    python benchmarks/train_step.py --case issue12   # fp32 vs bf16; accumulation memory (issue 12)
 """
 
 from __future__ import annotations
@@ -188,6 +189,61 @@ def bench_compile(repeats=5):
     return out
 
 
+def _memory(step, *args):
+    """``(temp, argument, output)`` bytes of the compiled program (``memory_analysis``)."""
+    m = jax.jit(step).lower(*args).compile().memory_analysis()
+    return m.temp_size_in_bytes, m.argument_size_in_bytes, m.output_size_in_bytes
+
+
+def bench_precision(repeats=10):
+    """Issue 12: one step in float32 vs bfloat16 compute (float32 master weights), time and the
+    compiled program's memory; the big MLP at batch 256 and the default CNN at batch 64."""
+    from jaxdl import models
+
+    cases = {"MLP 784-1024-1024-10, batch 256": (jaxdl_model((1024, 1024, 10)), (784,), 256),
+             "default CNN (models.cnn), batch 64": (models.cnn(10, dropout=0.25), (28, 28, 1), 64)}
+    out = {}
+    for title, (model, shape, batch) in cases.items():
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=(batch, *shape)).astype(np.float32))
+        y = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
+        tx = dl.adam(1e-3)
+        loss = ts.supervised_loss(model)
+        runners, mem = {}, {}
+        for prec in ("fp32", "bf16"):
+            step = ts.make_train_step(loss, tx, precision=None if prec == "fp32" else prec)
+            st = {"s": ts.TrainState.create(model, tx, jax.random.key(0), shape)}
+            mem[prec] = _memory(step, st["s"], (x, y))
+
+            def run(step=step, st=st):
+                st["s"], m = step(st["s"], (x, y))
+                jax.block_until_ready(m["loss"])
+            runners[prec] = run
+        times = round_robin(runners, repeats)
+        out[title] = (times, mem)
+    return out
+
+
+def bench_accumulation_memory():
+    """Issue 12: peak temporary memory of one optimizer step on a global batch of 2048 (MLP
+    784-1024-1024-10, Adam): the whole batch (K=1), 8 micro-batches in a scan (K=8), and
+    optax.MultiSteps(every_k_schedule=8) fed 8 calls of 256 (its accumulator lives in the state)."""
+    model, d, gb = jaxdl_model((1024, 1024, 10)), 784, 2048
+    loss = ts.supervised_loss(model)
+    x, y = _data(gb, d, 10)
+    tx = dl.adam(1e-3)
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
+    rows = {}
+    for k in (1, 8):
+        rows[f"jaxdl micro_batches={k}, batch {gb}"] = _memory(ts.make_train_step(loss, tx, micro_batches=k),
+                                                               state, (x, y))
+    multi = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=8).gradient_transformation()
+    mstate = ts.TrainState.create(model, multi, jax.random.key(0), (d,))
+    rows["optax.MultiSteps(k=8), batch 256 per call"] = _memory(ts.make_train_step(loss, multi), mstate,
+                                                              (x[:256], y[:256]))
+    return rows
+
+
 def report(title, results, ref, unit="ms", scale=1e3):
     print(f"\n{title}")
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -201,10 +257,24 @@ def report(title, results, ref, unit="ms", scale=1e3):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--case", choices=("compare", "issue12"), default="compare",
+                    help="compare: jaxdl vs flax+optax vs torch; issue12: fp32 vs bf16 step time and "
+                    "memory, accumulation memory vs optax.MultiSteps")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
           f"flax {flax.__version__}, optax {optax.__version__}, torch {torch.__version__}")
+    if args.case == "issue12":
+        for title, (times, mem) in bench_precision(max(args.repeats // 3, 5)).items():
+            print(f"\n{title}, Adam: one step, float32 vs bf16 compute (float32 master weights)")
+            for prec, t in times.items():
+                temp, arg, outb = mem[prec]
+                print(f"  {prec}: median {statistics.median(t) * 1e3:8.2f} ms (min {min(t) * 1e3:.2f}), "
+                      f"temp {temp:,} B, arguments {arg:,} B, outputs {outb:,} B")
+        print("\nOne optimizer step on a global batch of 2048, MLP 784-1024-1024-10, Adam (memory_analysis)")
+        for name, (temp, arg, outb) in bench_accumulation_memory().items():
+            print(f"  {name:<44} temp {temp:>13,} B   arguments (state + batch) {arg:>12,} B")
+        return
     report("MLP 784-1024-1024-10, batch 256, Adam: one step", bench_big(args.repeats), "flax+optax")
     report("Tiny MLP 64-128-128-10, batch 32, Adam: per step (100 steps per call)", bench_tiny(max(args.repeats // 3, 5)),
            "flax+optax loop", unit="us", scale=1e6)
