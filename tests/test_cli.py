@@ -259,6 +259,21 @@ def test_a_bad_npz_is_refused_in_one_line_naming_the_array(tmp_path, capsys, arr
     assert not (tmp_path / "run").exists()
 
 
+def test_precision_accumulate_and_ema_reach_fit_and_the_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "train", *TINY, "--epochs", "2", "--precision", "bf16",
+                                 "--accumulate", "2", "--ema", "0.9", "--out", str(out))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["precision"] == "bf16" and summary["config"]["accumulate"] == 2
+    assert summary["test_accuracy"] > 0.8 and summary["ema_test_accuracy"] > 0.8  # chance: 0.1
+    assert f"EMA weights {summary['ema_test_accuracy']:.4f}" in stdout
+    records = cli.read_metrics(out / "metrics.jsonl")
+    assert all("ema_val_loss" in r for r in records)
+    code, _, err = run_main(capsys, "train", *TINY, "--accumulate", "3", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "--batch-size 32 is not divisible by --accumulate 3" in err
+
+
 def test_doctor_examines_what_train_would_train_and_exits_by_the_report(tmp_path, capsys):
     small = ["--dataset", "digits", "--depth", "1", "--width", "64", "--batch-size", "32", "--augment", "0"]
     out = tmp_path / "report"
