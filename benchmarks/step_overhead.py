@@ -1,0 +1,226 @@
+"""Benchmark: what the train step's guarantees cost, against flax.linen + optax, in one run.
+
+1. Tiny MLP 64-128-128-10, batch 32, Adam: jaxdl's scan loop (`make_train_loop`, default metrics
+   and non-finite skip) vs flax+optax one jitted step per call, per step; plus scan loops of the
+   same step with the metrics added one at a time (what each one costs).
+2. Big MLP 784-1024-1024-10, batch 256, Adam: steady-state step, jaxdl vs flax+optax, and the
+   step's achieved FLOP/s as a fraction of a large jnp.dot's in the same run.
+3. First call of the big MLP step (trace + compile + one step), jaxdl vs flax+optax, with the
+   compile time and the number of fusions of each program.
+
+Every comparison is timed round-robin (`_timing.round_robin`: one call of each in turn) and
+reported as the median of the pair-by-pair ratios (same round), with quartiles, because the
+machine is shared.
+
+    python benchmarks/step_overhead.py [--repeats 30] [--only tiny,big,first]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _timing import round_robin
+from train_step import _data, flax_step_fn, jaxdl_model
+
+import jaxdl as dl
+from jaxdl import train_step as ts
+from jaxdl.transforms import global_norm
+
+
+def ratios(times, a, b):
+    """Median and quartiles of times[a][i] / times[b][i] over the rounds."""
+    r = sorted(x / y for x, y in zip(times[a], times[b], strict=True))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return q[1], q[0], q[2]
+
+
+def fusions(compiled) -> int:
+    return len(re.findall(r"^\s*(?:ROOT )?\S+ = \S+ fusion\(", compiled.as_text(), re.M))
+
+
+def ablation_body(level):
+    """A scan body of the train step keeping only what ``level`` names (for what each part costs):
+    "bare" (loss and the loss's aux), "+grad_norm", "+update_ratio" (|u|/|p| too), "+nonfinite"
+    (the check and a select-based skip, as the step did before issue 14)."""
+
+    def body(loss_fn, tx, state, batch):
+        key = ts.step_key(state)
+        (loss, (ms, aux)), g = jax.value_and_grad(
+            lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(state.params)
+        u, opt = tx.update(g, state.opt_state, state.params)
+        params = dl.apply_updates(state.params, u)
+        metrics = {"loss": loss, **aux}
+        if level != "bare":
+            metrics["grad_norm"] = global_norm(g)
+        if level in ("+update_ratio", "+nonfinite"):
+            metrics["update_ratio"] = global_norm(u) / global_norm(state.params)
+        if level == "+nonfinite":
+            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(global_norm(u))
+            pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, ms = pick(params, state.params), pick(ms, state.model_state)
+            opt = pick(opt, state.opt_state)
+            metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        return state.replace(step=state.step + 1, params=params, model_state=ms, opt_state=opt), metrics
+
+    return body
+
+
+def bench_tiny(repeats, k=100):
+    d, widths, batch = 64, (128, 128, 10), 32
+    xs, ys = _data(batch * k, d, 10)
+    xj, yj = jnp.asarray(xs.reshape(k, batch, d)), jnp.asarray(ys.reshape(k, batch))
+    tx = dl.adam(1e-3)
+    model = jaxdl_model(widths)
+    loss_fn = ts.supervised_loss(model)
+    s0 = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
+    loops = {"jaxdl scan loop": ts.make_train_loop(loss_fn, tx)}
+    for level in ("bare", "+grad_norm", "+update_ratio", "+nonfinite"):
+        body = ablation_body(level)
+        loops[f"scan, {level}"] = jax.jit(
+            lambda s, b, body=body: jax.lax.scan(lambda c, x: body(loss_fn, tx, c, x), s, b))
+    holders = dict.fromkeys(loops, s0)
+    runners = {}
+    for name, loop in loops.items():
+        def run(name=name, loop=loop):
+            holders[name], m = loop(holders[name], (xj, yj))
+            jax.block_until_ready(m["loss"])
+        runners[name] = run
+    counts = {name: fusions(loop.lower(s0, (xj, yj)).compile()) for name, loop in loops.items()}
+
+    finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
+    fh = dict(zip(("p", "s"), finit(xj[0]), strict=True))
+    fx, fy = [xj[i] for i in range(k)], [yj[i] for i in range(k)]
+
+    def run_flax():
+        for i in range(k):
+            fh["p"], fh["s"], loss = fstep(fh["p"], fh["s"], fx[i], fy[i])
+        jax.block_until_ready(loss)
+
+    runners["flax+optax loop"] = run_flax
+    counts["flax+optax loop"] = fusions(fstep.lower(fh["p"], fh["s"], fx[0], fy[0]).compile())
+    times = round_robin(runners, repeats)
+    print(f"\nTiny MLP 64-128-128-10, batch 32, Adam, {k} steps per call, {repeats} rounds (us per step)")
+    print(f"  {'contender':<22} {'median':>8} {'min':>8}  {'fusions':>7}   flax time / this (median, quartiles)")
+    for name in runners:
+        med, lo, hi = ratios(times, "flax+optax loop", name)
+        print(f"  {name:<22} {statistics.median(times[name]) / k * 1e6:8.1f} {min(times[name]) / k * 1e6:8.1f}"
+              f"  {counts[name]:7d}   {med:5.2f}  ({lo:.2f}-{hi:.2f})")
+    base = "scan, bare"
+    print("  cost over the bare scan, per step (median of pair-by-pair differences):")
+    for name in [n for n in runners if n.startswith("scan, +") or n == "jaxdl scan loop"]:
+        diff = statistics.median((a - b) / k * 1e6 for a, b in zip(times[name], times[base], strict=True))
+        print(f"    {name:<22} {diff:+7.1f} us")
+
+
+def matmul_peak(repeats, n=2048):
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+    f = jax.jit(lambda a: a @ a)
+    times = round_robin({"dot": lambda: jax.block_until_ready(f(a))}, repeats)["dot"]
+    return 2 * n**3 / min(times), 2 * n**3 / statistics.median(times)
+
+
+def bench_big(repeats):
+    d, widths, batch = 784, (1024, 1024, 10), 256
+    x, y = _data(batch, d, 10)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    tx = dl.adam(1e-3)
+    model = jaxdl_model(widths)
+    holder = {"s": ts.TrainState.create(model, tx, jax.random.key(0), (d,))}
+    step = ts.make_train_step(ts.supervised_loss(model), tx)
+
+    def run_jaxdl():
+        holder["s"], m = step(holder["s"], (xj, yj))
+        jax.block_until_ready(m["loss"])
+
+    finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
+    fh = dict(zip(("p", "s"), finit(xj), strict=True))
+
+    def run_flax():
+        fh["p"], fh["s"], loss = fstep(fh["p"], fh["s"], xj, yj)
+        jax.block_until_ready(loss)
+
+    times = round_robin({"jaxdl": run_jaxdl, "flax+optax": run_flax}, repeats)
+    dims = (d, *widths)
+    fwd = sum(2 * batch * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    flops = 3 * fwd - 2 * batch * dims[0] * dims[1]  # forward, weight grads, input grads but the first
+    peak_best, peak_med = matmul_peak(max(repeats // 3, 5))
+    med, lo, hi = ratios(times, "jaxdl", "flax+optax")
+    print(f"\nBig MLP 784-1024-1024-10, batch 256, Adam: one step, {repeats} rounds")
+    for name, t in times.items():
+        print(f"  {name:<12} median {statistics.median(t) * 1e3:7.2f} ms  min {min(t) * 1e3:7.2f} ms  "
+              f"{flops / min(t) / 1e9:6.1f} GFLOP/s at the min")
+    print(f"  jaxdl / flax+optax: {med:.3f} (quartiles {lo:.3f}-{hi:.3f})")
+    print(f"  step FLOPs {flops / 1e9:.2f} G; matmul peak (2048^3 jnp.dot): {peak_best / 1e9:.1f} GFLOP/s best, "
+          f"{peak_med / 1e9:.1f} median; jaxdl step at its min = {flops / min(times['jaxdl']) / peak_best:.2f} "
+          f"of the best peak, at its median = {flops / statistics.median(times['jaxdl']) / peak_med:.2f} of the "
+          "median peak")
+
+
+def bench_first(repeats):
+    d, widths, batch = 784, (1024, 1024, 10), 256
+    x, y = _data(batch, d, 10)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    out = {"jaxdl": [], "flax+optax": []}
+    parts = {"jaxdl": [], "flax+optax": []}
+    count = {}
+    for r in range(repeats):
+        for name in (["jaxdl", "flax+optax"] if r % 2 == 0 else ["flax+optax", "jaxdl"]):
+            jax.clear_caches()
+            if name == "jaxdl":
+                tx = dl.adam(1e-3)
+                model = jaxdl_model(widths)
+                state = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
+                jax.block_until_ready(state)
+                fn, args = ts.make_train_step(ts.supervised_loss(model), tx), (state, (xj, yj))
+            else:
+                finit, fn = flax_step_fn(widths, optax.adam(1e-3))
+                p, s = finit(xj)
+                jax.block_until_ready(p)
+                args = (p, s, xj, yj)
+            t0 = time.perf_counter()
+            lowered = fn.trace(*args).lower()
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            t3 = time.perf_counter()
+            out[name].append(t3 - t0)
+            parts[name].append((t1 - t0, t2 - t1, t3 - t2))
+            count[name] = fusions(compiled)
+    med, lo, hi = ratios(out, "jaxdl", "flax+optax")
+    print(f"\nFirst call of the big MLP step (trace + compile + one step), {repeats} rounds")
+    for name in out:
+        tr, co, ru = (statistics.median(p) for p in zip(*parts[name], strict=True))
+        print(f"  {name:<12} median {statistics.median(out[name]):6.2f} s (trace+lower {tr:.2f}, compile {co:.2f}, "
+              f"run {ru:.2f}); {count[name]} fusions")
+    print(f"  jaxdl / flax+optax: {med:.2f} (quartiles {lo:.2f}-{hi:.2f})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--only", default="tiny,big,first")
+    args = ap.parse_args()
+    only = args.only.split(",")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
+          f"optax {optax.__version__}; load average {os.getloadavg()[0]:.1f}")
+    if "tiny" in only:
+        bench_tiny(args.repeats)
+    if "big" in only:
+        bench_big(args.repeats)
+    if "first" in only:
+        bench_first(max(args.repeats // 6, 3))
+    print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
