@@ -7,12 +7,14 @@
    step's achieved FLOP/s as a fraction of a large jnp.dot's in the same run.
 3. First call of the big MLP step (trace + compile + one step), jaxdl vs flax+optax, with the
    compile time and the number of fusions of each program.
+4. (``--only alternatives``) two other ways to build the same step, tried for issue 14, against
+   `step_body` on both models: runtime, fusions, compile time.
 
 Every comparison is timed round-robin (`_timing.round_robin`: one call of each in turn) and
 reported as the median of the pair-by-pair ratios (same round), with quartiles, because the
 machine is shared.
 
-    python benchmarks/step_overhead.py [--repeats 30] [--only tiny,big,first]
+    python benchmarks/step_overhead.py [--repeats 30] [--only tiny,big,first,alternatives]
 """
 
 from __future__ import annotations
@@ -72,6 +74,78 @@ def ablation_body(level):
         return state.replace(step=state.step + 1, params=params, model_state=ms, opt_state=opt), metrics
 
     return body
+
+
+def _stacked_norms(g, u, p):
+    """|g|, |u|, |p| with one reduction per leaf over the three (stacked) arrays."""
+    total = sum(jnp.sum(jnp.stack([a * a, b * b, c * c]).reshape(3, -1), axis=1)
+                for a, b, c in zip(*map(jax.tree.leaves, (g, u, p)), strict=True))
+    return tuple(jnp.sqrt(total))
+
+
+def alternative_body(kind):
+    """The full step (same metrics, same skip guarantee) built other ways, tried for issue 14:
+    "stacked norms" (one reduction per leaf instead of three, selects as the step),
+    "cond+recompute" (stacked norms; the skip is a `lax.cond` whose taken branch recomputes the
+    update and writes the new state, so no select runs on a finite step)."""
+
+    def body(loss_fn, tx, state, batch):
+        key = ts.step_key(state)
+        (loss, (ms, aux)), g = jax.value_and_grad(
+            lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(state.params)
+        u, opt = tx.update(g, state.opt_state, state.params)
+        gn, un, pn = _stacked_norms(g, u, state.params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gn) & jnp.isfinite(un)
+        if kind == "stacked norms":
+            pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params = pick(dl.apply_updates(state.params, u), state.params)
+            ms, opt = pick(ms, state.model_state), pick(opt, state.opt_state)
+        else:
+            def apply():
+                u2, opt2 = tx.update(g, state.opt_state, state.params)
+                return dl.apply_updates(state.params, u2), ms, opt2
+
+            params, ms, opt = jax.lax.cond(finite, apply, lambda: (state.params, state.model_state, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": gn, "update_ratio": un / pn, "nonfinite": (~finite).astype(jnp.int32),
+                   **aux}
+        return state.replace(step=state.step + 1, params=params, model_state=ms, opt_state=opt), metrics
+
+    return body
+
+
+def bench_alternatives(repeats, k=100):
+    """The step as built today vs `alternative_body`'s, on the tiny loop and the big step."""
+    _alternatives_case("Tiny MLP scan loop (100 steps per call)", 64, (128, 128, 10), 32, k, repeats)
+    _alternatives_case("Big MLP step (a scan of 1)", 784, (1024, 1024, 10), 256, 1, repeats)
+
+
+def _alternatives_case(title, d, widths, batch, steps, repeats):
+    tx = dl.adam(1e-3)
+    xs, ys = _data(batch * steps, d, 10)
+    xj, yj = jnp.asarray(xs.reshape(steps, batch, d)), jnp.asarray(ys.reshape(steps, batch))
+    model = jaxdl_model(widths)
+    loss_fn = ts.supervised_loss(model)
+    s0 = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
+    bodies = {"jaxdl step_body": lambda lf, t, c, x: ts.step_body(lf, t, True, c, x, ts.step_key(c)),
+              **{kind: alternative_body(kind) for kind in ("stacked norms", "cond+recompute")}}
+    holders = dict.fromkeys(bodies, s0)
+    runners, compile_s, counts = {}, {}, {}
+    for name, body in bodies.items():
+        fn = jax.jit(lambda s, b, body=body: jax.lax.scan(lambda c, x: body(loss_fn, tx, c, x), s, b))
+        t0 = time.process_time()
+        compiled = fn.lower(s0, (xj, yj)).compile()
+        compile_s[name], counts[name] = time.process_time() - t0, fusions(compiled)
+
+        def run(name=name, fn=fn):
+            holders[name], m = fn(holders[name], (xj, yj))
+            jax.block_until_ready(m["loss"])
+        runners[name] = run
+    times = round_robin(runners, repeats)
+    print(f"\nAlternatives, {title}, {repeats} rounds")
+    for name in bodies:
+        med, lo, hi = ratios(times, name, "jaxdl step_body")
+        print(f"  {name:<16} {statistics.median(times[name]) / steps * 1e6:9.1f} us/step   x step_body "
+              f"{med:.3f} ({lo:.2f}-{hi:.2f})   {counts[name]} fusions, compile {compile_s[name]:.2f} s CPU")
 
 
 def bench_tiny(repeats, k=100):
@@ -219,6 +293,8 @@ def main():
         bench_big(args.repeats)
     if "first" in only:
         bench_first(max(args.repeats // 6, 3))
+    if "alternatives" in only:
+        bench_alternatives(args.repeats)
     print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
