@@ -5,6 +5,7 @@ optimizer state, a PRNG key, a step counter); docs/design.md has the layout, the
 """
 
 from jaxdl import (
+    compile_cache,
     data,
     diagnostics,
     doctor,
