@@ -28,7 +28,7 @@ def round_robin(runners: dict, repeats: int, warmup: int = 2) -> dict[str, list[
     times = {name: [] for name in runners}
     names = list(runners)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
             t0 = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - t0)

@@ -63,8 +63,10 @@ def main():
     ap.add_argument("train_args", nargs="*", help="extra jaxdl train options (after --)")
     a = ap.parse_args()
     train_args = ["--epochs", "1", *a.train_args]
-    print(f"jaxdl train {' '.join(train_args)}; {os.cpu_count()} cores; load average "
-          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(
+        f"jaxdl train {' '.join(train_args)}; {os.cpu_count()} cores; load average "
+        f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    )
     workdir = tempfile.mkdtemp(prefix="jaxdl-first-step-")
     results = {"cold": [], "warm": [], "off": []}
     try:
@@ -75,8 +77,10 @@ def main():
                 folder = None if kind == "off" else cache
                 first, total, acc = run_once(train_args, folder, workdir, f"{r}-{kind}")
                 results[kind].append((first, total))
-                print(f"  round {r} {kind:<4}: first block at {first:6.2f} s, process {total:6.2f} s, "
-                      f"test acc {acc}")
+                print(
+                    f"  round {r} {kind:<4}: first block at {first:6.2f} s, process {total:6.2f} s, "
+                    f"test acc {acc}"
+                )
             files = [os.path.join(cache, f) for f in os.listdir(cache)]
             print(f"    cache: {len(files)} entries, {sum(map(os.path.getsize, files)) / 1e6:.1f} MB")
     finally:
@@ -87,7 +91,9 @@ def main():
         print(f"  {kind:<5}        {first:8.2f}      {total:8.2f}")
     for what, i in (("first block", 0), ("whole process", 1)):
         r = sorted(w[i] / c[i] for w, c in zip(results["warm"], results["cold"], strict=True))
-        print(f"warm / cold, {what}: median {statistics.median(r):.2f} (min {r[0]:.2f}, max {r[-1]:.2f}; goal <= 0.5)")
+        print(
+            f"warm / cold, {what}: median {statistics.median(r):.2f} (min {r[0]:.2f}, max {r[-1]:.2f}; goal <= 0.5)"
+        )
     print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

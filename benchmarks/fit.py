@@ -24,7 +24,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 import jaxdl as dl
 from jaxdl import data
@@ -53,24 +52,37 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     ds = data.load_dataset("mnist5k")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.1f}; jax {jax.__version__} ({jax.default_backend()})")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f}; jax {jax.__version__} ({jax.default_backend()})"
+    )
     ratios, fit_epochs, hand_epochs = [], [], []
     for r in range(args.rounds):
         model = dl.models.mlp(10, dropout=0.2)
-        result = dl.fit(model, dl.adam(2e-3), ds.train, validation=ds.val, epochs=args.epochs,
-                        batch_size=64, progress=False)
+        result = dl.fit(
+            model,
+            dl.adam(2e-3),
+            ds.train,
+            validation=ds.val,
+            epochs=args.epochs,
+            batch_size=64,
+            progress=False,
+        )
         f = statistics.median(h["seconds"] for h in result.history[1:])
         h, _ = hand_loop(dl.models.mlp(10, dropout=0.2), dl.adam(2e-3), ds, args.epochs, 64, 0)
         h = statistics.median(h[1:])
         fit_epochs.append(f)
         hand_epochs.append(h)
         ratios.append(f / h)
-        print(f"round {r + 1}: fit {f * 1e3:.0f} ms/epoch, hand loop {h * 1e3:.0f} ms/epoch, "
-              f"ratio {f / h:.2f} (load {os.getloadavg()[0]:.1f})")
-    print(f"median fit/hand-loop epoch time: {statistics.median(ratios):.2f} "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f}); fit {statistics.median(fit_epochs) * 1e3:.0f} ms, "
-          f"hand loop {statistics.median(hand_epochs) * 1e3:.0f} ms per 54-step epoch")
+        print(
+            f"round {r + 1}: fit {f * 1e3:.0f} ms/epoch, hand loop {h * 1e3:.0f} ms/epoch, "
+            f"ratio {f / h:.2f} (load {os.getloadavg()[0]:.1f})"
+        )
+    print(
+        f"median fit/hand-loop epoch time: {statistics.median(ratios):.2f} "
+        f"(range {min(ratios):.2f}-{max(ratios):.2f}); fit {statistics.median(fit_epochs) * 1e3:.0f} ms, "
+        f"hand loop {statistics.median(hand_epochs) * 1e3:.0f} ms per 54-step epoch"
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,16 @@ BATCH, ROUNDS, STEPS, LR, MU = 128, 6, 4, 0.01, 0.9
 
 def jaxdl_step_fn(impl):
     model = L.Sequential(
-        L.Conv(32, 3, impl=impl), L.BatchNorm(), L.Relu(),
-        L.Conv(64, 3, strides=2, impl=impl), L.BatchNorm(), L.Relu(),
-        L.AvgPool(16), L.Flatten(), L.Dense(10))
+        L.Conv(32, 3, impl=impl),
+        L.BatchNorm(),
+        L.Relu(),
+        L.Conv(64, 3, strides=2, impl=impl),
+        L.BatchNorm(),
+        L.Relu(),
+        L.AvgPool(16),
+        L.Flatten(),
+        L.Dense(10),
+    )
     _, params, state = model.init(jax.random.key(0), (32, 32, 3))
     velocity = jax.tree.map(jnp.zeros_like, params)
 
@@ -73,8 +80,9 @@ def flax_step_fn():
     params, stats = variables["params"], variables["batch_stats"]
 
     def loss_fn(params, stats, x, y):
-        logits, upd = module.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                   mutable=["batch_stats"])
+        logits, upd = module.apply(
+            {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
 
     @jax.jit
@@ -89,10 +97,16 @@ def flax_step_fn():
 
 def torch_step_fn(channels_last):
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.BatchNorm2d(64),
-        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        torch.nn.Linear(64, 10))
+        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        torch.nn.BatchNorm2d(64),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MU)
@@ -133,7 +147,7 @@ def main():
     names = list(contenders)
     samples = {n: [] for n in names}
     for r in range(ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             step, _, x, y, is_jax = contenders[name]
             carry = carries[name]
             t0 = time.perf_counter()
@@ -144,17 +158,20 @@ def main():
             carries[name] = carry
 
     ref = np.median(samples["torch eager NCHW"])
-    print(f"jax {jax.__version__} (backend {jax.default_backend()}), flax {flax.__version__}, "
-          f"optax {optax.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), numpy {np.__version__}, "
-          f"python {platform.python_version()}, {os.cpu_count()} CPUs")
-    print(f"batch {BATCH}, {ROUNDS} rounds x {STEPS} steps; ms per step "
-          "(forward + backward + SGD-momentum update)")
+    print(
+        f"jax {jax.__version__} (backend {jax.default_backend()}), flax {flax.__version__}, "
+        f"optax {optax.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), numpy {np.__version__}, "
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"batch {BATCH}, {ROUNDS} rounds x {STEPS} steps; ms per step "
+        "(forward + backward + SGD-momentum update)"
+    )
     print(f"{'':30s} {'median':>8s} {'min':>8s} {'max':>8s}  {'torch NCHW / this':>18s}")
     for name in names:
         s = np.asarray(samples[name])
-        print(f"{name:30s} {np.median(s):8.1f} {s.min():8.1f} {s.max():8.1f}  "
-              f"{ref / np.median(s):17.2f}x")
+        print(f"{name:30s} {np.median(s):8.1f} {s.min():8.1f} {s.max():8.1f}  {ref / np.median(s):17.2f}x")
 
 
 if __name__ == "__main__":

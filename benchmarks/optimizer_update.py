@@ -25,12 +25,12 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 import optax
 import torch
+from _timing import round_robin, timeit
+from jax.flatten_util import ravel_pytree
 
 import jaxdl as dl
-from _timing import round_robin, timeit
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -52,7 +52,7 @@ def copy_bandwidth(n_bytes: int = 512 << 20, repeats: int = 10) -> tuple[float, 
     ``x * c`` in place (donated, all threads). The larger is the floor for an update."""
     src = np.ones(n_bytes // 4, np.float32)
     dst = np.empty_like(src)
-    t_np = statistics.median(timeit(lambda: np.copyto(dst, src), repeats))
+    t_np = statistics.median(timeit(lambda: np.copyto(dst, src), repeats))  # noqa: F821 (del below)
     del src, dst
     scale = jax.jit(lambda x: x * 1.0000001, donate_argnums=0)
     holder = {"x": jnp.ones(n_bytes // 4, jnp.float32)}
@@ -109,25 +109,35 @@ def main():
     grads = [1e-3 * jax.random.normal(k, s) for k, s in zip(keys[len(shapes) :], shapes)]
     bw_np, bw_xla = copy_bandwidth()
     bw = max(bw_np, bw_xla)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"jax {jax.__version__} ({jax.default_backend()}), optax {optax.__version__}, torch {torch.__version__}")
-    print(f"tree: {len(shapes)} leaves, {n / 1e6:.2f}M float32 params; copy bandwidth {bw / 1e9:.2f} GB/s "
-          f"(numpy memcpy {bw_np / 1e9:.2f}, XLA in-place stream {bw_xla / 1e9:.2f})")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"jax {jax.__version__} ({jax.default_backend()}), optax {optax.__version__}, torch {torch.__version__}"
+    )
+    print(
+        f"tree: {len(shapes)} leaves, {n / 1e6:.2f}M float32 params; copy bandwidth {bw / 1e9:.2f} GB/s "
+        f"(numpy memcpy {bw_np / 1e9:.2f}, XLA in-place stream {bw_xla / 1e9:.2f})"
+    )
     torch.set_num_threads(os.cpu_count() or 1)
 
     cases = {
         "adam": (
-            dl.adam(1e-3), optax.adam(1e-3), 28,
+            dl.adam(1e-3),
+            optax.adam(1e-3),
+            28,
             lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
         ),
         "sgd(momentum=0.9)": (
-            dl.sgd(1e-3, momentum=0.9), optax.sgd(1e-3, momentum=0.9), 20,
+            dl.sgd(1e-3, momentum=0.9),
+            optax.sgd(1e-3, momentum=0.9),
+            20,
             lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
         ),
     }
     flat_params, flat_grads = ravel_pytree(params)[0], ravel_pytree(grads)[0]
-    print(f"{'optimizer':<18} {'impl':<30} {'median ms':>9} {'min':>7} {'max':>7} {'x optax':>8} {'x jaxdl':>8} "
-          f"{'x torch':>8} {'x floor':>8}")
+    print(
+        f"{'optimizer':<18} {'impl':<30} {'median ms':>9} {'min':>7} {'max':>7} {'x optax':>8} {'x jaxdl':>8} "
+        f"{'x torch':>8} {'x floor':>8}"
+    )
     for name, (ours, theirs, bytes_per_param, make_torch) in cases.items():
         if args.only and not name.startswith(args.only):
             continue
@@ -139,8 +149,12 @@ def main():
             "optax (donated)": jax_runner(theirs, params, grads, donate=True),
         }
         if name == "adam":
-            runners["optax.flatten(adam) (donated)"] = jax_runner(optax.flatten(theirs), params, grads, donate=True)
-            runners["jaxdl 1 raveled leaf (donated)"] = jax_runner(ours, [flat_params], [flat_grads], donate=True)
+            runners["optax.flatten(adam) (donated)"] = jax_runner(
+                optax.flatten(theirs), params, grads, donate=True
+            )
+            runners["jaxdl 1 raveled leaf (donated)"] = jax_runner(
+                ours, [flat_params], [flat_grads], donate=True
+            )
             bf16 = dl.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
             runners["jaxdl bf16 moments (donated)"] = jax_runner(bf16, params, grads, donate=True)
         results = round_robin(runners, args.repeats)
@@ -159,9 +173,11 @@ def main():
             donated = "donated" in impl
             ref_optax = "optax (donated)" if donated else "optax"
             ref_ours = "jaxdl (donated)" if donated else "jaxdl"
-            print(f"{name:<18} {impl:<30} {med[impl] * 1e3:9.2f} {min(times) * 1e3:7.2f} {max(times) * 1e3:7.2f} "
-                  f"{paired(impl, ref_optax):8.2f} {paired(impl, ref_ours):8.2f} {paired(impl, 'torch'):8.2f} "
-                  f"{med[impl] / floor:8.2f}")
+            print(
+                f"{name:<18} {impl:<30} {med[impl] * 1e3:9.2f} {min(times) * 1e3:7.2f} {max(times) * 1e3:7.2f} "
+                f"{paired(impl, ref_optax):8.2f} {paired(impl, ref_ours):8.2f} {paired(impl, 'torch'):8.2f} "
+                f"{med[impl] / floor:8.2f}"
+            )
         print(f"{name:<18} {'floor':<30} {floor * 1e3:9.2f}  ({bytes_per_param} B/param at copy bandwidth)")
 
 

@@ -57,7 +57,8 @@ def ablation_body(level):
     def body(loss_fn, tx, state, batch):
         key = ts.step_key(state)
         (loss, (ms, aux)), g = jax.value_and_grad(
-            lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(state.params)
+            lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True
+        )(state.params)
         u, opt = tx.update(g, state.opt_state, state.params)
         params = dl.apply_updates(state.params, u)
         metrics = {"loss": loss, **aux}
@@ -78,8 +79,10 @@ def ablation_body(level):
 
 def _stacked_norms(g, u, p):
     """|g|, |u|, |p| with one reduction per leaf over the three (stacked) arrays."""
-    total = sum(jnp.sum(jnp.stack([a * a, b * b, c * c]).reshape(3, -1), axis=1)
-                for a, b, c in zip(*map(jax.tree.leaves, (g, u, p)), strict=True))
+    total = sum(
+        jnp.sum(jnp.stack([a * a, b * b, c * c]).reshape(3, -1), axis=1)
+        for a, b, c in zip(*map(jax.tree.leaves, (g, u, p)), strict=True)
+    )
     return tuple(jnp.sqrt(total))
 
 
@@ -92,7 +95,8 @@ def alternative_body(kind):
     def body(loss_fn, tx, state, batch):
         key = ts.step_key(state)
         (loss, (ms, aux)), g = jax.value_and_grad(
-            lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(state.params)
+            lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True
+        )(state.params)
         u, opt = tx.update(g, state.opt_state, state.params)
         gn, un, pn = _stacked_norms(g, u, state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(gn) & jnp.isfinite(un)
@@ -101,13 +105,21 @@ def alternative_body(kind):
             params = pick(dl.apply_updates(state.params, u), state.params)
             ms, opt = pick(ms, state.model_state), pick(opt, state.opt_state)
         else:
+
             def apply():
                 u2, opt2 = tx.update(g, state.opt_state, state.params)
                 return dl.apply_updates(state.params, u2), ms, opt2
 
-            params, ms, opt = jax.lax.cond(finite, apply, lambda: (state.params, state.model_state, state.opt_state))
-        metrics = {"loss": loss, "grad_norm": gn, "update_ratio": un / pn, "nonfinite": (~finite).astype(jnp.int32),
-                   **aux}
+            params, ms, opt = jax.lax.cond(
+                finite, apply, lambda: (state.params, state.model_state, state.opt_state)
+            )
+        metrics = {
+            "loss": loss,
+            "grad_norm": gn,
+            "update_ratio": un / pn,
+            "nonfinite": (~finite).astype(jnp.int32),
+            **aux,
+        }
         return state.replace(step=state.step + 1, params=params, model_state=ms, opt_state=opt), metrics
 
     return body
@@ -126,8 +138,10 @@ def _alternatives_case(title, d, widths, batch, steps, repeats):
     model = jaxdl_model(widths)
     loss_fn = ts.supervised_loss(model)
     s0 = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
-    bodies = {"jaxdl step_body": lambda lf, t, c, x: ts.step_body(lf, t, True, c, x, ts.step_key(c)),
-              **{kind: alternative_body(kind) for kind in ("stacked norms", "cond+recompute")}}
+    bodies = {
+        "jaxdl step_body": lambda lf, t, c, x: ts.step_body(lf, t, True, c, x, ts.step_key(c)),
+        **{kind: alternative_body(kind) for kind in ("stacked norms", "cond+recompute")},
+    }
     holders = dict.fromkeys(bodies, s0)
     runners, compile_s, counts = {}, {}, {}
     for name, body in bodies.items():
@@ -139,13 +153,16 @@ def _alternatives_case(title, d, widths, batch, steps, repeats):
         def run(name=name, fn=fn):
             holders[name], m = fn(holders[name], (xj, yj))
             jax.block_until_ready(m["loss"])
+
         runners[name] = run
     times = round_robin(runners, repeats)
     print(f"\nAlternatives, {title}, {repeats} rounds")
     for name in bodies:
         med, lo, hi = ratios(times, name, "jaxdl step_body")
-        print(f"  {name:<16} {statistics.median(times[name]) / steps * 1e6:9.1f} us/step   x step_body "
-              f"{med:.3f} ({lo:.2f}-{hi:.2f})   {counts[name]} fusions, compile {compile_s[name]:.2f} s CPU")
+        print(
+            f"  {name:<16} {statistics.median(times[name]) / steps * 1e6:9.1f} us/step   x step_body "
+            f"{med:.3f} ({lo:.2f}-{hi:.2f})   {counts[name]} fusions, compile {compile_s[name]:.2f} s CPU"
+        )
 
 
 def bench_tiny(repeats, k=100):
@@ -160,13 +177,16 @@ def bench_tiny(repeats, k=100):
     for level in ("bare", "+grad_norm", "+update_ratio", "+nonfinite"):
         body = ablation_body(level)
         loops[f"scan, {level}"] = jax.jit(
-            lambda s, b, body=body: jax.lax.scan(lambda c, x: body(loss_fn, tx, c, x), s, b))
+            lambda s, b, body=body: jax.lax.scan(lambda c, x: body(loss_fn, tx, c, x), s, b)
+        )
     holders = dict.fromkeys(loops, s0)
     runners = {}
     for name, loop in loops.items():
+
         def run(name=name, loop=loop):
             holders[name], m = loop(holders[name], (xj, yj))
             jax.block_until_ready(m["loss"])
+
         runners[name] = run
     counts = {name: fusions(loop.lower(s0, (xj, yj)).compile()) for name, loop in loops.items()}
 
@@ -183,11 +203,15 @@ def bench_tiny(repeats, k=100):
     counts["flax+optax loop"] = fusions(fstep.lower(fh["p"], fh["s"], fx[0], fy[0]).compile())
     times = round_robin(runners, repeats)
     print(f"\nTiny MLP 64-128-128-10, batch 32, Adam, {k} steps per call, {repeats} rounds (us per step)")
-    print(f"  {'contender':<22} {'median':>8} {'min':>8}  {'fusions':>7}   flax time / this (median, quartiles)")
+    print(
+        f"  {'contender':<22} {'median':>8} {'min':>8}  {'fusions':>7}   flax time / this (median, quartiles)"
+    )
     for name in runners:
         med, lo, hi = ratios(times, "flax+optax loop", name)
-        print(f"  {name:<22} {statistics.median(times[name]) / k * 1e6:8.1f} {min(times[name]) / k * 1e6:8.1f}"
-              f"  {counts[name]:7d}   {med:5.2f}  ({lo:.2f}-{hi:.2f})")
+        print(
+            f"  {name:<22} {statistics.median(times[name]) / k * 1e6:8.1f} {min(times[name]) / k * 1e6:8.1f}"
+            f"  {counts[name]:7d}   {med:5.2f}  ({lo:.2f}-{hi:.2f})"
+        )
     base = "scan, bare"
     print("  cost over the bare scan, per step (median of pair-by-pair differences):")
     for name in [n for n in runners if n.startswith("scan, +") or n == "jaxdl scan loop"]:
@@ -230,13 +254,17 @@ def bench_big(repeats):
     med, lo, hi = ratios(times, "jaxdl", "flax+optax")
     print(f"\nBig MLP 784-1024-1024-10, batch 256, Adam: one step, {repeats} rounds")
     for name, t in times.items():
-        print(f"  {name:<12} median {statistics.median(t) * 1e3:7.2f} ms  min {min(t) * 1e3:7.2f} ms  "
-              f"{flops / min(t) / 1e9:6.1f} GFLOP/s at the min")
+        print(
+            f"  {name:<12} median {statistics.median(t) * 1e3:7.2f} ms  min {min(t) * 1e3:7.2f} ms  "
+            f"{flops / min(t) / 1e9:6.1f} GFLOP/s at the min"
+        )
     print(f"  jaxdl / flax+optax: {med:.3f} (quartiles {lo:.3f}-{hi:.3f})")
-    print(f"  step FLOPs {flops / 1e9:.2f} G; matmul peak (2048^3 jnp.dot): {peak_best / 1e9:.1f} GFLOP/s best, "
-          f"{peak_med / 1e9:.1f} median; jaxdl step at its min = {flops / min(times['jaxdl']) / peak_best:.2f} "
-          f"of the best peak, at its median = {flops / statistics.median(times['jaxdl']) / peak_med:.2f} of the "
-          "median peak")
+    print(
+        f"  step FLOPs {flops / 1e9:.2f} G; matmul peak (2048^3 jnp.dot): {peak_best / 1e9:.1f} GFLOP/s best, "
+        f"{peak_med / 1e9:.1f} median; jaxdl step at its min = {flops / min(times['jaxdl']) / peak_best:.2f} "
+        f"of the best peak, at its median = {flops / statistics.median(times['jaxdl']) / peak_med:.2f} of the "
+        "median peak"
+    )
 
 
 def bench_first(repeats):
@@ -247,7 +275,7 @@ def bench_first(repeats):
     parts = {"jaxdl": [], "flax+optax": []}
     count = {}
     for r in range(repeats):
-        for name in (["jaxdl", "flax+optax"] if r % 2 == 0 else ["flax+optax", "jaxdl"]):
+        for name in ["jaxdl", "flax+optax"] if r % 2 == 0 else ["flax+optax", "jaxdl"]:
             jax.clear_caches()
             if name == "jaxdl":
                 tx = dl.adam(1e-3)
@@ -274,8 +302,10 @@ def bench_first(repeats):
     print(f"\nFirst call of the big MLP step (trace + compile + one step), {repeats} rounds")
     for name in out:
         tr, co, ru = (statistics.median(p) for p in zip(*parts[name], strict=True))
-        print(f"  {name:<12} median {statistics.median(out[name]):6.2f} s (trace+lower {tr:.2f}, compile {co:.2f}, "
-              f"run {ru:.2f}); {count[name]} fusions")
+        print(
+            f"  {name:<12} median {statistics.median(out[name]):6.2f} s (trace+lower {tr:.2f}, compile {co:.2f}, "
+            f"run {ru:.2f}); {count[name]} fusions"
+        )
     print(f"  jaxdl / flax+optax: {med:.2f} (quartiles {lo:.2f}-{hi:.2f})")
 
 
@@ -285,8 +315,10 @@ def main():
     ap.add_argument("--only", default="tiny,big,first")
     args = ap.parse_args()
     only = args.only.split(",")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
-          f"optax {optax.__version__}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
+        f"optax {optax.__version__}; load average {os.getloadavg()[0]:.1f}"
+    )
     if "tiny" in only:
         bench_tiny(args.repeats)
     if "big" in only:

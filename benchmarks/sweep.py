@@ -70,10 +70,14 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
-    print(f"{args.runs} learning rates x {args.steps} steps, MLP {D}-{'-'.join(map(str, WIDTHS))}, "
-          f"batch {BATCH}, Adam")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}"
+    )
+    print(
+        f"{args.runs} learning rates x {args.steps} steps, MLP {D}-{'-'.join(map(str, WIDTHS))}, "
+        f"batch {BATCH}, Adam"
+    )
 
     x, y = _data(args.steps)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
@@ -136,20 +140,28 @@ def main():
     # random labels can amplify to ~1e-4 relative in an odd run)
     a, b = run_sweep(), run_sequential()
     np.testing.assert_allclose(a, b, rtol=2e-3)
-    print(f"sweep vs sequential final losses: max relative difference {np.max(np.abs(a - b) / np.abs(b)):.1e}")
+    print(
+        f"sweep vs sequential final losses: max relative difference {np.max(np.abs(a - b) / np.abs(b)):.1e}"
+    )
 
     def bump(fn):
         def wrapped():
             counter["repeat"] += 1
             fn()
+
         return wrapped
 
-    times = round_robin({"vmapped sweep": bump(run_sweep),
-                         "sequential (1 compiled scan x runs)": bump(run_sequential)}, args.repeats, warmup=1)
+    times = round_robin(
+        {"vmapped sweep": bump(run_sweep), "sequential (1 compiled scan x runs)": bump(run_sequential)},
+        args.repeats,
+        warmup=1,
+    )
     times["torch eager sequential"] = timeit(bump(run_torch), args.repeats, warmup=1)
     ref = "sequential (1 compiled scan x runs)"
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n  {'contender':<38} {'median s':>9} {'min s':>8} {'max s':>8}   {'x best sequential':>17}   compile s")
+    print(
+        f"\n  {'contender':<38} {'median s':>9} {'min s':>8} {'max s':>8}   {'x best sequential':>17}   compile s"
+    )
     for k, v in times.items():
         comp = f"{compile_s[k]:9.2f}" if k in compile_s else "        -"
         print(f"  {k:<38} {med[k]:9.3f} {min(v):8.3f} {max(v):8.3f}   {med[k] / med[ref]:17.2f}   {comp}")

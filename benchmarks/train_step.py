@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+from _timing import round_robin, timeit
 
 import jaxdl as dl
-from _timing import round_robin, timeit
 from jaxdl import layers as L
 from jaxdl import train_step as ts
 
@@ -200,8 +200,10 @@ def bench_precision(repeats=10):
     compiled program's memory; the big MLP at batch 256 and the default CNN at batch 64."""
     from jaxdl import models
 
-    cases = {"MLP 784-1024-1024-10, batch 256": (jaxdl_model((1024, 1024, 10)), (784,), 256),
-             "default CNN (models.cnn), batch 64": (models.cnn(10, dropout=0.25), (28, 28, 1), 64)}
+    cases = {
+        "MLP 784-1024-1024-10, batch 256": (jaxdl_model((1024, 1024, 10)), (784,), 256),
+        "default CNN (models.cnn), batch 64": (models.cnn(10, dropout=0.25), (28, 28, 1), 64),
+    }
     out = {}
     for title, (model, shape, batch) in cases.items():
         rng = np.random.default_rng(0)
@@ -218,6 +220,7 @@ def bench_precision(repeats=10):
             def run(step=step, st=st):
                 st["s"], m = step(st["s"], (x, y))
                 jax.block_until_ready(m["loss"])
+
             runners[prec] = run
         times = round_robin(runners, repeats)
         out[title] = (times, mem)
@@ -235,12 +238,14 @@ def bench_accumulation_memory():
     state = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
     rows = {}
     for k in (1, 8):
-        rows[f"jaxdl micro_batches={k}, batch {gb}"] = _memory(ts.make_train_step(loss, tx, micro_batches=k),
-                                                               state, (x, y))
+        rows[f"jaxdl micro_batches={k}, batch {gb}"] = _memory(
+            ts.make_train_step(loss, tx, micro_batches=k), state, (x, y)
+        )
     multi = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=8).gradient_transformation()
     mstate = ts.TrainState.create(model, multi, jax.random.key(0), (d,))
-    rows["optax.MultiSteps(k=8), batch 256 per call"] = _memory(ts.make_train_step(loss, multi), mstate,
-                                                              (x[:256], y[:256]))
+    rows["optax.MultiSteps(k=8), batch 256 per call"] = _memory(
+        ts.make_train_step(loss, multi), mstate, (x[:256], y[:256])
+    )
     return rows
 
 
@@ -250,35 +255,56 @@ def report(title, results, ref, unit="ms", scale=1e3):
     print(f"  {'impl':<18} {'median':>9} {'min':>9} {'max':>9}   {'time / ' + ref:>14}   throughput x torch")
     for k, v in results.items():
         vs_torch = f"{med['torch eager'] / med[k]:8.2f}" if "torch eager" in med else "       -"
-        print(f"  {k:<18} {med[k] * scale:7.2f}{unit} {min(v) * scale:7.2f}{unit} {max(v) * scale:7.2f}{unit}"
-              f"   {med[k] / med[ref]:14.2f}   {vs_torch}")
+        print(
+            f"  {k:<18} {med[k] * scale:7.2f}{unit} {min(v) * scale:7.2f}{unit} {max(v) * scale:7.2f}{unit}"
+            f"   {med[k] / med[ref]:14.2f}   {vs_torch}"
+        )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--case", choices=("compare", "issue12"), default="compare",
-                    help="compare: jaxdl vs flax+optax vs torch; issue12: fp32 vs bf16 step time and "
-                    "memory, accumulation memory vs optax.MultiSteps")
+    ap.add_argument(
+        "--case",
+        choices=("compare", "issue12"),
+        default="compare",
+        help="compare: jaxdl vs flax+optax vs torch; issue12: fp32 vs bf16 step time and "
+        "memory, accumulation memory vs optax.MultiSteps",
+    )
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
-          f"flax {flax.__version__}, optax {optax.__version__}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
+        f"flax {flax.__version__}, optax {optax.__version__}, torch {torch.__version__}"
+    )
     if args.case == "issue12":
         for title, (times, mem) in bench_precision(max(args.repeats // 3, 5)).items():
             print(f"\n{title}, Adam: one step, float32 vs bf16 compute (float32 master weights)")
             for prec, t in times.items():
                 temp, arg, outb = mem[prec]
-                print(f"  {prec}: median {statistics.median(t) * 1e3:8.2f} ms (min {min(t) * 1e3:.2f}), "
-                      f"temp {temp:,} B, arguments {arg:,} B, outputs {outb:,} B")
+                print(
+                    f"  {prec}: median {statistics.median(t) * 1e3:8.2f} ms (min {min(t) * 1e3:.2f}), "
+                    f"temp {temp:,} B, arguments {arg:,} B, outputs {outb:,} B"
+                )
         print("\nOne optimizer step on a global batch of 2048, MLP 784-1024-1024-10, Adam (memory_analysis)")
-        for name, (temp, arg, outb) in bench_accumulation_memory().items():
+        for name, (temp, arg, _outb) in bench_accumulation_memory().items():
             print(f"  {name:<44} temp {temp:>13,} B   arguments (state + batch) {arg:>12,} B")
         return
     report("MLP 784-1024-1024-10, batch 256, Adam: one step", bench_big(args.repeats), "flax+optax")
-    report("Tiny MLP 64-128-128-10, batch 32, Adam: per step (100 steps per call)", bench_tiny(max(args.repeats // 3, 5)),
-           "flax+optax loop", unit="us", scale=1e6)
-    report("First call (trace + compile + one step) of the big MLP step", bench_compile(), "flax+optax", unit="s ", scale=1)
+    report(
+        "Tiny MLP 64-128-128-10, batch 32, Adam: per step (100 steps per call)",
+        bench_tiny(max(args.repeats // 3, 5)),
+        "flax+optax loop",
+        unit="us",
+        scale=1e6,
+    )
+    report(
+        "First call (trace + compile + one step) of the big MLP step",
+        bench_compile(),
+        "flax+optax",
+        unit="s ",
+        scale=1,
+    )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,30 @@ from jaxdl.layers import (
 )
 from jaxdl.losses import accuracy, binary_cross_entropy, l2_penalty, mse, softmax_cross_entropy
 from jaxdl.optimizers import adagrad, adam, adamw, apply_updates, rmsprop, sgd, signsgd
+from jaxdl.parallel import (
+    collective_bytes,
+    data_mesh,
+    make_pmap_train_step,
+    make_sharded_train_loop,
+    make_sharded_train_step,
+    onebit_allreduce,
+    put_batch,
+    put_state,
+    replicate,
+    shard_batch,
+    unreplicate,
+)
+from jaxdl.precision import DynamicLossScale, LossScale, Policy
+from jaxdl.sweep import coarse_to_fine, grid, scale_init
+from jaxdl.train_step import (
+    TrainState,
+    make_eval_step,
+    make_train_loop,
+    make_train_step,
+    recalibrate_batchnorm,
+    supervised_loss,
+)
+from jaxdl.trainer import FitResult, evaluate, fit
 from jaxdl.transforms import (
     add_noise,
     add_weight_decay,
@@ -62,30 +86,6 @@ from jaxdl.transforms import (
     sign,
     sign_with_error_feedback,
     skip_nonfinite,
-)
-from jaxdl.parallel import (
-    collective_bytes,
-    data_mesh,
-    make_pmap_train_step,
-    make_sharded_train_loop,
-    make_sharded_train_step,
-    onebit_allreduce,
-    put_batch,
-    put_state,
-    replicate,
-    shard_batch,
-    unreplicate,
-)
-from jaxdl.precision import DynamicLossScale, LossScale, Policy
-from jaxdl.sweep import coarse_to_fine, grid, scale_init
-from jaxdl.trainer import FitResult, evaluate, fit
-from jaxdl.train_step import (
-    TrainState,
-    make_eval_step,
-    make_train_loop,
-    make_train_step,
-    recalibrate_batchnorm,
-    supervised_loss,
 )
 
 # `dl.sweep` is the module; its function is `dl.sweep.sweep` (or `from jaxdl.sweep import sweep`).

@@ -76,8 +76,10 @@ def check_int(
         raise TypeError(f"{owner}: {name} must be {kind}, got {value!r} of type {type(value).__name__}")
     if value < low or (high is not None and value > high):
         expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise ValueError(f"{owner}: {name}={value!r} is out of range; expected {expected}"
-                         + (" or None" if allow_none else ""))
+        raise ValueError(
+            f"{owner}: {name}={value!r} is out of range; expected {expected}"
+            + (" or None" if allow_none else "")
+        )
     return int(value)
 
 
@@ -116,9 +118,7 @@ def check_tree_match(
                 detail = f"unexpected leaf at {got_paths[len(exp_paths)] or '<root>'}"
             else:
                 detail = f"containers differ: expected {exp_def}, got {got_def}"
-        raise ValueError(
-            f"{owner}: {what} tree does not match the expected tree ({detail}). {hint}"
-        )
+        raise ValueError(f"{owner}: {what} tree does not match the expected tree ({detail}). {hint}")
     for (path, e), (_, g) in zip(exp_leaves, got_leaves):
         if np.shape(e) != np.shape(g):
             raise ValueError(

@@ -15,6 +15,7 @@ implementation; raw uint32 keys (`jax.random.PRNGKey`) are ordinary arrays. Rest
 bitwise exact: every leaf keeps its dtype (bfloat16, integers, keys) and its bits (NaN
 payloads, -0.0).
 """
+
 import hashlib
 import json
 import os
@@ -58,14 +59,19 @@ def _leaves(tree):
 def _spec(path: str, leaf) -> dict:
     """The manifest entry of one leaf: path, shape, dtype (and the key implementation)."""
     if is_key(leaf):
-        return {"path": path, "shape": list(leaf.shape), "dtype": str(leaf.dtype),
-                "key_impl": _key_impl(leaf)}
+        return {
+            "path": path,
+            "shape": list(leaf.shape),
+            "dtype": str(leaf.dtype),
+            "key_impl": _key_impl(leaf),
+        }
     if isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)):
         return {"path": path, "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
     if isinstance(leaf, (bool, int, float, complex)):
         return {"path": path, "shape": [], "dtype": str(np.asarray(leaf).dtype)}
-    raise ValueError(f"leaf {path or '(root)'} is a {type(leaf).__name__}; checkpoints hold "
-                     "arrays, numbers and PRNG keys")
+    raise ValueError(
+        f"leaf {path or '(root)'} is a {type(leaf).__name__}; checkpoints hold arrays, numbers and PRNG keys"
+    )
 
 
 def _to_savable(leaf):
@@ -83,8 +89,7 @@ def _abstract(leaf):
     sharding (or the default device), numpy and Python targets become numpy."""
     if is_key(leaf):
         data = jax.eval_shape(jax.random.key_data, leaf)
-        sharding = (jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array)
-                    else _default_sharding())
+        sharding = jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array) else _default_sharding()
         return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
     if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
         sharding = getattr(leaf, "sharding", None) or _default_sharding()
@@ -113,8 +118,9 @@ def _check_structure(specs: list, target_specs: list, where: str) -> None:
         a, b = saved[path], wanted[path]
         fields = ("shape", "dtype", "key_impl")
         if [a.get(f) for f in fields] != [b.get(f) for f in fields]:
-            problems.append(f"{path}: checkpoint has {a['dtype']}{a['shape']}, target has "
-                            f"{b['dtype']}{b['shape']}")
+            problems.append(
+                f"{path}: checkpoint has {a['dtype']}{a['shape']}, target has {b['dtype']}{b['shape']}"
+            )
     if not problems and [s["path"] for s in specs] != [s["path"] for s in target_specs]:
         problems.append("the leaves are the same but in a different order")
     if problems:
@@ -142,8 +148,11 @@ def _files(directory: str) -> list:
 
 def _write_manifest(directory: str, specs: list) -> None:
     """Hash every file and write the manifest atomically (temp file, fsync, rename)."""
-    manifest = {"format": _FORMAT, "leaves": specs,
-                "files": {f: _sha256(os.path.join(directory, f)) for f in _files(directory)}}
+    manifest = {
+        "format": _FORMAT,
+        "leaves": specs,
+        "files": {f: _sha256(os.path.join(directory, f)) for f in _files(directory)},
+    }
     tmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -168,8 +177,9 @@ def verify_checkpoint(directory) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {directory}")
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
-        raise CorruptCheckpointError(f"{directory}: no {MANIFEST}, so the save did not finish "
-                                     "(or this is not a jaxdl checkpoint)")
+        raise CorruptCheckpointError(
+            f"{directory}: no {MANIFEST}, so the save did not finish (or this is not a jaxdl checkpoint)"
+        )
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -183,8 +193,10 @@ def verify_checkpoint(directory) -> dict:
         if not os.path.isfile(file):
             raise CorruptCheckpointError(f"{file}: file missing from checkpoint {directory}")
         if _sha256(file) != digest:
-            raise CorruptCheckpointError(f"{file}: sha256 differs from the manifest, the "
-                                         f"checkpoint {directory} is corrupt or truncated")
+            raise CorruptCheckpointError(
+                f"{file}: sha256 differs from the manifest, the "
+                f"checkpoint {directory} is corrupt or truncated"
+            )
     return {"leaves": leaves, "files": files}
 
 
@@ -199,8 +211,9 @@ def _restore_verified(directory: str, target, read):
     except (ValueError, OSError) as err:  # tensorstore errors; hashes matched, so rare
         raise CorruptCheckpointError(f"{directory}: orbax could not read it ({err})") from err
     specs = manifest["leaves"]
-    return treedef.unflatten([_from_restored(restored[f"{i:06d}"], x, specs[i])
-                              for i, x in enumerate(leaves)])
+    return treedef.unflatten(
+        [_from_restored(restored[f"{i:06d}"], x, specs[i]) for i, x in enumerate(leaves)]
+    )
 
 
 def _savable(tree):
@@ -287,8 +300,7 @@ class CheckpointManager:
             max_to_keep=None,  # retention is ours, after the manifest is written
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=(_ITEM,))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_ITEM,))
 
     def step_directory(self, step: int) -> str:
         """The directory of one step: ``<directory>/<step>``."""
@@ -299,8 +311,9 @@ class CheckpointManager:
 
     def all_steps(self) -> list:
         """Steps whose save finished (manifest present), ascending; data is checked on restore."""
-        return [s for s in self._orbax_steps()
-                if os.path.isfile(os.path.join(self.step_directory(s), MANIFEST))]
+        return [
+            s for s in self._orbax_steps() if os.path.isfile(os.path.join(self.step_directory(s), MANIFEST))
+        ]
 
     def latest_step(self):
         """The newest finished step, or None."""
@@ -328,15 +341,16 @@ class CheckpointManager:
         if step in self._orbax_steps():
             if self._is_good(step):
                 return False
-            warnings.warn(f"replacing unfinished or corrupt checkpoint {self.step_directory(step)}")
+            warnings.warn(
+                f"replacing unfinished or corrupt checkpoint {self.step_directory(step)}", stacklevel=2
+            )
             self._manager.delete(step)
         flat, specs = _savable(tree)
-        self._manager.save(step, args=ocp.args.Composite(**{_ITEM: ocp.args.StandardSave(flat)}),
-                           force=True)
+        self._manager.save(step, args=ocp.args.Composite(**{_ITEM: ocp.args.StandardSave(flat)}), force=True)
         self._manager.wait_until_finished()
         _write_manifest(self.step_directory(step), specs)
         if self.max_to_keep is not None:
-            for old in self._orbax_steps()[:-self.max_to_keep]:
+            for old in self._orbax_steps()[: -self.max_to_keep]:
                 self._manager.delete(old)
         return True
 
@@ -354,8 +368,9 @@ class CheckpointManager:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
-                                        f"saved steps: {steps}")
+                raise FileNotFoundError(
+                    f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}"
+                )
             tree = self._restore_step(step, target)
             self.restored_step = step
             return tree
@@ -364,13 +379,12 @@ class CheckpointManager:
             try:
                 tree = self._restore_step(candidate, target)
             except CorruptCheckpointError as err:
-                warnings.warn(f"skipping checkpoint step {candidate}: {err}")
+                warnings.warn(f"skipping checkpoint step {candidate}: {err}", stacklevel=2)
                 failures.append(f"step {candidate}: {err}")
                 continue
             self.restored_step = candidate
             return tree
-        raise CorruptCheckpointError(f"no good checkpoint in {self.directory}: "
-                                     + "; ".join(failures))
+        raise CorruptCheckpointError(f"no good checkpoint in {self.directory}: " + "; ".join(failures))
 
     def _restore_step(self, step: int, target):
         def read(abstract):

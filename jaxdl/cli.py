@@ -73,6 +73,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: ``kind(text)`` checked against a range, with a message naming it."""
+
     def parse(text):
         try:
             value = kind(text)
@@ -85,6 +86,7 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
             hi = "" if high is None else f" {'<' if high_open else '<='} {high:g}"
             raise argparse.ArgumentTypeError(f"must be {lo}value{hi}, got {text}")
         return value
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -127,77 +129,177 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, help=text, **kwargs)
 
     g = p.add_argument_group("data")
-    add(g, "--dataset", "mnist5k (bundled, 3,500/500/1,000), digits (8x8), mnist:DIR (IDX files) or "
-        "npz:PATH (x_train, y_train, x_test, y_test)", type=_dataset_name)
+    add(
+        g,
+        "--dataset",
+        "mnist5k (bundled, 3,500/500/1,000), digits (8x8), mnist:DIR (IDX files) or "
+        "npz:PATH (x_train, y_train, x_test, y_test)",
+        type=_dataset_name,
+    )
     add(g, "--split-seed", "seed of the stratified train/val/test split", type=_nonneg_int)
     g.add_argument("--limit-train", type=_positive_int, help=argparse.SUPPRESS)  # tests
-    add(g, "--augment", "random shift of training images by up to SHIFT pixels; 0 is off", type=_nonneg_int,
-        metavar="SHIFT")
+    add(
+        g,
+        "--augment",
+        "random shift of training images by up to SHIFT pixels; 0 is off",
+        type=_nonneg_int,
+        metavar="SHIFT",
+    )
 
     g = p.add_argument_group("model")
-    add(g, "--model", "mlp: DEPTH x [Dense(WIDTH), (BatchNorm), activation, (Dropout)]; cnn: CHANNELS x "
-        "[Conv 3x3, (BatchNorm), activation, MaxPool 2], then the mlp's layers", choices=MODELS)
+    add(
+        g,
+        "--model",
+        "mlp: DEPTH x [Dense(WIDTH), (BatchNorm), activation, (Dropout)]; cnn: CHANNELS x "
+        "[Conv 3x3, (BatchNorm), activation, MaxPool 2], then the mlp's layers",
+        choices=MODELS,
+    )
     add(g, "--depth", "hidden Dense layers", type=_nonneg_int)
     add(g, "--width", "units per hidden Dense layer", type=_positive_int)
-    add(g, "--channels", "cnn: channels of the 3x3 convolutions, comma separated (default: 32,64)",
-        type=_channels)
+    add(
+        g,
+        "--channels",
+        "cnn: channels of the 3x3 convolutions, comma separated (default: 32,64)",
+        type=_channels,
+    )
     add(g, "--activation", "", choices=sorted(ACTIVATIONS))
     add(g, "--init", "initializer of every Dense and Conv kernel", choices=sorted(INITS))
-    add(g, "--batchnorm", "BatchNorm after every hidden Dense and Conv", action=argparse.BooleanOptionalAction)
-    add(g, "--dropout", "drop probability after every hidden Dense activation; 0 is off", type=_rate,
-        metavar="RATE")
+    add(
+        g, "--batchnorm", "BatchNorm after every hidden Dense and Conv", action=argparse.BooleanOptionalAction
+    )
+    add(
+        g,
+        "--dropout",
+        "drop probability after every hidden Dense activation; 0 is off",
+        type=_rate,
+        metavar="RATE",
+    )
     add(g, "--conv-impl", "jaxdl.layers.Conv's algorithm", choices=("auto", "im2col", "xla"))
 
     g = p.add_argument_group("optimization")
     add(g, "--optimizer", "momentum and nesterov are sgd with --momentum", choices=OPTIMIZERS)
-    add(g, "--lr", "(initial) learning rate (default: " + ", ".join(f"{v:g} for {k}" for k, v in
-        OPTIMIZER_LR.items()) + ")", type=_positive_float)
+    add(
+        g,
+        "--lr",
+        "(initial) learning rate (default: "
+        + ", ".join(f"{v:g} for {k}" for k, v in OPTIMIZER_LR.items())
+        + ")",
+        type=_positive_float,
+    )
     add(g, "--momentum", "of momentum/nesterov", type=_number(float, low=0, high=1, high_open=True))
-    add(g, "--schedule", "over the whole run: cosine/linear to --lr-final, step (x --step-factor every "
-        "--step-every epochs), lr/(1 + decay_rate*t), lr/sqrt(1 + t)", choices=SCHEDULES)
+    add(
+        g,
+        "--schedule",
+        "over the whole run: cosine/linear to --lr-final, step (x --step-factor every "
+        "--step-every epochs), lr/(1 + decay_rate*t), lr/sqrt(1 + t)",
+        choices=SCHEDULES,
+    )
     add(g, "--warmup", "linear warm-up steps from 0", type=_nonneg_int, metavar="STEPS")
     add(g, "--lr-final", "cosine/linear: final rate", type=_nonneg_float)
-    add(g, "--step-every", "step: epochs between drops (default: a third of the epochs)", type=_positive_int,
-        metavar="EPOCHS")
+    add(
+        g,
+        "--step-every",
+        "step: epochs between drops (default: a third of the epochs)",
+        type=_positive_int,
+        metavar="EPOCHS",
+    )
     add(g, "--step-factor", "step: factor of each drop", type=_number(float, low=0, high=1, low_open=True))
     add(g, "--decay-rate", "inverse-time: decay per step", type=_nonneg_float)
-    add(g, "--precision", "fp32, or float32 master weights with bf16/fp16 compute (fp16: dynamic loss "
-        "scale)", choices=("fp32", "bf16", "fp16"))
-    add(g, "--accumulate", "gradient accumulation over K micro-batches per step", type=_positive_int,
-        metavar="K")
-    add(g, "--ema", "exponential moving average of the weights, evaluated too (default: off)", type=_rate,
-        metavar="DECAY")
-    add(g, "--clip", "clip every gradient entry to [-MAX_ABS, MAX_ABS] (default: off)", type=_positive_float,
-        metavar="MAX_ABS")
-    add(g, "--clip-norm", "clip the gradient's global norm (default: off)", type=_positive_float,
-        metavar="MAX_NORM")
+    add(
+        g,
+        "--precision",
+        "fp32, or float32 master weights with bf16/fp16 compute (fp16: dynamic loss scale)",
+        choices=("fp32", "bf16", "fp16"),
+    )
+    add(
+        g,
+        "--accumulate",
+        "gradient accumulation over K micro-batches per step",
+        type=_positive_int,
+        metavar="K",
+    )
+    add(
+        g,
+        "--ema",
+        "exponential moving average of the weights, evaluated too (default: off)",
+        type=_rate,
+        metavar="DECAY",
+    )
+    add(
+        g,
+        "--clip",
+        "clip every gradient entry to [-MAX_ABS, MAX_ABS] (default: off)",
+        type=_positive_float,
+        metavar="MAX_ABS",
+    )
+    add(
+        g,
+        "--clip-norm",
+        "clip the gradient's global norm (default: off)",
+        type=_positive_float,
+        metavar="MAX_NORM",
+    )
     add(g, "--noise-eta", "annealed gradient noise N(0, eta/(1+t)^gamma); 0 is off", type=_nonneg_float)
     add(g, "--noise-gamma", "", type=_nonneg_float)
-    add(g, "--weight-decay", "L2 decay, decoupled for adamw (default: 0.01 for adamw, else 0)",
-        type=_nonneg_float)
+    add(
+        g,
+        "--weight-decay",
+        "L2 decay, decoupled for adamw (default: 0.01 for adamw, else 0)",
+        type=_nonneg_float,
+    )
 
     g = p.add_argument_group("training")
     add(g, "--epochs", "", type=_positive_int)
     add(g, "--batch-size", "", type=_positive_int)
-    add(g, "--early-stopping", "stop after PATIENCE epochs without a lower validation loss, keep the best "
-        "(default: off)", type=_positive_int, metavar="PATIENCE")
+    add(
+        g,
+        "--early-stopping",
+        "stop after PATIENCE epochs without a lower validation loss, keep the best (default: off)",
+        type=_positive_int,
+        metavar="PATIENCE",
+    )
     add(g, "--seed", "of initialization, data order, dropout, augmentation and noise", type=_nonneg_int)
-    add(g, "--block-size", "steps per compiled lax.scan call (default: a divisor of the epoch near 16)",
-        type=_positive_int, metavar="STEPS")
-    add(g, "--devices", "data parallel over N local devices (default: one; on a CPU set XLA_FLAGS="
-        "--xla_force_host_platform_device_count=N)", type=_positive_int, metavar="N")
+    add(
+        g,
+        "--block-size",
+        "steps per compiled lax.scan call (default: a divisor of the epoch near 16)",
+        type=_positive_int,
+        metavar="STEPS",
+    )
+    add(
+        g,
+        "--devices",
+        "data parallel over N local devices (default: one; on a CPU set XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N)",
+        type=_positive_int,
+        metavar="N",
+    )
 
     g = p.add_argument_group("output")
     add(g, "--config", "start from a run's config.json; options given override it", metavar="JSON")
-    add(g, "--out", "run directory (default: runs/<time>-<model>-<dataset>); doctor: the report's",
-        metavar="DIR")
-    add(g, "--checkpoint-every", "checkpoint interval (default: every epoch)", type=_positive_int,
-        metavar="STEPS")
+    add(
+        g,
+        "--out",
+        "run directory (default: runs/<time>-<model>-<dataset>); doctor: the report's",
+        metavar="DIR",
+    )
+    add(
+        g,
+        "--checkpoint-every",
+        "checkpoint interval (default: every epoch)",
+        type=_positive_int,
+        metavar="STEPS",
+    )
     add(g, "--keep", "checkpoints kept", type=_positive_int, metavar="K")
     add(g, "--resume", "continue the run in --out from its newest good checkpoint", action="store_true")
     add(g, "--quiet", "no progress bar, no per-epoch lines", action="store_true")
-    add(g, "--no-compile-cache", "neither read nor write JAX's persistent compilation cache (default: "
-        "~/.cache/jaxdl/xla; JAXDL_COMPILE_CACHE=0 or DIR)", action="store_true")
+    add(
+        g,
+        "--no-compile-cache",
+        "neither read nor write JAX's persistent compilation cache (default: "
+        "~/.cache/jaxdl/xla; JAXDL_COMPILE_CACHE=0 or DIR)",
+        action="store_true",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,26 +310,42 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = _Parser(prog="jaxdl", description="Train, examine and evaluate jaxdl models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train a model, print its test accuracy",
-                           argument_default=argparse.SUPPRESS,
-                           description="Train a model and print its accuracy on the held-out "
-                           "test split. Outputs go to --out (see docs/cli.md).")
+    train = sub.add_parser(
+        "train",
+        help="train a model, print its test accuracy",
+        argument_default=argparse.SUPPRESS,
+        description="Train a model and print its accuracy on the held-out "
+        "test split. Outputs go to --out (see docs/cli.md).",
+    )
     _add_train_options(train)
-    doc = sub.add_parser("doctor", help="examine a training setup, say what is wrong",
-                         argument_default=argparse.SUPPRESS,
-                         description="Run seed 004's recipe on the model, optimizer and data that "
-                         "jaxdl train would use with the same options (see docs/doctor.md); print "
-                         "the report, write it to --out, exit 0 when no check fails, else 1.")
+    doc = sub.add_parser(
+        "doctor",
+        help="examine a training setup, say what is wrong",
+        argument_default=argparse.SUPPRESS,
+        description="Run seed 004's recipe on the model, optimizer and data that "
+        "jaxdl train would use with the same options (see docs/doctor.md); print "
+        "the report, write it to --out, exit 0 when no check fails, else 1.",
+    )
     _add_train_options(doc)
-    ev = sub.add_parser("evaluate", help="score a run's final (or best) parameters",
-                        description="Restore a run's final parameters (the best ones with "
-                        "--early-stopping) and print accuracy and loss on a dataset's test split "
-                        "(mnist:DIR needs only the t10k files for the test split).")
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a run's final (or best) parameters",
+        description="Restore a run's final parameters (the best ones with "
+        "--early-stopping) and print accuracy and loss on a dataset's test split "
+        "(mnist:DIR needs only the t10k files for the test split).",
+    )
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by jaxdl train --out")
-    ev.add_argument("--dataset", type=_dataset_name, help="dataset to score on, of the same "
-                    "image shape and classes (default: the run's)")
-    ev.add_argument("--split", choices=("test", "val", "train"), default="test",
-                    help="which split to score (default: test)")
+    ev.add_argument(
+        "--dataset",
+        type=_dataset_name,
+        help="dataset to score on, of the same image shape and classes (default: the run's)",
+    )
+    ev.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="which split to score (default: test)",
+    )
     return parser
 
 
@@ -275,8 +393,9 @@ def check_out_dir(path: str, resume: bool) -> None:
             raise UsageError(f"--out {path}: directory is not writable")
         has_run = os.path.isfile(os.path.join(path, "config.json"))
         if has_run and not resume:
-            raise UsageError(f"--out {path} already holds a run; pass --resume to continue it or "
-                             "choose another directory")
+            raise UsageError(
+                f"--out {path} already holds a run; pass --resume to continue it or choose another directory"
+            )
         if not has_run and os.listdir(path):
             raise UsageError(f"--out {path}: directory is not empty and holds no jaxdl run")
         return
@@ -323,18 +442,26 @@ def setup(cfg: dict, ds: data.Dataset) -> Setup:
         raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {n_train} training examples")
     if cfg.get("devices"):
         if cfg["devices"] > jax.local_device_count():
-            raise UsageError(f"--devices {cfg['devices']}: only {jax.local_device_count()} local devices "
-                             f"({jax.default_backend()}); on a CPU set XLA_FLAGS="
-                             f"--xla_force_host_platform_device_count={cfg['devices']}")
+            raise UsageError(
+                f"--devices {cfg['devices']}: only {jax.local_device_count()} local devices "
+                f"({jax.default_backend()}); on a CPU set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={cfg['devices']}"
+            )
         if cfg["batch_size"] % cfg["devices"]:
-            raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}")
+            raise UsageError(
+                f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}"
+            )
     k = cfg.get("accumulate", 1)
     if cfg["batch_size"] % (k * (cfg.get("devices") or 1)):
-        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by --accumulate {k}"
-                         + (f" times --devices {cfg['devices']}" if cfg.get("devices") else ""))
+        raise UsageError(
+            f"--batch-size {cfg['batch_size']} is not divisible by --accumulate {k}"
+            + (f" times --devices {cfg['devices']}" if cfg.get("devices") else "")
+        )
     if cfg["augment"] and ds.train.x.ndim != 4:
-        raise UsageError(f"--augment {cfg['augment']}: shifts images, but --dataset {cfg['dataset']} "
-                         f"has examples of shape {ds.train.x.shape[1:]}")
+        raise UsageError(
+            f"--augment {cfg['augment']}: shifts images, but --dataset {cfg['dataset']} "
+            f"has examples of shape {ds.train.x.shape[1:]}"
+        )
     steps = n_train // cfg["batch_size"]
     noise_key = trainer.run_keys(cfg["seed"])[2]
     try:
@@ -351,12 +478,26 @@ def _fit(cfg: dict, ds: data.Dataset, s: Setup, out: str, resume: bool, quiet: b
 
     try:
         return trainer.fit(
-            s.model, s.optimizer, ds.train, validation=ds.val, epochs=cfg["epochs"],
-            batch_size=cfg["batch_size"], seed=cfg["seed"], augment=cfg["augment"] or None,
-            early_stopping=cfg["early_stopping"], out_dir=out, resume=resume,
-            checkpoint_every=cfg["checkpoint_every"], keep=cfg["keep"], devices=cfg["devices"],
-            progress=not quiet, block_size=cfg["block_size"], learning_rate=s.schedule, log=log,
-            **_step_options(cfg))
+            s.model,
+            s.optimizer,
+            ds.train,
+            validation=ds.val,
+            epochs=cfg["epochs"],
+            batch_size=cfg["batch_size"],
+            seed=cfg["seed"],
+            augment=cfg["augment"] or None,
+            early_stopping=cfg["early_stopping"],
+            out_dir=out,
+            resume=resume,
+            checkpoint_every=cfg["checkpoint_every"],
+            keep=cfg["keep"],
+            devices=cfg["devices"],
+            progress=not quiet,
+            block_size=cfg["block_size"],
+            learning_rate=s.schedule,
+            log=log,
+            **_step_options(cfg),
+        )
     except CorruptCheckpointError as err:
         raise RunError(f"cannot resume: {err}") from None
     except OSError as err:
@@ -367,17 +508,26 @@ def _step_options(cfg: dict) -> dict:
     """`fit`'s precision, micro_batches, loss_scale and ema of a configuration (``--precision
     fp16`` trains with a dynamic loss scale); a config.json older than these options has none."""
     precision = cfg.get("precision", "fp32")
-    return {"precision": None if precision == "fp32" else precision,
-            "micro_batches": cfg.get("accumulate", 1),
-            "loss_scale": "dynamic" if precision == "fp16" else None, "ema": cfg.get("ema")}
+    return {
+        "precision": None if precision == "fp32" else precision,
+        "micro_batches": cfg.get("accumulate", 1),
+        "loss_scale": "dynamic" if precision == "fp16" else None,
+        "ema": cfg.get("ema"),
+    }
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def _eval_state(params, model_state, input_shape) -> TrainState:
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, model_state=model_state,
-                      opt_state=(), key=jax.random.key(0), input_shape=tuple(input_shape))
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=(),
+        key=jax.random.key(0),
+        input_shape=tuple(input_shape),
+    )
 
 
 def cmd_train(explicit: dict, log) -> dict:
@@ -393,15 +543,22 @@ def cmd_train(explicit: dict, log) -> dict:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--out {out}: cannot create it: {err}") from None
-    info = {"input_shape": list(ds.train.x.shape[1:]), "num_classes": ds.num_classes,
-            "train_examples": len(ds.train.y), "val_examples": len(ds.val.y),
-            "test_examples": len(ds.test.y), "steps_per_epoch": s.steps_per_epoch,
-            "block_size": cfg["block_size"] or default_block_size(s.steps_per_epoch),
-            "checkpoint_every": cfg["checkpoint_every"] or s.steps_per_epoch}
+    info = {
+        "input_shape": list(ds.train.x.shape[1:]),
+        "num_classes": ds.num_classes,
+        "train_examples": len(ds.train.y),
+        "val_examples": len(ds.val.y),
+        "test_examples": len(ds.test.y),
+        "steps_per_epoch": s.steps_per_epoch,
+        "block_size": cfg["block_size"] or default_block_size(s.steps_per_epoch),
+        "checkpoint_every": cfg["checkpoint_every"] or s.steps_per_epoch,
+    }
     if not resuming:
         trainer.write_json(os.path.join(out, "config.json"), {"config": cfg, "data": info})
-    log(f"run directory {out}: {cfg['model']} on {cfg['dataset']} ({info['train_examples']} train "
-        f"examples, {s.steps_per_epoch} steps per epoch), {cfg['optimizer']} lr {cfg['lr']:g}")
+    log(
+        f"run directory {out}: {cfg['model']} on {cfg['dataset']} ({info['train_examples']} train "
+        f"examples, {s.steps_per_epoch} steps per epoch), {cfg['optimizer']} lr {cfg['lr']:g}"
+    )
     result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, log)
     precision = _step_options(cfg)["precision"]
     test = trainer.evaluate(s.model, result.state, ds.test, precision=precision)
@@ -411,22 +568,35 @@ def cmd_train(explicit: dict, log) -> dict:
         m = trainer.evaluate(s.model, result.state, ds.test, precision=precision, use_ema=True)
         ema_test = {"ema_test_accuracy": m["accuracy"], "ema_test_loss": m["loss"]}
     summary = {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": n_test,
-        "test_correct": int(round(test["accuracy"] * n_test)), **ema_test, "dataset": cfg["dataset"],
-        "steps": result.steps, "epochs_completed": len(result.history),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_examples": n_test,
+        "test_correct": int(round(test["accuracy"] * n_test)),
+        **ema_test,
+        "dataset": cfg["dataset"],
+        "steps": result.steps,
+        "epochs_completed": len(result.history),
         "stopped_early": result.stopped_early,
         "best_epoch": result.best_epoch if cfg["early_stopping"] else None,
-        "resumed_from_step": result.resumed_from_step, "train_time_s": result.train_time_s,
+        "resumed_from_step": result.resumed_from_step,
+        "train_time_s": result.train_time_s,
         "wall_time_s": round(time.perf_counter() - t_start, 3),
         "parameters": int(sum(np.size(x) for x in jax.tree.leaves(result.state.params))),
-        "jax_version": jax.__version__, "backend": jax.default_backend(),
-        "config": cfg, "data": info,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "config": cfg,
+        "data": info,
     }
     trainer.write_json(os.path.join(out, "summary.json"), summary)
-    ema_line = (f", EMA weights {ema_test['ema_test_accuracy']:.4f} (loss {ema_test['ema_test_loss']:.4f})"
-                if ema_test else "")
-    print(f"test accuracy {test['accuracy']:.4f} ({summary['test_correct']}/{n_test} on {cfg['dataset']}), "
-          f"test loss {test['loss']:.4f}{ema_line}, {summary['wall_time_s']:.1f} s; run directory {out}")
+    ema_line = (
+        f", EMA weights {ema_test['ema_test_accuracy']:.4f} (loss {ema_test['ema_test_loss']:.4f})"
+        if ema_test
+        else ""
+    )
+    print(
+        f"test accuracy {test['accuracy']:.4f} ({summary['test_correct']}/{n_test} on {cfg['dataset']}), "
+        f"test loss {test['loss']:.4f}{ema_line}, {summary['wall_time_s']:.1f} s; run directory {out}"
+    )
     return summary
 
 
@@ -441,8 +611,15 @@ def cmd_doctor(explicit: dict) -> int:
     ds = load_data(cfg["dataset"], cfg["split_seed"], cfg["limit_train"])
     s = setup(cfg, ds)
     loss_fn = trainer.augmented_loss(supervised_loss(s.model), cfg["augment"] or None)
-    report = doctor.examine(s.model, s.optimizer, ds.train, validation=ds.val, loss_fn=loss_fn,
-                            batch_size=cfg["batch_size"], seed=cfg["seed"])
+    report = doctor.examine(
+        s.model,
+        s.optimizer,
+        ds.train,
+        validation=ds.val,
+        loss_fn=loss_fn,
+        batch_size=cfg["batch_size"],
+        seed=cfg["seed"],
+    )
     print(report.summary())
     if out is not None:
         report.write(out)
@@ -455,7 +632,7 @@ def _split_to_score(name: str, split: str, split_seed: int) -> tuple[data.Split,
     the t10k files."""
     if name.startswith("mnist:") and split == "test":
         try:
-            part = data.load_mnist_test(name[len("mnist:"):])
+            part = data.load_mnist_test(name[len("mnist:") :])
         except (OSError, ValueError) as err:
             raise UsageError(f"--dataset {name}: {err}") from None
         return part, 10
@@ -470,9 +647,11 @@ def cmd_evaluate(run_dir: str, dataset: str | None, split: str) -> dict:
     part, num_classes = _split_to_score(name, split, cfg["split_seed"])
     shape = list(part.x.shape[1:])
     if shape != info["input_shape"] or num_classes > info["num_classes"]:
-        raise UsageError(f"--dataset {name}: images {tuple(shape)} with {num_classes} classes, "
-                         f"but the run's model takes {tuple(info['input_shape'])} with "
-                         f"{info['num_classes']} classes")
+        raise UsageError(
+            f"--dataset {name}: images {tuple(shape)} with {num_classes} classes, "
+            f"but the run's model takes {tuple(info['input_shape'])} with "
+            f"{info['num_classes']} classes"
+        )
     state = _eval_state(restored["params"], restored["model_state"], shape)
     metrics = trainer.evaluate(model, state, part)
     loss, acc = metrics["loss"], metrics["accuracy"]

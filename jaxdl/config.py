@@ -14,13 +14,21 @@ from typing import Any
 import jax
 
 from jaxdl import models, optimizers, schedules, transforms
+from jaxdl.trainer import DATA_AXIS  # BatchNorm's axis_name with devices: fit's data axis
 
-__all__ = ["DEFAULTS", "MODEL_DEFAULTS", "OPTIMIZER_LR", "resolve_defaults", "train_config", "build_model",
-           "build_schedule", "build_optimizer", "load_run"]
+__all__ = [
+    "DEFAULTS",
+    "MODEL_DEFAULTS",
+    "OPTIMIZER_LR",
+    "resolve_defaults",
+    "train_config",
+    "build_model",
+    "build_schedule",
+    "build_optimizer",
+    "load_run",
+]
 
 RUNTIME_OPTIONS = ("out", "resume", "quiet", "config", "no_compile_cache")  # may differ on resumption
-
-from jaxdl.trainer import DATA_AXIS  # BatchNorm's axis_name with devices: fit's data axis
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "signsgd")
 SCHEDULES = ("constant", "cosine", "linear", "step", "inverse-time", "inverse-sqrt")
@@ -29,15 +37,44 @@ MODELS = ("mlp", "cnn")
 # Training options and their defaults. ``None`` is resolved by `resolve_defaults` (per model, or
 # from the data); the resolved values are what config.json records.
 DEFAULTS: dict[str, Any] = {
-    "dataset": "mnist5k", "split_seed": 0, "limit_train": None,
-    "model": "mlp", "depth": None, "width": None, "channels": [32, 64], "activation": "relu",
-    "init": "he_normal", "batchnorm": False, "dropout": None, "conv_impl": "auto",
-    "optimizer": "adam", "lr": None, "momentum": 0.9, "schedule": "cosine", "warmup": 0,
-    "lr_final": 0.0, "step_every": None, "step_factor": 0.1, "decay_rate": 1e-3,
-    "clip": None, "clip_norm": None, "noise_eta": 0.0, "noise_gamma": 0.55, "weight_decay": None,
-    "epochs": None, "batch_size": 64, "augment": 1, "early_stopping": None, "seed": 0,
-    "checkpoint_every": None, "keep": 3, "block_size": None, "devices": None,
-    "precision": "fp32", "accumulate": 1, "ema": None,
+    "dataset": "mnist5k",
+    "split_seed": 0,
+    "limit_train": None,
+    "model": "mlp",
+    "depth": None,
+    "width": None,
+    "channels": [32, 64],
+    "activation": "relu",
+    "init": "he_normal",
+    "batchnorm": False,
+    "dropout": None,
+    "conv_impl": "auto",
+    "optimizer": "adam",
+    "lr": None,
+    "momentum": 0.9,
+    "schedule": "cosine",
+    "warmup": 0,
+    "lr_final": 0.0,
+    "step_every": None,
+    "step_factor": 0.1,
+    "decay_rate": 1e-3,
+    "clip": None,
+    "clip_norm": None,
+    "noise_eta": 0.0,
+    "noise_gamma": 0.55,
+    "weight_decay": None,
+    "epochs": None,
+    "batch_size": 64,
+    "augment": 1,
+    "early_stopping": None,
+    "seed": 0,
+    "checkpoint_every": None,
+    "keep": 3,
+    "block_size": None,
+    "devices": None,
+    "precision": "fp32",
+    "accumulate": 1,
+    "ema": None,
 }
 # Per-model defaults, measured on mnist5k (docs/cli.md): MLP >= 95% in < 1 min, CNN >= 98% in < 3 min.
 MODEL_DEFAULTS = {
@@ -45,8 +82,17 @@ MODEL_DEFAULTS = {
     "cnn": {"depth": 1, "width": 128, "dropout": 0.25, "epochs": 12},
 }
 # Default learning rate per optimizer: a starting point that trains the default MLP (docs/cli.md).
-OPTIMIZER_LR = {"sgd": 0.2, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.01,
-                "rmsprop": 1e-3, "adam": 2e-3, "adamw": 2e-3, "signsgd": 1e-3}
+OPTIMIZER_LR = {
+    "sgd": 0.2,
+    "momentum": 0.05,
+    "nesterov": 0.05,
+    "adagrad": 0.01,
+    "rmsprop": 1e-3,
+    "adam": 2e-3,
+    "adamw": 2e-3,
+    "signsgd": 1e-3,
+}
+
 
 def resolve_defaults(cfg: dict) -> dict:
     """Fill in the defaults that depend on the model or on other options."""
@@ -65,9 +111,15 @@ def resolve_defaults(cfg: dict) -> dict:
 
 def build_model(cfg: dict, num_classes: int):
     """The model of ``cfg``: `jaxdl.models.mlp` or `jaxdl.models.cnn` (see ``jaxdl train --help``)."""
-    common = {"depth": cfg["depth"], "width": cfg["width"], "activation": cfg["activation"],
-              "init": cfg["init"], "batchnorm": cfg["batchnorm"], "dropout": cfg["dropout"] or 0.0,
-              "axis_name": DATA_AXIS if cfg.get("devices") else None}  # global-batch statistics
+    common = {
+        "depth": cfg["depth"],
+        "width": cfg["width"],
+        "activation": cfg["activation"],
+        "init": cfg["init"],
+        "batchnorm": cfg["batchnorm"],
+        "dropout": cfg["dropout"] or 0.0,
+        "axis_name": DATA_AXIS if cfg.get("devices") else None,
+    }  # global-batch statistics
     if cfg["model"] == "cnn":
         return models.cnn(num_classes, channels=cfg["channels"], conv_impl=cfg["conv_impl"], **common)
     return models.mlp(num_classes, **common)
@@ -96,12 +148,20 @@ def build_schedule(cfg: dict, steps_per_epoch: int):
 def _base_optimizer(cfg: dict, lr):
     name, wd = cfg["optimizer"], cfg["weight_decay"]
     if name in ("sgd", "momentum", "nesterov"):
-        return optimizers.sgd(lr, momentum=0.0 if name == "sgd" else cfg["momentum"],
-                              nesterov=name == "nesterov", weight_decay=wd)
+        return optimizers.sgd(
+            lr,
+            momentum=0.0 if name == "sgd" else cfg["momentum"],
+            nesterov=name == "nesterov",
+            weight_decay=wd,
+        )
     if name == "adamw":
         return optimizers.adamw(lr, weight_decay=wd)
-    make = {"adagrad": optimizers.adagrad, "rmsprop": optimizers.rmsprop,
-            "adam": optimizers.adam, "signsgd": optimizers.signsgd}[name]
+    make = {
+        "adagrad": optimizers.adagrad,
+        "rmsprop": optimizers.rmsprop,
+        "adam": optimizers.adam,
+        "signsgd": optimizers.signsgd,
+    }[name]
     return transforms.chain(*([transforms.add_weight_decay(wd)] if wd else []), make(lr))
 
 
@@ -146,8 +206,10 @@ def _config_file(path: str) -> dict:
     options = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(options, dict) or set(options) - set(DEFAULTS):
         unknown = sorted(set(options) - set(DEFAULTS)) if isinstance(options, dict) else []
-        raise ValueError(f"--config {path}: not a jaxdl run's config.json (expected a 'config' object "
-                         f"of train options{'; unknown ' + ', '.join(unknown) if unknown else ''})")
+        raise ValueError(
+            f"--config {path}: not a jaxdl run's config.json (expected a 'config' object "
+            f"of train options{'; unknown ' + ', '.join(unknown) if unknown else ''})"
+        )
     return options
 
 
@@ -167,11 +229,16 @@ def train_config(explicit: dict) -> tuple[dict, bool]:
             raise ValueError("--resume needs --out DIR, the run to continue")
         if os.path.isfile(saved_path):
             saved = read_json(saved_path)["config"]
-            differ = [f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
-                      for k, v in given.items() if saved.get(k) != v]
+            differ = [
+                f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
+                for k, v in given.items()
+                if saved.get(k) != v
+            ]
             if differ:
-                raise ValueError(f"--resume: options differ from {saved_path}: {'; '.join(differ)}; "
-                                 "drop them or start a new --out")
+                raise ValueError(
+                    f"--resume: options differ from {saved_path}: {'; '.join(differ)}; "
+                    "drop them or start a new --out"
+                )
             return saved, True
     return resolve_defaults({**DEFAULTS, **given}), False
 
@@ -188,8 +255,10 @@ def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
     cfg, info = saved["config"], saved["data"]
     model_dir = os.path.join(run_dir, "model")
     if not os.path.isdir(model_dir):
-        raise OSError(f"{run_dir}: no model/ yet, the run has not finished; resume it with "
-                       f"jaxdl train --out {run_dir} --resume")
+        raise OSError(
+            f"{run_dir}: no model/ yet, the run has not finished; resume it with "
+            f"jaxdl train --out {run_dir} --resume"
+        )
     model = build_model(cfg, info["num_classes"])
     _, params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), tuple(info["input_shape"])))
     try:

@@ -15,6 +15,7 @@ PRNG key and a batch, and works under `jax.jit` and `jax.vmap`. Sources: seed 00
 subtraction, per-channel standardization, PCA/whitening; data loading must not bottleneck
 training), seed 000 (augmentation: shift, flip, crop).
 """
+
 import collections
 import gzip
 import importlib.util
@@ -121,9 +122,7 @@ def read_idx(path: str) -> np.ndarray:
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing data"
-        raise ValueError(
-            f"{path}: IDX data {what}: {len(raw)} bytes, expected {expected} for shape {shape}"
-        )
+        raise ValueError(f"{path}: IDX data {what}: {len(raw)} bytes, expected {expected} for shape {shape}")
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -139,14 +138,11 @@ def _read_mnist_pair(folder: str, prefix: str) -> Split:
     label_file = _idx_file(folder, f"{prefix}-labels-idx1-ubyte")
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{image_file}: expected uint8 images (N, H, W), got {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(f"{image_file}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise ValueError(f"{label_file}: expected uint8 labels (N,), got {labels.dtype} "
-                         f"{labels.shape}")
+        raise ValueError(f"{label_file}: expected uint8 labels (N,), got {labels.dtype} {labels.shape}")
     if len(labels) != len(images):
-        raise ValueError(f"{label_file}: {len(labels)} labels, but {image_file} holds "
-                         f"{len(images)} images")
+        raise ValueError(f"{label_file}: {len(labels)} labels, but {image_file} holds {len(images)} images")
     if labels.size and labels.max() > 9:
         raise ValueError(f"{label_file}: labels must be digits 0..9, found {labels.max()}")
     return Split((images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32))
@@ -191,8 +187,10 @@ def _npz_images(path: str, name: str, x) -> np.ndarray:
 def _npz_labels(path: str, name: str, y, n: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{path}: {name} has dtype {y.dtype} and shape {y.shape}; expected integer class "
-                         f"labels of shape ({n},)")
+        raise ValueError(
+            f"{path}: {name} has dtype {y.dtype} and shape {y.shape}; expected integer class "
+            f"labels of shape ({n},)"
+        )
     if len(y) != n:
         raise ValueError(f"{path}: {name} holds {len(y)} labels for {n} images")
     if y.size and y.min() < 0:
@@ -219,19 +217,27 @@ def load_npz(path: str, *, seed: int = 0, val_size=0.1) -> Dataset:
         raise ValueError(f"{path}: not a readable .npz file ({err})") from None
     missing = [k for k in NPZ_KEYS if k not in arrays]
     if missing:
-        raise ValueError(f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {sorted(arrays)}")
+        raise ValueError(
+            f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {sorted(arrays)}"
+        )
     x_train = _npz_images(path, "x_train", arrays["x_train"])
     x_test = _npz_images(path, "x_test", arrays["x_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"{path}: x_train images have shape {x_train.shape[1:]} but x_test {x_test.shape[1:]}")
+        raise ValueError(
+            f"{path}: x_train images have shape {x_train.shape[1:]} but x_test {x_test.shape[1:]}"
+        )
     y_train = _npz_labels(path, "y_train", arrays["y_train"], len(x_train))
     y_test = _npz_labels(path, "y_test", arrays["y_test"], len(x_test))
     num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     if num_classes < 2:
         raise ValueError(f"{path}: the labels name only one class; expected at least 2")
     train, val, _ = stratified_split(y_train, 0, val_size, seed)
-    return Dataset(Split(x_train[train], y_train[train]), Split(x_train[val], y_train[val]),
-                   Split(x_test, y_test), num_classes)
+    return Dataset(
+        Split(x_train[train], y_train[train]),
+        Split(x_train[val], y_train[val]),
+        Split(x_test, y_test),
+        num_classes,
+    )
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -245,8 +251,7 @@ def _count(size, n: int, name: str) -> int:
         return int(round(size * n))
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and 0 <= size <= n:
         return int(size)
-    raise ValueError(f"{name} must be an int in [0, {n}] or a float fraction in [0, 1), "
-                     f"got {size!r}")
+    raise ValueError(f"{name} must be an int in [0, {n}] or a float fraction in [0, 1), got {size!r}")
 
 
 def _allocate(class_counts: np.ndarray, total: int) -> np.ndarray:
@@ -271,8 +276,10 @@ def stratified_split(labels, test_size, val_size, seed: int = 0):
     n_test = _count(test_size, n, "test_size")
     n_val = _count(val_size, n, "val_size")
     if n_test + n_val >= n:
-        raise ValueError(f"test_size + val_size = {n_test} + {n_val} leaves no training data "
-                         f"out of {n} examples; expected a sum below {n}")
+        raise ValueError(
+            f"test_size + val_size = {n_test} + {n_val} leaves no training data "
+            f"out of {n} examples; expected a sum below {n}"
+        )
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     test_per_class = _allocate(counts, n_test)
@@ -281,13 +288,12 @@ def stratified_split(labels, test_size, val_size, seed: int = 0):
     for c, n_te, n_va in zip(classes, test_per_class, val_per_class):
         idx = rng.permutation(np.flatnonzero(labels == c))
         parts[2].append(idx[:n_te])
-        parts[1].append(idx[n_te:n_te + n_va])
-        parts[0].append(idx[n_te + n_va:])
+        parts[1].append(idx[n_te : n_te + n_va])
+        parts[0].append(idx[n_te + n_va :])
     return tuple(rng.permutation(np.concatenate(p)) for p in parts)
 
 
-def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None,
-                 test_size=None) -> Dataset:
+def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None, test_size=None) -> Dataset:
     """Load a dataset by name and split it, stratified by class and seeded.
 
     ``name``: ``"mnist5k"`` (default; 3,500 train / 500 val / 1,000 test), ``"digits"``
@@ -302,26 +308,36 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None,
         data = load_mnist5k() if name == "mnist5k" else load_digits()
         default_test, default_val = _DEFAULT_SIZES[name]
         train, val, test = stratified_split(
-            data.y, default_test if test_size is None else test_size,
-            default_val if val_size is None else val_size, seed)
+            data.y,
+            default_test if test_size is None else test_size,
+            default_val if val_size is None else val_size,
+            seed,
+        )
         pick = lambda idx: Split(data.x[idx], data.y[idx])  # noqa: E731
         return Dataset(pick(train), pick(val), pick(test), 10)
     if name.startswith("mnist:") and len(name) > len("mnist:"):
         if test_size is not None:
-            raise ValueError(f"test_size must be None for {name!r}: the t10k files are the test "
-                             f"split, got test_size={test_size!r}")
-        train_pool, test = load_mnist(name[len("mnist:"):])
+            raise ValueError(
+                f"test_size must be None for {name!r}: the t10k files are the test "
+                f"split, got test_size={test_size!r}"
+            )
+        train_pool, test = load_mnist(name[len("mnist:") :])
         train, val, _ = stratified_split(
-            train_pool.y, 0, _DEFAULT_SIZES["mnist"][1] if val_size is None else val_size, seed)
+            train_pool.y, 0, _DEFAULT_SIZES["mnist"][1] if val_size is None else val_size, seed
+        )
         pick = lambda idx: Split(train_pool.x[idx], train_pool.y[idx])  # noqa: E731
         return Dataset(pick(train), pick(val), test, 10)
     if name.startswith("npz:") and len(name) > len("npz:"):
         if test_size is not None:
-            raise ValueError(f"test_size must be None for {name!r}: x_test/y_test are the test split, "
-                             f"got test_size={test_size!r}")
-        return load_npz(name[len("npz:"):], seed=seed, val_size=0.1 if val_size is None else val_size)
-    raise ValueError(f"name must be one of {DATASETS} (DIR: a folder with the MNIST IDX files; "
-                     f"PATH: an .npz file), got {name!r}")
+            raise ValueError(
+                f"test_size must be None for {name!r}: x_test/y_test are the test split, "
+                f"got test_size={test_size!r}"
+            )
+        return load_npz(name[len("npz:") :], seed=seed, val_size=0.1 if val_size is None else val_size)
+    raise ValueError(
+        f"name must be one of {DATASETS} (DIR: a folder with the MNIST IDX files; "
+        f"PATH: an .npz file), got {name!r}"
+    )
 
 
 # ----------------------------------------------------------------------------- batching
@@ -330,9 +346,11 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None,
 def _check_batch_size(owner: str, batch_size, n: int, drop_last: bool) -> None:
     check_int(owner, "batch_size", batch_size)
     if drop_last and batch_size > n:
-        raise ValueError(f"batch_size={batch_size} exceeds the number of examples ({n}) with "
-                         f"drop_last=True, so an epoch would have no batch; expected "
-                         f"batch_size <= {n}")
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the number of examples ({n}) with "
+            f"drop_last=True, so an epoch would have no batch; expected "
+            f"batch_size <= {n}"
+        )
 
 
 def epoch_permutation(n: int, key, epoch: int = 0) -> np.ndarray:
@@ -340,8 +358,9 @@ def epoch_permutation(n: int, key, epoch: int = 0) -> np.ndarray:
     return np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
 
 
-def batches(x, y, batch_size: int, key, epoch: int = 0, *, drop_last: bool = True,
-            shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    x, y, batch_size: int, key, epoch: int = 0, *, drop_last: bool = True, shuffle: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Minibatches ``(x_b, y_b)`` of one epoch, shuffled by ``fold_in(key, epoch)``.
 
     The same key and epoch give the same batches; every example appears at most once per epoch
@@ -355,12 +374,13 @@ def batches(x, y, batch_size: int, key, epoch: int = 0, *, drop_last: bool = Tru
     order = epoch_permutation(n, key, epoch) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield x[idx], y[idx]
 
 
-def batch_blocks(x, y, batch_size: int, block_size: int, key, epoch: int = 0
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batch_blocks(
+    x, y, batch_size: int, block_size: int, key, epoch: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Blocks of ``block_size`` stacked minibatches (leading axis K), for a scan-fused loop.
 
     The epoch's full batches (same order as `batches` with ``drop_last=True``) are grouped K at
@@ -374,9 +394,9 @@ def batch_blocks(x, y, batch_size: int, block_size: int, key, epoch: int = 0
     _check_batch_size("batch_blocks", batch_size, n, drop_last=True)
     order = epoch_permutation(n, key, epoch)
     num_batches = n // batch_size
-    order = order[:num_batches * batch_size].reshape(num_batches, batch_size)
+    order = order[: num_batches * batch_size].reshape(num_batches, batch_size)
     for start in range(0, num_batches, block_size):
-        idx = order[start:start + block_size]
+        idx = order[start : start + block_size]
         yield x[idx], y[idx]
 
 
@@ -441,8 +461,9 @@ def fit_standardization(x_train, eps: float = 1e-8) -> Standardization:
     """
     x = np.asarray(x_train, np.float64)
     axes = tuple(range(x.ndim - 1))
-    return Standardization(x.mean(axis=axes).astype(np.float32),
-                           np.maximum(x.std(axis=axes), eps).astype(np.float32))
+    return Standardization(
+        x.mean(axis=axes).astype(np.float32), np.maximum(x.std(axis=axes), eps).astype(np.float32)
+    )
 
 
 def standardize(x, stats: Standardization):
@@ -470,8 +491,11 @@ def fit_pca_whitening(x_train, eps: float = 1e-5, num_components=None) -> PCAWhi
     eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / len(x))
     order = np.argsort(eigenvalues)[::-1][:k]
     lam = np.maximum(eigenvalues[order], 0.0)  # clip round-off below zero
-    return PCAWhitening(mean.astype(np.float32), eigenvectors[:, order].astype(np.float32),
-                        (1.0 / np.sqrt(lam + eps)).astype(np.float32))
+    return PCAWhitening(
+        mean.astype(np.float32),
+        eigenvectors[:, order].astype(np.float32),
+        (1.0 / np.sqrt(lam + eps)).astype(np.float32),
+    )
 
 
 def pca_whiten(x, stats: PCAWhitening):
@@ -486,8 +510,7 @@ def pca_whiten(x, stats: PCAWhitening):
 
 def _check_images(images) -> None:
     if jnp.ndim(images) != 4:
-        raise ValueError(f"images must be a batch shaped (N, H, W, C), got shape "
-                         f"{jnp.shape(images)}")
+        raise ValueError(f"images must be a batch shaped (N, H, W, C), got shape {jnp.shape(images)}")
 
 
 def random_flip(key, images, prob: float = 0.5):

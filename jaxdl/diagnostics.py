@@ -51,9 +51,14 @@ def update_ratios(params, updates) -> Any:
     Much below 1e-3 the layer learns slowly (learning rate too low); much above, it is being
     rewritten every step (too high).
     """
-    return jax.tree.map(lambda p, u: jnp.linalg.norm(jnp.ravel(u).astype(jnp.float32))
-                        / jnp.maximum(jnp.linalg.norm(jnp.ravel(p).astype(jnp.float32)), _TINY),
-                        params, updates)
+    return jax.tree.map(
+        lambda p, u: (
+            jnp.linalg.norm(jnp.ravel(u).astype(jnp.float32))
+            / jnp.maximum(jnp.linalg.norm(jnp.ravel(p).astype(jnp.float32)), _TINY)
+        ),
+        params,
+        updates,
+    )
 
 
 def _saturation(kind: str, y: jax.Array) -> jax.Array:
@@ -95,7 +100,9 @@ def activation_stats(model, params, model_state, x, *, train: bool = False, key=
     return out
 
 
-def layer_report(loss_fn, optimizer: optax.GradientTransformation, state: TrainState, batch, *, bins: int = 30) -> dict:
+def layer_report(
+    loss_fn, optimizer: optax.GradientTransformation, state: TrainState, batch, *, bins: int = 30
+) -> dict:
     """Gradient norms, update/weight ratios and activation statistics for one batch, per layer.
 
     Computes what the next train step would do (same key) without applying it; returns
@@ -104,13 +111,16 @@ def layer_report(loss_fn, optimizer: optax.GradientTransformation, state: TrainS
     Jit it for repeated use: ``jax.jit(functools.partial(layer_report, loss_fn, tx))``.
     """
     key = step_key(state)
-    grads, _ = jax.grad(lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(state.params)
+    grads, _ = jax.grad(lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(
+        state.params
+    )
     updates, _ = optimizer.update(grads, state.opt_state, state.params)
     report = {"grad_norms": leaf_norms(grads), "update_ratios": update_ratios(state.params, updates)}
     model = getattr(loss_fn, "model", None)
     report["activations"] = (
         activation_stats(model, state.params, state.model_state, batch[0], train=True, key=key, bins=bins)
-        if hasattr(model, "layers") else {}
+        if hasattr(model, "layers")
+        else {}
     )
     return report
 
@@ -138,11 +148,21 @@ def initial_loss_check(loss: float, num_classes: int, rtol: float = 0.25) -> Ini
     if not math.isfinite(loss):
         ok, why = False, "the loss is not finite: check the inputs and the initialization"
     elif ratio > 1 + rtol:
-        ok, why = False, ("too high: the initial outputs are confidently wrong; scale the initial "
-                          "weights down (e.g. Xavier/He instead of N(0, 1)) or normalize the inputs")
+        ok, why = (
+            False,
+            (
+                "too high: the initial outputs are confidently wrong; scale the initial "
+                "weights down (e.g. Xavier/He instead of N(0, 1)) or normalize the inputs"
+            ),
+        )
     elif ratio < 1 - rtol:
-        ok, why = False, ("too low for an untrained model: check for labels leaking into the inputs, "
-                          "or a loss that is not the mean cross-entropy")
+        ok, why = (
+            False,
+            (
+                "too low for an untrained model: check for labels leaking into the inputs, "
+                "or a loss that is not the mean cross-entropy"
+            ),
+        )
     else:
         ok, why = True, "as expected for an untrained classifier"
     msg = f"initial loss {loss:.4f} vs ln({num_classes}) = {expected:.4f} (ratio {ratio:.2f}): {why}"
@@ -157,7 +177,9 @@ class OverfitReport(NamedTuple):
     state: TrainState
 
 
-def overfit_check(loss_fn, optimizer, state: TrainState, batch, steps: int = 200, threshold: float = 0.05) -> OverfitReport:
+def overfit_check(
+    loss_fn, optimizer, state: TrainState, batch, steps: int = 200, threshold: float = 0.05
+) -> OverfitReport:
     """Train on one small batch for ``steps`` steps and report whether the loss gets near zero.
 
     Seed 004: a model that cannot overfit ~20 examples has a bug (or far too little capacity),
@@ -171,8 +193,11 @@ def overfit_check(loss_fn, optimizer, state: TrainState, batch, steps: int = 200
     losses = np.asarray(metrics["loss"])
     final = float(losses[-1])
     passed = bool(final < threshold)
-    verdict = "the model can overfit the subset" if passed else (
-        "it cannot: check the model, the loss and the labels, or raise the learning rate")
+    verdict = (
+        "the model can overfit the subset"
+        if passed
+        else ("it cannot: check the model, the loss and the labels, or raise the learning rate")
+    )
     msg = f"loss {losses[0]:.4f} -> {final:.4f} after {steps} steps on {len(jax.tree.leaves(batch)[0])} examples: {verdict}"
     return OverfitReport(losses, final, passed, msg, state)
 

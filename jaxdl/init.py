@@ -26,9 +26,20 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "zeros", "ones", "constant", "normal", "uniform",
-    "xavier_normal", "xavier_uniform", "glorot_normal", "glorot_uniform",
-    "he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "orthogonal",
+    "zeros",
+    "ones",
+    "constant",
+    "normal",
+    "uniform",
+    "xavier_normal",
+    "xavier_uniform",
+    "glorot_normal",
+    "glorot_uniform",
+    "he_normal",
+    "he_uniform",
+    "lecun_normal",
+    "lecun_uniform",
+    "orthogonal",
 ]
 
 _vs = jax.nn.initializers.variance_scaling
@@ -52,9 +63,11 @@ def constant(c):
     Seed 003 warns that constant *weights* are degenerate (all units get the same gradient and
     stay equal); use it for biases or scales.
     """
+
     def init(key, shape, dtype=jnp.float32):
         del key
         return jnp.full(shape, c, dtype)
+
     return init
 
 
@@ -75,6 +88,7 @@ def uniform(scale):
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -scale, scale)
+
     return init
 
 
@@ -85,7 +99,8 @@ def _fan_init(name, scale, mode, distribution, doc):
         if len(shape) < 2:
             raise ValueError(
                 f"{name}: needs a kernel shape of rank >= 2 ((fan_in, fan_out) or HWIO), "
-                f"got shape {tuple(shape)}; use zeros/constant/normal for vectors")
+                f"got shape {tuple(shape)}; use zeros/constant/normal for vectors"
+            )
         return inner(key, shape, dtype)
 
     init.__name__ = init.__qualname__ = name
@@ -96,35 +111,71 @@ def _fan_init(name, scale, mode, distribution, doc):
 # variance_scaling(scale, mode, "normal") draws sqrt(scale/denominator) * N(0, 1), untruncated;
 # "uniform" draws U(-1, 1) * sqrt(3 * scale/denominator). With mode="fan_avg" the denominator is
 # (fan_in + fan_out)/2, so scale=1 gives variance 2/(fan_in + fan_out).
-xavier_normal = _fan_init("xavier_normal", 1.0, "fan_avg", "normal", """\
+xavier_normal = _fan_init(
+    "xavier_normal",
+    1.0,
+    "fan_avg",
+    "normal",
+    """\
 Xavier/Glorot normal: w ~ N(0, 2 / (fan_in + fan_out)), a plain (untruncated) Gaussian.
 
 Seed 000; Glorot & Bengio 2010. Differs from flax's default kernel init (lecun_normal, truncated)
-and from `jax.nn.initializers.glorot_normal()`, which is *truncated* at 2 std and rescaled.""")
+and from `jax.nn.initializers.glorot_normal()`, which is *truncated* at 2 std and rescaled.""",
+)
 
-xavier_uniform = _fan_init("xavier_uniform", 1.0, "fan_avg", "uniform", """\
+xavier_uniform = _fan_init(
+    "xavier_uniform",
+    1.0,
+    "fan_avg",
+    "uniform",
+    """\
 Xavier/Glorot uniform: w ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)); variance 2/(fan_in+fan_out).
 
 Seed 003 (which prints the bound as sqrt(6)/(n_j+n_{j+1}); the paper's bound, used here and by
-PyTorch's `xavier_uniform_`, has the root over the whole fraction); Glorot & Bengio 2010.""")
+PyTorch's `xavier_uniform_`, has the root over the whole fraction); Glorot & Bengio 2010.""",
+)
 
-he_normal = _fan_init("he_normal", 2.0, "fan_in", "normal", """\
+he_normal = _fan_init(
+    "he_normal",
+    2.0,
+    "fan_in",
+    "normal",
+    """\
 He/Kaiming normal: w ~ N(0, 2 / fan_in), untruncated; seed 003's N(0,1)*sqrt(2/n) for ReLU.
 
 He et al. 2015. Equals PyTorch's `kaiming_normal_(mode='fan_in', nonlinearity='relu')`; differs
-from `jax.nn.initializers.he_normal()`, which is truncated.""")
+from `jax.nn.initializers.he_normal()`, which is truncated.""",
+)
 
-he_uniform = _fan_init("he_uniform", 2.0, "fan_in", "uniform", """\
-He/Kaiming uniform: w ~ U(-a, a), a = sqrt(6 / fan_in); variance 2/fan_in. He et al. 2015.""")
+he_uniform = _fan_init(
+    "he_uniform",
+    2.0,
+    "fan_in",
+    "uniform",
+    """\
+He/Kaiming uniform: w ~ U(-a, a), a = sqrt(6 / fan_in); variance 2/fan_in. He et al. 2015.""",
+)
 
-lecun_normal = _fan_init("lecun_normal", 1.0, "fan_in", "normal", """\
+lecun_normal = _fan_init(
+    "lecun_normal",
+    1.0,
+    "fan_in",
+    "normal",
+    """\
 LeCun normal: w ~ N(0, 1 / fan_in), untruncated; seed 003's N(0,1)*sqrt(1/n) for tanh.
 
 LeCun et al. 1998. Differs from `jax.nn.initializers.lecun_normal()` (flax's default kernel
-init), which is truncated.""")
+init), which is truncated.""",
+)
 
-lecun_uniform = _fan_init("lecun_uniform", 1.0, "fan_in", "uniform", """\
-LeCun uniform: w ~ U(-a, a), a = sqrt(3 / fan_in); variance 1/fan_in. LeCun et al. 1998.""")
+lecun_uniform = _fan_init(
+    "lecun_uniform",
+    1.0,
+    "fan_in",
+    "uniform",
+    """\
+LeCun uniform: w ~ U(-a, a), a = sqrt(3 / fan_in); variance 1/fan_in. LeCun et al. 1998.""",
+)
 
 glorot_normal = xavier_normal
 glorot_uniform = xavier_uniform
@@ -146,4 +197,5 @@ def orthogonal(gain=1.0):
         if len(shape) < 2:
             raise ValueError(f"orthogonal: needs a shape of rank >= 2, got {tuple(shape)}")
         return inner(key, shape, dtype)
+
     return init

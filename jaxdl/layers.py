@@ -37,9 +37,24 @@ from jaxdl import init as initializers
 from jaxdl._checks import check_number, check_positive_int
 
 __all__ = [
-    "Dense", "Conv", "MaxPool", "AvgPool", "Flatten", "Relu", "LeakyRelu", "PRelu", "Sigmoid",
-    "Tanh", "Elu", "Maxout", "Dropout", "BatchNorm", "Sequential", "FlaxModule",
-    "fold_batchnorm", "from_flax",
+    "Dense",
+    "Conv",
+    "MaxPool",
+    "AvgPool",
+    "Flatten",
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Sigmoid",
+    "Tanh",
+    "Elu",
+    "Maxout",
+    "Dropout",
+    "BatchNorm",
+    "Sequential",
+    "FlaxModule",
+    "fold_batchnorm",
+    "from_flax",
 ]
 
 Initializer = Callable[..., jax.Array]
@@ -48,18 +63,23 @@ _frozen = dataclasses.dataclass(frozen=True)
 
 # ----------------------------------------------------------------------------- argument checks
 
+
 def _int_pair(layer, name, value):
     """An int or a pair of ints -> a pair of positive ints."""
     pair = (value, value) if isinstance(value, (int, np.integer)) else value
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(f"{layer}: {name}={value!r} is not an int or a pair; expected a positive int or a pair of them")
+        raise ValueError(
+            f"{layer}: {name}={value!r} is not an int or a pair; expected a positive int or a pair of them"
+        )
     return tuple(check_positive_int(layer, name, v) for v in pair)
 
 
 def _check_real(layer, name, value, **interval):
     """A layer hyperparameter is a Python real number (a static field) inside the interval."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{layer}: {name} must be a real number, got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"{layer}: {name} must be a real number, got {value!r} of type {type(value).__name__}"
+        )
     check_number(layer, name, value, **interval)
 
 
@@ -71,8 +91,7 @@ def _padding(layer, value):
 
 def _callable(layer, name, value):
     if not callable(value):
-        raise TypeError(f"{layer}: {name} must be an initializer (key, shape, dtype) -> array, "
-                        f"got {value!r}")
+        raise TypeError(f"{layer}: {name} must be an initializer (key, shape, dtype) -> array, got {value!r}")
 
 
 def _rank(layer, input_shape, rank, meaning):
@@ -80,8 +99,9 @@ def _rank(layer, input_shape, rank, meaning):
     shape = tuple(input_shape)
     if (rank is None and len(shape) < 1) or (rank is not None and len(shape) != rank):
         want = "at least 1 (..., features)" if rank is None else f"{rank} {meaning}"
-        raise ValueError(f"{layer}: input_shape must have rank {want} (one example, no batch "
-                         f"axis), got {shape}")
+        raise ValueError(
+            f"{layer}: input_shape must have rank {want} (one example, no batch axis), got {shape}"
+        )
     return shape
 
 
@@ -96,12 +116,14 @@ def _window_out(layer, size, window, stride, padding):
     if padding == "SAME":
         return -(-size // stride)
     if window > size:
-        raise ValueError(f"{layer}: window/kernel {window} is larger than the input size {size} "
-                         "with padding='VALID'")
+        raise ValueError(
+            f"{layer}: window/kernel {window} is larger than the input size {size} with padding='VALID'"
+        )
     return (size - window) // stride + 1
 
 
 # ------------------------------------------------------------------ params/state tree checking
+
 
 @functools.lru_cache(maxsize=4096)
 def _expected_cached(layer, input_shape):
@@ -124,18 +146,22 @@ def _path(path):
 def _compare(where, what, got, expected, x_shape, path=()):
     if isinstance(expected, Mapping):
         if not isinstance(got, Mapping):
-            raise TypeError(f"{where}: {what}{_path(path)} must be a dict with entries "
-                            f"{sorted(expected)}, got {type(got).__name__}")
+            raise TypeError(
+                f"{where}: {what}{_path(path)} must be a dict with entries "
+                f"{sorted(expected)}, got {type(got).__name__}"
+            )
         for k in expected:
             if k not in got:
                 raise ValueError(
                     f"{where}: {what}{_path(path)} has no entry {k!r} (expected entries "
                     f"{sorted(expected)}, got {sorted(got)}); pass the {what} that init returned "
-                    "for this model")
+                    "for this model"
+                )
         extra = sorted(set(got) - set(expected), key=str)
         if extra:
-            raise ValueError(f"{where}: {what}{_path(path)} has unexpected entries {extra} "
-                             f"(expected {sorted(expected)})")
+            raise ValueError(
+                f"{where}: {what}{_path(path)} has unexpected entries {extra} (expected {sorted(expected)})"
+            )
         for k in expected:
             _compare(where, what, got[k], expected[k], x_shape, path + (k,))
         return
@@ -146,7 +172,8 @@ def _compare(where, what, got, expected, x_shape, path=()):
         raise ValueError(
             f"{where}: {what}{_path(path)} has shape {tuple(shape)}, but an input x of shape "
             f"{tuple(x_shape)} needs {tuple(expected.shape)}: the input (e.g. its last dimension) "
-            f"differs from the input_shape given to init, or the {what} belong to another layer")
+            f"differs from the input_shape given to init, or the {what} belong to another layer"
+        )
 
 
 def _check_call(layer, params, state, x):
@@ -159,8 +186,10 @@ def _check_call(layer, params, state, x):
     except (ValueError, TypeError) as err:
         if type(err) not in (ValueError, TypeError):
             raise
-        raise type(err)(f"{where}.apply: x has shape {tuple(x.shape)} (batch axis first), so "
-                        f"one example has shape {tuple(x.shape[1:])}: {err}") from None
+        raise type(err)(
+            f"{where}.apply: x has shape {tuple(x.shape)} (batch axis first), so "
+            f"one example has shape {tuple(x.shape[1:])}: {err}"
+        ) from None
     _compare(where, "params", params, exp_params, x.shape)
     _compare(where, "state", state, exp_state, x.shape)
 
@@ -188,6 +217,7 @@ class _Stateless(Layer):
 
 
 # ----------------------------------------------------------------------------- affine layers
+
 
 @_frozen
 class Dense(Layer):
@@ -240,16 +270,17 @@ def _conv_im2col(x, w, strides, padding):
     (sh, sw) = strides
     ho = (xp.shape[1] - kh) // sh + 1
     wo = (xp.shape[2] - kw) // sw + 1
-    views = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
-                       (1, sh, sw, 1))
-             for i in range(kh) for j in range(kw)]
+    views = [
+        lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
     patches = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
     return patches @ w.reshape(kh * kw * cin, cout)
 
 
 def _conv_xla(x, w, strides, padding):
-    return lax.conv_general_dilated(x, w, strides, padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 @_frozen
@@ -284,13 +315,16 @@ class Conv(Layer):
 
     # Class constants of the 'auto' rule (not fields), measured on a 2-core x86 CPU.
     im2col_max_blowup = 9.0  # kh*kw/(sh*sw): size of the patch matrix relative to the input
-    im2col_max_depth = 27     # kh*kw*I: shallow inputs, where XLA's kernel gradient is slow
+    im2col_max_depth = 27  # kh*kw*I: shallow inputs, where XLA's kernel gradient is slow
 
     def __post_init__(self):
         check_positive_int("Conv", "features", self.features)
-        _set(self, kernel_size=_int_pair("Conv", "kernel_size", self.kernel_size),
-             strides=_int_pair("Conv", "strides", self.strides),
-             padding=_padding("Conv", self.padding))
+        _set(
+            self,
+            kernel_size=_int_pair("Conv", "kernel_size", self.kernel_size),
+            strides=_int_pair("Conv", "strides", self.strides),
+            padding=_padding("Conv", self.padding),
+        )
         _callable("Conv", "w_init", self.w_init)
         _callable("Conv", "b_init", self.b_init)
         if self.impl not in ("auto", "xla", "im2col"):
@@ -298,8 +332,10 @@ class Conv(Layer):
 
     def init(self, key, input_shape):
         h, w, c = _rank("Conv", input_shape, 3, "(H, W, C)")
-        out = tuple(_window_out("Conv", n, k, s, self.padding)
-                    for n, k, s in zip((h, w), self.kernel_size, self.strides))
+        out = tuple(
+            _window_out("Conv", n, k, s, self.padding)
+            for n, k, s in zip((h, w), self.kernel_size, self.strides)
+        )
         kw, kb = jax.random.split(key)
         params = {"w": self.w_init(kw, (*self.kernel_size, c, self.features))}
         if self.use_bias:
@@ -356,6 +392,7 @@ class Maxout(Layer):
 
 # ----------------------------------------------------------------------------- pooling, shape
 
+
 @_frozen
 class _Pool(Layer):
     """Shared by the pooling layers: NHWC windows, ``strides`` defaulting to ``window``."""
@@ -374,12 +411,17 @@ class _Pool(Layer):
         """Returns ``(output_shape, {}, {})``: the pooled (H', W', C)."""
         name = type(self).__name__
         h, w, c = _rank(name, input_shape, 3, "(H, W, C)")
-        return tuple(_window_out(name, n, k, s, self.padding)
-                     for n, k, s in zip((h, w), self.window, self.strides)) + (c,), {}, {}
+        return (
+            tuple(
+                _window_out(name, n, k, s, self.padding) for n, k, s in zip((h, w), self.window, self.strides)
+            )
+            + (c,),
+            {},
+            {},
+        )
 
     def _reduce(self, x, init, op):
-        return lax.reduce_window(x, init, op, (1, *self.window, 1), (1, *self.strides, 1),
-                                 self.padding)
+        return lax.reduce_window(x, init, op, (1, *self.window, 1), (1, *self.strides, 1), self.padding)
 
 
 @_frozen
@@ -419,6 +461,7 @@ class Flatten(Layer):
 
 
 # ----------------------------------------------------------------------------- activations
+
 
 @_frozen
 class Relu(_Stateless):
@@ -482,6 +525,7 @@ class Elu(_Stateless):
 
 # ----------------------------------------------------------------------------- regularizers
 
+
 @_frozen
 class Dropout(Layer):
     """Inverted dropout (Srivastava et al. 2014; seed 000): in training each unit is dropped
@@ -505,8 +549,10 @@ class Dropout(Layer):
         if not train or self.rate == 0:
             return x, state
         if key is None:
-            raise ValueError("Dropout: apply(..., train=True) needs a PRNG key: pass key=... "
-                             "(Sequential splits the key it is given among its layers)")
+            raise ValueError(
+                "Dropout: apply(..., train=True) needs a PRNG key: pass key=... "
+                "(Sequential splits the key it is given among its layers)"
+            )
         keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype), state
 
@@ -561,8 +607,10 @@ class BatchNorm(Layer):
         else:
             mean, var, n = self._batch_stats(x)
             m = self.momentum
-            state = {"mean": m * state["mean"] + (1 - m) * lax.stop_gradient(mean),
-                     "var": m * state["var"] + (1 - m) * lax.stop_gradient(var) * (n / (n - 1))}
+            state = {
+                "mean": m * state["mean"] + (1 - m) * lax.stop_gradient(mean),
+                "var": m * state["var"] + (1 - m) * lax.stop_gradient(var) * (n / (n - 1)),
+            }
         y = (x - mean) * lax.rsqrt(var + self.eps) * params["gamma"] + params["beta"]
         return y.astype(dtype), state
 
@@ -577,12 +625,14 @@ class BatchNorm(Layer):
         if self.axis_name is not None:
             var = lax.pmean(var, self.axis_name)
         if n < 2:
-            raise ValueError(f"BatchNorm: training needs more than one value per channel, got x "
-                             f"of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"BatchNorm: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
+            )
         return mean, var, n
 
 
 # ----------------------------------------------------------------------------- combinators
+
 
 def _kind(layer):
     return type(layer).__name__.lower()
@@ -609,11 +659,13 @@ class Sequential(Layer):
 
     def __init__(self, *layers):
         for i, layer in enumerate(layers):
-            if isinstance(layer, type) or not (callable(getattr(layer, "init", None))
-                                               and callable(getattr(layer, "apply", None))):
+            if isinstance(layer, type) or not (
+                callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
+            ):
                 hint = f" (did you mean {layer.__name__}()?)" if isinstance(layer, type) else ""
-                raise TypeError(f"Sequential: layer {i} must be a layer object with init and "
-                                f"apply, got {layer!r}{hint}")
+                raise TypeError(
+                    f"Sequential: layer {i} must be a layer object with init and apply, got {layer!r}{hint}"
+                )
         object.__setattr__(self, "layers", tuple(layers))
 
     def _names(self):
@@ -628,8 +680,7 @@ class Sequential(Layer):
             except (ValueError, TypeError) as err:
                 if type(err) not in (ValueError, TypeError):
                     raise
-                raise type(err)(f"Sequential: layer {name!r} with input shape {shape}: {err}") \
-                    from None
+                raise type(err)(f"Sequential: layer {name!r} with input shape {shape}: {err}") from None
             shape = tuple(shape)
             if p:
                 params[name] = p
@@ -667,8 +718,7 @@ class FlaxModule(Layer):
 
     def init(self, key, input_shape):
         x = jnp.zeros((1, *input_shape))
-        y, variables = self.module.init_with_output({"params": key, "dropout": key}, x,
-                                                    **self._kwargs(False))
+        y, variables = self.module.init_with_output({"params": key, "dropout": key}, x, **self._kwargs(False))
         variables = dict(variables)
         params = dict(variables.pop("params", {}))
         if not hasattr(y, "shape"):
@@ -679,8 +729,9 @@ class FlaxModule(Layer):
         variables = {**state, "params": params} if params else dict(state)
         rngs = None if key is None else {"dropout": key}
         if train and state:
-            y, updates = self.module.apply(variables, x, rngs=rngs, mutable=list(state),
-                                           **self._kwargs(train))
+            y, updates = self.module.apply(
+                variables, x, rngs=rngs, mutable=list(state), **self._kwargs(train)
+            )
             return y, {**state, **{k: dict(v) for k, v in updates.items()}}
         return self.module.apply(variables, x, rngs=rngs, **self._kwargs(train)), state
 
@@ -695,6 +746,7 @@ def from_flax(module):
 
 
 # ----------------------------------------------------------------------------- BN folding
+
 
 def fold_batchnorm(model, params, state):
     """Fold each BatchNorm that directly follows a Dense or Conv into that layer (seed 001: at
@@ -728,5 +780,8 @@ def fold_batchnorm(model, params, state):
         new_state.append(s)
     folded = Sequential(*layers)
     names = folded._names()
-    return (folded, {n: p for n, p in zip(names, new_params) if p},
-            {n: s for n, s in zip(names, new_state) if s})
+    return (
+        folded,
+        {n: p for n, p in zip(names, new_params) if p},
+        {n: s for n, s in zip(names, new_state) if s},
+    )

@@ -16,11 +16,12 @@ def _check_class_labels(fn, logits, labels):
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(
             f"{fn}: labels must be integer class indices (dtype int), got dtype {labels.dtype}; "
-            "for one-hot targets use optax.softmax_cross_entropy")
+            "for one-hot targets use optax.softmax_cross_entropy"
+        )
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
-            f"{fn}: labels must have shape logits.shape[:-1] = {logits.shape[:-1]}, "
-            f"got {labels.shape}")
+            f"{fn}: labels must have shape logits.shape[:-1] = {logits.shape[:-1]}, got {labels.shape}"
+        )
 
 
 def softmax_cross_entropy(logits, labels):
@@ -51,8 +52,8 @@ def binary_cross_entropy(logits, labels):
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     if labels.shape != logits.shape:
         raise ValueError(
-            f"binary_cross_entropy: labels must have the shape of logits {logits.shape}, "
-            f"got {labels.shape}")
+            f"binary_cross_entropy: labels must have the shape of logits {logits.shape}, got {labels.shape}"
+        )
     labels = labels.astype(logits.dtype)
     return jnp.mean(jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
@@ -64,8 +65,7 @@ def mse(pred, target):
     """
     pred, target = jnp.asarray(pred), jnp.asarray(target)
     if pred.shape != target.shape:
-        raise ValueError(
-            f"mse: target must have the shape of pred {pred.shape}, got {target.shape}")
+        raise ValueError(f"mse: target must have the shape of pred {pred.shape}, got {target.shape}")
     return jnp.mean(jnp.square(pred - target))
 
 

@@ -168,4 +168,3 @@ def apply_updates(params, updates):
     """
     check_tree_match("apply_updates", params, updates, what="updates (against params)")
     return optax.apply_updates(params, updates)
-

@@ -38,8 +38,17 @@ from flax import struct
 
 from jaxdl._checks import check_number, check_positive_int
 
-__all__ = ["Policy", "get_policy", "with_policy", "PolicyModel", "LossScale", "DynamicLossScale",
-           "LossScaleState", "get_loss_scale", "PRECISIONS"]
+__all__ = [
+    "Policy",
+    "get_policy",
+    "with_policy",
+    "PolicyModel",
+    "LossScale",
+    "DynamicLossScale",
+    "LossScaleState",
+    "get_loss_scale",
+    "PRECISIONS",
+]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -50,17 +59,21 @@ def _float_dtype(owner: str, name: str, value) -> jnp.dtype:
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{owner}: {name}={value!r} is not a floating dtype; expected e.g. "
-                         "jnp.float32, jnp.bfloat16 or jnp.float16")
+        raise ValueError(
+            f"{owner}: {name}={value!r} is not a floating dtype; expected e.g. "
+            "jnp.float32, jnp.bfloat16 or jnp.float16"
+        )
     return dtype
 
 
 def _cast_floats(tree, dtype):
     """Every floating leaf of ``tree`` as ``dtype``; integer leaves (labels) and keys unchanged."""
+
     def cast(x):
         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
             return x.astype(dtype)
         return x
+
     return jax.tree.map(cast, tree)
 
 
@@ -110,8 +123,10 @@ def get_policy(precision, owner: str = "precision") -> Policy | None:
         return precision
     if isinstance(precision, str) and precision in _NAMED:
         return _NAMED[precision]
-    raise ValueError(f"{owner}: precision={precision!r} is unknown; expected one of "
-                     f"{', '.join(PRECISIONS)}, None or a jaxdl.precision.Policy")
+    raise ValueError(
+        f"{owner}: precision={precision!r} is unknown; expected one of "
+        f"{', '.join(PRECISIONS)}, None or a jaxdl.precision.Policy"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +145,9 @@ class PolicyModel:
     def apply(self, params, state, x, *, train=False, key=None):
         """``cast_to_output(model.apply(cast_to_compute(params), state, cast_to_compute(x)))``."""
         p = self.policy
-        y, new_state = self.model.apply(p.cast_to_compute(params), state, p.cast_to_compute(x),
-                                        train=train, key=key)
+        y, new_state = self.model.apply(
+            p.cast_to_compute(params), state, p.cast_to_compute(x), train=train, key=key
+        )
         new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
         return p.cast_to_output(y), new_state
 
@@ -146,8 +162,9 @@ class _PolicyLoss:
 
     def __call__(self, params, model_state, batch, key=None, **kwargs):
         p = self.policy
-        loss, (model_state_new, aux) = self.inner(p.cast_to_compute(params), model_state,
-                                                  p.cast_to_compute(batch), key, **kwargs)
+        loss, (model_state_new, aux) = self.inner(
+            p.cast_to_compute(params), model_state, p.cast_to_compute(batch), key, **kwargs
+        )
         model_state_new = jax.tree.map(lambda n, o: n.astype(o.dtype), model_state_new, model_state)
         return loss.astype(jnp.float32), (model_state_new, _cast_floats(aux, jnp.float32))
 
@@ -196,7 +213,7 @@ class LossScale:
     ``scale`` is only the initial value of ``state.loss_scale.scale``: a sweep can vmap over it.
     """
 
-    scale: float = 2.0 ** 15
+    scale: float = 2.0**15
 
     def __post_init__(self):
         check_number("LossScale", "scale", self.scale, low=0, low_open=True)
@@ -232,15 +249,25 @@ class DynamicLossScale(LossScale):
         super().__post_init__()
         check_positive_int("DynamicLossScale", "growth_interval", self.growth_interval)
         check_number("DynamicLossScale", "growth_factor", self.growth_factor, low=1, low_open=True)
-        check_number("DynamicLossScale", "backoff_factor", self.backoff_factor, low=0, high=1,
-                     low_open=True, high_open=True)
+        check_number(
+            "DynamicLossScale",
+            "backoff_factor",
+            self.backoff_factor,
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+        )
 
     def update(self, state: LossScaleState, finite) -> LossScaleState:
         """The next scale after a step that was ``finite`` (or overflowed)."""
         good = jnp.where(finite, state.good_steps + 1, 0)
         grow = good >= self.growth_interval
-        scale = jnp.where(finite, jnp.where(grow, state.scale * self.growth_factor, state.scale),
-                          state.scale * self.backoff_factor)
+        scale = jnp.where(
+            finite,
+            jnp.where(grow, state.scale * self.growth_factor, state.scale),
+            state.scale * self.backoff_factor,
+        )
         return LossScaleState(scale.astype(jnp.float32), jnp.where(grow, 0, good).astype(jnp.int32))
 
 
@@ -252,8 +279,10 @@ def get_loss_scale(loss_scale, owner: str = "loss_scale") -> LossScale | None:
     if isinstance(loss_scale, str):
         if loss_scale == "dynamic":
             return DynamicLossScale()
-        raise ValueError(f"{owner}: loss_scale={loss_scale!r} is unknown; expected None, "
-                         "'dynamic', a number > 0 or a jaxdl.precision.LossScale")
+        raise ValueError(
+            f"{owner}: loss_scale={loss_scale!r} is unknown; expected None, "
+            "'dynamic', a number > 0 or a jaxdl.precision.LossScale"
+        )
     if isinstance(loss_scale, bool):
         raise TypeError(f"{owner}: loss_scale must be None, 'dynamic' or a number > 0, got {loss_scale!r}")
     try:

@@ -48,8 +48,7 @@ from jaxdl._checks import check_number
 from jaxdl.precision import get_loss_scale, get_policy
 from jaxdl.train_step import TrainState, make_eval_step, make_train_loop, step_options
 
-__all__ = ["sweep", "grid", "scale_init", "coarse_to_fine", "SearchResult", "INIT_SCALE", "EMA",
-           "LOSS_SCALE"]
+__all__ = ["sweep", "grid", "scale_init", "coarse_to_fine", "SearchResult", "INIT_SCALE", "EMA", "LOSS_SCALE"]
 
 INIT_SCALE = "init_scale"
 """The reserved hyperparameter name: multiplies the initial kernels (see `scale_init`)."""
@@ -111,15 +110,19 @@ def _settings(hparams: Mapping[str, Any] | None) -> tuple[tuple[str, ...], np.nd
             raise ValueError(f"sweep: hyperparameter names must be identifiers, got {name!r}")
         arr = np.asarray(hparams[name], np.float64)
         if arr.ndim > 1:
-            raise ValueError(f"sweep: hparams[{name!r}] must be a scalar or a 1-D array, got shape {arr.shape}")
+            raise ValueError(
+                f"sweep: hparams[{name!r}] must be a scalar or a 1-D array, got shape {arr.shape}"
+            )
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"sweep: hparams[{name!r}] holds a non-finite value: {arr}")
         cols[name] = arr
     sizes = {a.size for a in cols.values() if a.ndim == 1}
     if len(sizes) > 1:
         lens = {n: a.size for n, a in cols.items() if a.ndim == 1}
-        raise ValueError(f"sweep: hyperparameter arrays are zipped and need one length, got {lens}; "
-                         "use jaxdl.sweep.grid(...) for a Cartesian product")
+        raise ValueError(
+            f"sweep: hyperparameter arrays are zipped and need one length, got {lens}; "
+            "use jaxdl.sweep.grid(...) for a Cartesian product"
+        )
     h = sizes.pop() if sizes else 1
     if h == 0:
         raise ValueError("sweep: hyperparameter arrays are empty")
@@ -149,30 +152,76 @@ def _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values,
     state = TrainState.create(model, tx, key, input_shape, ema=ema, loss_scale=loss_scale)
     if init_scale is not None:
         params = scale_init(state.params, init_scale)
-        state = state.replace(params=params, opt_state=tx.init(params),
-                              ema_params=None if ema is None else jax.tree.map(jnp.copy, params))
+        state = state.replace(
+            params=params,
+            opt_state=tx.init(params),
+            ema_params=None if ema is None else jax.tree.map(jnp.copy, params),
+        )
     if initial_loss_scale is not None:
-        state = state.replace(loss_scale=state.loss_scale.replace(
-            scale=jnp.asarray(initial_loss_scale, jnp.float32)))
+        state = state.replace(
+            loss_scale=state.loss_scale.replace(scale=jnp.asarray(initial_loss_scale, jnp.float32))
+        )
     return tx, state, ema
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "loss_fn", "make_optimizer", "model", "input_shape", "names", "chunk_size", "return_state",
-    "skip_nonfinite", "precision", "micro_batches", "loss_scale", "ema"))
-def _run(seeds, table, batches, eval_batch, *, loss_fn, make_optimizer, model, input_shape, names,
-         chunk_size, return_state, skip_nonfinite, precision, micro_batches, loss_scale, ema):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "loss_fn",
+        "make_optimizer",
+        "model",
+        "input_shape",
+        "names",
+        "chunk_size",
+        "return_state",
+        "skip_nonfinite",
+        "precision",
+        "micro_batches",
+        "loss_scale",
+        "ema",
+    ),
+)
+def _run(
+    seeds,
+    table,
+    batches,
+    eval_batch,
+    *,
+    loss_fn,
+    make_optimizer,
+    model,
+    input_shape,
+    names,
+    chunk_size,
+    return_state,
+    skip_nonfinite,
+    precision,
+    micro_batches,
+    loss_scale,
+    ema,
+):
     pass_key = _accepts_key(make_optimizer)
     evaluate = None if eval_batch is None else make_eval_step(loss_fn, precision=precision)
-    evaluate_ema = None if eval_batch is None or (ema is None and EMA not in names) else \
-        make_eval_step(loss_fn, precision=precision, use_ema=True)
+    evaluate_ema = (
+        None
+        if eval_batch is None or (ema is None and EMA not in names)
+        else make_eval_step(loss_fn, precision=precision, use_ema=True)
+    )
 
     def one(args):
         seed, values = args
-        tx, state, decay = _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values,
-                                     ema, loss_scale)
-        loop = make_train_loop(loss_fn, tx, skip_nonfinite=skip_nonfinite, precision=precision,
-                               micro_batches=micro_batches, loss_scale=loss_scale, ema=decay)
+        tx, state, decay = _init_run(
+            model, input_shape, make_optimizer, pass_key, names, seed, values, ema, loss_scale
+        )
+        loop = make_train_loop(
+            loss_fn,
+            tx,
+            skip_nonfinite=skip_nonfinite,
+            precision=precision,
+            micro_batches=micro_batches,
+            loss_scale=loss_scale,
+            ema=decay,
+        )
         state, metrics = loop(state, batches)
         out = dict(metrics)
         out.update({f"final_{k}": v[-1] for k, v in metrics.items()})
@@ -247,25 +296,44 @@ def sweep(
     s, h = seed_arr.size, table.shape[0]
     run_seeds = np.repeat(seed_arr, h)
     run_table = np.tile(table, (s, 1))
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"sweep: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not callable(make_optimizer):
-        raise TypeError(f"sweep: make_optimizer must be callable (**hparams) -> optimizer, got {make_optimizer!r}")
+        raise TypeError(
+            f"sweep: make_optimizer must be callable (**hparams) -> optimizer, got {make_optimizer!r}"
+        )
     step_options("sweep", precision, micro_batches, loss_scale, ema)  # refuse bad options here
     if EMA in names:
         check_number("sweep", "hparams['ema']", table[:, names.index(EMA)], low=0, high=1, high_open=True)
     if LOSS_SCALE in names:
         if loss_scale is None:
-            raise ValueError("sweep: hparams['loss_scale'] sweeps the initial loss scale; pass "
-                             "loss_scale='dynamic' or a number to choose the rule")
-        check_number("sweep", "hparams['loss_scale']", table[:, names.index(LOSS_SCALE)], low=0, low_open=True)
-    out = _run(jnp.asarray(run_seeds), jnp.asarray(run_table), batches, eval_batch,
-               loss_fn=loss_fn, make_optimizer=make_optimizer, model=model,
-               input_shape=tuple(int(d) for d in input_shape), names=names,
-               chunk_size=min(chunk_size or s * h, s * h), return_state=bool(return_state),
-               skip_nonfinite=bool(skip_nonfinite), precision=get_policy(precision, "sweep"),
-               micro_batches=micro_batches, loss_scale=get_loss_scale(loss_scale, "sweep"),
-               ema=None if ema is None else float(ema))
+            raise ValueError(
+                "sweep: hparams['loss_scale'] sweeps the initial loss scale; pass "
+                "loss_scale='dynamic' or a number to choose the rule"
+            )
+        check_number(
+            "sweep", "hparams['loss_scale']", table[:, names.index(LOSS_SCALE)], low=0, low_open=True
+        )
+    out = _run(
+        jnp.asarray(run_seeds),
+        jnp.asarray(run_table),
+        batches,
+        eval_batch,
+        loss_fn=loss_fn,
+        make_optimizer=make_optimizer,
+        model=model,
+        input_shape=tuple(int(d) for d in input_shape),
+        names=names,
+        chunk_size=min(chunk_size or s * h, s * h),
+        return_state=bool(return_state),
+        skip_nonfinite=bool(skip_nonfinite),
+        precision=get_policy(precision, "sweep"),
+        micro_batches=micro_batches,
+        loss_scale=get_loss_scale(loss_scale, "sweep"),
+        ema=None if ema is None else float(ema),
+    )
     state = out.pop("state", None)
     result = {"seed": run_seeds}
     result.update(jax.device_get(out))
@@ -294,18 +362,24 @@ class SearchResult(NamedTuple):
 
 def _parse_ranges(ranges: Mapping[str, Any]) -> dict[str, tuple[float, float, bool]]:
     if not isinstance(ranges, Mapping) or not ranges:
-        raise ValueError("coarse_to_fine: ranges must be a non-empty dict name -> (low, high[, 'log'|'linear'])")
+        raise ValueError(
+            "coarse_to_fine: ranges must be a non-empty dict name -> (low, high[, 'log'|'linear'])"
+        )
     out = {}
     for name, spec in ranges.items():
         spec = tuple(spec)
         if len(spec) not in (2, 3) or (len(spec) == 3 and spec[2] not in ("log", "linear")):
-            raise ValueError(f"coarse_to_fine: ranges[{name!r}]={spec!r}; expected (low, high) or "
-                             "(low, high, 'log' | 'linear')")
+            raise ValueError(
+                f"coarse_to_fine: ranges[{name!r}]={spec!r}; expected (low, high) or "
+                "(low, high, 'log' | 'linear')"
+            )
         low, high = float(spec[0]), float(spec[1])
         log = len(spec) == 2 or spec[2] == "log"
         if not (math.isfinite(low) and math.isfinite(high) and low <= high) or (log and low <= 0):
-            raise ValueError(f"coarse_to_fine: ranges[{name!r}]=({low!r}, {high!r}); expected finite "
-                             f"low <= high{' and low > 0 for a log range' if log else ''}")
+            raise ValueError(
+                f"coarse_to_fine: ranges[{name!r}]=({low!r}, {high!r}); expected finite "
+                f"low <= high{' and low > 0 for a log range' if log else ''}"
+            )
         out[name] = (low, high, log)
     return out
 
@@ -366,11 +440,22 @@ def coarse_to_fine(
             u = rng.uniform(size=num_samples)
             samples[n] = np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo))) if log else lo + u * (hi - lo)
         stage_batches = batches(stage) if callable(batches) else batches
-        res = sweep(loss_fn, make_optimizer, model, input_shape, stage_batches, seeds=seeds,
-                    hparams={**samples, **fixed}, eval_batch=eval_batch, chunk_size=chunk_size)
+        res = sweep(
+            loss_fn,
+            make_optimizer,
+            model,
+            input_shape,
+            stage_batches,
+            seeds=seeds,
+            hparams={**samples, **fixed},
+            eval_batch=eval_batch,
+            chunk_size=chunk_size,
+        )
         if score not in res:
-            raise KeyError(f"coarse_to_fine: score {score!r} is not among the sweep's outputs "
-                           f"{sorted(k for k in res if k != 'state')}")
+            raise KeyError(
+                f"coarse_to_fine: score {score!r} is not among the sweep's outputs "
+                f"{sorted(k for k in res if k != 'state')}"
+            )
         per_run = np.asarray(res[score], np.float64).reshape(-1, num_samples)  # (S, H)
         scores = per_run.mean(axis=0)
         rank_key = np.where(np.isfinite(scores), -scores if maximize else scores, np.inf)
@@ -381,8 +466,10 @@ def coarse_to_fine(
             table[n] = samples[n].astype(np.float32)  # the values the runs actually used
         table["score"], table["kept"] = scores, kept
         tables.append(table)
-        current = {n: (float(table[n][kept].min()), float(table[n][kept].max()), log)
-                   for n, (_, _, log) in current.items()}
+        current = {
+            n: (float(table[n][kept].min()), float(table[n][kept].max()), log)
+            for n, (_, _, log) in current.items()
+        }
     rows = np.concatenate(tables)
     finite = np.isfinite(rows["score"])
     if not finite.any():

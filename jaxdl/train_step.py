@@ -96,8 +96,16 @@ class TrainState(struct.PyTreeNode):
     input_shape: tuple = struct.field(pytree_node=False, default=())
 
     @classmethod
-    def create(cls, model, optimizer: optax.GradientTransformation, key: jax.Array, input_shape, *,
-               ema=None, loss_scale=None) -> "TrainState":
+    def create(
+        cls,
+        model,
+        optimizer: optax.GradientTransformation,
+        key: jax.Array,
+        input_shape,
+        *,
+        ema=None,
+        loss_scale=None,
+    ) -> "TrainState":
         """Initialize ``model`` for ``input_shape`` (one example) and ``optimizer`` for its params.
 
         ``key`` is split in two: one half initializes the model, the other seeds training.
@@ -139,7 +147,9 @@ class SupervisedLoss:
         return self.loss(out, y), (model_state, aux)
 
 
-def supervised_loss(model, loss: Callable = softmax_cross_entropy, metrics: dict | None = None) -> SupervisedLoss:
+def supervised_loss(
+    model, loss: Callable = softmax_cross_entropy, metrics: dict | None = None
+) -> SupervisedLoss:
     """Turn ``model`` into the general loss function of the train step; batch = ``(x, y)``.
 
     ``metrics`` maps names to ``fn(outputs, y)``; by default ``{"accuracy": accuracy}`` when
@@ -206,7 +216,9 @@ def check_state(state: TrainState, loss_fn, optimizer) -> None:
         _, params, model_state = jax.eval_shape(lambda: model.init(jax.random.key(0), state.input_shape))
         hint = "The state was built for another model: build it with TrainState.create(model, ...)."
         check_tree_match("train step", params, state.params, "state.params (against the model)", hint)
-        check_tree_match("train step", model_state, state.model_state, "state.model_state (against the model)", hint)
+        check_tree_match(
+            "train step", model_state, state.model_state, "state.model_state (against the model)", hint
+        )
     expected = jax.eval_shape(optimizer.init, state.params)
     hint = "The state was built for another optimizer: build it with the optimizer given to this step."
     check_tree_match("train step", expected, state.opt_state, "state.opt_state (against the optimizer)", hint)
@@ -251,21 +263,30 @@ def _check_options_state(state, options) -> None:
     want_ema = options is not None and options.ema is not None
     want_scale = options is not None and options.loss_scale is not None
     if want_ema and state.ema_params is None:
-        raise ValueError("train step: ema= is set but state.ema_params is None; build the state with "
-                         "TrainState.create(..., ema=decay)")
+        raise ValueError(
+            "train step: ema= is set but state.ema_params is None; build the state with "
+            "TrainState.create(..., ema=decay)"
+        )
     if not want_ema and state.ema_params is not None:
-        raise ValueError("train step: the state has ema_params but the step was built without ema=; "
-                         "pass the same ema= to the step, or drop them (state.replace(ema_params=None))")
+        raise ValueError(
+            "train step: the state has ema_params but the step was built without ema=; "
+            "pass the same ema= to the step, or drop them (state.replace(ema_params=None))"
+        )
     if want_scale and state.loss_scale is None:
-        raise ValueError("train step: loss_scale= is set but state.loss_scale is None; build the state "
-                         "with TrainState.create(..., loss_scale=...)")
+        raise ValueError(
+            "train step: loss_scale= is set but state.loss_scale is None; build the state "
+            "with TrainState.create(..., loss_scale=...)"
+        )
     if not want_scale and state.loss_scale is not None:
-        raise ValueError("train step: the state has a loss_scale but the step was built without "
-                         "loss_scale=; pass the same loss_scale= to the step")
+        raise ValueError(
+            "train step: the state has a loss_scale but the step was built without "
+            "loss_scale=; pass the same loss_scale= to the step"
+        )
 
 
-def accumulate_gradients(loss_fn, params, model_state, batch, key, micro_batches: int = 1,
-                         scale=None, kwargs=None):
+def accumulate_gradients(
+    loss_fn, params, model_state, batch, key, micro_batches: int = 1, scale=None, kwargs=None
+):
     """``((loss, (model_state', aux)), g)``: the gradient of the mean loss over K micro-batches.
 
     The batch (every leaf, along its first axis) is cut into K equal micro-batches b_k, and
@@ -300,7 +321,8 @@ def accumulate_gradients(loss_fn, params, model_state, batch, key, micro_batches
             if np.ndim(x) == 0 or np.shape(x)[0] % k_:
                 raise ValueError(
                     f"train step: batch leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
-                    f"{np.shape(x)}; micro_batches={k_} needs a leading batch axis divisible by {k_}")
+                    f"{np.shape(x)}; micro_batches={k_} needs a leading batch axis divisible by {k_}"
+                )
         split = jax.tree.map(lambda x: x.reshape(k_, x.shape[0] // k_, *x.shape[1:]), batch)
 
         def body(carry, xs):
@@ -311,7 +333,8 @@ def accumulate_gradients(loss_fn, params, model_state, batch, key, micro_batches
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
         (total, model_state), (losses, auxs) = jax.lax.scan(
-            body, (zeros, model_state), (jnp.arange(k_), split))
+            body, (zeros, model_state), (jnp.arange(k_), split)
+        )
         grads = jax.tree.map(lambda t, p: (t / k_).astype(p.dtype), total, params)
         loss, aux = jnp.mean(losses), jax.tree.map(lambda a: jnp.mean(a, 0), auxs)
     if scale is not None:
@@ -394,8 +417,16 @@ def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
     return average
 
 
-def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key, reduce_grads=None,
-              options: StepOptions | None = None):
+def step_body(
+    loss_fn,
+    optimizer,
+    skip_nonfinite,
+    state: TrainState,
+    batch,
+    key,
+    reduce_grads=None,
+    options: StepOptions | None = None,
+):
     """One step of pure math: the body of the single-device, scan, pmap and sharded steps.
 
     With ``(loss, (model_state', aux)) = loss_fn(params, model_state, batch, key[, train=True])``
@@ -413,13 +444,22 @@ def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key,
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
     _check_options_state(state, options)
     if options is None:
-        grad_fn = jax.value_and_grad(lambda p: loss_fn(p, state.model_state, batch, key, **kwargs), has_aux=True)
+        grad_fn = jax.value_and_grad(
+            lambda p: loss_fn(p, state.model_state, batch, key, **kwargs), has_aux=True
+        )
         (loss, (model_state, aux)), grads = grad_fn(state.params)
     else:
         scale = None if options.loss_scale is None else state.loss_scale.scale
         (loss, (model_state, aux)), grads = accumulate_gradients(
-            with_policy(loss_fn, options.policy), state.params, state.model_state, batch, key,
-            options.micro_batches, scale, kwargs)
+            with_policy(loss_fn, options.policy),
+            state.params,
+            state.model_state,
+            batch,
+            key,
+            options.micro_batches,
+            scale,
+            kwargs,
+        )
     if reduce_grads is not None:
         loss, grads, aux = reduce_grads((loss, grads, aux))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -440,7 +480,9 @@ def step_body(loss_fn, optimizer, skip_nonfinite, state: TrainState, batch, key,
         "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
         **aux,
     }
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+    )
     if options is not None:
         new_state, metrics = _finish_options(options, skip_nonfinite, state, new_state, finite, metrics)
     return new_state, metrics
@@ -496,7 +538,9 @@ def make_train_step(
     (``"dynamic"`` or a number; reports ``loss_scale``), ``ema`` (a decay in [0, 1)).
     """
     if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"make_train_step: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+        raise TypeError(
+            f"make_train_step: optimizer must be an optax.GradientTransformation, got {optimizer!r}"
+        )
     options = step_options("make_train_step", precision, micro_batches, loss_scale, ema)
 
     def step(state: TrainState, batch):
@@ -508,7 +552,9 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(loss_fn: LossFn, *, use_ema: bool = False, precision=None) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(
+    loss_fn: LossFn, *, use_ema: bool = False, precision=None
+) -> Callable[[TrainState, Batch], dict]:
     """A jit-compiled ``evaluate(state, batch) -> metrics`` in eval mode.
 
     Eval mode: running statistics instead of batch statistics, no dropout (``train=False`` and no
@@ -529,8 +575,10 @@ def make_eval_step(loss_fn: LossFn, *, use_ema: bool = False, precision=None) ->
     def evaluate(state: TrainState, batch):
         check_batch(state, batch)
         if use_ema and state.ema_params is None:
-            raise ValueError("make_eval_step: use_ema=True, but state.ema_params is None; train with "
-                             "ema= and TrainState.create(..., ema=decay)")
+            raise ValueError(
+                "make_eval_step: use_ema=True, but state.ema_params is None; train with "
+                "ema= and TrainState.create(..., ema=decay)"
+            )
         params = state.ema_params if use_ema else state.params
         loss, (_, aux) = run(params, state.model_state, batch, None, train=False)
         return {"loss": loss, **aux}

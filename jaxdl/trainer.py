@@ -143,8 +143,9 @@ def augmented_loss(loss_fn, augment):
     """``loss_fn`` with its training inputs augmented (an `AugmentedLoss`), or ``loss_fn`` itself
     when ``augment`` is None or 0. ``augment``: an int ``s``, a random translation of every image
     by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``."""
-    if isinstance(augment, bool) or not (augment is None or callable(augment)
-                                         or isinstance(augment, (int, np.integer))):
+    if isinstance(augment, bool) or not (
+        augment is None or callable(augment) or isinstance(augment, (int, np.integer))
+    ):
         raise TypeError(f"augment must be None, a max shift in pixels or augment(key, x), got {augment!r}")
     if not augment:
         return loss_fn
@@ -214,7 +215,9 @@ def _eval_step(loss_fn, use_ema=False, precision=None):
     """The compiled eval step of ``loss_fn``, cached: an `evaluate` each epoch compiles once."""
     cache_key = loss_fn if not use_ema and precision is None else (loss_fn, use_ema, precision)
     try:
-        step = _EVAL_STEPS.pop(cache_key, None) or make_eval_step(loss_fn, use_ema=use_ema, precision=precision)
+        step = _EVAL_STEPS.pop(cache_key, None) or make_eval_step(
+            loss_fn, use_ema=use_ema, precision=precision
+        )
     except TypeError:  # an unhashable loss: no cache
         return make_eval_step(loss_fn, use_ema=use_ema, precision=precision)
     _EVAL_STEPS[cache_key] = step
@@ -234,8 +237,16 @@ def _evaluate_arrays(eval_step, state: TrainState, x, y, batch_size: int) -> dic
     return {name: total / len(y) for name, total in totals.items()}
 
 
-def evaluate(model, state: TrainState, data_, *, batch_size: int = EVAL_BATCH, loss_fn=None,
-             use_ema: bool = False, precision=None) -> dict:
+def evaluate(
+    model,
+    state: TrainState,
+    data_,
+    *,
+    batch_size: int = EVAL_BATCH,
+    loss_fn=None,
+    use_ema: bool = False,
+    precision=None,
+) -> dict:
     """Loss and accuracy of ``state``'s parameters on ``data_`` in eval mode.
 
     Eval mode: BatchNorm uses its running statistics, Dropout is off (seed 001: "at test time
@@ -396,9 +407,12 @@ def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples, ema_val=
     for name in sorted(means, key=lambda n: (n != "loss", n)):  # loss first, then the loss's metrics
         if name not in _RATE_METRICS and name != "nonfinite":
             record[f"train_{name}"] = means[name]
-    record.update({f"val_{name}": (val or {})[name] for name in sorted(val or {}, key=lambda n: (n != "loss", n))})
-    record.update({f"ema_val_{name}": ema_val[name]
-                   for name in sorted(ema_val or {}, key=lambda n: (n != "loss", n))})
+    record.update(
+        {f"val_{name}": (val or {})[name] for name in sorted(val or {}, key=lambda n: (n != "loss", n))}
+    )
+    record.update(
+        {f"ema_val_{name}": ema_val[name] for name in sorted(ema_val or {}, key=lambda n: (n != "loss", n))}
+    )
     if lr is not None:
         record["lr"] = lr
     record.update({name: means[name] for name in _RATE_METRICS if name in means})
@@ -412,8 +426,11 @@ def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples, ema_val=
 def _epoch_line(record: dict, epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}:"]
     for split in ("train", "val"):
-        found = [f"{what} {record[f'{split}_{what}']:.4f}" for what in ("loss", "accuracy")
-                 if f"{split}_{what}" in record]
+        found = [
+            f"{what} {record[f'{split}_{what}']:.4f}"
+            for what in ("loss", "accuracy")
+            if f"{split}_{what}" in record
+        ]
         if found:
             parts.append(f"{split} " + " ".join(found).replace("accuracy", "acc") + " |")
     if "ema_val_accuracy" in record:
@@ -430,6 +447,7 @@ def _learning_rate(learning_rate, opt_state, step: int):
     schedule) when given, else an `optax.inject_hyperparams` state's ``learning_rate``, else None."""
     if learning_rate is not None:
         return float(learning_rate(step) if callable(learning_rate) else learning_rate)
+
     def injected(s):  # optax's InjectHyperparamsState / InjectStatefulHyperparamsState
         return isinstance(getattr(s, "hyperparams", None), dict) and "learning_rate" in s.hyperparams
 
@@ -470,19 +488,27 @@ def _check_out_dir(out_dir: str, resume: bool) -> None:
         raise ValueError(f"fit: out_dir={out_dir!r} exists and is not a directory")
     has_run = os.path.isfile(os.path.join(out_dir, "fit_config.json"))
     if has_run and not resume:
-        raise ValueError(f"fit: out_dir={out_dir!r} already holds a run (fit_config.json); pass "
-                         "resume=True to continue it or choose another directory")
+        raise ValueError(
+            f"fit: out_dir={out_dir!r} already holds a run (fit_config.json); pass "
+            "resume=True to continue it or choose another directory"
+        )
 
 
 def _check_same_config(out_dir: str, config: dict) -> None:
     path = os.path.join(out_dir, "fit_config.json")
     with open(path) as f:
         saved = json.load(f)
-    differ = [f"{k}: {config.get(k)!r} (the run has {saved.get(k)!r})"
-              for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    differ = [
+        f"{k}: {config.get(k)!r} (the run has {saved.get(k)!r})"
+        for k in sorted(set(saved) | set(config))
+        if saved.get(k) != config.get(k)
+    ]
     if differ:
-        raise ValueError(f"fit: resume=True, but the configuration differs from {path}: "
-                         + "; ".join(differ) + ". Start a new out_dir or pass what the run used.")
+        raise ValueError(
+            f"fit: resume=True, but the configuration differs from {path}: "
+            + "; ".join(differ)
+            + ". Start a new out_dir or pass what the run used."
+        )
 
 
 def _make_loop(loss_fn, optimizer, devices, step_kwargs=None):
@@ -497,8 +523,9 @@ def _make_loop(loss_fn, optimizer, devices, step_kwargs=None):
     from jaxdl import parallel
 
     mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
-    loop = parallel.make_sharded_train_loop(loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True,
-                                            **step_kwargs)
+    loop = parallel.make_sharded_train_loop(
+        loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True, **step_kwargs
+    )
     block_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
     return loop, (lambda s: parallel.put_state(s, mesh)), block_sharding
 
@@ -605,24 +632,37 @@ def fit(
     if early_stopping and val is None:
         raise ValueError(f"fit: early_stopping={early_stopping} needs validation data")
     if val is not None and (val[0].shape[1:] != x.shape[1:] or val[1].shape[1:] != y.shape[1:]):
-        raise ValueError(f"fit: validation examples have shape x {val[0].shape[1:]}, y {val[1].shape[1:]}, "
-                         f"but training examples x {x.shape[1:]}, y {y.shape[1:]}")
+        raise ValueError(
+            f"fit: validation examples have shape x {val[0].shape[1:]}, y {val[1].shape[1:]}, "
+            f"but training examples x {x.shape[1:]}, y {y.shape[1:]}"
+        )
     if devices:
         if devices > jax.local_device_count():
-            raise ValueError(f"fit: devices={devices}, but only {jax.local_device_count()} local devices "
-                             f"exist ({jax.default_backend()}); on a CPU set XLA_FLAGS="
-                             f"--xla_force_host_platform_device_count={devices} before jax is imported")
+            raise ValueError(
+                f"fit: devices={devices}, but only {jax.local_device_count()} local devices "
+                f"exist ({jax.default_backend()}); on a CPU set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={devices} before jax is imported"
+            )
         if batch_size % devices:
             raise ValueError(f"fit: batch_size={batch_size} is not divisible by devices={devices}")
     if (resume or checkpoint_every) and out_dir is None:
         raise ValueError("fit: resume and checkpoint_every need out_dir")
     options = step_options("fit", precision, micro_batches, loss_scale, ema)
     if batch_size % ((devices or 1) * micro_batches):
-        raise ValueError(f"fit: batch_size={batch_size} is not divisible by micro_batches={micro_batches}"
-                         + (f" times devices={devices}" if devices else ""))
-    step_kwargs = {} if options is None else {
-        "precision": options.policy, "micro_batches": options.micro_batches,
-        "loss_scale": options.loss_scale, "ema": options.ema}
+        raise ValueError(
+            f"fit: batch_size={batch_size} is not divisible by micro_batches={micro_batches}"
+            + (f" times devices={devices}" if devices else "")
+        )
+    step_kwargs = (
+        {}
+        if options is None
+        else {
+            "precision": options.policy,
+            "micro_batches": options.micro_batches,
+            "loss_scale": options.loss_scale,
+            "ema": options.ema,
+        }
+    )
     try:
         loss_fn = augmented_loss(loss_fn if loss_fn is not None else supervised_loss(model), augment)
     except (TypeError, ValueError) as err:
@@ -636,18 +676,34 @@ def fit(
         _compile_cache.enable(compile_cache if isinstance(compile_cache, str) else None)
     model_key, data_key, _ = run_keys(seed)
     input_shape = x.shape[1:]
-    state = TrainState.create(model, optimizer, model_key, input_shape, ema=step_kwargs.get("ema"),
-                              loss_scale=step_kwargs.get("loss_scale"))
+    state = TrainState.create(
+        model,
+        optimizer,
+        model_key,
+        input_shape,
+        ema=step_kwargs.get("ema"),
+        loss_scale=step_kwargs.get("loss_scale"),
+    )
     if initial_params is not None:
-        check_tree_match("fit", state.params, initial_params, "initial_params",
-                         "Pass parameters of the tree that model.init returns for these inputs.")
-        params = jax.tree.map(lambda new, old: jnp.array(new, dtype=old.dtype, copy=True),
-                              initial_params, state.params)
+        check_tree_match(
+            "fit",
+            state.params,
+            initial_params,
+            "initial_params",
+            "Pass parameters of the tree that model.init returns for these inputs.",
+        )
+        params = jax.tree.map(
+            lambda new, old: jnp.array(new, dtype=old.dtype, copy=True), initial_params, state.params
+        )
         state = state.replace(params=params, opt_state=optimizer.init(params))
         if getattr(state, "ema_params", None) is not None:  # the average starts at the start
             state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
-    out = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb)[0], state.params, state.model_state,
-                         jax.ShapeDtypeStruct((1, *input_shape), x.dtype))
+    out = jax.eval_shape(
+        lambda p, s, xb: model.apply(p, s, xb)[0],
+        state.params,
+        state.model_state,
+        jax.ShapeDtypeStruct((1, *input_shape), x.dtype),
+    )
     _check_classes("train", y, out.shape[1:])
     if val is not None:
         _check_classes("validation", val[1], out.shape[1:])
@@ -656,40 +712,82 @@ def fit(
     block_size = block_size or default_block_size(steps_per_epoch)
     checkpoint_every = checkpoint_every or steps_per_epoch
     config = {
-        "model": _describe(model), "loss_fn": _describe(loss_fn),
-        "optimizer_state": _describe(jax.tree.map(lambda a: (a.shape, a.dtype.name),
-                                                  jax.eval_shape(optimizer.init, state.params))),
-        "train": _digest(x, y), "validation": None if val is None else _digest(*val),
-        "initial_params": None if initial_params is None else _digest(*map(np.asarray, jax.tree.leaves(state.params))),
-        "epochs": epochs, "batch_size": batch_size, "seed": seed, "early_stopping": early_stopping,
-        "checkpoint_every": checkpoint_every, "keep": keep, "block_size": block_size, "devices": devices,
+        "model": _describe(model),
+        "loss_fn": _describe(loss_fn),
+        "optimizer_state": _describe(
+            jax.tree.map(lambda a: (a.shape, a.dtype.name), jax.eval_shape(optimizer.init, state.params))
+        ),
+        "train": _digest(x, y),
+        "validation": None if val is None else _digest(*val),
+        "initial_params": None
+        if initial_params is None
+        else _digest(*map(np.asarray, jax.tree.leaves(state.params))),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "seed": seed,
+        "early_stopping": early_stopping,
+        "checkpoint_every": checkpoint_every,
+        "keep": keep,
+        "block_size": block_size,
+        "devices": devices,
     }
-    config.update({k: _describe(v) if k in ("precision", "loss_scale") else (float(v) if k == "ema" else v)
-                   for k, v in step_kwargs.items() if v is not None and not (k == "micro_batches" and v == 1)})
+    config.update(
+        {
+            k: _describe(v) if k in ("precision", "loss_scale") else (float(v) if k == "ema" else v)
+            for k, v in step_kwargs.items()
+            if v is not None and not (k == "micro_batches" and v == 1)
+        }
+    )
     if out_dir is not None and resume and os.path.isfile(os.path.join(out_dir, "fit_config.json")):
         _check_same_config(out_dir, config)
     if log is None:
-        log = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda message: None)
+        log = (
+            (lambda message: print(message, file=sys.stderr, flush=True))
+            if progress
+            else (lambda message: None)
+        )
 
-    engine = _Engine(loss_fn, optimizer, x, y, val, epochs, batch_size, steps_per_epoch, block_size,
-                     checkpoint_every, early_stopping, data_key, devices, learning_rate, progress, log,
-                     step_kwargs)
+    engine = _Engine(
+        loss_fn,
+        optimizer,
+        x,
+        y,
+        val,
+        epochs,
+        batch_size,
+        steps_per_epoch,
+        block_size,
+        checkpoint_every,
+        early_stopping,
+        data_key,
+        devices,
+        learning_rate,
+        progress,
+        log,
+        step_kwargs,
+    )
     if out_dir is None:
         return engine.run(state, None)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "fit_config.json"), config)
     from jaxdl.checkpoint import CheckpointManager, save_checkpoint
 
-    with CheckpointManager(os.path.join(out_dir, "checkpoints"), max_to_keep=keep,
-                           save_interval_steps=checkpoint_every) as manager:
+    with CheckpointManager(
+        os.path.join(out_dir, "checkpoints"), max_to_keep=keep, save_interval_steps=checkpoint_every
+    ) as manager:
         result = engine.run(state, _Outputs(out_dir, manager))
     best = {"params": result.state.params, "model_state": result.state.model_state}
     save_checkpoint(os.path.join(out_dir, "model"), best, overwrite=True)
     plot_curves(result.history, os.path.join(out_dir, "curves.png"))
-    summary = {"steps": result.steps, "epochs_completed": len(result.history),
-               "stopped_early": result.stopped_early, "best_epoch": result.best_epoch,
-               "resumed_from_step": result.resumed_from_step, "train_time_s": result.train_time_s,
-               "final": result.history[-1] if result.history else None}
+    summary = {
+        "steps": result.steps,
+        "epochs_completed": len(result.history),
+        "stopped_early": result.stopped_early,
+        "best_epoch": result.best_epoch,
+        "resumed_from_step": result.resumed_from_step,
+        "train_time_s": result.train_time_s,
+        "final": result.history[-1] if result.history else None,
+    }
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return result
 
@@ -750,8 +848,14 @@ class _Engine(NamedTuple):
         loop, place, block_sharding = _make_loop(self.loss_fn, self.optimizer, self.devices, self.step_kwargs)
         policy = self.step_kwargs.get("precision")
         eval_step = _eval_step(self.loss_fn, False, policy)
-        ema_eval_step = _eval_step(self.loss_fn, True, policy) if self.step_kwargs.get("ema") is not None else None
-        best = _host_copy({"params": state.params, "model_state": state.model_state}) if self.early_stopping else None
+        ema_eval_step = (
+            _eval_step(self.loss_fn, True, policy) if self.step_kwargs.get("ema") is not None else None
+        )
+        best = (
+            _host_copy({"params": state.params, "model_state": state.model_state})
+            if self.early_stopping
+            else None
+        )
         fresh = Progress({}, np.array(np.inf), np.array(0, np.int64), np.array(0.0))
         run, resumed, history = Run(state, fresh, best), None, []
         if outputs is not None:
@@ -760,14 +864,23 @@ class _Engine(NamedTuple):
             run, resumed = _restore_latest(outputs.manager, run._replace(progress=fresh), self.log)
             step = int(run.state.step)
             if resumed is not None:
-                self.log(f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})")
+                self.log(
+                    f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})"
+                )
             history = _truncate_metrics(outputs.metrics_path, step // S)
         writer = _tensorboard_writer(outputs.out_dir) if outputs is not None else None
         run = run._replace(state=place(run.state))
         step = int(run.state.step)
         stop = step % S == 0 and self._stop(step // S, run.progress)
-        bar = tqdm(total=E * S, initial=step, unit="step", disable=not self.progress, dynamic_ncols=True,
-                   file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=E * S,
+            initial=step,
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            leave=False,
+        )
         try:
             while step < E * S and not stop:
                 epoch, start = divmod(step, S)
@@ -780,8 +893,11 @@ class _Engine(NamedTuple):
                     bar.update(k)
                     if self.progress:
                         mean = {n: float(v) / (step - epoch * S) for n, v in run.progress.sums.items()}
-                        shown = " ".join(f"{n[:3] if n == 'accuracy' else n} {mean[n]:.4f}"
-                                         for n in ("loss", "accuracy") if n in mean)
+                        shown = " ".join(
+                            f"{n[:3] if n == 'accuracy' else n} {mean[n]:.4f}"
+                            for n in ("loss", "accuracy")
+                            if n in mean
+                        )
                         bar.set_postfix_str(f"epoch {epoch + 1}/{E} {shown} {k * bs / seconds:.0f} ex/s")
                     if outputs is not None and step % S:
                         outputs.manager.save(step, run.tree())  # saves when step % checkpoint_every == 0
@@ -789,10 +905,21 @@ class _Engine(NamedTuple):
                 if self.val is not None:
                     val = _evaluate_arrays(eval_step, _eval_state(run.state), *self.val, EVAL_BATCH)
                     if ema_eval_step is not None:
-                        ema_val = _evaluate_arrays(ema_eval_step, _eval_state(run.state), *self.val, EVAL_BATCH)
+                        ema_val = _evaluate_arrays(
+                            ema_eval_step, _eval_state(run.state), *self.val, EVAL_BATCH
+                        )
                 lr = _learning_rate(self.learning_rate, run.state.opt_state, step - 1)
-                record = _epoch_record(epoch + 1, step, run.progress.sums, S, val, lr,
-                                       time.perf_counter() - t_epoch, (step - epoch * S - start) * bs, ema_val)
+                record = _epoch_record(
+                    epoch + 1,
+                    step,
+                    run.progress.sums,
+                    S,
+                    val,
+                    lr,
+                    time.perf_counter() - t_epoch,
+                    (step - epoch * S - start) * bs,
+                    ema_val,
+                )
                 history.append(record)
                 if outputs is not None:
                     with open(outputs.metrics_path, "a") as f:
@@ -814,16 +941,27 @@ class _Engine(NamedTuple):
                 writer.close()
         final = run.state
         if run.best is not None:
-            final = final.replace(params=jax.tree.map(jnp.asarray, run.best["params"]),
-                                  model_state=jax.tree.map(jnp.asarray, run.best["model_state"]))
+            final = final.replace(
+                params=jax.tree.map(jnp.asarray, run.best["params"]),
+                model_state=jax.tree.map(jnp.asarray, run.best["model_state"]),
+            )
         best_epoch = int(run.progress.best_epoch) if self.val is not None and history else None
-        return FitResult(final, history, best_epoch, step, bool(stop) and step < E * S, resumed,
-                         round(float(run.progress.train_time), 3))
+        return FitResult(
+            final,
+            history,
+            best_epoch,
+            step,
+            bool(stop) and step < E * S,
+            resumed,
+            round(float(run.progress.train_time), 3),
+        )
 
     def _block(self, epoch: int, a: int, b: int):
         """Batches ``a..b-1`` of epoch ``epoch``, stacked: ``(x[K, B, ...], y[K, B, ...])``."""
         order = data.epoch_permutation(len(self.y), self.data_key, epoch)
-        idx = order[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)[a:b]
+        idx = order[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)[
+            a:b
+        ]
         return self.x[idx], self.y[idx]
 
     def _train_block(self, loop, run: Run, batches) -> tuple[Run, int, float]:
@@ -842,7 +980,9 @@ class _Engine(NamedTuple):
         sums = {name: np.zeros((), np.float64) for name in run.progress.sums}
         progress, best = run.progress._replace(sums=sums), run.best
         if val_loss is not None and val_loss < progress.best_val_loss:
-            progress = progress._replace(best_val_loss=np.array(val_loss), best_epoch=np.array(epoch, np.int64))
+            progress = progress._replace(
+                best_val_loss=np.array(val_loss), best_epoch=np.array(epoch, np.int64)
+            )
             if best is not None:
                 best = _host_copy({"params": run.state.params, "model_state": run.state.model_state})
         return Run(run.state, progress, best)

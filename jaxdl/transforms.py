@@ -22,7 +22,8 @@ import numpy as np
 import optax
 
 from jaxdl._checks import check_number, check_tree_match
-from jaxdl._tree import is_key, select as select_tree
+from jaxdl._tree import is_key
+from jaxdl._tree import select as select_tree
 
 __all__ = [
     "chain",
@@ -172,9 +173,7 @@ def _map_unzip(fn, n: int, tree, *rest):
 def _check_transform(owner: str, name: str, tx: Any) -> None:
     if not isinstance(tx, optax.GradientTransformation):
         hint = " (did you pass a constructor without calling it?)" if callable(tx) else ""
-        raise TypeError(
-            f"{owner}: {name} must be an optax.GradientTransformation, got {tx!r}{hint}"
-        )
+        raise TypeError(f"{owner}: {name} must be an optax.GradientTransformation, got {tx!r}{hint}")
 
 
 def global_norm(tree) -> jax.Array:
@@ -402,10 +401,15 @@ def scale_by_adam(
 
     def init(params):
         if mu_dtype is not None:
-            _check_real("scale_by_adam", params, f"mu_dtype={jnp.dtype(mu_dtype).name} cannot hold a complex "
-                        "first moment; use mu_dtype=None")
+            _check_real(
+                "scale_by_adam",
+                params,
+                f"mu_dtype={jnp.dtype(mu_dtype).name} cannot hold a complex first moment; use mu_dtype=None",
+            )
         mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
-        nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_real_dtype(p.dtype) if nu_dtype is None else nu_dtype), params)
+        nu = jax.tree.map(
+            lambda p: jnp.zeros_like(p, dtype=_real_dtype(p.dtype) if nu_dtype is None else nu_dtype), params
+        )
         return AdamState(count=_count0(), mu=mu, nu=nu)
 
     def update(updates, state, params=None):
@@ -439,8 +443,12 @@ def clip(max_abs: float) -> GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        _check_real("clip", updates, "expected real updates (complex numbers have no order); "
-                    "use clip_by_global_norm for complex parameters")
+        _check_real(
+            "clip",
+            updates,
+            "expected real updates (complex numbers have no order); "
+            "use clip_by_global_norm for complex parameters",
+        )
         return jax.tree.map(lambda g: jnp.clip(g, -max_abs, max_abs).astype(g.dtype), updates), state
 
     return GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -44,8 +44,9 @@ def train(name: str, mesh, rows: slice, loop: bool = False) -> dict[str, np.ndar
     from jaxdl import parallel
     from jaxdl import train_step as ts
 
-    model = L.Sequential(L.Dense(16, use_bias=False), L.BatchNorm(axis_name="batch"), L.Relu(),
-                         L.Dense(CLASSES))
+    model = L.Sequential(
+        L.Dense(16, use_bias=False), L.BatchNorm(axis_name="batch"), L.Relu(), L.Dense(CLASSES)
+    )
     tx = optimizers()[name]
     state = parallel.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (FEATURES,)), mesh)
     x, y = batches()
@@ -59,8 +60,10 @@ def train(name: str, mesh, rows: slice, loop: bool = False) -> dict[str, np.ndar
         state, metrics = step(state, parallel.put_batch((x[i, rows], y[i, rows]), mesh))
         jax.block_until_ready((state, metrics))
     leaves = jax.tree_util.tree_flatten_with_path((state.params, state.model_state, state.opt_state))[0]
-    out = {jax.tree_util.keystr(path): np.asarray(multihost_utils.process_allgather(x, tiled=True))
-           for path, x in leaves}
+    out = {
+        jax.tree_util.keystr(path): np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        for path, x in leaves
+    }
     out["loss"] = np.asarray(metrics["loss"])
     return out
 
@@ -73,9 +76,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                               num_processes=args.num_processes, process_id=args.process_id,
-                               initialization_timeout=60)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{args.port}",
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=60,
+    )
     from jaxdl import parallel
 
     mesh = parallel.data_mesh()  # every process's devices, in process order

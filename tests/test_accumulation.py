@@ -34,8 +34,13 @@ def _tanh_mlp():
 
 
 def _max_diff(a, b):
-    return max((float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), default=0.0)
+    return max(
+        (
+            float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        ),
+        default=0.0,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -58,8 +63,9 @@ def test_accumulation_sums_in_float32_and_keeps_param_dtypes():
     model, tx = _tanh_mlp(), dl.sgd(0.1)
     loss = ts.supervised_loss(model)
     state = ts.TrainState.create(model, tx, jax.random.key(0), (6,))
-    (value, _), grads = ts.accumulate_gradients(loss, state.params, state.model_state, _data(32),
-                                                jax.random.key(1), 8, kwargs={"train": True})
+    (value, _), grads = ts.accumulate_gradients(
+        loss, state.params, state.model_state, _data(32), jax.random.key(1), 8, kwargs={"train": True}
+    )
     assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     (ref, _), ref_grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.model_state, _data(32))
     assert _max_diff(grads, ref_grads) < 1e-6
@@ -94,18 +100,32 @@ def test_micro_batches_draw_different_dropout_masks():
     x, y = _data(8)
     x2 = np.concatenate([x[:4], x[:4]])  # the same examples in both micro-batches
     state = ts.TrainState.create(model, tx, jax.random.key(0), (6,))
-    (_, (_, _)), g_same = ts.accumulate_gradients(loss, state.params, state.model_state,
-                                                  (x2, np.concatenate([y[:4], y[:4]])),
-                                                  jax.random.key(3), 2, kwargs={"train": True})
-    (_, (_, _)), g_one = ts.accumulate_gradients(loss, state.params, state.model_state, (x2[:4], y[:4]),
-                                                 jax.random.fold_in(jax.random.key(3), 0), 1,
-                                                 kwargs={"train": True})
+    (_, (_, _)), g_same = ts.accumulate_gradients(
+        loss,
+        state.params,
+        state.model_state,
+        (x2, np.concatenate([y[:4], y[:4]])),
+        jax.random.key(3),
+        2,
+        kwargs={"train": True},
+    )
+    (_, (_, _)), g_one = ts.accumulate_gradients(
+        loss,
+        state.params,
+        state.model_state,
+        (x2[:4], y[:4]),
+        jax.random.fold_in(jax.random.key(3), 0),
+        1,
+        kwargs={"train": True},
+    )
     assert _max_diff(g_same, g_one) > 1e-6  # micro-batch 1 repeating micro-batch 0's mask: equal
 
 
 def test_bad_micro_batches_are_refused():
     loss, tx = ts.supervised_loss(_tanh_mlp()), dl.sgd(0.1)
-    with pytest.raises(ValueError, match=r"make_train_step: micro_batches=0 is out of range; expected an integer >= 1"):
+    with pytest.raises(
+        ValueError, match=r"make_train_step: micro_batches=0 is out of range; expected an integer >= 1"
+    ):
         ts.make_train_step(loss, tx, micro_batches=0)
     with pytest.raises(TypeError, match="make_train_loop: micro_batches must be an int"):
         ts.make_train_loop(loss, tx, micro_batches=2.0)

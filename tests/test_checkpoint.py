@@ -1,5 +1,6 @@
 """Specification of jaxdl.checkpoint: bitwise round trips of any pytree (optax states, PRNG keys,
 bfloat16, integers), save interval, keep-last-K, corruption detection and fallback."""
+
 import glob
 import json
 import os
@@ -29,9 +30,10 @@ class State(NamedTuple):  # the shape of the TrainState to come
 
 def make_state(seed=0, steps=3):
     keys = jax.random.split(jax.random.key(seed), 3)
-    params = {"dense_0": {"w": jax.random.normal(keys[0], (4, 3)),
-                          "b": jnp.zeros((3,), jnp.bfloat16)},
-              "prelu_1": {"alpha": jnp.full((), 0.25)}}
+    params = {
+        "dense_0": {"w": jax.random.normal(keys[0], (4, 3)), "b": jnp.zeros((3,), jnp.bfloat16)},
+        "prelu_1": {"alpha": jnp.full((), 0.25)},
+    }
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
     opt_state = optimizer.init(params)
     for i in range(steps):  # non-trivial moments and count
@@ -85,11 +87,13 @@ def assert_bitwise_equal(restored, expected):
 def zeros_like(tree):
     def zero(x):
         if is_key(x):
-            return jax.random.wrap_key_data(jnp.zeros_like(jax.random.key_data(x)),
-                                            impl=jax.random.key_impl(x))
+            return jax.random.wrap_key_data(
+                jnp.zeros_like(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+            )
         if isinstance(x, (int, float, np.generic)):
             return type(x)(0)
         return jnp.zeros_like(x) if isinstance(x, jax.Array) else np.zeros_like(x)
+
     return jax.tree.map(zero, tree)
 
 
@@ -103,8 +107,7 @@ def test_train_state_round_trip_is_bitwise(tmp_path):
     assert isinstance(restored, State)
     assert isinstance(restored.opt_state[1][0], optax.ScaleByAdamState)
     assert_bitwise_equal(restored, state)
-    np.testing.assert_array_equal(jax.random.normal(restored.key, (5,)),
-                                  jax.random.normal(state.key, (5,)))
+    np.testing.assert_array_equal(jax.random.normal(restored.key, (5,)), jax.random.normal(state.key, (5,)))
 
 
 def test_odd_leaves_round_trip_is_bitwise(tmp_path):
@@ -139,7 +142,8 @@ def test_save_checkpoint_refuses_an_existing_path(tmp_path):
         ckpt.save_checkpoint(tmp_path / "c", {"a": jnp.zeros(2)})
     ckpt.save_checkpoint(tmp_path / "c", {"a": jnp.zeros(2)}, overwrite=True)
     np.testing.assert_array_equal(
-        ckpt.restore_checkpoint(tmp_path / "c", {"a": jnp.ones(2)})["a"], [0.0, 0.0])
+        ckpt.restore_checkpoint(tmp_path / "c", {"a": jnp.ones(2)})["a"], [0.0, 0.0]
+    )
 
 
 def test_unsavable_trees_are_clear_errors(tmp_path):
@@ -149,14 +153,29 @@ def test_unsavable_trees_are_clear_errors(tmp_path):
         ckpt.save_checkpoint(tmp_path / "d", {"name": "adam"})
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda t: {**t, "extra": jnp.ones(2)}, r"in the target but not in the checkpoint: \['extra'\]"),
-    (lambda t: {k: v for k, v in t.items() if k != "b"}, r"in the checkpoint but not in the target: \['b'\]"),
-    (lambda t: {**t, "a": jnp.ones((3, 3))}, r"\['a'\]: checkpoint has float32\[2, 3\], target has float32\[3, 3\]"),
-    (lambda t: {**t, "a": jnp.ones((2, 3), jnp.bfloat16)}, r"\['a'\]: checkpoint has float32\[2, 3\], target has bfloat16"),
-    (lambda t: {**t, "key": jax.random.PRNGKey(0)}, r"\['key'\]: checkpoint has key<fry>\[\], target has uint32\[2\]"),
-    (lambda t: (t["a"], t["b"], t["key"]), r"in the target but not in the checkpoint: \[0\]"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: {**t, "extra": jnp.ones(2)}, r"in the target but not in the checkpoint: \['extra'\]"),
+        (
+            lambda t: {k: v for k, v in t.items() if k != "b"},
+            r"in the checkpoint but not in the target: \['b'\]",
+        ),
+        (
+            lambda t: {**t, "a": jnp.ones((3, 3))},
+            r"\['a'\]: checkpoint has float32\[2, 3\], target has float32\[3, 3\]",
+        ),
+        (
+            lambda t: {**t, "a": jnp.ones((2, 3), jnp.bfloat16)},
+            r"\['a'\]: checkpoint has float32\[2, 3\], target has bfloat16",
+        ),
+        (
+            lambda t: {**t, "key": jax.random.PRNGKey(0)},
+            r"\['key'\]: checkpoint has key<fry>\[\], target has uint32\[2\]",
+        ),
+        (lambda t: (t["a"], t["b"], t["key"]), r"in the target but not in the checkpoint: \[0\]"),
+    ],
+)
 def test_restore_into_a_different_structure_is_a_clear_error(tmp_path, change, match):
     tree = {"a": jnp.ones((2, 3)), "b": jnp.arange(4), "key": jax.random.key(0)}
     ckpt.save_checkpoint(tmp_path / "c", tree)
@@ -205,11 +224,23 @@ def test_manager_restores_a_train_state(tmp_path):
         assert_bitwise_equal(mngr.restore(jax.eval_shape(lambda: state)), state)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_to_keep=0), "CheckpointManager: max_to_keep=0 is out of range; expected an integer >= 1 or None"),
-    (dict(save_interval_steps=0), "CheckpointManager: save_interval_steps=0 is out of range; expected an integer >= 1"),
-    (dict(save_interval_steps=2.5), "CheckpointManager: save_interval_steps must be an int, got 2.5 of type float"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(max_to_keep=0),
+            "CheckpointManager: max_to_keep=0 is out of range; expected an integer >= 1 or None",
+        ),
+        (
+            dict(save_interval_steps=0),
+            "CheckpointManager: save_interval_steps=0 is out of range; expected an integer >= 1",
+        ),
+        (
+            dict(save_interval_steps=2.5),
+            "CheckpointManager: save_interval_steps must be an int, got 2.5 of type float",
+        ),
+    ],
+)
 def test_bad_manager_arguments(tmp_path, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ckpt.CheckpointManager(tmp_path, **kwargs)
@@ -246,8 +277,7 @@ def files_of(step_dir, pattern):
 
 
 def biggest_data_file(step_dir):
-    return max(files_of(step_dir, "*"), key=lambda f: (os.sep + "d" + os.sep in f,
-                                                       os.path.getsize(f)))
+    return max(files_of(step_dir, "*"), key=lambda f: (os.sep + "d" + os.sep in f, os.path.getsize(f)))
 
 
 def flip_byte(path):

@@ -1,6 +1,7 @@
 """Specification of the `jaxdl` command (jaxdl.cli): training end to end and its outputs,
 evaluate, early stopping, kill-and-resume to bitwise the same parameters, corrupt-checkpoint
 fallback, and bad arguments refused in one line before anything is written."""
+
 import contextlib
 import gzip
 import importlib.metadata
@@ -22,8 +23,23 @@ from jaxdl import cli, data
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # A tiny, fast configuration: 8x8 digits, one hidden layer (39 steps per epoch at batch 32).
-TINY = ["--dataset", "digits", "--depth", "1", "--width", "32", "--batch-size", "32", "--lr", "0.01",
-        "--augment", "0", "--dropout", "0", "--quiet"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--depth",
+    "1",
+    "--width",
+    "32",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.01",
+    "--augment",
+    "0",
+    "--dropout",
+    "0",
+    "--quiet",
+]
 TIMING_FIELDS = ("seconds", "examples_per_s")
 
 
@@ -40,8 +56,14 @@ def run_main(capsys, *argv):
 def jaxdl_process(*argv, **kwargs):
     """``python -m jaxdl ARGV`` as a subprocess on the CPU."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "jaxdl", *argv], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxdl", *argv],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def finish(proc, timeout=240):
@@ -72,8 +94,12 @@ def metric_values(run_dir):
 
 def corrupt(directory):
     """Flip one byte in the middle of the largest file of a checkpoint; return the file."""
-    files = [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names
-             if n != "jaxdl_manifest.json"]
+    files = [
+        os.path.join(root, n)
+        for root, _, names in os.walk(directory)
+        for n in names
+        if n != "jaxdl_manifest.json"
+    ]
     target = max(files, key=os.path.getsize)
     with open(target, "r+b") as f:
         f.seek(os.path.getsize(target) // 2)
@@ -114,8 +140,9 @@ def copy_run(digits_run, tmp_path):
 def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summary(digits_run):
     out, stdout = digits_run
     summary = json.loads((out / "summary.json").read_text())
-    assert stdout.startswith(f"test accuracy {summary['test_accuracy']:.4f} "
-                             f"({summary['test_correct']}/360 on digits)")
+    assert stdout.startswith(
+        f"test accuracy {summary['test_accuracy']:.4f} ({summary['test_correct']}/360 on digits)"
+    )
     assert summary["test_examples"] == 360 and summary["dataset"] == "digits"
     assert summary["test_accuracy"] > 0.8  # 3 epochs on digits: far above chance (0.1)
     assert summary["wall_time_s"] > 0 and summary["steps"] == 3 * 39
@@ -125,8 +152,15 @@ def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summar
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert [r["step"] for r in records] == [39, 78, 117]
     for r in records:
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-                    "update_ratio", "grad_norm"):
+        for key in (
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "lr",
+            "update_ratio",
+            "grad_norm",
+        ):
             assert np.isfinite(r[key]) and r[key] >= 0, key
         assert 0 < r["update_ratio"] < 1 and r["nonfinite_steps"] == 0
     assert records[-1]["val_loss"] < records[0]["val_loss"]
@@ -140,8 +174,19 @@ def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summar
 
 
 def test_python_dash_m_jaxdl_trains_with_a_progress_bar(tmp_path):
-    proc = jaxdl_process("train", "--limit-train", "256", "--depth", "1", "--width", "32",
-                         "--epochs", "1", "--out", str(tmp_path / "run"))
+    proc = jaxdl_process(
+        "train",
+        "--limit-train",
+        "256",
+        "--depth",
+        "1",
+        "--width",
+        "32",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    )
     out, err = finish(proc)
     assert out.startswith("test accuracy ")
     assert "ex/s" in err and "step/s" in err  # tqdm: speed; postfix: epoch, loss, accuracy
@@ -157,11 +202,33 @@ def test_console_script_is_cli_main():
 def test_help_documents_every_option(capsys):
     code, out, _ = run_main(capsys, "train", "--help")
     assert code == 0
-    for option in ("--dataset", "--model", "--depth", "--width", "--activation", "--init",
-                   "--batchnorm", "--dropout", "--optimizer", "--lr", "--schedule", "--clip",
-                   "--clip-norm", "--noise-eta", "--noise-gamma", "--weight-decay", "--epochs",
-                   "--batch-size", "--augment", "--early-stopping", "--seed", "--out", "--resume",
-                   "--checkpoint-every", "--keep"):
+    for option in (
+        "--dataset",
+        "--model",
+        "--depth",
+        "--width",
+        "--activation",
+        "--init",
+        "--batchnorm",
+        "--dropout",
+        "--optimizer",
+        "--lr",
+        "--schedule",
+        "--clip",
+        "--clip-norm",
+        "--noise-eta",
+        "--noise-gamma",
+        "--weight-decay",
+        "--epochs",
+        "--batch-size",
+        "--augment",
+        "--early-stopping",
+        "--seed",
+        "--out",
+        "--resume",
+        "--checkpoint-every",
+        "--keep",
+    ):
         assert option in out, option
     assert "--limit-train" not in out  # a testing aid, hidden
 
@@ -171,16 +238,33 @@ def test_help_documents_every_option(capsys):
 
 def test_evaluate_restores_the_run_and_scores_another_dataset_of_the_same_shape(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, _ = run_main(capsys, "train", "--dataset", "mnist5k", "--limit-train", "640",
-                          "--depth", "1", "--width", "32", "--epochs", "1", "--augment", "0",
-                          "--quiet", "--out", str(out))
+    code, _, _ = run_main(
+        capsys,
+        "train",
+        "--dataset",
+        "mnist5k",
+        "--limit-train",
+        "640",
+        "--depth",
+        "1",
+        "--width",
+        "32",
+        "--epochs",
+        "1",
+        "--augment",
+        "0",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
 
     code, stdout, _ = run_main(capsys, "evaluate", str(out))
     assert code == 0
-    assert stdout.startswith(f"test accuracy {summary['test_accuracy']:.4f} "
-                             f"({summary['test_correct']}/1000 on mnist5k)")
+    assert stdout.startswith(
+        f"test accuracy {summary['test_accuracy']:.4f} ({summary['test_correct']}/1000 on mnist5k)"
+    )
 
     # The same 1,000 test images as MNIST IDX files: the same accuracy, from mnist:DIR.
     test = data.load_dataset("mnist5k").test
@@ -202,8 +286,9 @@ def test_evaluate_restores_the_run_and_scores_another_dataset_of_the_same_shape(
 def test_config_reruns_a_previous_run_with_command_line_options_overriding_it(digits_run, tmp_path, capsys):
     first, _ = digits_run
     again = tmp_path / "again"
-    code, _, err = run_main(capsys, "train", "--config", str(first / "config.json"), "--keep", "1",
-                            "--quiet", "--out", str(again))
+    code, _, err = run_main(
+        capsys, "train", "--config", str(first / "config.json"), "--keep", "1", "--quiet", "--out", str(again)
+    )
     assert code == 0, err
     cfg_first = json.loads((first / "config.json").read_text())["config"]
     cfg_again = json.loads((again / "config.json").read_text())["config"]
@@ -222,7 +307,7 @@ def write_npz(path, n_train=300, n_test=60, classes=3, shape=(10, 12)):
         y = rng.integers(0, classes, n)
         x = rng.integers(0, 60, (n, *shape))
         for c in range(classes):
-            x[y == c, 3 * c:3 * c + 3] += 180
+            x[y == c, 3 * c : 3 * c + 3] += 180
         arrays[f"x_{split}"], arrays[f"y_{split}"] = x.astype(np.uint8), y
     np.savez(path, **arrays)
 
@@ -230,9 +315,23 @@ def write_npz(path, n_train=300, n_test=60, classes=3, shape=(10, 12)):
 def test_npz_dataset_trains_on_the_users_own_arrays(tmp_path, capsys):
     write_npz(tmp_path / "mine.npz")
     out = tmp_path / "run"
-    code, stdout, err = run_main(capsys, "train", "--dataset", f"npz:{tmp_path / 'mine.npz'}", "--depth", "1",
-                                 "--width", "16", "--epochs", "3", "--batch-size", "30", "--quiet",
-                                 "--out", str(out))
+    code, stdout, err = run_main(
+        capsys,
+        "train",
+        "--dataset",
+        f"npz:{tmp_path / 'mine.npz'}",
+        "--depth",
+        "1",
+        "--width",
+        "16",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "30",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["num_classes"] == 3 and summary["data"]["input_shape"] == [10, 12, 1]
@@ -241,28 +340,68 @@ def test_npz_dataset_trains_on_the_users_own_arrays(tmp_path, capsys):
     assert stdout.startswith("test accuracy ")
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.zeros(4, int)},
-     "missing arrays ['x_test', 'y_test']"),
-    ({"x_train": np.zeros((4, 5), np.uint8), "y_train": np.zeros(4, int), "x_test": np.zeros((2, 5), np.uint8),
-      "y_test": np.zeros(2, int)}, "x_train has shape (4, 5); expected images (N, H, W) or (N, H, W, C)"),
-    ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.zeros(3, int),
-      "x_test": np.zeros((2, 5, 5), np.uint8), "y_test": np.zeros(2, int)}, "y_train holds 3 labels for 4 images"),
-    ({"x_train": np.full((4, 5, 5), np.nan, np.float32), "y_train": np.zeros(4, int),
-      "x_test": np.zeros((2, 5, 5), np.float32), "y_test": np.zeros(2, int)}, "x_train holds 100 NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (
+            {"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.zeros(4, int)},
+            "missing arrays ['x_test', 'y_test']",
+        ),
+        (
+            {
+                "x_train": np.zeros((4, 5), np.uint8),
+                "y_train": np.zeros(4, int),
+                "x_test": np.zeros((2, 5), np.uint8),
+                "y_test": np.zeros(2, int),
+            },
+            "x_train has shape (4, 5); expected images (N, H, W) or (N, H, W, C)",
+        ),
+        (
+            {
+                "x_train": np.zeros((4, 5, 5), np.uint8),
+                "y_train": np.zeros(3, int),
+                "x_test": np.zeros((2, 5, 5), np.uint8),
+                "y_test": np.zeros(2, int),
+            },
+            "y_train holds 3 labels for 4 images",
+        ),
+        (
+            {
+                "x_train": np.full((4, 5, 5), np.nan, np.float32),
+                "y_train": np.zeros(4, int),
+                "x_test": np.zeros((2, 5, 5), np.float32),
+                "y_test": np.zeros(2, int),
+            },
+            "x_train holds 100 NaN or Inf",
+        ),
+    ],
+)
 def test_a_bad_npz_is_refused_in_one_line_naming_the_array(tmp_path, capsys, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
-    code, _, err = run_main(capsys, "train", "--dataset", f"npz:{tmp_path / 'bad.npz'}", "--out",
-                            str(tmp_path / "run"))
+    code, _, err = run_main(
+        capsys, "train", "--dataset", f"npz:{tmp_path / 'bad.npz'}", "--out", str(tmp_path / "run")
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
 
 
 def test_precision_accumulate_and_ema_reach_fit_and_the_summary(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run_main(capsys, "train", *TINY, "--epochs", "2", "--precision", "bf16",
-                                 "--accumulate", "2", "--ema", "0.9", "--out", str(out))
+    code, stdout, err = run_main(
+        capsys,
+        "train",
+        *TINY,
+        "--epochs",
+        "2",
+        "--precision",
+        "bf16",
+        "--accumulate",
+        "2",
+        "--ema",
+        "0.9",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["precision"] == "bf16" and summary["config"]["accumulate"] == 2
@@ -279,8 +418,17 @@ def test_doctor_examines_what_train_would_train_and_exits_by_the_report(tmp_path
     out = tmp_path / "report"
     code, stdout, err = run_main(capsys, "doctor", *small, "--out", str(out))
     assert code == 0, stdout + err
-    for check in ("data", "initial_loss", "gradient_check", "symmetry", "overfit", "learning_rate",
-                  "update_ratio", "activations", "gradients"):
+    for check in (
+        "data",
+        "initial_loss",
+        "gradient_check",
+        "symmetry",
+        "overfit",
+        "learning_rate",
+        "update_ratio",
+        "activations",
+        "gradients",
+    ):
         assert check in stdout, check
     assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())
     code, stdout, _ = run_main(capsys, "doctor", *small, "--lr", "50")  # far past divergence
@@ -311,9 +459,25 @@ def test_early_stopping_keeps_the_parameters_of_the_best_validation_epoch(tmp_pa
     # 64 training examples and a large constant learning rate: validation loss bottoms out
     # within a few epochs and then rises as the model overfits.
     out = tmp_path / "run"
-    code, _, _ = run_main(capsys, "train", *TINY, "--limit-train", "64", "--width", "64",
-                          "--lr", "0.01", "--schedule", "constant", "--epochs", "40",
-                          "--early-stopping", "3", "--out", str(out))
+    code, _, _ = run_main(
+        capsys,
+        "train",
+        *TINY,
+        "--limit-train",
+        "64",
+        "--width",
+        "64",
+        "--lr",
+        "0.01",
+        "--schedule",
+        "constant",
+        "--epochs",
+        "40",
+        "--early-stopping",
+        "3",
+        "--out",
+        str(out),
+    )
     assert code == 0
     records = cli.read_metrics(out / "metrics.jsonl")
     val_losses = [r["val_loss"] for r in records]
@@ -335,16 +499,37 @@ def test_early_stopping_keeps_the_parameters_of_the_best_validation_epoch(tmp_pa
 def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path):
     # 39-step epochs with checkpoints every 15 steps, so the kill and the resume fall mid-epoch;
     # dropout makes the result depend on the PRNG key in the TrainState.
-    args = ["train", "--limit-train", "1248", "--depth", "1", "--width", "64", "--batch-size",
-            "32", "--dropout", "0.2", "--augment", "0", "--epochs", "6", "--checkpoint-every",
-            "15", "--block-size", "5", "--quiet"]
+    args = [
+        "train",
+        "--limit-train",
+        "1248",
+        "--depth",
+        "1",
+        "--width",
+        "64",
+        "--batch-size",
+        "32",
+        "--dropout",
+        "0.2",
+        "--augment",
+        "0",
+        "--epochs",
+        "6",
+        "--checkpoint-every",
+        "15",
+        "--block-size",
+        "5",
+        "--quiet",
+    ]
     whole = jaxdl_process(*args, "--out", str(tmp_path / "whole"))
     killed_dir = tmp_path / "killed"
     killed = jaxdl_process(*args, "--out", str(killed_dir))
     checkpoints = killed_dir / "checkpoints"
     deadline = time.time() + 180
-    while not (checkpoints.is_dir() and any((checkpoints / s / "jaxdl_manifest.json").is_file()
-                                            for s in os.listdir(checkpoints))):
+    while not (
+        checkpoints.is_dir()
+        and any((checkpoints / s / "jaxdl_manifest.json").is_file() for s in os.listdir(checkpoints))
+    ):
         assert killed.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -366,8 +551,9 @@ def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path):
 def test_resume_falls_back_past_a_corrupt_checkpoint(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
     bad_file = corrupt(out / "checkpoints" / "117")
-    code, _, err = run_main(capsys, "train", *TINY, "--epochs", "3", "--keep", "2",
-                            "--out", str(out), "--resume")
+    code, _, err = run_main(
+        capsys, "train", *TINY, "--epochs", "3", "--keep", "2", "--out", str(out), "--resume"
+    )
     assert code == 0
     assert "skipping checkpoint step 117" in err and bad_file in err
     assert "resumed from checkpoint step 78" in err
@@ -385,8 +571,9 @@ def test_resume_with_every_checkpoint_corrupt_fails_naming_the_files(digits_run,
     assert all(f in last for f in bad_files)
 
 
-def test_resume_rewrites_metrics_after_the_checkpoint_and_drops_a_torn_last_line(digits_run,
-                                                                                 tmp_path, capsys):
+def test_resume_rewrites_metrics_after_the_checkpoint_and_drops_a_torn_last_line(
+    digits_run, tmp_path, capsys
+):
     out = copy_run(digits_run, tmp_path)
     shutil.rmtree(out / "checkpoints" / "117")  # back to the end of epoch 2 ...
     with open(out / "metrics.jsonl", "a") as f:
@@ -423,8 +610,9 @@ def test_chunk_bounds_cut_at_checkpoint_steps_into_blocks_and_single_steps():
 @pytest.mark.parametrize("optimizer", cli.OPTIMIZERS)
 @pytest.mark.parametrize("schedule", cli.SCHEDULES)
 def test_every_optimizer_and_schedule_takes_a_descent_step(optimizer, schedule):
-    cfg = cli.resolve_defaults({**cli.DEFAULTS, "optimizer": optimizer, "schedule": schedule,
-                                "lr": 0.1, "warmup": 2, "epochs": 2})
+    cfg = cli.resolve_defaults(
+        {**cli.DEFAULTS, "optimizer": optimizer, "schedule": schedule, "lr": 0.1, "warmup": 2, "epochs": 2}
+    )
     sched = cli.build_schedule(cfg, steps_per_epoch=5)
     assert float(sched(0)) == 0.0 and float(sched(2)) == pytest.approx(0.1)  # warm-up, then lr
     tx = cli.build_optimizer(cfg, sched, jax.random.key(0))
@@ -457,13 +645,27 @@ def test_clip_clip_norm_and_noise_shape_the_update():
 
 @pytest.mark.parametrize("model", cli.MODELS)
 def test_model_options_build_the_layers(model):
-    cfg = cli.resolve_defaults({**cli.DEFAULTS, "model": model, "depth": 2, "width": 16,
-                                "channels": [4], "batchnorm": True, "dropout": 0.5,
-                                "activation": "tanh", "init": "xavier_uniform"})
+    cfg = cli.resolve_defaults(
+        {
+            **cli.DEFAULTS,
+            "model": model,
+            "depth": 2,
+            "width": 16,
+            "channels": [4],
+            "batchnorm": True,
+            "dropout": 0.5,
+            "activation": "tanh",
+            "init": "xavier_uniform",
+        }
+    )
     net = cli.build_model(cfg, 10)
     kinds = [type(layer).__name__ for layer in net.layers]
-    expected = (["Conv", "BatchNorm", "Tanh", "MaxPool"] if model == "cnn" else []) + \
-        ["Flatten"] + ["Dense", "BatchNorm", "Tanh", "Dropout"] * 2 + ["Dense"]
+    expected = (
+        (["Conv", "BatchNorm", "Tanh", "MaxPool"] if model == "cnn" else [])
+        + ["Flatten"]
+        + ["Dense", "BatchNorm", "Tanh", "Dropout"] * 2
+        + ["Dense"]
+    )
     assert kinds == expected
     assert not net.layers[kinds.index("Dense")].use_bias  # BatchNorm makes the bias redundant
     shape, params, state = net.init(jax.random.key(0), (8, 8, 1))
@@ -480,25 +682,30 @@ def bad_run_dir(tmp_path):
     return run
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--optimizer", "adamax"], "argument --optimizer: invalid choice: 'adamax'"),
-    (["--lr", "-0.1"], "argument --lr: must be 0 < value, got -0.1"),
-    (["--lr", "nan"], "argument --lr: must be 0 < value, got nan"),
-    (["--epochs", "0"], "argument --epochs: must be 1 <= value, got 0"),
-    (["--dropout", "1.5"], "argument --dropout: must be 0 <= value < 1, got 1.5"),
-    (["--dataset", "cifar10"], "argument --dataset: must be mnist5k, digits, mnist:DIR or npz:PATH"),
-    (["--dataset", "mnist:{tmp}/no-such-dir"], "MNIST folder not found: {tmp}/no-such-dir"),
-    (["--batch-size", "5000"], "--batch-size 5000 exceeds the 3500 training examples"),
-    (["--out", "{tmp}/a-file/run"], "{tmp}/a-file is not a directory"),
-    (["--out", "{tmp}/a-file"], "exists and is not a directory"),
-    (["--out", "{tmp}/existing"], "already holds a run; pass --resume"),
-    (["--out", "{tmp}/existing", "--resume", "--lr", "0.1"],
-     "--resume: options differ from {tmp}/existing/config.json: --lr 0.1 (the run has 0.01)"),
-    (["--resume"], "--resume needs --out DIR"),
-    (["--warmup", "-1"], "argument --warmup: must be 0 <= value, got -1"),
-    (["--devices", "8"], "--devices 8: only 4 local devices"),
-    (["--devices", "3"], "--batch-size 64 is not divisible by --devices 3"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizer", "adamax"], "argument --optimizer: invalid choice: 'adamax'"),
+        (["--lr", "-0.1"], "argument --lr: must be 0 < value, got -0.1"),
+        (["--lr", "nan"], "argument --lr: must be 0 < value, got nan"),
+        (["--epochs", "0"], "argument --epochs: must be 1 <= value, got 0"),
+        (["--dropout", "1.5"], "argument --dropout: must be 0 <= value < 1, got 1.5"),
+        (["--dataset", "cifar10"], "argument --dataset: must be mnist5k, digits, mnist:DIR or npz:PATH"),
+        (["--dataset", "mnist:{tmp}/no-such-dir"], "MNIST folder not found: {tmp}/no-such-dir"),
+        (["--batch-size", "5000"], "--batch-size 5000 exceeds the 3500 training examples"),
+        (["--out", "{tmp}/a-file/run"], "{tmp}/a-file is not a directory"),
+        (["--out", "{tmp}/a-file"], "exists and is not a directory"),
+        (["--out", "{tmp}/existing"], "already holds a run; pass --resume"),
+        (
+            ["--out", "{tmp}/existing", "--resume", "--lr", "0.1"],
+            "--resume: options differ from {tmp}/existing/config.json: --lr 0.1 (the run has 0.01)",
+        ),
+        (["--resume"], "--resume needs --out DIR"),
+        (["--warmup", "-1"], "argument --warmup: must be 0 <= value, got -1"),
+        (["--devices", "8"], "--devices 8: only 4 local devices"),
+        (["--devices", "3"], "--batch-size 64 is not divisible by --devices 3"),
+    ],
+)
 def test_bad_arguments_print_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # the default --out (runs/...) would land here
     (tmp_path / "a-file").write_text("not a directory")
@@ -519,8 +726,11 @@ def test_unwritable_out_is_refused(tmp_path, capsys, monkeypatch):
     locked.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: show it the directory as a user would see it
         real_access = os.access
-        monkeypatch.setattr(cli.os, "access", lambda path, mode: real_access(path, mode) and
-                            os.path.abspath(path) != str(locked))
+        monkeypatch.setattr(
+            cli.os,
+            "access",
+            lambda path, mode: real_access(path, mode) and os.path.abspath(path) != str(locked),
+        )
     code, _, err = run_main(capsys, "train", "--out", str(locked / "run"))
     locked.chmod(0o755)
     assert code == 2 and f"{locked} is not writable" in err and len(err.strip().splitlines()) == 1

@@ -37,8 +37,9 @@ def _run(env_value, tmp_path):
         env.pop(compile_cache.ENV, None)
     else:
         env[compile_cache.ENV] = env_value
-    out = subprocess.run([sys.executable, "-c", _WORKER], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -129,8 +130,15 @@ def test_fit_turns_it_on_by_default_and_leaves_it_alone_with_false(tmp_path, mon
     y = (x[:, 0] > 0).astype(np.int32)
     arg = str(tmp_path / "given") if setting == "folder" else setting
     try:
-        dl.fit(dl.Sequential(dl.Dense(2)), dl.sgd(0.1), (x, y), epochs=1, batch_size=8, progress=False,
-               compile_cache=arg)
+        dl.fit(
+            dl.Sequential(dl.Dense(2)),
+            dl.sgd(0.1),
+            (x, y),
+            epochs=1,
+            batch_size=8,
+            progress=False,
+            compile_cache=arg,
+        )
         expected = {False: before, True: str(tmp_path / "env"), "folder": str(tmp_path / "given")}[setting]
         assert compile_cache.directory() == expected
     finally:

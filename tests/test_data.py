@@ -1,5 +1,6 @@
 """Specification of jaxdl.data: bundled datasets, splits, the IDX reader, batching,
 preprocessing (seed 001) and augmentation (seed 000)."""
+
 import gzip
 import os
 import struct
@@ -91,8 +92,12 @@ def test_uneven_classes_split_in_proportion_with_exact_totals():
 
 
 @settings(max_examples=60, deadline=None)
-@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=6),
-       test_frac=st.floats(0.0, 0.5), val_frac=st.floats(0.0, 0.4), seed=st.integers(0, 99))
+@given(
+    counts=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    test_frac=st.floats(0.0, 0.5),
+    val_frac=st.floats(0.0, 0.4),
+    seed=st.integers(0, 99),
+)
 def test_split_is_a_proportional_partition_for_any_labels(counts, test_frac, val_frac, seed):
     labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
     n = len(labels)
@@ -119,13 +124,16 @@ def test_digits_dataset():
     np.testing.assert_allclose(np.bincount(ds.test.y), counts * 360 / 1797, atol=1)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(name="cifar10"), "name must be one of .*'cifar10'"),
-    (dict(name="mnist:"), "name must be one of"),
-    (dict(name="mnist5k", val_size=-1), "val_size must be .* got -1"),
-    (dict(name="mnist5k", val_size=1.5), "val_size .* got 1.5"),
-    (dict(name="mnist5k", test_size=2500, val_size=2500), "leaves no training data"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="cifar10"), "name must be one of .*'cifar10'"),
+        (dict(name="mnist:"), "name must be one of"),
+        (dict(name="mnist5k", val_size=-1), "val_size must be .* got -1"),
+        (dict(name="mnist5k", val_size=1.5), "val_size .* got 1.5"),
+        (dict(name="mnist5k", test_size=2500, val_size=2500), "leaves no training data"),
+    ],
+)
 def test_load_dataset_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.load_dataset(**kwargs)
@@ -200,11 +208,14 @@ def corrupt(folder, name, how):
 
 
 @pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
-@pytest.mark.parametrize("how, match", [
-    ("magic", "bad IDX magic number 08000003"),
-    ("truncate", "truncated"),
-    ("trailing", "trailing data"),
-])
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("magic", "bad IDX magic number 08000003"),
+        ("truncate", "truncated"),
+        ("trailing", "trailing data"),
+    ],
+)
 def test_malformed_idx_file_is_an_error_naming_it(tmp_path, name, how, match):
     make_mnist_folder(tmp_path)
     path = corrupt(tmp_path, name, how)
@@ -266,22 +277,27 @@ def test_batches_drop_last_and_no_shuffle():
 def test_batches_are_deterministic_per_key_and_epoch():
     x, y = small_xy(50)
     order = lambda key, epoch: np.concatenate(  # noqa: E731
-        [b[1] for b in data.batches(x, y, 10, key, epoch)])
+        [b[1] for b in data.batches(x, y, 10, key, epoch)]
+    )
     key = jax.random.key(7)
     np.testing.assert_array_equal(order(key, 3), order(key, 3))
     np.testing.assert_array_equal(order(key, 3), order(jax.random.PRNGKey(7), 3))  # raw key
     np.testing.assert_array_equal(
-        order(key, 3), np.asarray(jax.random.permutation(jax.random.fold_in(key, 3), 50)))
+        order(key, 3), np.asarray(jax.random.permutation(jax.random.fold_in(key, 3), 50))
+    )
     assert not np.array_equal(order(key, 3), order(key, 4))
     assert not np.array_equal(order(key, 3), order(jax.random.key(8), 3))
 
 
-@pytest.mark.parametrize("batch_size, drop_last, match", [
-    (0, True, "batches: batch_size=0 is out of range; expected an integer >= 1"),
-    (-3, False, "batches: batch_size=-3 is out of range; expected an integer >= 1"),
-    (2.5, False, "batches: batch_size must be an int, got 2.5 of type float"),
-    (11, True, r"batch_size=11 exceeds the number of examples \(10\) with drop_last=True"),
-])
+@pytest.mark.parametrize(
+    "batch_size, drop_last, match",
+    [
+        (0, True, "batches: batch_size=0 is out of range; expected an integer >= 1"),
+        (-3, False, "batches: batch_size=-3 is out of range; expected an integer >= 1"),
+        (2.5, False, "batches: batch_size must be an int, got 2.5 of type float"),
+        (11, True, r"batch_size=11 exceeds the number of examples \(10\) with drop_last=True"),
+    ],
+)
 def test_bad_batch_size_is_a_clear_error(batch_size, drop_last, match):
     x, y = small_xy()
     with pytest.raises((ValueError, TypeError), match=match):
@@ -290,7 +306,7 @@ def test_bad_batch_size_is_a_clear_error(batch_size, drop_last, match):
 
 def test_batch_larger_than_data_without_drop_last_is_one_batch():
     x, y = small_xy()
-    (bx, by), = data.batches(x, y, 64, jax.random.key(0), drop_last=False)
+    ((bx, by),) = data.batches(x, y, 64, jax.random.key(0), drop_last=False)
     assert len(by) == 10
 
 
@@ -301,7 +317,9 @@ def test_batch_blocks_stack_the_epoch_batches():
     assert [b[0].shape for b in blocks] == [(2, 4, 3), (2, 4, 3), (1, 4, 3)]
     flat = [b[1] for b in data.batches(x, y, 4, key, epoch=5)]
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), np.stack(flat))
-    with pytest.raises(ValueError, match="batch_blocks: block_size=0 is out of range; expected an integer >= 1"):
+    with pytest.raises(
+        ValueError, match="batch_blocks: block_size=0 is out of range; expected an integer >= 1"
+    ):
         list(data.batch_blocks(x, y, 4, 0, key))
 
 
@@ -320,7 +338,9 @@ def test_prefetch_to_device_keeps_two_batches_in_flight():
     rest = list(stream)
     assert [int(b[1]) for b in rest] == [1, 2, 3, 4]
     np.testing.assert_array_equal(rest[-1][0], [4, 4])
-    with pytest.raises(ValueError, match="prefetch_to_device: size=0 is out of range; expected an integer >= 1"):
+    with pytest.raises(
+        ValueError, match="prefetch_to_device: size=0 is out of range; expected an integer >= 1"
+    ):
         next(data.prefetch_to_device(source(), size=0))
 
 
@@ -418,8 +438,9 @@ def shifted(image, dy, dx):
     """Reference translation with zero fill: out[i, j] = image[i - dy, j - dx]."""
     h, w, _ = image.shape
     out = np.zeros_like(image)
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
     return out
 
 
@@ -428,8 +449,12 @@ def test_shift_is_a_zero_filled_translation_within_range():
     out = np.asarray(data.random_shift(jax.random.key(2), x, max_shift=2))
     used = set()
     for image, result in zip(x, out):
-        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                   if np.array_equal(result, shifted(image, dy, dx))]
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(result, shifted(image, dy, dx))
+        ]
         assert len(matches) == 1
         used.add(matches[0])
     assert len(used) > 5
@@ -450,15 +475,17 @@ def test_crop_is_a_window_of_the_padded_image(mode):
     assert out.shape == x.shape
     for image, result in zip(x, out):
         padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode=mode)
-        assert any(np.array_equal(result, padded[i:i + 6, j:j + 5])
-                   for i in range(5) for j in range(5))
+        assert any(np.array_equal(result, padded[i : i + 6, j : j + 5]) for i in range(5) for j in range(5))
 
 
-@pytest.mark.parametrize("augment", [
-    lambda k, x: data.random_flip(k, x),
-    lambda k, x: data.random_shift(k, x, 2),
-    lambda k, x: data.random_crop(k, x, 2),
-])
+@pytest.mark.parametrize(
+    "augment",
+    [
+        lambda k, x: data.random_flip(k, x),
+        lambda k, x: data.random_shift(k, x, 2),
+        lambda k, x: data.random_crop(k, x, 2),
+    ],
+)
 def test_augmentation_is_deterministic_per_key_and_works_under_jit_and_vmap(augment):
     x = images(n=32)
     key, other = jax.random.key(5), jax.random.key(6)
@@ -476,13 +503,22 @@ def test_augmentation_is_deterministic_per_key_and_works_under_jit_and_vmap(augm
     assert augment(raw, x).shape == x.shape
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda k, x: data.random_flip(k, x[0]), r"images must be a batch shaped \(N, H, W, C\)"),
-    (lambda k, x: data.random_flip(k, x, prob=1.5), "prob must be in \\[0, 1\\], got 1.5"),
-    (lambda k, x: data.random_shift(k, x, -1), "random_shift: max_shift=-1 is out of range; expected an integer >= 0"),
-    (lambda k, x: data.random_crop(k, x, 1.5), "random_crop: padding must be an int, got 1.5 of type float"),
-    (lambda k, x: data.random_crop(k, x, 2, "wrap"), "pad_mode must be .* got 'wrap'"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda k, x: data.random_flip(k, x[0]), r"images must be a batch shaped \(N, H, W, C\)"),
+        (lambda k, x: data.random_flip(k, x, prob=1.5), "prob must be in \\[0, 1\\], got 1.5"),
+        (
+            lambda k, x: data.random_shift(k, x, -1),
+            "random_shift: max_shift=-1 is out of range; expected an integer >= 0",
+        ),
+        (
+            lambda k, x: data.random_crop(k, x, 1.5),
+            "random_crop: padding must be an int, got 1.5 of type float",
+        ),
+        (lambda k, x: data.random_crop(k, x, 2, "wrap"), "pad_mode must be .* got 'wrap'"),
+    ],
+)
 def test_bad_augmentation_arguments_are_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(jax.random.key(0), images(n=2))

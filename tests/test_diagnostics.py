@@ -31,7 +31,9 @@ def test_leaf_norms_and_update_ratios_are_keyed_like_params():
 
 
 def test_activation_stats_match_a_manual_forward_pass():
-    model = L.Sequential(L.Dense(16, w_init=dl.init.normal(1.0)), L.Relu(), L.Dense(8), L.Tanh(), L.Dense(3), L.Sigmoid())
+    model = L.Sequential(
+        L.Dense(16, w_init=dl.init.normal(1.0)), L.Relu(), L.Dense(8), L.Tanh(), L.Dense(3), L.Sigmoid()
+    )
     _, params, state = model.init(jax.random.key(0), (6,))
     x, _ = _data()
     stats = jax.jit(lambda p, s, x: D.activation_stats(model, p, s, x, bins=10))(params, state, x)
@@ -77,8 +79,11 @@ def test_layer_report_does_not_change_the_step_and_matches_it():
     total = math.sqrt(sum(float(v) ** 2 for v in jax.tree.leaves(report["grad_norms"])))
     np.testing.assert_allclose(total, metrics["grad_norm"], rtol=1e-5)
     w_old, w_new = state.params["dense_4"]["w"], new.params["dense_4"]["w"]
-    np.testing.assert_allclose(report["update_ratios"]["dense_4"]["w"],
-                               np.linalg.norm(w_new - w_old) / np.linalg.norm(w_old), rtol=1e-4)
+    np.testing.assert_allclose(
+        report["update_ratios"]["dense_4"]["w"],
+        np.linalg.norm(w_new - w_old) / np.linalg.norm(w_old),
+        rtol=1e-4,
+    )
     assert set(report["activations"]) == {"dense_0", "batchnorm_1", "relu_2", "dropout_3", "dense_4"}
     assert 0.2 < float(report["activations"]["dropout_3"]["frac_zero"]) < 0.9
 
@@ -87,7 +92,9 @@ def test_initial_loss_check_passes_small_init_and_flags_large_init():
     x, y = _data(n=512, classes=10)
     reports = {}
     for name, scale in [("small", 0.01), ("large", 10.0)]:
-        model = L.Sequential(L.Dense(32, w_init=dl.init.normal(scale)), L.Relu(), L.Dense(10, w_init=dl.init.normal(scale)))
+        model = L.Sequential(
+            L.Dense(32, w_init=dl.init.normal(scale)), L.Relu(), L.Dense(10, w_init=dl.init.normal(scale))
+        )
         _, params, state = model.init(jax.random.key(4), (6,))
         logits, _ = model.apply(params, state, x)
         reports[name] = D.initial_loss_check(dl.losses.softmax_cross_entropy(logits, y), 10)
@@ -102,10 +109,18 @@ def test_overfit_check_passes_for_a_working_model_and_fails_when_nothing_learns(
     x, y = _data(n=16)
     model = L.Sequential(L.Dense(64), L.Relu(), L.Dense(3))
     loss_fn = ts.supervised_loss(model)
-    good = D.overfit_check(loss_fn, dl.adam(1e-2), ts.TrainState.create(model, dl.adam(1e-2), jax.random.key(5), (6,)), (x, y), steps=150)
+    good = D.overfit_check(
+        loss_fn,
+        dl.adam(1e-2),
+        ts.TrainState.create(model, dl.adam(1e-2), jax.random.key(5), (6,)),
+        (x, y),
+        steps=150,
+    )
     assert good.passed and good.final_loss < 0.05 and good.losses.shape == (150,)
     frozen = dl.sgd(0.0)
-    bad = D.overfit_check(loss_fn, frozen, ts.TrainState.create(model, frozen, jax.random.key(5), (6,)), (x, y), steps=20)
+    bad = D.overfit_check(
+        loss_fn, frozen, ts.TrainState.create(model, frozen, jax.random.key(5), (6,)), (x, y), steps=20
+    )
     assert not bad.passed and "cannot" in bad.message
 
 

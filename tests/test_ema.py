@@ -2,7 +2,6 @@
 recalibrate_batchnorm against torch.optim.swa_utils.update_bn."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -29,13 +28,17 @@ def test_ema_follows_the_warmed_up_recurrence_over_the_param_history():
     x, y = _data(96)
     expected = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
     for t in range(6):  # warm-up: d_t = min(decay, (1+t)/(10+t)) takes over from t = 3
-        state, _ = step(state, (x[16 * t:16 * t + 16], y[16 * t:16 * t + 16]))
+        state, _ = step(state, (x[16 * t : 16 * t + 16], y[16 * t : 16 * t + 16]))
         d = min(decay, (1 + t) / (10 + t))
-        expected = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p, np.float64), expected, state.params)
+        expected = jax.tree.map(
+            lambda e, p: d * e + (1 - d) * np.asarray(p, np.float64), expected, state.params
+        )
     for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(state.ema_params)):
         np.testing.assert_allclose(got, e, rtol=1e-5, atol=1e-6)
     loop_state, _ = ts.make_train_loop(loss, tx, ema=decay)(
-        ts.TrainState.create(model, tx, jax.random.key(0), (6,), ema=decay), (x.reshape(6, 16, 6), y.reshape(6, 16)))
+        ts.TrainState.create(model, tx, jax.random.key(0), (6,), ema=decay),
+        (x.reshape(6, 16, 6), y.reshape(6, 16)),
+    )
     for a, b in zip(jax.tree.leaves(loop_state.ema_params), jax.tree.leaves(state.ema_params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -44,18 +47,24 @@ def test_eval_step_with_use_ema_scores_the_averaged_weights():
     model, tx = _mlp(), dl.sgd(0.5)
     loss = ts.supervised_loss(model)
     state = ts.TrainState.create(model, tx, jax.random.key(0), (6,), ema=0.5)
-    state, _ = ts.make_train_loop(loss, tx, ema=0.5)(state, (np.stack([_data()[0]] * 3), np.stack([_data()[1]] * 3)))
+    state, _ = ts.make_train_loop(loss, tx, ema=0.5)(
+        state, (np.stack([_data()[0]] * 3), np.stack([_data()[1]] * 3))
+    )
     ema = ts.make_eval_step(loss, use_ema=True)(state, _data(seed=1))
     swapped = ts.make_eval_step(loss)(state.replace(params=state.ema_params), _data(seed=1))
     raw = ts.make_eval_step(loss)(state, _data(seed=1))
     assert float(ema["loss"]) == float(swapped["loss"]) != float(raw["loss"])
     with pytest.raises(ValueError, match="use_ema=True, but state.ema_params is None"):
-        ts.make_eval_step(loss, use_ema=True)(ts.TrainState.create(model, tx, jax.random.key(0), (6,)), _data())
+        ts.make_eval_step(loss, use_ema=True)(
+            ts.TrainState.create(model, tx, jax.random.key(0), (6,)), _data()
+        )
 
 
 def test_bad_decays_and_mismatched_states_are_refused():
     loss, tx = ts.supervised_loss(_mlp()), dl.sgd(0.1)
-    with pytest.raises(ValueError, match=r"make_train_step: ema=1.0 is out of range; expected finite ema with 0 <= ema < 1"):
+    with pytest.raises(
+        ValueError, match=r"make_train_step: ema=1.0 is out of range; expected finite ema with 0 <= ema < 1"
+    ):
         ts.make_train_step(loss, tx, ema=1.0)
     with pytest.raises(ValueError, match=r"make_train_loop: ema=-0.1 is out of range"):
         ts.make_train_loop(loss, tx, ema=-0.1)
@@ -67,7 +76,9 @@ def test_bad_decays_and_mismatched_states_are_refused():
     with pytest.raises(ValueError, match=r"ema= is set but state.ema_params is None"):
         ts.make_train_step(loss, tx, ema=0.9)(plain, _data())
     with pytest.raises(ValueError, match="the state has ema_params but the step was built without ema="):
-        ts.make_train_step(loss, tx)(ts.TrainState.create(_mlp(), tx, jax.random.key(0), (6,), ema=0.9), _data())
+        ts.make_train_step(loss, tx)(
+            ts.TrainState.create(_mlp(), tx, jax.random.key(0), (6,), ema=0.9), _data()
+        )
 
 
 def test_a_skipped_step_leaves_the_average_unchanged():
@@ -79,7 +90,10 @@ def test_a_skipped_step_leaves_the_average_unchanged():
     x[0, 0] = np.nan
     new, metrics = ts.make_train_step(loss, tx, ema=0.9)(state, (x, y))
     assert int(metrics["nonfinite"]) == 1
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(new.ema_params)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(new.ema_params))
+    )
 
 
 def test_sweep_over_decays_compiles_once_and_equals_single_runs():
@@ -93,18 +107,35 @@ def test_sweep_over_decays_compiles_once_and_equals_single_runs():
     def make(lr):
         return dl.sgd(lr)
 
-    res = sweep(loss, make, model, (6,), batches, hparams={"lr": 0.3, "ema": [0.0, 0.5, 0.9]},
-                eval_batch=_data(seed=1), return_state=True)
+    res = sweep(
+        loss,
+        make,
+        model,
+        (6,),
+        batches,
+        hparams={"lr": 0.3, "ema": [0.0, 0.5, 0.9]},
+        eval_batch=_data(seed=1),
+        return_state=True,
+    )
     size = _run._cache_size()
-    sweep(loss, make, model, (6,), batches, hparams={"lr": 0.3, "ema": [0.1, 0.2, 0.3]},
-          eval_batch=_data(seed=1), return_state=True)
+    sweep(
+        loss,
+        make,
+        model,
+        (6,),
+        batches,
+        hparams={"lr": 0.3, "ema": [0.1, 0.2, 0.3]},
+        eval_batch=_data(seed=1),
+        return_state=True,
+    )
     assert _run._cache_size() == size
     assert "ema_eval_accuracy" in res and res["ema_eval_loss"].shape == (3,)
     tx = make(0.3)
     single = ts.TrainState.create(model, tx, jax.random.key(0), (6,), ema=0.5)
     single, _ = ts.make_train_loop(loss, tx, ema=0.5)(single, batches)
-    np.testing.assert_allclose(res["state"].ema_params["dense_0"]["w"][1], single.ema_params["dense_0"]["w"],
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        res["state"].ema_params["dense_0"]["w"][1], single.ema_params["dense_0"]["w"], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_recalibrate_batchnorm_matches_torch_update_bn():
@@ -114,8 +145,14 @@ def test_recalibrate_batchnorm_matches_torch_update_bn():
     batches = [rng.normal(1.0, 2.0, size=(n, 6)).astype(np.float32) for n in (16, 7, 30)]
     got = dl.recalibrate_batchnorm(model, params, state, [(b, None) for b in batches])
 
-    t = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
-                            torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    t = torch.nn.Sequential(
+        torch.nn.Linear(6, 5),
+        torch.nn.BatchNorm1d(5),
+        torch.nn.ReLU(),
+        torch.nn.Linear(5, 4),
+        torch.nn.BatchNorm1d(4),
+        torch.nn.Linear(4, 3),
+    )
     with torch.no_grad():
         for i, name in ((0, "dense_0"), (3, "dense_3"), (5, "dense_5")):
             t[i].weight.copy_(torch.tensor(np.asarray(params[name]["w"]).T))
@@ -134,8 +171,17 @@ def test_recalibrate_batchnorm_matches_torch_update_bn():
 
 def test_fit_reports_validation_of_raw_and_averaged_weights():
     x, y = _data(64)
-    result = dl.fit(_mlp(), dl.sgd(0.2), (x, y), validation=_data(16, seed=1), epochs=2, batch_size=16,
-                    ema=0.5, micro_batches=2, progress=False)
+    result = dl.fit(
+        _mlp(),
+        dl.sgd(0.2),
+        (x, y),
+        validation=_data(16, seed=1),
+        epochs=2,
+        batch_size=16,
+        ema=0.5,
+        micro_batches=2,
+        progress=False,
+    )
     for record in result.history:
         assert {"val_loss", "val_accuracy", "ema_val_loss", "ema_val_accuracy"} <= set(record)
     score = dl.evaluate(_mlp(), result.state, _data(16, seed=1), use_ema=True)

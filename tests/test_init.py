@@ -13,8 +13,8 @@ import pytest
 from jaxdl import init
 
 KEY = jax.random.key(0)
-DENSE = (400, 500)          # fan_in = 400, fan_out = 500
-CONV = (3, 3, 64, 96)       # HWIO: fan_in = 9*64 = 576, fan_out = 9*96 = 864
+DENSE = (400, 500)  # fan_in = 400, fan_out = 500
+CONV = (3, 3, 64, 96)  # HWIO: fan_in = 9*64 = 576, fan_out = 9*96 = 864
 
 NORMAL_CASES = [
     # name, shape, closed-form variance
@@ -118,8 +118,7 @@ def test_orthogonal_rejects_vectors():
         init.orthogonal()(KEY, (10,))
 
 
-@pytest.mark.parametrize("factory,arg", [(init.normal, 0.0), (init.uniform, -1.0),
-                                         (init.orthogonal, 0.0)])
+@pytest.mark.parametrize("factory,arg", [(init.normal, 0.0), (init.uniform, -1.0), (init.orthogonal, 0.0)])
 def test_factories_reject_non_positive_hyperparameters(factory, arg):
     with pytest.raises(ValueError, match=factory.__name__):
         factory(arg)

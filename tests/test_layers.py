@@ -49,6 +49,7 @@ def _random_params(layer, input_shape):
 
 # ----------------------------------------------------------------------------- forward values
 
+
 def test_dense_is_x_w_plus_b():
     layer = L.Dense(5)
     out_shape, params, state = layer.init(KEY, (3,))
@@ -68,7 +69,10 @@ def test_dense_default_init_is_xavier_normal_and_zero_bias():
 
 
 CONV_CASES = [  # kernel, strides, padding, torch padding (symmetric cases only)
-    (3, 1, "SAME", 1), (3, 2, "SAME", 1), (3, 1, "VALID", 0), ((5, 3), (2, 1), "VALID", 0),
+    (3, 1, "SAME", 1),
+    (3, 2, "SAME", 1),
+    (3, 1, "VALID", 0),
+    ((5, 3), (2, 1), "VALID", 0),
     (1, 1, "SAME", 0),
 ]
 
@@ -81,8 +85,12 @@ def test_conv_matches_torch_conv2d(impl, kernel, strides, padding, tpad):
     out_shape, params = _random_params(layer, (9, 9, 3))
     y, _ = layer.apply(params, {}, x)
     ref = torch.nn.functional.conv2d(
-        _nchw(x), _t(np.transpose(np.asarray(params["w"]), (3, 2, 0, 1))), _t(params["b"]),
-        stride=layer.strides, padding=tpad)
+        _nchw(x),
+        _t(np.transpose(np.asarray(params["w"]), (3, 2, 0, 1))),
+        _t(params["b"]),
+        stride=layer.strides,
+        padding=tpad,
+    )
     assert y.shape[1:] == out_shape
     np.testing.assert_allclose(y, _nhwc(ref), rtol=1e-5, atol=1e-5)
 
@@ -92,8 +100,9 @@ def test_conv_same_padding_output_size_is_ceil_of_input_over_stride():
     assert out_shape == (8, 8, 8) and params["w"].shape == (3, 3, 3, 8)
 
 
-@pytest.mark.parametrize("kernel,strides,padding", [(3, 2, "SAME"), (4, 1, "SAME"),
-                                                    ((3, 5), (2, 3), "VALID")])
+@pytest.mark.parametrize(
+    "kernel,strides,padding", [(3, 2, "SAME"), (4, 1, "SAME"), ((3, 5), (2, 3), "VALID")]
+)
 def test_conv_im2col_equals_lax_conv_including_gradients(kernel, strides, padding):
     x = jnp.asarray(_randn(3, 11, 10, 5))
     xla = L.Conv(6, kernel, strides=strides, padding=padding, impl="xla")
@@ -104,36 +113,40 @@ def test_conv_im2col_equals_lax_conv_including_gradients(kernel, strides, paddin
     def loss(layer):
         return lambda p, x: jnp.sum(layer.apply(p, {}, x)[0] * ct)
 
-    ref = lax.conv_general_dilated(x, params["w"], xla.strides, padding,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"]
+    ref = (
+        lax.conv_general_dilated(
+            x, params["w"], xla.strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        + params["b"]
+    )
     np.testing.assert_allclose(im2col.apply(params, {}, x)[0], ref, rtol=1e-5, atol=1e-5)
     g_xla = jax.jit(jax.grad(loss(xla), argnums=(0, 1)))(params, x)
     g_im2col = jax.jit(jax.grad(loss(im2col), argnums=(0, 1)))(params, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-                 g_im2col, g_xla)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_im2col, g_xla)
 
 
 def test_conv_auto_impl_uses_im2col_only_on_cpu_for_small_patches_or_shallow_inputs(monkeypatch):
-    assert L.Conv(8, 3)._impl(3) == "im2col"             # 3x3 RGB input layer: kh*kw*I = 27
-    assert L.Conv(8, 3)._impl(32) == "im2col"            # 3x3, stride 1: patches 9x the input
-    assert L.Conv(8, 5)._impl(4) == "xla"                # 5x5, stride 1: 25x the input
+    assert L.Conv(8, 3)._impl(3) == "im2col"  # 3x3 RGB input layer: kh*kw*I = 27
+    assert L.Conv(8, 3)._impl(32) == "im2col"  # 3x3, stride 1: patches 9x the input
+    assert L.Conv(8, 5)._impl(4) == "xla"  # 5x5, stride 1: 25x the input
     assert L.Conv(8, 3, strides=2)._impl(64) == "im2col"  # patches 9/4 of the input
-    assert L.Conv(8, 1)._impl(64) == "im2col"            # 1x1: a plain matmul
-    assert L.Conv(8, 7, strides=2)._impl(3) == "xla"     # 49/4 of the input
+    assert L.Conv(8, 1)._impl(64) == "im2col"  # 1x1: a plain matmul
+    assert L.Conv(8, 7, strides=2)._impl(3) == "xla"  # 49/4 of the input
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for conv, c in [(L.Conv(8, 3), 3), (L.Conv(8, 3, strides=2), 64), (L.Conv(8, 1), 64)]:
         assert conv._impl(c) == "xla"
     assert L.Conv(8, 3, impl="im2col")._impl(64) == "im2col"  # an explicit impl always wins
 
 
-@pytest.mark.parametrize("window,strides,padding", [(2, None, "VALID"), (3, 2, "VALID"),
-                                                    (3, 1, "SAME")])
+@pytest.mark.parametrize("window,strides,padding", [(2, None, "VALID"), (3, 2, "VALID"), (3, 1, "SAME")])
 def test_pools_match_torch(window, strides, padding):
     x = _randn(2, 8, 8, 3)
     s = window if strides is None else strides
     tpad = window // 2 if padding == "SAME" else 0
-    for cls, ref_fn in [(L.MaxPool, torch.nn.functional.max_pool2d),
-                        (L.AvgPool, torch.nn.functional.avg_pool2d)]:
+    for cls, ref_fn in [
+        (L.MaxPool, torch.nn.functional.max_pool2d),
+        (L.AvgPool, torch.nn.functional.avg_pool2d),
+    ]:
         layer = cls(window, strides, padding)
         out_shape, _, _ = layer.init(KEY, (8, 8, 3))
         y, _ = layer.apply({}, {}, x)
@@ -149,16 +162,19 @@ def test_global_average_pool_and_flatten():
     assert L.Flatten().init(KEY, (2, 3, 4))[0] == (24,)
 
 
-@pytest.mark.parametrize("layer,ref", [
-    (L.Relu(), lambda x: torch.relu(x)),
-    (L.LeakyRelu(), lambda x: torch.nn.functional.leaky_relu(x, 0.01)),
-    (L.LeakyRelu(0.2), lambda x: torch.nn.functional.leaky_relu(x, 0.2)),
-    (L.Sigmoid(), torch.sigmoid),
-    (L.Tanh(), torch.tanh),
-    (L.Elu(), lambda x: torch.nn.functional.elu(x, 1.0)),
-    (L.Elu(0.5), lambda x: torch.nn.functional.elu(x, 0.5)),
-    (L.PRelu(), lambda x: torch.nn.functional.prelu(x, torch.tensor([0.25]))),
-])
+@pytest.mark.parametrize(
+    "layer,ref",
+    [
+        (L.Relu(), lambda x: torch.relu(x)),
+        (L.LeakyRelu(), lambda x: torch.nn.functional.leaky_relu(x, 0.01)),
+        (L.LeakyRelu(0.2), lambda x: torch.nn.functional.leaky_relu(x, 0.2)),
+        (L.Sigmoid(), torch.sigmoid),
+        (L.Tanh(), torch.tanh),
+        (L.Elu(), lambda x: torch.nn.functional.elu(x, 1.0)),
+        (L.Elu(0.5), lambda x: torch.nn.functional.elu(x, 0.5)),
+        (L.PRelu(), lambda x: torch.nn.functional.prelu(x, torch.tensor([0.25]))),
+    ],
+)
 def test_activations_match_torch(layer, ref):
     x = _randn(4, 7, scale=3)
     _, params, state = layer.init(KEY, (7,))
@@ -204,8 +220,7 @@ GRAD_CASES = [
     (L.Dropout(0.5), (6,)),
     (L.BatchNorm(), (5,)),
     (L.BatchNorm(), (3, 3, 2)),
-    (L.Sequential(L.Conv(2, 3), L.BatchNorm(), L.Relu(), L.Flatten(), L.Dropout(0.3), L.Dense(2)),
-     (4, 4, 1)),
+    (L.Sequential(L.Conv(2, 3), L.BatchNorm(), L.Relu(), L.Flatten(), L.Dropout(0.3), L.Dense(2)), (4, 4, 1)),
 ]
 
 
@@ -222,8 +237,7 @@ def test_gradients_match_finite_differences_in_train_and_eval_mode(layer, shape)
 
         @jax.jit
         def f(params, x):  # both modes in one function: one compilation
-            return tuple(layer.apply(params, state, x, train=train, key=key)[0]
-                         for train in (False, True))
+            return tuple(layer.apply(params, state, x, train=train, key=key)[0] for train in (False, True))
 
         check_grads(f, (params, x), order=1, modes=("rev",), eps=1e-5, atol=1e-5, rtol=1e-5)
 
@@ -234,12 +248,12 @@ def test_flax_wrapper_gradients_match_finite_differences():
         _, params, state = layer.init(KEY, (4,))
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         x = jnp.asarray(_away_from_zero(5, 4), jnp.float64)
-        f = jax.jit(lambda p, x: tuple(layer.apply(p, state, x, train=train)[0]
-                                       for train in (False, True)))
+        f = jax.jit(lambda p, x: tuple(layer.apply(p, state, x, train=train)[0] for train in (False, True)))
         check_grads(f, (params, x), order=1, modes=("rev",), eps=1e-5, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- dropout
+
 
 def test_dropout_drops_a_fraction_rate_and_keeps_the_mean():
     x = jnp.full((200, 500), 2.0)
@@ -273,11 +287,13 @@ def test_sequential_gives_each_layer_its_own_key():
     # With one shared key both Dropouts would drop the same units: half survive. With split keys
     # the masks are independent: a quarter survive.
     y, _ = L.Sequential(L.Dropout(0.5), L.Dropout(0.5)).apply(
-        {}, {}, jnp.ones((100, 100)), train=True, key=KEY)
+        {}, {}, jnp.ones((100, 100)), train=True, key=KEY
+    )
     assert np.mean(np.asarray(y) != 0) == pytest.approx(0.25, abs=0.02)
 
 
 # ----------------------------------------------------------------------------- BatchNorm
+
 
 def _bn_train_steps(layer, params, state, x, steps):
     outs = []
@@ -320,15 +336,17 @@ def test_batchnorm2d_matches_torch_over_several_steps():
     np.testing.assert_allclose(state["mean"], ref.running_mean.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(state["var"], ref.running_var.numpy(), rtol=1e-5, atol=1e-5)
     ref.eval()
-    np.testing.assert_allclose(layer.apply(params, state, x)[0], _nhwc(ref(_nchw(x))),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.apply(params, state, x)[0], _nhwc(ref(_nchw(x))), rtol=1e-5, atol=1e-5)
 
 
 def test_batchnorm_running_var_is_unbiased_like_torch():
     x = np.array([[1.0], [2.0], [4.0]], np.float32)  # mean 7/3, unbiased var 7/3
-    _, state = L.BatchNorm(momentum=0.0).apply({"gamma": jnp.ones(1), "beta": jnp.zeros(1)},
-                                               {"mean": jnp.zeros(1), "var": jnp.ones(1)}, x,
-                                               train=True)
+    _, state = L.BatchNorm(momentum=0.0).apply(
+        {"gamma": jnp.ones(1), "beta": jnp.zeros(1)},
+        {"mean": jnp.zeros(1), "var": jnp.ones(1)},
+        x,
+        train=True,
+    )
     np.testing.assert_allclose(state["var"], [7 / 3], rtol=1e-6)
     np.testing.assert_allclose(state["mean"], [7 / 3], rtol=1e-6)
 
@@ -360,8 +378,7 @@ def test_batchnorm_axis_name_synchronizes_statistics_across_pmap_replicas():
     for d in range(4):  # every replica: the statistics of the whole global batch
         np.testing.assert_allclose(state["mean"][d], 0.1 * mean, rtol=1e-5)
         np.testing.assert_allclose(state["var"][d], 0.9 + 0.1 * var * 32 / 31, rtol=1e-5)
-    np.testing.assert_allclose(y.reshape(32, 3), (flat - mean) / np.sqrt(var + 1e-5),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y.reshape(32, 3), (flat - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
 
     y, state = _pmap_bn(None, x)
     assert not np.allclose(state["mean"][0], state["mean"][3])  # replicas drift apart
@@ -378,6 +395,7 @@ def test_batchnorm_needs_more_than_one_value_per_channel_in_training():
 
 
 # ----------------------------------------------------------------------------- PReLU learning
+
 
 def test_prelu_learns_alpha_with_sgd():
     layer = L.PRelu()
@@ -396,6 +414,7 @@ def test_prelu_learns_alpha_with_sgd():
 
 
 # ----------------------------------------------------------------------------- Sequential
+
 
 def test_sequential_keys_params_and_state_by_kind_and_index():
     model = L.Sequential(L.Dense(8), L.BatchNorm(), L.Relu(), L.Dropout(0.1), L.Dense(2))
@@ -430,6 +449,7 @@ def test_sequential_works_under_jit_and_vmap_over_models():
 
 # ----------------------------------------------------------------------------- BN folding
 
+
 def _trained_bn_state(model, params, state, x):
     """A few training steps, so the running statistics are far from (0, 1)."""
     step = jax.jit(lambda p, s: model.apply(p, s, x, train=True)[1])
@@ -441,21 +461,31 @@ def _trained_bn_state(model, params, state, x):
 def _randomize_bn_params(params):
     """Random BatchNorm gamma/beta and random (non-zero) biases, so that folding must get both
     right (init leaves beta and every bias at 0)."""
+
     def leaf(path, a):
         name = path[-1].key
         if name in ("gamma", "b", "beta"):
             return jnp.asarray(_randn(*a.shape, shift=1.0 if name == "gamma" else 0.0))
         return a
+
     return jax.tree.map_with_path(leaf, params)
 
 
 def test_fold_batchnorm_dense_and_conv_with_and_without_bias_keeps_eval_outputs():
     model = L.Sequential(
-        L.Conv(6, 3), L.BatchNorm(), L.Relu(),
-        L.Conv(4, 3, strides=2, use_bias=False), L.BatchNorm(momentum=0.5),
-        L.Flatten(), L.Dense(8, use_bias=False), L.BatchNorm(eps=1e-3), L.Tanh(),
+        L.Conv(6, 3),
+        L.BatchNorm(),
+        L.Relu(),
+        L.Conv(4, 3, strides=2, use_bias=False),
+        L.BatchNorm(momentum=0.5),
+        L.Flatten(),
+        L.Dense(8, use_bias=False),
+        L.BatchNorm(eps=1e-3),
+        L.Tanh(),
         L.BatchNorm(),  # after an activation: cannot be folded, must stay
-        L.Dense(3), L.BatchNorm())
+        L.Dense(3),
+        L.BatchNorm(),
+    )
     x = _randn(16, 6, 6, 2, scale=2.0, shift=1.0)
     _, params, state = model.init(KEY, (6, 6, 2))
     params = _randomize_bn_params(params)
@@ -481,11 +511,13 @@ def test_fold_batchnorm_recurses_into_nested_sequentials():
     folded, fparams, fstate = L.fold_batchnorm(model, params, state)
     assert [type(layer).__name__ for layer in folded.layers[0].layers] == ["Dense"]
     assert fstate == {}
-    np.testing.assert_allclose(folded.apply(fparams, fstate, x)[0],
-                               model.apply(params, state, x)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        folded.apply(fparams, fstate, x)[0], model.apply(params, state, x)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- flax adapter
+
 
 class _FlaxNet(nn.Module):
     dropout: float = 0.5
@@ -514,8 +546,9 @@ def test_from_flax_trains_like_flax_itself():
         return -jnp.mean(jax.nn.log_softmax(y)[jnp.arange(16), labels]), (y, s)
 
     def flax_direct(p, s, key):
-        y, upd = module.apply({"params": p, **s}, x, train=True, rngs={"dropout": key},
-                              mutable=["batch_stats"])
+        y, upd = module.apply(
+            {"params": p, **s}, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
+        )
         return -jnp.mean(jax.nn.log_softmax(y)[jnp.arange(16), labels]), (y, dict(upd))
 
     p_ours, s_ours = params, state
@@ -552,11 +585,14 @@ def test_from_flax_rejects_non_modules():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_dense_applied_to_a_different_last_dimension_is_a_clear_error():
     layer = L.Dense(10)
     _, params, state = layer.init(KEY, (784,))
-    msg = r"Dense: params\['w'\] has shape \(784, 10\), but an input x of shape \(2, 783\) " \
-          r"needs \(783, 10\)"
+    msg = (
+        r"Dense: params\['w'\] has shape \(784, 10\), but an input x of shape \(2, 783\) "
+        r"needs \(783, 10\)"
+    )
     with pytest.raises(ValueError, match=msg):
         layer.apply(params, state, jnp.ones((2, 783)))
     with pytest.raises(ValueError, match=msg):  # shapes are static: the check works under jit
@@ -566,20 +602,26 @@ def test_dense_applied_to_a_different_last_dimension_is_a_clear_error():
 def test_conv_applied_to_other_channels_is_a_clear_error():
     layer = L.Conv(4, 3)
     _, params, _ = layer.init(KEY, (8, 8, 3))
-    with pytest.raises(ValueError, match=r"Conv: params\['w'\] has shape \(3, 3, 3, 4\).*needs "
-                                         r"\(3, 3, 1, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Conv: params\['w'\] has shape \(3, 3, 3, 4\).*needs "
+        r"\(3, 3, 1, 4\)",
+    ):
         layer.apply(params, {}, jnp.ones((2, 8, 8, 1)))
 
 
-@pytest.mark.parametrize("layer,shape,match", [
-    (L.Conv(4, 3), (8, 8), r"Conv: input_shape must have rank 3 \(H, W, C\).*got \(8, 8\)"),
-    (L.MaxPool(2), (8, 8, 3, 1), r"MaxPool: input_shape must have rank 3"),
-    (L.AvgPool(2), (8,), r"AvgPool: input_shape must have rank 3"),
-    (L.Dense(3), (), r"Dense: input_shape must have rank at least 1"),
-    (L.BatchNorm(), (), r"BatchNorm: input_shape must have rank at least 1"),
-    (L.Maxout(3), (), r"Maxout: input_shape must have rank at least 1"),
-    (L.Conv(4, 5, padding="VALID"), (4, 4, 3), r"Conv: window/kernel 5 is larger than the input"),
-])
+@pytest.mark.parametrize(
+    "layer,shape,match",
+    [
+        (L.Conv(4, 3), (8, 8), r"Conv: input_shape must have rank 3 \(H, W, C\).*got \(8, 8\)"),
+        (L.MaxPool(2), (8, 8, 3, 1), r"MaxPool: input_shape must have rank 3"),
+        (L.AvgPool(2), (8,), r"AvgPool: input_shape must have rank 3"),
+        (L.Dense(3), (), r"Dense: input_shape must have rank at least 1"),
+        (L.BatchNorm(), (), r"BatchNorm: input_shape must have rank at least 1"),
+        (L.Maxout(3), (), r"Maxout: input_shape must have rank at least 1"),
+        (L.Conv(4, 5, padding="VALID"), (4, 4, 3), r"Conv: window/kernel 5 is larger than the input"),
+    ],
+)
 def test_wrong_rank_or_too_small_input_is_a_clear_error(layer, shape, match):
     with pytest.raises(ValueError, match=match):
         layer.init(KEY, shape)
@@ -588,37 +630,55 @@ def test_wrong_rank_or_too_small_input_is_a_clear_error(layer, shape, match):
 def test_apply_without_batch_axis_is_a_clear_error():
     layer = L.Conv(4, 3)
     _, params, _ = layer.init(KEY, (8, 8, 3))
-    with pytest.raises(ValueError, match=r"Conv.apply: x has shape \(8, 8, 3\) \(batch axis first"
-                                         r"\).*rank 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"Conv.apply: x has shape \(8, 8, 3\) \(batch axis first"
+        r"\).*rank 3",
+    ):
         layer.apply(params, {}, jnp.ones((8, 8, 3)))
     with pytest.raises(ValueError, match="Relu: x must have a leading batch axis"):
         L.Relu().apply({}, {}, jnp.float32(1.0))
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: L.Dense(0), r"Dense: features=0 is out of range; expected an integer >= 1"),
-    (lambda: L.Dense(-3), r"Dense: features=-3 is out of range; expected an integer >= 1"),
-    (lambda: L.Dense(2.5), r"Dense: features must be an int, got 2.5 of type float"),
-    (lambda: L.Conv(0, 3), r"Conv: features=0 is out of range"),
-    (lambda: L.Conv(4, 0), r"Conv: kernel_size=0 is out of range; expected an integer >= 1"),
-    (lambda: L.Conv(4, (3, -1)), r"Conv: kernel_size=-1 is out of range"),
-    (lambda: L.Conv(4, (3, 3, 3)), r"Conv: kernel_size=\(3, 3, 3\) is not an int or a pair; expected a positive int or a pair"),
-    (lambda: L.Conv(4, 3, strides=0), r"Conv: strides=0 is out of range; expected an integer >= 1"),
-    (lambda: L.Conv(4, 3, padding="FULL"), r"Conv: padding must be 'SAME' or 'VALID', got 'FULL'"),
-    (lambda: L.Conv(4, 3, padding=1), r"Conv: padding must be 'SAME' or 'VALID', got 1"),
-    (lambda: L.Conv(4, 3, impl="cudnn"), r"Conv: impl must be 'auto', 'xla' or 'im2col'"),
-    (lambda: L.MaxPool(0), r"MaxPool: window=0 is out of range"),
-    (lambda: L.AvgPool(2, strides=-1), r"AvgPool: strides=-1 is out of range"),
-    (lambda: L.MaxPool(2, padding="full"), r"MaxPool: padding must be 'SAME' or 'VALID'"),
-    (lambda: L.Maxout(3, pieces=0), r"Maxout: pieces=0 is out of range"),
-    (lambda: L.Dropout(1.0), r"Dropout: rate=1.0 is out of range; expected finite rate with 0 <= rate < 1"),
-    (lambda: L.Dropout(-0.1), r"Dropout: rate=-0.1 is out of range"),
-    (lambda: L.Dropout("0.5"), r"Dropout: rate must be a real number, got '0.5' of type str"),
-    (lambda: L.BatchNorm(momentum=1.5), r"BatchNorm: momentum=1.5 is out of range; expected finite momentum with 0 <= momentum <= 1"),
-    (lambda: L.BatchNorm(momentum=-0.1), r"BatchNorm: momentum=-0.1 is out of range"),
-    (lambda: L.BatchNorm(eps=0.0), r"BatchNorm: eps=0.0 is out of range; expected finite eps with 0 < eps"),
-    (lambda: L.BatchNorm(eps=-1e-5), r"BatchNorm: eps=-1e-05 is out of range"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: L.Dense(0), r"Dense: features=0 is out of range; expected an integer >= 1"),
+        (lambda: L.Dense(-3), r"Dense: features=-3 is out of range; expected an integer >= 1"),
+        (lambda: L.Dense(2.5), r"Dense: features must be an int, got 2.5 of type float"),
+        (lambda: L.Conv(0, 3), r"Conv: features=0 is out of range"),
+        (lambda: L.Conv(4, 0), r"Conv: kernel_size=0 is out of range; expected an integer >= 1"),
+        (lambda: L.Conv(4, (3, -1)), r"Conv: kernel_size=-1 is out of range"),
+        (
+            lambda: L.Conv(4, (3, 3, 3)),
+            r"Conv: kernel_size=\(3, 3, 3\) is not an int or a pair; expected a positive int or a pair",
+        ),
+        (lambda: L.Conv(4, 3, strides=0), r"Conv: strides=0 is out of range; expected an integer >= 1"),
+        (lambda: L.Conv(4, 3, padding="FULL"), r"Conv: padding must be 'SAME' or 'VALID', got 'FULL'"),
+        (lambda: L.Conv(4, 3, padding=1), r"Conv: padding must be 'SAME' or 'VALID', got 1"),
+        (lambda: L.Conv(4, 3, impl="cudnn"), r"Conv: impl must be 'auto', 'xla' or 'im2col'"),
+        (lambda: L.MaxPool(0), r"MaxPool: window=0 is out of range"),
+        (lambda: L.AvgPool(2, strides=-1), r"AvgPool: strides=-1 is out of range"),
+        (lambda: L.MaxPool(2, padding="full"), r"MaxPool: padding must be 'SAME' or 'VALID'"),
+        (lambda: L.Maxout(3, pieces=0), r"Maxout: pieces=0 is out of range"),
+        (
+            lambda: L.Dropout(1.0),
+            r"Dropout: rate=1.0 is out of range; expected finite rate with 0 <= rate < 1",
+        ),
+        (lambda: L.Dropout(-0.1), r"Dropout: rate=-0.1 is out of range"),
+        (lambda: L.Dropout("0.5"), r"Dropout: rate must be a real number, got '0.5' of type str"),
+        (
+            lambda: L.BatchNorm(momentum=1.5),
+            r"BatchNorm: momentum=1.5 is out of range; expected finite momentum with 0 <= momentum <= 1",
+        ),
+        (lambda: L.BatchNorm(momentum=-0.1), r"BatchNorm: momentum=-0.1 is out of range"),
+        (
+            lambda: L.BatchNorm(eps=0.0),
+            r"BatchNorm: eps=0.0 is out of range; expected finite eps with 0 < eps",
+        ),
+        (lambda: L.BatchNorm(eps=-1e-5), r"BatchNorm: eps=-1e-05 is out of range"),
+    ],
+)
 def test_bad_hyperparameters_are_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
@@ -643,8 +703,11 @@ def test_sequential_with_missing_or_misshapen_params_names_the_layer_key():
     with pytest.raises(ValueError, match=r"Sequential: state has no entry 'batchnorm_1'"):
         model.apply(params, {}, x)
     bad = {**params, "dense_2": {**params["dense_2"], "w": jnp.ones((5, 4))}}
-    with pytest.raises(ValueError, match=r"Sequential: params\['dense_2'\]\['w'\] has shape "
-                                         r"\(5, 4\).*needs \(8, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Sequential: params\['dense_2'\]\['w'\] has shape "
+        r"\(5, 4\).*needs \(8, 4\)",
+    ):
         model.apply(bad, state, x)
     no_b = {**params, "dense_0": {"w": params["dense_0"]["w"]}}
     with pytest.raises(ValueError, match=r"Sequential: params\['dense_0'\] has no entry 'b'"):
@@ -656,8 +719,11 @@ def test_sequential_with_missing_or_misshapen_params_names_the_layer_key():
 
 
 def test_sequential_init_errors_name_the_layer_key():
-    with pytest.raises(ValueError, match=r"Sequential: layer 'conv_2' with input shape \(8,\): "
-                                         r"Conv: input_shape must have rank 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"Sequential: layer 'conv_2' with input shape \(8,\): "
+        r"Conv: input_shape must have rank 3",
+    ):
         L.Sequential(L.Dense(8), L.Relu(), L.Conv(4, 3)).init(KEY, (3,))
 
 

@@ -25,8 +25,8 @@ def test_softmax_cross_entropy_matches_optax_and_torch():
 def test_softmax_cross_entropy_closed_form_for_uniform_logits():
     # softmax of equal logits is 1/C for every class: L = ln C exactly.
     np.testing.assert_allclose(
-        losses.softmax_cross_entropy(jnp.zeros((4, 7)), jnp.array([0, 3, 6, 2])), np.log(7),
-        rtol=1e-6)
+        losses.softmax_cross_entropy(jnp.zeros((4, 7)), jnp.array([0, 3, 6, 2])), np.log(7), rtol=1e-6
+    )
 
 
 def test_softmax_cross_entropy_averages_over_all_leading_axes():
@@ -59,7 +59,8 @@ def test_binary_cross_entropy_matches_optax_and_torch():
     ours = losses.binary_cross_entropy(logits, labels)
     ref = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
     ref_torch = torch.nn.functional.binary_cross_entropy_with_logits(
-        torch.tensor(logits), torch.tensor(labels))
+        torch.tensor(logits), torch.tensor(labels)
+    )
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
     np.testing.assert_allclose(ours, ref_torch.item(), rtol=1e-6)
 
@@ -76,8 +77,8 @@ def test_binary_cross_entropy_is_stable_for_logits_of_plus_minus_1000():
 
 def test_binary_cross_entropy_closed_form_at_zero_logit():
     np.testing.assert_allclose(
-        losses.binary_cross_entropy(jnp.zeros(3), jnp.array([0.0, 1.0, 1.0])), np.log(2),
-        rtol=1e-6)
+        losses.binary_cross_entropy(jnp.zeros(3), jnp.array([0.0, 1.0, 1.0])), np.log(2), rtol=1e-6
+    )
 
 
 def test_mse_closed_form_and_torch():
@@ -89,8 +90,10 @@ def test_mse_closed_form_and_torch():
 
 
 def test_l2_penalty_is_half_sum_of_squares_over_all_leaves():
-    params = {"dense_0": {"w": jnp.array([[1.0, 2.0]]), "b": jnp.array([3.0])},
-              "prelu_1": {"alpha": jnp.array(4.0)}}
+    params = {
+        "dense_0": {"w": jnp.array([[1.0, 2.0]]), "b": jnp.array([3.0])},
+        "prelu_1": {"alpha": jnp.array(4.0)},
+    }
     np.testing.assert_allclose(losses.l2_penalty(params), 0.5 * (1 + 4 + 9 + 16))
     # Its gradient is the parameters themselves (the weight-decay term g + rate * w).
     g = jax.grad(losses.l2_penalty)(params)
@@ -106,8 +109,11 @@ def test_accuracy_closed_form():
 def test_losses_work_under_jit():
     logits = jnp.array(RNG.normal(size=(8, 3)), jnp.float32)
     labels = jnp.array(RNG.integers(0, 3, size=8))
-    np.testing.assert_allclose(jax.jit(losses.softmax_cross_entropy)(logits, labels),
-                               losses.softmax_cross_entropy(logits, labels), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(losses.softmax_cross_entropy)(logits, labels),
+        losses.softmax_cross_entropy(logits, labels),
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("fn", [losses.softmax_cross_entropy, losses.accuracy])

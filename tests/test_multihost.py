@@ -35,16 +35,33 @@ def _free_port() -> int:
 def _launch(out: str, num_processes: int = 2):
     """Run the workers; returns (returncodes, outputs). Every process is reaped, whatever happens."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2".strip())
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2".strip()
+    )
     port = _free_port()
     procs = []
     try:
         for pid in range(num_processes):
-            procs.append(subprocess.Popen(
-                [sys.executable, WORKER, "--port", str(port), "--process-id", str(pid),
-                 "--num-processes", str(num_processes), "--out", out],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        WORKER,
+                        "--port",
+                        str(port),
+                        "--process-id",
+                        str(pid),
+                        "--num-processes",
+                        str(num_processes),
+                        "--out",
+                        out,
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         deadline = time.monotonic() + TIMEOUT_S
         outputs = []
         for p in procs:
@@ -66,8 +83,9 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     codes, outputs = _launch(out)
     if any(c != 0 for c in codes) and any("already in use" in o for o in outputs):
         codes, outputs = _launch(out)  # the free port was taken in between: one more try
-    report = "\n".join(f"--- process {i} (exit {c}) ---\n{o[-3000:]}" for i, (c, o) in
-                       enumerate(zip(codes, outputs)))
+    report = "\n".join(
+        f"--- process {i} (exit {c}) ---\n{o[-3000:]}" for i, (c, o) in enumerate(zip(codes, outputs))
+    )
     assert codes == [0, 0], report
     got = dict(np.load(out))
 
@@ -75,10 +93,10 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     mesh = parallel.data_mesh(4)
     reference = {}
     for name in worker.optimizers():
-        reference.update({f"{name}/{k}": v for k, v in
-                          worker.train(name, mesh, slice(None)).items()})
-        reference.update({f"{name}+loop/{k}": v for k, v in
-                          worker.train(name, mesh, slice(None), loop=True).items()})
+        reference.update({f"{name}/{k}": v for k, v in worker.train(name, mesh, slice(None)).items()})
+        reference.update(
+            {f"{name}+loop/{k}": v for k, v in worker.train(name, mesh, slice(None), loop=True).items()}
+        )
     assert sorted(got) == sorted(reference)
     # The one-bit residual is per device: (4, ...), rows 0-1 from process 0, rows 2-3 from process 1.
     assert any(k.startswith("onebit/") and "residual" in k and v.shape[0] == 4 for k, v in got.items())
@@ -86,5 +104,4 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
         np.testing.assert_allclose(got[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)
     # One sharded loop over the block ends where the steps one by one do, across processes too.
     for key in [k for k in got if "+loop/" in k]:
-        np.testing.assert_allclose(got[key], got[key.replace("+loop", "")], rtol=1e-5, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(got[key], got[key.replace("+loop", "")], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -34,8 +34,9 @@ def _cells(path):
 
 
 def test_every_notebook_has_exactly_one_percent_script():
-    scripts = sorted(os.path.basename(p)[: -len(".py")]
-                     for p in glob.glob(os.path.join(NOTEBOOK_DIR, "*.py")))
+    scripts = sorted(
+        os.path.basename(p)[: -len(".py")] for p in glob.glob(os.path.join(NOTEBOOK_DIR, "*.py"))
+    )
     scripts.remove(SETUP_MODULE)
     assert NAMES, "no notebooks found in notebooks/"
     assert scripts == NAMES, "each notebooks/NAME.ipynb needs its source notebooks/NAME.py, and back"
@@ -48,15 +49,17 @@ def test_script_and_notebook_hold_the_same_cells(name):
     assert formats == "ipynb,py:percent", f"{name}.py is not paired with its .ipynb (formats: {formats!r})"
     assert _cells(script) == _cells(notebook), (
         f"{name}.py and {name}.ipynb differ; run `jupytext --sync notebooks/{name}.py` "
-        f"(and re-execute the notebook if its code changed)")
+        f"(and re-execute the notebook if its code changed)"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_headless_in_fast_mode(name, monkeypatch):
     monkeypatch.setenv("JAXDL_FAST", "1")  # the kernel inherits the environment
     nb = jupytext.read(os.path.join(NOTEBOOK_DIR, name + ".py"))  # the source, no outputs
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": NOTEBOOK_DIR}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": NOTEBOOK_DIR}}
+    )
     try:
         client.execute()
     except CellExecutionError as err:

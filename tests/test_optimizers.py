@@ -31,8 +31,10 @@ def _adam_state(state):
 
 
 @pytest.mark.parametrize("make", [dl.adam, dl.adamw])
-@pytest.mark.parametrize("mu_dtype, nu_dtype", [(jnp.bfloat16, None), (None, jnp.bfloat16), (jnp.bfloat16, jnp.bfloat16),
-                                                (jnp.float16, jnp.float32)])
+@pytest.mark.parametrize(
+    "mu_dtype, nu_dtype",
+    [(jnp.bfloat16, None), (None, jnp.bfloat16), (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32)],
+)
 def test_moments_are_stored_in_the_requested_dtypes(make, mu_dtype, nu_dtype):
     tx = make(1e-3, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     for state in (tx.init(PARAMS), _trajectory(tx, 2)[1]):
@@ -48,10 +50,14 @@ def test_one_step_computes_in_float32_and_rounds_only_the_stored_moments():
     # bfloat16 fails this: b2 = 0.999 rounds to 1.0 in bfloat16.
     f32, bf = T.scale_by_adam(), T.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
     _, s = _trajectory(f32, 3)
-    s = s._replace(mu=jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), s.mu),
-                   nu=jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), s.nu))
-    s_bf = s._replace(mu=jax.tree.map(lambda x: x.astype(jnp.bfloat16), s.mu),
-                      nu=jax.tree.map(lambda x: x.astype(jnp.bfloat16), s.nu))
+    s = s._replace(
+        mu=jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), s.mu),
+        nu=jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), s.nu),
+    )
+    s_bf = s._replace(
+        mu=jax.tree.map(lambda x: x.astype(jnp.bfloat16), s.mu),
+        nu=jax.tree.map(lambda x: x.astype(jnp.bfloat16), s.nu),
+    )
     g = _grads(10)
     u32, n32 = jax.jit(f32.update)(g, s)
     ubf, nbf = jax.jit(bf.update)(g, s_bf)
@@ -59,7 +65,9 @@ def test_one_step_computes_in_float32_and_rounds_only_the_stored_moments():
         np.testing.assert_allclose(a, b, rtol=1e-6)
     for a, b in zip(jax.tree.leaves((nbf.mu, nbf.nu)), jax.tree.leaves((n32.mu, n32.nu))):
         assert a.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32)
+        )
 
 
 def test_bfloat16_moments_stay_within_bfloat16_rounding_of_the_float32_run():
@@ -83,7 +91,9 @@ def test_mu_dtype_agrees_with_optax_and_is_closer_to_float32():
     ours, s_ours = _trajectory(dl.adam(lr, mu_dtype=jnp.bfloat16), steps)
     theirs, s_theirs = _trajectory(optax.adam(lr, mu_dtype=jnp.bfloat16), steps)
     ref, _ = _trajectory(dl.adam(lr), steps)
-    assert jax.tree.map(lambda x: x.dtype, _adam_state(s_ours).mu) == jax.tree.map(lambda x: x.dtype, s_theirs[0].mu)
+    assert jax.tree.map(lambda x: x.dtype, _adam_state(s_ours).mu) == jax.tree.map(
+        lambda x: x.dtype, s_theirs[0].mu
+    )
     flat = lambda us: np.concatenate([np.ravel(x) for u in us for x in jax.tree.leaves(u)])  # noqa: E731
     a, b, r = flat(ours), flat(theirs), flat(ref)
     assert np.max(np.abs(a - b)) < 4 * 2.0**-8 * lr  # a few bfloat16 ulps of the step size
@@ -106,7 +116,9 @@ def test_moment_dtypes_work_under_vmap_and_jit():
 
 
 @pytest.mark.parametrize("arg", ["mu_dtype", "nu_dtype"])
-@pytest.mark.parametrize("value, shown", [(jnp.int32, "int32"), ("foo", "'foo'"), (jnp.complex64, "complex64"), (bool, "bool")])
+@pytest.mark.parametrize(
+    "value, shown", [(jnp.int32, "int32"), ("foo", "'foo'"), (jnp.complex64, "complex64"), (bool, "bool")]
+)
 def test_bad_moment_dtype_is_refused_at_construction(arg, value, shown):
     for make in (dl.adam, dl.adamw, lambda lr, **kw: T.scale_by_adam(**kw)):
         with pytest.raises(ValueError) as info:

@@ -35,8 +35,13 @@ def _mlp(axis_name="batch", width=32):
     # pre-activation of 7.5e-8 sits at the kink, its sign is float rounding, and the reference's
     # own gradient moves by 3e-3 under a 1e-8 change of the params.
     return L.Sequential(
-        L.Dense(width, use_bias=False), L.BatchNorm(axis_name=axis_name), L.Tanh(),
-        L.Dense(width, use_bias=False), L.BatchNorm(axis_name=axis_name), L.Tanh(), L.Dense(4),
+        L.Dense(width, use_bias=False),
+        L.BatchNorm(axis_name=axis_name),
+        L.Tanh(),
+        L.Dense(width, use_bias=False),
+        L.BatchNorm(axis_name=axis_name),
+        L.Tanh(),
+        L.Dense(4),
     )
 
 
@@ -47,6 +52,7 @@ def _run(step, state, batch):
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def test_replicate_puts_one_copy_per_device_and_unreplicate_inverts_it():
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(7), "key": jax.random.key(3)}
@@ -90,8 +96,10 @@ def test_asking_for_more_devices_than_exist_is_an_error():
 
 # ----------------------------------------------------------------------------- equivalence
 
-@pytest.mark.parametrize("make_tx", [lambda: dl.adam(1e-2), lambda: dl.sgd(0.1, momentum=0.9)],
-                         ids=["adam", "sgd_momentum"])
+
+@pytest.mark.parametrize(
+    "make_tx", [lambda: dl.adam(1e-2), lambda: dl.sgd(0.1, momentum=0.9)], ids=["adam", "sgd_momentum"]
+)
 def test_pmap_and_sharded_steps_match_single_device_steps_on_the_global_batch(make_tx):
     tx, steps = make_tx(), 4
     x, y = _data(steps)
@@ -137,8 +145,13 @@ def test_step_key_is_folded_with_the_device_index_and_the_state_key_stays_replic
         return jnp.sum(params["w"] * jax.random.uniform(key, (5,))) + 0.0 * jnp.sum(batch), (model_state, {})
 
     tx = dl.sgd(1.0)
-    state = ts.TrainState(step=jnp.int32(0), params={"w": jnp.zeros(5)}, model_state={},
-                          opt_state=tx.init({"w": jnp.zeros(5)}), key=jax.random.key(11))
+    state = ts.TrainState(
+        step=jnp.int32(0),
+        params={"w": jnp.zeros(5)},
+        model_state={},
+        opt_state=tx.init({"w": jnp.zeros(5)}),
+        key=jax.random.key(11),
+    )
     next_key, step_key = state.key, jax.random.fold_in(state.key, 0)  # step 0's key; the state's stays
     draws = np.stack([jax.random.uniform(jax.random.fold_in(step_key, d), (5,)) for d in range(D)])
     assert not np.allclose(draws[0], draws[1])
@@ -163,14 +176,18 @@ def test_step_key_is_folded_with_the_device_index_and_the_state_key_stays_replic
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_pmap_step_refuses_an_unreplicated_state_or_unsplit_batch_naming_the_leaf():
     model = _mlp()
     tx = dl.sgd(0.1)
     state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
     step = par.make_pmap_train_step(ts.supervised_loss(model), tx)
     x, y = _data(1)
-    with pytest.raises(ValueError, match=r"state leaf \.step has shape \(\).*leading device axis of 4"
-                                         r".*replicate"):
+    with pytest.raises(
+        ValueError,
+        match=r"state leaf \.step has shape \(\).*leading device axis of 4"
+        r".*replicate",
+    ):
         step(state, par.shard_batch((x[0], y[0]), D))
     two = par.replicate(state, 2)
     with pytest.raises(ValueError, match=r"state leaf \.step has shape \(2,\)"):
@@ -191,8 +208,9 @@ def test_a_batchnorm_that_does_not_sync_over_the_data_axis_is_refused(axis_name)
     with pytest.raises(ValueError, match=match):
         par.make_pmap_train_step(loss_fn, tx)(par.replicate(state), par.shard_batch((x[0], y[0]), D))
     with pytest.raises(ValueError, match=match):
-        par.make_sharded_train_step(loss_fn, tx, mesh)(par.put_state(state, mesh),
-                                                     par.put_batch((x[0], y[0]), mesh))
+        par.make_sharded_train_step(loss_fn, tx, mesh)(
+            par.put_state(state, mesh), par.put_batch((x[0], y[0]), mesh)
+        )
 
 
 def test_sharded_step_refuses_uneven_batches_and_unplaced_per_device_state():
@@ -205,11 +223,16 @@ def test_sharded_step_refuses_uneven_batches_and_unplaced_per_device_state():
     with pytest.raises(ValueError, match=r"30 examples does not split evenly over 4 devices"):
         step(par.put_state(state, mesh), (x[0], y[0]))
     x, y = _data(1)
-    with pytest.raises(ValueError, match=r"per-device state leaf \.opt_state\.residual\['batchnorm_1'\]"
-                                         r"\['beta'\] has shape \(1, 32\).*put_state"):
+    with pytest.raises(
+        ValueError,
+        match=r"per-device state leaf \.opt_state\.residual\['batchnorm_1'\]"
+        r"\['beta'\] has shape \(1, 32\).*put_state",
+    ):
         step(state, (x[0], y[0]))
     with pytest.raises(ValueError, match="exchanges gradients over axis_name='data'"):
-        par.make_sharded_train_step(ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh)
+        par.make_sharded_train_step(
+            ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh
+        )
     with pytest.raises(ValueError, match="mode="):
         par.onebit_allreduce(dl.sgd(0.1), mode="two_bit")
 
@@ -226,8 +249,11 @@ def _numpy_pack(x):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from([0, 1, 7, 31, 32, 33, 95]).flatmap(
-    lambda n: st.lists(st.floats(width=32), min_size=n, max_size=n)))
+@given(
+    st.sampled_from([0, 1, 7, 31, 32, 33, 95]).flatmap(
+        lambda n: st.lists(st.floats(width=32), min_size=n, max_size=n)
+    )
+)
 def test_pack_signs_matches_numpy_packbits_and_unpacks_exactly(values):
     # Any float32, subnormals, +-0, +-inf and NaN included: the bit is the IEEE sign bit.
     x = np.asarray(values, np.float32)
@@ -239,12 +265,13 @@ def test_pack_signs_matches_numpy_packbits_and_unpacks_exactly(values):
 
 def test_pack_signs_exhaustively_on_every_sign_pattern_of_small_sizes():
     for n in (1, 5, 10):  # every pattern
-        bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
+        bits = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
         _check_patterns(bits)
     rng = np.random.default_rng(0)
     for n in (31, 32, 33, 65):  # all-negative, all-positive and random patterns
-        _check_patterns(np.concatenate([np.zeros((1, n), int), np.ones((1, n), int),
-                                        rng.integers(0, 2, (200, n))]))
+        _check_patterns(
+            np.concatenate([np.zeros((1, n), int), np.ones((1, n), int), rng.integers(0, 2, (200, n))])
+        )
 
 
 def _check_patterns(bits):
@@ -272,8 +299,10 @@ def test_onebit_step_applies_the_decoded_mean_and_keeps_the_residual_per_device(
         params = [np.asarray(p, np.float64) for p in jax.tree.leaves(sharded.params)]
         # Each device's gradient on its own 16 examples, computed here on one device.
         grad_of = jax.grad(lambda p, xb, yb: loss_fn(p, {}, (xb, yb))[0])
-        per_device = [jax.tree.leaves(grad_of(sharded.params, x[i][16 * d:16 * (d + 1)],
-                                              y[i][16 * d:16 * (d + 1)])) for d in range(D)]
+        per_device = [
+            jax.tree.leaves(grad_of(sharded.params, x[i][16 * d : 16 * (d + 1)], y[i][16 * d : 16 * (d + 1)]))
+            for d in range(D)
+        ]
         grads = [np.stack(leaf) for leaf in zip(*per_device)]
         sharded, metrics = _run(step, sharded, par.put_batch((x[i], y[i]), mesh))
         got_residual = jax.tree.leaves(sharded.opt_state.residual.value)
@@ -305,8 +334,13 @@ def test_onebit_nonfinite_gradient_on_one_device_skips_the_step_on_every_device(
         return jnp.mean(jnp.sqrt(jnp.abs(batch * params["w"]))), (model_state, {})
 
     tx = par.onebit_allreduce(dl.sgd(0.1), mode="majority_vote")
-    state = ts.TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)}, model_state={},
-                          opt_state=tx.init({"w": jnp.ones(3)}), key=jax.random.key(0))
+    state = ts.TrainState(
+        step=jnp.int32(0),
+        params={"w": jnp.ones(3)},
+        model_state={},
+        opt_state=tx.init({"w": jnp.ones(3)}),
+        key=jax.random.key(0),
+    )
     batch = np.ones((D * 2, 3), np.float32)
     batch[0, 1] = 0.0  # device 0's shard
     pstate = par.replicate(state)
@@ -328,8 +362,7 @@ def _mnist(flat=True):
 @pytest.mark.slow
 def test_onebit_error_feedback_trains_mnist5k_to_within_half_a_point_of_full_precision():
     (x, y), (x_test, y_test) = _mnist()
-    model = L.Sequential(L.Dense(128, use_bias=False), L.BatchNorm(axis_name="batch"), L.Relu(),
-                         L.Dense(10))
+    model = L.Sequential(L.Dense(128, use_bias=False), L.BatchNorm(axis_name="batch"), L.Relu(), L.Dense(10))
     loss_fn = ts.supervised_loss(model)
     evaluate = ts.make_eval_step(loss_fn)
     mesh = par.data_mesh()
@@ -351,16 +384,23 @@ def test_onebit_error_feedback_trains_mnist5k_to_within_half_a_point_of_full_pre
 
 # ----------------------------------------------------------------------------- collective bytes
 
+
 def test_collective_bytes_counts_the_operands_of_each_collective():
     mesh = par.data_mesh()
 
     def body(a, b, c):
-        return (lax.psum(a, "batch"), lax.all_gather(b, "batch"),
-                lax.psum_scatter(c, "batch", tiled=True),
-                lax.ppermute(a, "batch", [(i, (i + 1) % D) for i in range(D)]))
+        return (
+            lax.psum(a, "batch"),
+            lax.all_gather(b, "batch"),
+            lax.psum_scatter(c, "batch", tiled=True),
+            lax.ppermute(a, "batch", [(i, (i + 1) % D) for i in range(D)]),
+        )
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=(P(), P(), P("batch"), P("batch")),
-                              check_vma=False))
+    f = jax.jit(
+        jax.shard_map(
+            body, mesh=mesh, in_specs=P(), out_specs=(P(), P(), P("batch"), P("batch")), check_vma=False
+        )
+    )
     args = (jnp.ones(1000, jnp.float32), jnp.ones(10, jnp.uint32), jnp.ones(16, jnp.float32))
     got = par.collective_bytes(f.lower(*args))
     assert got["all-reduce"] == 4000 and got["all-gather"] == 40
@@ -381,8 +421,16 @@ def test_collective_bytes_counts_the_operands_of_each_collective():
 
 def _big_model():
     # 1.25M parameters; BatchNorm on a 256-wide layer (its statistics are exchanged in fp32).
-    return L.Sequential(L.Dense(256, use_bias=False), L.BatchNorm(axis_name="batch"), L.Relu(),
-                        L.Dense(2048), L.Relu(), L.Dense(256), L.Relu(), L.Dense(10))
+    return L.Sequential(
+        L.Dense(256, use_bias=False),
+        L.BatchNorm(axis_name="batch"),
+        L.Relu(),
+        L.Dense(2048),
+        L.Relu(),
+        L.Dense(256),
+        L.Relu(),
+        L.Dense(10),
+    )
 
 
 @pytest.mark.slow
@@ -411,6 +459,7 @@ def test_onebit_step_exchanges_at_most_a_thirtieth_of_the_fp32_all_reduce_bytes(
 
 # ----------------------------------------------------------------------------- placement
 
+
 def test_shard_batch_defaults_to_the_local_device_count_like_flax_common_utils_shard():
     from flax.training.common_utils import shard
 
@@ -431,11 +480,13 @@ def test_put_batch_along_axis_1_shards_each_stacked_batch_over_the_devices():
     assert xb.shape == (3, 8, 2) and xb.sharding.spec == P(None, "batch")
     for shard in xb.addressable_shards:
         d = mesh.devices.tolist().index(shard.device)
-        np.testing.assert_array_equal(shard.data, x[:, 2 * d:2 * (d + 1)])
+        np.testing.assert_array_equal(shard.data, x[:, 2 * d : 2 * (d + 1)])
     np.testing.assert_array_equal(yb, y)
     with pytest.raises(ValueError, match=r"10 examples does not split evenly over 4 devices"):
         par.put_batch(np.zeros((3, 10)), mesh, batch_axis=1)
-    with pytest.raises(ValueError, match=r"disagree on the number of stacked batches: \[0\] has 3, \[1\] has 2"):
+    with pytest.raises(
+        ValueError, match=r"disagree on the number of stacked batches: \[0\] has 3, \[1\] has 2"
+    ):
         par.put_batch((np.zeros((3, 8)), np.zeros((2, 8))), mesh, batch_axis=1)
     with pytest.raises(ValueError, match=r"batch leaf \[1\] has shape \(8,\); every leaf needs axes \(K"):
         par.put_batch((np.zeros((3, 8)), np.zeros(8)), mesh, batch_axis=1)
@@ -459,8 +510,10 @@ def test_put_batch_moves_a_device_array_without_a_round_trip_through_the_host(ba
 
 # ----------------------------------------------------------------------------- scan-fused sharded loop
 
-@pytest.mark.parametrize("make_tx", [lambda: dl.adam(1e-2), lambda: dl.sgd(0.1, momentum=0.9)],
-                         ids=["adam", "sgd_momentum"])
+
+@pytest.mark.parametrize(
+    "make_tx", [lambda: dl.adam(1e-2), lambda: dl.sgd(0.1, momentum=0.9)], ids=["adam", "sgd_momentum"]
+)
 def test_sharded_loop_equals_sharded_steps_and_single_device_steps_on_the_global_batches(make_tx):
     tx, steps = make_tx(), 4
     x, y = _data(steps)
@@ -496,22 +549,24 @@ def test_sharded_loop_equals_sharded_steps_and_single_device_steps_on_the_global
 def test_sharded_loop_carries_dropout_keys_and_the_onebit_residual_like_single_sharded_steps():
     # Dropout: step k draws from fold_in(fold_in(key, k), device) in both; one-bit: the per-device
     # residual (P(axis)) is carried through the scan.
-    model = L.Sequential(L.Dense(16), L.BatchNorm(axis_name="batch"), L.Relu(), L.Dropout(0.5),
-                         L.Dense(4))
+    model = L.Sequential(L.Dense(16), L.BatchNorm(axis_name="batch"), L.Relu(), L.Dropout(0.5), L.Dense(4))
     tx = par.onebit_allreduce(dl.sgd(0.1, momentum=0.9))
     mesh = par.data_mesh()
     loss_fn = ts.supervised_loss(model)
     state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(3), (8,)), mesh)
     x, y = _data(3)
-    looped, m_loop = _run(par.make_sharded_train_loop(loss_fn, tx, mesh), state,
-                          par.put_batch((x, y), mesh, batch_axis=1))
+    looped, m_loop = _run(
+        par.make_sharded_train_loop(loss_fn, tx, mesh), state, par.put_batch((x, y), mesh, batch_axis=1)
+    )
     step = par.make_sharded_train_step(loss_fn, tx, mesh)
     for i in range(3):
         state, m = _run(step, state, par.put_batch((x[i], y[i]), mesh))
         np.testing.assert_allclose(m_loop["loss"][i], m["loss"], rtol=1e-5)
     residual = jax.tree.leaves(looped.opt_state.residual.value)
     assert residual[0].shape[0] == D and not np.allclose(residual[0][0], residual[0][1])
-    for a, b in zip(jax.tree.leaves((looped.params, looped.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+    for a, b in zip(
+        jax.tree.leaves((looped.params, looped.opt_state)), jax.tree.leaves((state.params, state.opt_state))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -522,8 +577,11 @@ def test_sharded_loop_refuses_uneven_batches_unplaced_state_and_unsynced_batchno
     state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
     loop = par.make_sharded_train_loop(ts.supervised_loss(model), tx, mesh)
     x, y = _data(2, n=30)
-    with pytest.raises(ValueError, match=r"make_sharded_train_loop: the global batch of 30 examples "
-                                         r"does not split evenly over 4 devices"):
+    with pytest.raises(
+        ValueError,
+        match=r"make_sharded_train_loop: the global batch of 30 examples "
+        r"does not split evenly over 4 devices",
+    ):
         loop(par.put_state(state, mesh), (x, y))
     x, y = _data(2)
     with pytest.raises(ValueError, match=r"per-device state leaf \.opt_state\.residual.*put_state"):
@@ -534,9 +592,12 @@ def test_sharded_loop_refuses_uneven_batches_unplaced_state_and_unsynced_batchno
     plain = ts.TrainState.create(unsynced, dl.sgd(0.1), jax.random.key(0), (8,))
     with pytest.raises(ValueError, match=r"diverge across replicas.*axis_name='batch'"):
         par.make_sharded_train_loop(ts.supervised_loss(unsynced), dl.sgd(0.1), mesh)(
-            par.put_state(plain, mesh), par.put_batch((x, y), mesh, batch_axis=1))
+            par.put_state(plain, mesh), par.put_batch((x, y), mesh, batch_axis=1)
+        )
     with pytest.raises(ValueError, match="exchanges gradients over axis_name='data'"):
-        par.make_sharded_train_loop(ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh)
+        par.make_sharded_train_loop(
+            ts.supervised_loss(model), par.onebit_allreduce(dl.sgd(0.1), "data"), mesh
+        )
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         par.make_sharded_train_loop(ts.supervised_loss(model), tx, "batch")
 
@@ -548,16 +609,19 @@ def test_sharded_loop_lowers_to_one_program_whose_collectives_are_the_steps():
     loss_fn = ts.supervised_loss(model)
     state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (8,)), mesh)
     x, y = _data(5)
-    one = par.collective_bytes(par.make_sharded_train_step(loss_fn, tx, mesh).lower(
-        state, par.put_batch((x[0], y[0]), mesh)))
-    block = par.collective_bytes(par.make_sharded_train_loop(loss_fn, tx, mesh).lower(
-        state, par.put_batch((x, y), mesh, batch_axis=1)))
+    one = par.collective_bytes(
+        par.make_sharded_train_step(loss_fn, tx, mesh).lower(state, par.put_batch((x[0], y[0]), mesh))
+    )
+    block = par.collective_bytes(
+        par.make_sharded_train_loop(loss_fn, tx, mesh).lower(state, par.put_batch((x, y), mesh, batch_axis=1))
+    )
     n = sum(p.size for p in jax.tree.leaves(state.params))
     # The scan body holds one step's collectives (run K times): the gradient all-reduce included.
     assert one["all-reduce"] >= 4 * n and block["all-reduce"] == one["all-reduce"]
 
 
 # ----------------------------------------------------------------------------- module layout
+
 
 def test_train_step_does_not_import_parallel_and_the_old_names_still_resolve():
     import ast
@@ -566,10 +630,15 @@ def test_train_step_does_not_import_parallel_and_the_old_names_still_resolve():
     root = pathlib.Path(dl.__file__).parent
     tree = ast.parse((root / "train_step.py").read_text())
     imported = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)] + [
-        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    ]
     assert not [m for m in imported if m and m.startswith("jaxdl.parallel")]
-    assert not any(isinstance(node, ast.ImportFrom) and node.module == "jaxdl"
-                   and any(a.name == "parallel" for a in node.names) for node in tree.body)
+    assert not any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "jaxdl"
+        and any(a.name == "parallel" for a in node.names)
+        for node in tree.body
+    )
     # No module of jaxdl.parallel reaches into another module's private helpers.
     for path in (root / "parallel").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

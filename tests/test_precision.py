@@ -29,7 +29,11 @@ def _state(model, tx, shape=(6,), **kw):
 
 def test_named_policies():
     bf16 = P.get_policy("bf16")
-    assert (bf16.param_dtype, bf16.compute_dtype, bf16.output_dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    assert (bf16.param_dtype, bf16.compute_dtype, bf16.output_dtype) == (
+        jnp.float32,
+        jnp.bfloat16,
+        jnp.float32,
+    )
     assert bf16 == dl.Policy(jnp.float32, jnp.bfloat16, jnp.float32)
     assert P.get_policy("fp16").compute_dtype == jnp.float16
     assert P.get_policy("fp32") is None and P.get_policy(None) is None
@@ -37,11 +41,16 @@ def test_named_policies():
 
 def test_bad_settings_are_refused_at_construction():
     loss, tx = ts.supervised_loss(_mlp()), dl.sgd(0.1)
-    with pytest.raises(ValueError, match=r"make_train_step: precision='int8' is unknown; expected one of fp32, bf16, fp16"):
+    with pytest.raises(
+        ValueError, match=r"make_train_step: precision='int8' is unknown; expected one of fp32, bf16, fp16"
+    ):
         ts.make_train_step(loss, tx, precision="int8")
     with pytest.raises(ValueError, match=r"make_train_loop: loss_scale='static' is unknown"):
         ts.make_train_loop(loss, tx, loss_scale="static")
-    with pytest.raises(ValueError, match=r"make_train_step: loss_scale=-1.0 is out of range; expected finite loss_scale with 0 < loss_scale"):
+    with pytest.raises(
+        ValueError,
+        match=r"make_train_step: loss_scale=-1.0 is out of range; expected finite loss_scale with 0 < loss_scale",
+    ):
         ts.make_train_step(loss, tx, loss_scale=-1.0)
     with pytest.raises(ValueError, match=r"Policy: compute_dtype=.*int32.* is not a floating dtype"):
         dl.Policy(compute_dtype=jnp.int32)
@@ -103,7 +112,9 @@ def test_static_loss_scale_gives_the_unscaled_gradient():
     model, tx = _mlp(), dl.sgd(0.1)
     loss = ts.supervised_loss(model)
     ref, _ = ts.make_train_step(loss, tx)(_state(model, tx), _data())
-    new, metrics = ts.make_train_step(loss, tx, loss_scale=1024.0)(_state(model, tx, loss_scale=1024.0), _data())
+    new, metrics = ts.make_train_step(loss, tx, loss_scale=1024.0)(
+        _state(model, tx, loss_scale=1024.0), _data()
+    )
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(new.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert float(metrics["loss_scale"]) == 1024.0 and float(new.loss_scale.scale) == 1024.0
@@ -124,9 +135,14 @@ def test_dynamic_loss_scale_follows_torch_gradscaler_and_skips_overflows():
     rng = np.random.default_rng(0)
     x, t = rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(8, 2)).astype(np.float32)
     w0 = rng.normal(size=(3, 2)).astype(np.float32)
-    state = ts.TrainState(step=jnp.int32(0), params={"w": jnp.asarray(w0)}, model_state={},
-                          opt_state=tx.init({"w": jnp.asarray(w0)}), key=jax.random.key(0),
-                          loss_scale=rule.init())
+    state = ts.TrainState(
+        step=jnp.int32(0),
+        params={"w": jnp.asarray(w0)},
+        model_state={},
+        opt_state=tx.init({"w": jnp.asarray(w0)}),
+        key=jax.random.key(0),
+        loss_scale=rule.init(),
+    )
     step = ts.make_train_step(_overflow_loss, tx, loss_scale=rule)
     scales, skipped = [], []
     for flag in pattern:
@@ -135,13 +151,20 @@ def test_dynamic_loss_scale_follows_torch_gradscaler_and_skips_overflows():
         scales.append(float(state.loss_scale.scale))
         skipped.append(int(metrics["nonfinite"]))
         if flag:  # parameters and optimizer state are those before the step
-            assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
-                                                            jax.tree.leaves((state.params, state.opt_state))))
+            assert all(
+                np.array_equal(a, b)
+                for a, b in zip(
+                    jax.tree.leaves((before.params, before.opt_state)),
+                    jax.tree.leaves((state.params, state.opt_state)),
+                )
+            )
     assert skipped == pattern
     # PyTorch's GradScaler with the same rule and the same overflow pattern
     w = torch.nn.Parameter(torch.tensor(w0))
     opt = torch.optim.Adam([w], lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2, growth_factor=2.0, backoff_factor=0.5)
+    scaler = torch.amp.GradScaler(
+        "cpu", init_scale=8.0, growth_interval=2, growth_factor=2.0, backoff_factor=0.5
+    )
     torch_scales = []
     for flag in pattern:
         opt.zero_grad()
@@ -170,9 +193,13 @@ def test_loss_scale_and_ema_are_checkpointed_and_resume_bitwise(tmp_path):
     save_checkpoint(str(tmp_path / "ckpt"), half)
     restored = restore_checkpoint(str(tmp_path / "ckpt"), half)
     resumed, _ = loop(restored, jax.tree.map(lambda b: b[2:], batches))
-    assert float(full.loss_scale.scale) == 2.0 ** 17  # grew twice: 4 finite steps, interval 2
+    assert float(full.loss_scale.scale) == 2.0**17  # grew twice: 4 finite steps, interval 2
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
-        a, b = (jax.random.key_data(a), jax.random.key_data(b)) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else (a, b)
+        a, b = (
+            (jax.random.key_data(a), jax.random.key_data(b))
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+            else (a, b)
+        )
         assert np.array_equal(a, b)
 
 
@@ -198,7 +225,9 @@ def test_sweep_over_initial_loss_scales_compiles_once_and_equals_single_runs():
     single = ts.TrainState.create(model, tx, jax.random.key(0), (6,), loss_scale="dynamic")
     single = single.replace(loss_scale=single.loss_scale.replace(scale=jnp.float32(64.0)))
     single, _ = ts.make_train_loop(loss, tx, precision="bf16", loss_scale="dynamic")(single, batches)
-    np.testing.assert_allclose(res["state"].params["dense_0"]["w"][1], single.params["dense_0"]["w"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        res["state"].params["dense_0"]["w"][1], single.params["dense_0"]["w"], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_sharded_step_with_precision_loss_scale_and_ema_equals_the_single_step():
@@ -208,8 +237,12 @@ def test_sharded_step_with_precision_loss_scale_and_ema_equals_the_single_step()
     state = _state(model, tx, loss_scale="dynamic", ema=0.5)
     ref, ref_metrics = ts.make_train_step(loss, tx, **kw)(state, _data())
     mesh = parallel.data_mesh(2)
-    new, metrics = parallel.make_sharded_train_step(loss, tx, mesh, **kw)(parallel.put_state(state, mesh), _data())
-    for a, b in zip(jax.tree.leaves((ref.params, ref.ema_params, ref.loss_scale)),
-                    jax.tree.leaves((new.params, new.ema_params, new.loss_scale))):
+    new, metrics = parallel.make_sharded_train_step(loss, tx, mesh, **kw)(
+        parallel.put_state(state, mesh), _data()
+    )
+    for a, b in zip(
+        jax.tree.leaves((ref.params, ref.ema_params, ref.loss_scale)),
+        jax.tree.leaves((new.params, new.ema_params, new.loss_scale)),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert float(metrics["loss_scale"]) == float(ref_metrics["loss_scale"]) == 2.0 ** 15
+    assert float(metrics["loss_scale"]) == float(ref_metrics["loss_scale"]) == 2.0**15

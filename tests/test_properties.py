@@ -58,7 +58,9 @@ TRANSFORMS = {
     "skip_nonfinite": lambda: T.skip_nonfinite(T.scale_by_adam()),
     "masked": lambda: T.masked(T.momentum(0.9), lambda p: jax.tree.map(lambda x: x.ndim > 0, p)),
     "freeze": lambda: T.freeze(lambda p: jax.tree.map(lambda x: x.ndim == 0, p)),
-    "chain": lambda: T.chain(T.clip_by_global_norm(1.0), T.add_noise(0.01), T.scale_by_adam(), T.scale_by_learning_rate(0.1)),
+    "chain": lambda: T.chain(
+        T.clip_by_global_norm(1.0), T.add_noise(0.01), T.scale_by_adam(), T.scale_by_learning_rate(0.1)
+    ),
     "sgd": lambda: dl.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
     "adagrad": lambda: dl.adagrad(0.1),
     "rmsprop": lambda: dl.rmsprop(0.1, centered=True, momentum=0.5),

@@ -29,8 +29,14 @@ def _closed(f):
         (S.inverse_time_decay(0.5, decay=0.1), lambda k: 0.5 / (1 + 0.1 * k)),
         (S.inverse_sqrt_decay(0.2), lambda k: 0.2 / math.sqrt(1 + k)),
         (S.step_decay(1.0, 0.5, every=7), lambda k: 0.5 ** (k // 7)),
-        (S.cosine_decay(1.0, 40, final=0.1), lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * min(k, 40) / 40))),
-        (S.warmup(S.inverse_time_decay(0.5, 0.1), 10), lambda k: 0.5 * k / 10 if k < 10 else 0.5 / (1 + 0.1 * (k - 10))),
+        (
+            S.cosine_decay(1.0, 40, final=0.1),
+            lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * min(k, 40) / 40)),
+        ),
+        (
+            S.warmup(S.inverse_time_decay(0.5, 0.1), 10),
+            lambda k: 0.5 * k / 10 if k < 10 else 0.5 / (1 + 0.1 * (k - 10)),
+        ),
     ],
     ids=["constant", "linear", "inverse_time", "inverse_sqrt", "step", "cosine", "warmup"],
 )
@@ -66,7 +72,9 @@ def test_schedules_are_jit_safe_and_compile_once():
 
 def test_schedules_vmap_over_steps_and_traced_init():
     ks = jnp.arange(5)
-    np.testing.assert_allclose(jax.vmap(S.inverse_sqrt_decay(1.0))(ks), 1 / np.sqrt(1 + np.arange(5)), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(S.inverse_sqrt_decay(1.0))(ks), 1 / np.sqrt(1 + np.arange(5)), rtol=1e-6
+    )
     inits = jnp.array([0.1, 1.0])
     out = jax.vmap(lambda i: S.inverse_time_decay(i, 1.0)(3))(inits)
     np.testing.assert_allclose(out, inits / 4, rtol=1e-6)

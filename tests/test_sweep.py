@@ -67,9 +67,20 @@ def test_sweep_equals_python_loop_of_single_runs():
     loss_fn = ts.supervised_loss(model)
     batches, eval_batch = _batches(0), jax.tree.map(lambda a: a[0], _batches(1))
     hp = sw.grid(lr=[0.3, 0.03], momentum=[0.0, 0.9])
-    res = sw.sweep(loss_fn, lambda lr, momentum: dl.sgd(lr, momentum), model, (D,), batches,
-                   seeds=[3, 7], hparams=hp, eval_batch=eval_batch, return_state=True)
-    assert res["loss"].shape == (8, K) and res["final_loss"].shape == (8,) and res["eval_accuracy"].shape == (8,)
+    res = sw.sweep(
+        loss_fn,
+        lambda lr, momentum: dl.sgd(lr, momentum),
+        model,
+        (D,),
+        batches,
+        seeds=[3, 7],
+        hparams=hp,
+        eval_batch=eval_batch,
+        return_state=True,
+    )
+    assert (
+        res["loss"].shape == (8, K) and res["final_loss"].shape == (8,) and res["eval_accuracy"].shape == (8,)
+    )
     np.testing.assert_array_equal(res["seed"], [3] * 4 + [7] * 4)  # seed major
     np.testing.assert_array_equal(res["lr"], np.tile(hp["lr"].astype(np.float32), 2))
     reference = _reference(model, loss_fn, lambda lr, momentum: dl.sgd(lr, momentum))
@@ -82,8 +93,10 @@ def test_sweep_equals_python_loop_of_single_runs():
         _close(res["eval_loss"][r], ev["loss"])
         _close(res["eval_accuracy"][r], ev["accuracy"])
         run_state = jax.tree.map(lambda a: a[r], res["state"])
-        for a, b in zip(jax.tree.leaves((run_state.params, run_state.model_state)),
-                        jax.tree.leaves((state.params, state.model_state))):
+        for a, b in zip(
+            jax.tree.leaves((run_state.params, run_state.model_state)),
+            jax.tree.leaves((state.params, state.model_state)),
+        ):
             _close(a, b)
     # also against the plain un-jitted call with Python floats, for one run
     _, metrics, _ = _single_run(model, loss_fn, dl.sgd(0.03, 0.9), 7, batches)
@@ -98,8 +111,16 @@ def test_init_scale_sweep_equals_scaled_single_runs_including_zero_init():
     loss_fn = ts.supervised_loss(model)
     batches = _batches(2)
     scales = np.array([0.0, 0.1, 1.0], np.float32)
-    res = sw.sweep(loss_fn, lambda lr: dl.sgd(lr), model, (D,), batches, seeds=1,
-                   hparams={"lr": 0.1, "init_scale": scales}, return_state=True)
+    res = sw.sweep(
+        loss_fn,
+        lambda lr: dl.sgd(lr),
+        model,
+        (D,),
+        batches,
+        seeds=1,
+        hparams={"lr": 0.1, "init_scale": scales},
+        return_state=True,
+    )
     reference = _reference(model, loss_fn, lambda: dl.sgd(0.1))
     for r, s in enumerate(scales):
         state, metrics, _ = reference(1, {}, batches, init_scale=float(s))
@@ -121,8 +142,9 @@ def test_optimizer_key_gives_each_seed_its_own_gradient_noise():
     def make(eta, key):
         return dl.chain(dl.add_noise(eta, key=key), dl.scale_by_learning_rate(0.1))
 
-    res = sw.sweep(loss_fn, make, model, (D,), batches, seeds=[0, 1], hparams={"eta": [0.0, 1.0]},
-                   return_state=True)
+    res = sw.sweep(
+        loss_fn, make, model, (D,), batches, seeds=[0, 1], hparams={"eta": [0.0, 1.0]}, return_state=True
+    )
     reference = _reference(model, loss_fn, make)
     for r in range(4):
         seed, eta = int(res["seed"][r]), float(res["eta"][r])
@@ -147,11 +169,35 @@ def test_new_hyperparameter_values_and_seeds_do_not_recompile():
         return dl.chain(dl.add_noise(eta, key=key), dl.add_weight_decay(decay), dl.adam(lr))
 
     common = dict(seeds=[0, 1])
-    a = sw.sweep(loss_fn, make, model, (D,), batches, hparams={"lr": [1e-3, 1e-2], "decay": [0.0, 1e-3], "eta": 0.0}, **common)
+    a = sw.sweep(
+        loss_fn,
+        make,
+        model,
+        (D,),
+        batches,
+        hparams={"lr": [1e-3, 1e-2], "decay": [0.0, 1e-3], "eta": 0.0},
+        **common,
+    )
     n = len(traces)
     assert n >= 1
-    b = sw.sweep(loss_fn, make, model, (D,), batches, hparams={"lr": [3e-2, 1e-1], "decay": [1e-2, 0.0], "eta": 0.01}, **common)
-    c = sw.sweep(loss_fn, make, model, (D,), batches, hparams={"lr": [1e-3, 1e-2], "decay": [0.0, 1e-3], "eta": 0.0}, seeds=[5, 6])
+    b = sw.sweep(
+        loss_fn,
+        make,
+        model,
+        (D,),
+        batches,
+        hparams={"lr": [3e-2, 1e-1], "decay": [1e-2, 0.0], "eta": 0.01},
+        **common,
+    )
+    c = sw.sweep(
+        loss_fn,
+        make,
+        model,
+        (D,),
+        batches,
+        hparams={"lr": [1e-3, 1e-2], "decay": [0.0, 1e-3], "eta": 0.0},
+        seeds=[5, 6],
+    )
     assert len(traces) == n, "new hyperparameter values or seeds retraced the sweep"
     # ... and the values are really used, not baked in as constants of the first trace
     assert not np.allclose(a["loss"][:, -1], b["loss"][:, -1])
@@ -176,7 +222,9 @@ def test_sweep_rejects_bad_arguments_with_clear_messages():
     model = L.Sequential(L.Dense(C))
     loss_fn, batches = ts.supervised_loss(model), _batches(0, k=2)
     with pytest.raises(ValueError, match="zipped"):
-        sw.sweep(loss_fn, dl.sgd, model, (D,), batches, hparams={"lr": [0.1, 0.2], "momentum": [0.1, 0.2, 0.3]})
+        sw.sweep(
+            loss_fn, dl.sgd, model, (D,), batches, hparams={"lr": [0.1, 0.2], "momentum": [0.1, 0.2, 0.3]}
+        )
     with pytest.raises(ValueError, match="seeds"):
         sw.sweep(loss_fn, dl.sgd, model, (D,), batches, seeds=[0.5], hparams={"lr": 0.1})
     with pytest.raises(ValueError, match="non-finite"):
@@ -197,8 +245,18 @@ def _quadratic_problem(steps=4):
 
 def test_coarse_to_fine_narrows_around_the_best_learning_rate():
     model, loss_fn, batches = _quadratic_problem()
-    res = sw.coarse_to_fine(loss_fn, lambda lr: dl.sgd(lr), model, (1,), batches,
-                            ranges={"lr": (1e-3, 10.0)}, stages=3, num_samples=12, keep=0.25, key=0)
+    res = sw.coarse_to_fine(
+        loss_fn,
+        lambda lr: dl.sgd(lr),
+        model,
+        (1,),
+        batches,
+        ranges={"lr": (1e-3, 10.0)},
+        stages=3,
+        num_samples=12,
+        keep=0.25,
+        key=0,
+    )
     assert len(res.stages) == 3 and len(res.ranges) == 3
     for stage, table in enumerate(res.stages):
         lo, hi = res.ranges[stage]["lr"]
@@ -227,13 +285,30 @@ def test_coarse_to_fine_averages_seeds_and_calls_batches_per_stage():
         asked.append(stage)
         return batches
 
-    res = sw.coarse_to_fine(loss_fn, lambda lr, momentum: dl.sgd(lr, momentum), model, (1,), stage_batches,
-                            ranges={"lr": (0.01, 1.0)}, fixed={"momentum": 0.5}, stages=2, num_samples=4,
-                            keep=0.5, seeds=[0, 1])
+    res = sw.coarse_to_fine(
+        loss_fn,
+        lambda lr, momentum: dl.sgd(lr, momentum),
+        model,
+        (1,),
+        stage_batches,
+        ranges={"lr": (0.01, 1.0)},
+        fixed={"momentum": 0.5},
+        stages=2,
+        num_samples=4,
+        keep=0.5,
+        seeds=[0, 1],
+    )
     assert asked == [0, 1]
     t = res.stages[0]
-    per_seed = sw.sweep(loss_fn, lambda lr, momentum: dl.sgd(lr, momentum), model, (1,), batches,
-                        seeds=[0, 1], hparams={"lr": t["lr"], "momentum": 0.5})
+    per_seed = sw.sweep(
+        loss_fn,
+        lambda lr, momentum: dl.sgd(lr, momentum),
+        model,
+        (1,),
+        batches,
+        seeds=[0, 1],
+        hparams={"lr": t["lr"], "momentum": 0.5},
+    )
     _close(t["score"], per_seed["final_loss"].reshape(2, 4).mean(0), tol=1e-6)
     with pytest.raises(ValueError, match="both searched and fixed"):
         sw.coarse_to_fine(loss_fn, dl.sgd, model, (1,), batches, ranges={"lr": (0.1, 1)}, fixed={"lr": 0.1})

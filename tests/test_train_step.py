@@ -21,17 +21,25 @@ def _data(n=128, d=8, classes=4, seed=0):
 
 def _mlp(dropout=0.1, bias_before_bn=False):
     return L.Sequential(
-        L.Dense(32, use_bias=bias_before_bn), L.BatchNorm(), L.Relu(), L.Dropout(dropout),
-        L.Dense(32), L.Relu(), L.Dense(4),
+        L.Dense(32, use_bias=bias_before_bn),
+        L.BatchNorm(),
+        L.Relu(),
+        L.Dropout(dropout),
+        L.Dense(32),
+        L.Relu(),
+        L.Dense(4),
     )
 
 
 def _leaves_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(
-        np.array_equal(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
-                       jax.random.key_data(y) if jnp.issubdtype(y.dtype, jax.dtypes.prng_key) else y)
-        for x, y in zip(la, lb))
+        np.array_equal(
+            jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+            jax.random.key_data(y) if jnp.issubdtype(y.dtype, jax.dtypes.prng_key) else y,
+        )
+        for x, y in zip(la, lb)
+    )
 
 
 def test_train_state_is_a_pytree_built_from_model_and_optimizer():
@@ -77,8 +85,13 @@ def test_key_is_split_every_step_so_dropout_never_repeats():
         mask = jax.random.bernoulli(key, 0.5, (64,))
         return jnp.sum(params["w"] ** 2), (model_state, {"mask": mask})
 
-    state = ts.TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)}, model_state={},
-                          opt_state=dl.sgd(0.1).init({"w": jnp.ones(3)}), key=jax.random.key(0))
+    state = ts.TrainState(
+        step=jnp.int32(0),
+        params={"w": jnp.ones(3)},
+        model_state={},
+        opt_state=dl.sgd(0.1).init({"w": jnp.ones(3)}),
+        key=jax.random.key(0),
+    )
     step = ts.make_train_step(loss_fn, dl.sgd(0.1))
     for _ in range(4):
         state, m = step(state, None)
@@ -144,8 +157,10 @@ def test_scan_loop_ends_in_the_same_state_as_single_steps():
     np.testing.assert_allclose(metrics["loss"], losses, rtol=1e-6)
     np.testing.assert_array_equal(jax.random.key_data(looped.key), jax.random.key_data(single.key))
     assert int(looped.step) == k
-    for a, b in zip(jax.tree.leaves((looped.params, looped.model_state, looped.opt_state)),
-                    jax.tree.leaves((single.params, single.model_state, single.opt_state))):
+    for a, b in zip(
+        jax.tree.leaves((looped.params, looped.model_state, looped.opt_state)),
+        jax.tree.leaves((single.params, single.model_state, single.opt_state)),
+    ):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -190,7 +205,9 @@ def test_step_trains_a_model_wrapped_from_flax():
 
 
 def _train_to_accuracy(tx, steps=150):
-    model = L.Sequential(L.Dense(64), L.BatchNorm(), L.Relu(), L.Dropout(0.1), L.Dense(64), L.Relu(), L.Dense(4))
+    model = L.Sequential(
+        L.Dense(64), L.BatchNorm(), L.Relu(), L.Dropout(0.1), L.Dense(64), L.Relu(), L.Dense(4)
+    )
     x, y = _data(n=256, seed=7)
     state = ts.TrainState.create(model, tx, jax.random.key(8), (8,))
     loss_fn = ts.supervised_loss(model)
@@ -205,8 +222,12 @@ def test_end_to_end_mlp_with_batchnorm_and_dropout_reaches_full_training_accurac
 
 
 def test_end_to_end_with_a_hand_built_chain():
-    tx = dl.chain(dl.clip_by_global_norm(1.0), dl.add_noise(0.001, key=3), dl.momentum(0.9),
-                  dl.scale_by_learning_rate(0.05))
+    tx = dl.chain(
+        dl.clip_by_global_norm(1.0),
+        dl.add_noise(0.001, key=3),
+        dl.momentum(0.9),
+        dl.scale_by_learning_rate(0.05),
+    )
     assert _train_to_accuracy(tx) >= 0.99
 
 
@@ -244,7 +265,9 @@ def test_batch_of_the_wrong_shape_names_expected_and_received():
     with pytest.raises(ValueError, match=r"\(32, 783\).*input_shape \(784,\)"):
         step(state, (jnp.zeros((32, 783)), jnp.zeros(32, jnp.int32)))
     with pytest.raises(ValueError, match=r"input_shape \(784,\)"):
-        ts.make_eval_step(ts.supervised_loss(model))(state, (jnp.zeros((32, 28, 28)), jnp.zeros(32, jnp.int32)))
+        ts.make_eval_step(ts.supervised_loss(model))(
+            state, (jnp.zeros((32, 28, 28)), jnp.zeros(32, jnp.int32))
+        )
 
 
 def test_labels_out_of_range_are_an_error_outside_jit_and_a_skipped_step_inside():
@@ -256,7 +279,8 @@ def test_labels_out_of_range_are_an_error_outside_jit_and_a_skipped_step_inside(
     model = L.Sequential(L.Dense(4))
     state = ts.TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (8,))
     new, m = ts.make_train_step(ts.supervised_loss(model), dl.sgd(0.1))(
-        state, (jnp.ones((4, 8)), jnp.array([0, 1, 2, 7], jnp.int32)))
+        state, (jnp.ones((4, 8)), jnp.array([0, 1, 2, 7], jnp.int32))
+    )
     assert int(m["nonfinite"]) == 1 and _leaves_equal(new.params, state.params)
 
 

@@ -86,19 +86,37 @@ def test_evaluate_is_the_example_weighted_mean_over_a_last_partial_batch(digits)
     want_acc = float(np.mean(np.argmax(np.asarray(logits), -1) == y))
     assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
     assert got["accuracy"] == pytest.approx(want_acc, abs=1e-7)
-    assert dl.evaluate(model, result.state, data.Split(x, y), batch_size=250)["loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert dl.evaluate(model, result.state, data.Split(x, y), batch_size=250)["loss"] == pytest.approx(
+        want_loss, rel=1e-5
+    )
 
 
 def test_fit_history_records_every_epoch_and_learns(digits):
     sched = dl.schedules.cosine_decay(1e-2, 3 * 39)
-    result = dl.fit(small_mlp(), dl.adam(sched), digits.train, validation=digits.val, epochs=3,
-                    batch_size=32, learning_rate=sched, progress=False)
+    result = dl.fit(
+        small_mlp(),
+        dl.adam(sched),
+        digits.train,
+        validation=digits.val,
+        epochs=3,
+        batch_size=32,
+        learning_rate=sched,
+        progress=False,
+    )
     assert isinstance(result, dl.FitResult)
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     assert [r["step"] for r in result.history] == [39, 78, 117]
     for r in result.history:
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "update_ratio",
-                    "grad_norm", "seconds"):
+        for key in (
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "lr",
+            "update_ratio",
+            "grad_norm",
+            "seconds",
+        ):
             assert np.isfinite(r[key]) and r[key] >= 0, key
         assert r["nonfinite_steps"] == 0 and 0 < r["update_ratio"] < 1
     assert [r["lr"] for r in result.history] == pytest.approx([float(sched(s - 1)) for s in (39, 78, 117)])
@@ -110,21 +128,35 @@ def test_learning_rate_is_read_from_inject_hyperparams(digits):
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)
     result = dl.fit(small_mlp(), tx, digits.train, epochs=1, batch_size=64, progress=False)
     assert result.history[0]["lr"] == pytest.approx(0.05)
-    assert "lr" not in dl.fit(small_mlp(), optax.sgd(0.05), digits.train, epochs=1, batch_size=64,
-                              progress=False).history[0]
+    assert (
+        "lr"
+        not in dl.fit(
+            small_mlp(), optax.sgd(0.05), digits.train, epochs=1, batch_size=64, progress=False
+        ).history[0]
+    )
 
 
 def test_early_stopping_returns_the_parameters_of_the_lowest_validation_loss(digits):
     # 64 examples and a large constant rate: validation loss bottoms out, then rises.
     x, y = digits.train.x[:64], digits.train.y[:64]
     model = dl.models.mlp(10, depth=1, width=64)
-    result = dl.fit(model, dl.adam(0.01), (x, y), validation=digits.val, epochs=40, batch_size=32,
-                    early_stopping=3, progress=False)
+    result = dl.fit(
+        model,
+        dl.adam(0.01),
+        (x, y),
+        validation=digits.val,
+        epochs=40,
+        batch_size=32,
+        early_stopping=3,
+        progress=False,
+    )
     val_losses = [r["val_loss"] for r in result.history]
     best = int(np.argmin(val_losses)) + 1
     assert result.best_epoch == best and result.stopped_early
     assert len(result.history) == best + 3 < 40
-    assert dl.evaluate(model, result.state, digits.val)["loss"] == pytest.approx(val_losses[best - 1], rel=1e-6)
+    assert dl.evaluate(model, result.state, digits.val)["loss"] == pytest.approx(
+        val_losses[best - 1], rel=1e-6
+    )
 
 
 def test_augment_shifts_training_images_inside_the_step(digits):
@@ -134,16 +166,24 @@ def test_augment_shifts_training_images_inside_the_step(digits):
         seen.append(x.shape)
         return jnp.roll(x, 1, axis=1)
 
-    result = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, augment=augment,
-                    progress=False)
+    result = dl.fit(
+        small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, augment=augment, progress=False
+    )
     plain = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, progress=False)
     assert seen and seen[0] == (64, 8, 8, 1)  # traced once, on a training batch
     assert not np.allclose(leaves(result.state.params)[0], leaves(plain.state.params)[0])
 
 
 def test_progress_false_prints_nothing(digits, capfd):
-    dl.fit(small_mlp(), dl.adam(1e-2), digits.train, validation=digits.val, epochs=1, batch_size=64,
-           progress=False)
+    dl.fit(
+        small_mlp(),
+        dl.adam(1e-2),
+        digits.train,
+        validation=digits.val,
+        epochs=1,
+        batch_size=64,
+        progress=False,
+    )
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     dl.fit(small_mlp(), dl.adam(1e-2), digits.train, validation=digits.val, epochs=1, batch_size=64)
@@ -157,13 +197,21 @@ def test_initial_params_start_the_run_and_stay_valid_for_the_caller(digits):
     result = dl.fit(model, tx, digits.train, epochs=1, batch_size=64, initial_params=params, progress=False)
     assert_bitwise_equal(result.state.params, params)
     assert all(not x.is_deleted() for x in jax.tree.leaves(params))  # copied, not donated
-    trained = dl.fit(model, dl.adam(1e-2), digits.train, epochs=1, batch_size=64, initial_params=params,
-                     progress=False)
+    trained = dl.fit(
+        model, dl.adam(1e-2), digits.train, epochs=1, batch_size=64, initial_params=params, progress=False
+    )
     fresh = dl.fit(model, dl.adam(1e-2), digits.train, epochs=1, batch_size=64, progress=False)
     assert not np.allclose(leaves(trained.state.params)[0], leaves(fresh.state.params)[0])
     with pytest.raises(ValueError, match=r"fit: initial_params tree does not match"):
-        dl.fit(model, tx, digits.train, epochs=1, batch_size=64, initial_params={"dense_1": params["dense_1"]},
-               progress=False)
+        dl.fit(
+            model,
+            tx,
+            digits.train,
+            epochs=1,
+            batch_size=64,
+            initial_params={"dense_1": params["dense_1"]},
+            progress=False,
+        )
 
 
 # ----------------------------------------------------------------------------- data parallel
@@ -175,11 +223,21 @@ def test_devices_4_gives_the_single_device_result_with_synced_batchnorm(digits):
     results = {}
     for devices in (None, 4):
         model = small_mlp(batchnorm=True, axis_name="batch" if devices else None)
-        results[devices] = dl.fit(model, dl.adam(1e-2), (x, y), validation=digits.val, epochs=2,
-                                  batch_size=64, devices=devices, progress=False)
+        results[devices] = dl.fit(
+            model,
+            dl.adam(1e-2),
+            (x, y),
+            validation=digits.val,
+            epochs=2,
+            batch_size=64,
+            devices=devices,
+            progress=False,
+        )
     one, four = results[None].state, results[4].state
-    for a, b in zip(leaves((one.params, one.model_state, one.opt_state)),
-                    leaves((four.params, four.model_state, four.opt_state))):
+    for a, b in zip(
+        leaves((one.params, one.model_state, one.opt_state)),
+        leaves((four.params, four.model_state, four.opt_state)),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for ra, rb in zip(results[None].history, results[4].history):
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
@@ -190,8 +248,18 @@ def test_devices_4_gives_the_single_device_result_with_synced_batchnorm(digits):
 
 def test_out_dir_receives_metrics_curves_checkpoints_model_summary_and_tensorboard(digits, tmp_path):
     out = tmp_path / "run"
-    result = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, validation=digits.val, epochs=2,
-                    batch_size=64, out_dir=str(out), checkpoint_every=7, keep=2, progress=False)
+    result = dl.fit(
+        small_mlp(),
+        dl.adam(1e-2),
+        digits.train,
+        validation=digits.val,
+        epochs=2,
+        batch_size=64,
+        out_dir=str(out),
+        checkpoint_every=7,
+        keep=2,
+        progress=False,
+    )
     records = dl.trainer.read_metrics(str(out / "metrics.jsonl"))
     assert records == json.loads(json.dumps(result.history))
     assert (out / "curves.png").stat().st_size > 1000
@@ -201,8 +269,9 @@ def test_out_dir_receives_metrics_curves_checkpoints_model_summary_and_tensorboa
     assert [p for p in os.listdir(out) if p.startswith("events.out.tfevents")], os.listdir(out)
     from jaxdl.checkpoint import restore_checkpoint
 
-    restored = restore_checkpoint(str(out / "model"), {"params": result.state.params,
-                                                        "model_state": result.state.model_state})
+    restored = restore_checkpoint(
+        str(out / "model"), {"params": result.state.params, "model_state": result.state.model_state}
+    )
     assert_bitwise_equal(restored["params"], result.state.params)
 
 
@@ -221,8 +290,13 @@ FIT_SCRIPT = textwrap.dedent("""
 
 def fit_process(*argv):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-c", FIT_SCRIPT, *argv], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", FIT_SCRIPT, *argv],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.mark.slow
@@ -232,8 +306,10 @@ def test_fit_killed_midway_resumes_to_bitwise_the_same_state_and_history(tmp_pat
     killed = fit_process(str(killed_dir))
     checkpoints = killed_dir / "checkpoints"
     deadline = time.time() + 240
-    while not (checkpoints.is_dir() and any((checkpoints / s / "jaxdl_manifest.json").is_file()
-                                            for s in os.listdir(checkpoints))):
+    while not (
+        checkpoints.is_dir()
+        and any((checkpoints / s / "jaxdl_manifest.json").is_file() for s in os.listdir(checkpoints))
+    ):
         assert killed.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -255,12 +331,30 @@ def test_fit_killed_midway_resumes_to_bitwise_the_same_state_and_history(tmp_pat
 def test_resume_with_another_configuration_is_refused_naming_what_differs(digits, tmp_path):
     out = str(tmp_path / "run")
     dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, out_dir=out, progress=False)
-    with pytest.raises(ValueError, match=r"resume=True, but the configuration differs .*batch_size: 32 \(the run has 64\)"):
-        dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=32, out_dir=out, resume=True,
-               progress=False)
+    with pytest.raises(
+        ValueError, match=r"resume=True, but the configuration differs .*batch_size: 32 \(the run has 64\)"
+    ):
+        dl.fit(
+            small_mlp(),
+            dl.adam(1e-2),
+            digits.train,
+            epochs=1,
+            batch_size=32,
+            out_dir=out,
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="model: "):
-        dl.fit(dl.models.mlp(10, depth=1, width=16), dl.adam(1e-2), digits.train, epochs=1, batch_size=64,
-               out_dir=out, resume=True, progress=False)
+        dl.fit(
+            dl.models.mlp(10, depth=1, width=16),
+            dl.adam(1e-2),
+            digits.train,
+            epochs=1,
+            batch_size=64,
+            out_dir=out,
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="already holds a run"):
         dl.fit(small_mlp(), dl.adam(1e-2), digits.train, epochs=1, batch_size=64, out_dir=out, progress=False)
 
@@ -268,18 +362,25 @@ def test_resume_with_another_configuration_is_refused_naming_what_differs(digits
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (dict(train="short_y"), ValueError, r"train: x and y must hold as many examples, got 1257 and 100"),
-    (dict(train="bad_labels"), ValueError, r"fit: train labels must lie in \[0, 10\).*e\.g\. \[10\]"),
-    (dict(batch_size=0), ValueError, r"fit: batch_size=0 is out of range; expected an integer >= 1"),
-    (dict(batch_size=5000), ValueError, r"fit: batch_size=5000 exceeds the 1257 training examples"),
-    (dict(epochs=0), ValueError, r"fit: epochs=0 is out of range; expected an integer >= 1"),
-    (dict(validation="wide"), ValueError, r"validation examples have shape x \(8, 9, 1\).*training examples x \(8, 8, 1\)"),
-    (dict(early_stopping=2), ValueError, r"early_stopping=2 needs validation data"),
-    (dict(devices=3), ValueError, r"batch_size=64 is not divisible by devices=3"),
-    (dict(augment=-1), ValueError, r"augment=-1 is out of range"),
-    (dict(optimizer="adam"), TypeError, r"optimizer must be an optax.GradientTransformation"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(train="short_y"), ValueError, r"train: x and y must hold as many examples, got 1257 and 100"),
+        (dict(train="bad_labels"), ValueError, r"fit: train labels must lie in \[0, 10\).*e\.g\. \[10\]"),
+        (dict(batch_size=0), ValueError, r"fit: batch_size=0 is out of range; expected an integer >= 1"),
+        (dict(batch_size=5000), ValueError, r"fit: batch_size=5000 exceeds the 1257 training examples"),
+        (dict(epochs=0), ValueError, r"fit: epochs=0 is out of range; expected an integer >= 1"),
+        (
+            dict(validation="wide"),
+            ValueError,
+            r"validation examples have shape x \(8, 9, 1\).*training examples x \(8, 8, 1\)",
+        ),
+        (dict(early_stopping=2), ValueError, r"early_stopping=2 needs validation data"),
+        (dict(devices=3), ValueError, r"batch_size=64 is not divisible by devices=3"),
+        (dict(augment=-1), ValueError, r"augment=-1 is out of range"),
+        (dict(optimizer="adam"), TypeError, r"optimizer must be an optax.GradientTransformation"),
+    ],
+)
 def test_bad_input_is_refused_before_anything_is_trained_or_written(digits, tmp_path, change, error, message):
     x, y = digits.train
     args = {"train": (x, y), "epochs": 1, "batch_size": 64, "optimizer": dl.adam(1e-2)}

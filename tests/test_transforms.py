@@ -52,8 +52,19 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
         (lambda: T.add_noise(0.3, 0.55, key=7), lambda: optax.add_noise(0.3, 0.55, key=7)),
         (lambda: T.add_weight_decay(0.1), lambda: optax.add_decayed_weights(0.1)),
     ],
-    ids=["momentum", "nesterov", "adam", "clip", "clip_global_active", "clip_global_inactive", "sign",
-         "scale", "lr", "add_noise", "weight_decay"],
+    ids=[
+        "momentum",
+        "nesterov",
+        "adam",
+        "clip",
+        "clip_global_active",
+        "clip_global_inactive",
+        "sign",
+        "scale",
+        "lr",
+        "add_noise",
+        "weight_decay",
+    ],
 )
 def test_transform_agrees_with_optax(ours, theirs):
     a, _ = _run(ours())
@@ -117,7 +128,9 @@ def test_add_noise_differs_per_leaf_and_per_step_and_repeats_for_a_key():
 
 def test_add_noise_accepts_raw_uint32_key():
     zeros = jnp.zeros(8)
-    a, _ = T.add_noise(key=jax.random.PRNGKey(5)).update(zeros, T.add_noise(key=jax.random.PRNGKey(5)).init(zeros))
+    a, _ = T.add_noise(key=jax.random.PRNGKey(5)).update(
+        zeros, T.add_noise(key=jax.random.PRNGKey(5)).init(zeros)
+    )
     b, _ = T.add_noise(key=5).update(zeros, T.add_noise(key=5).init(zeros))
     np.testing.assert_array_equal(a, b)
 
@@ -193,7 +206,9 @@ def test_skip_nonfinite_keeps_noise_key_on_a_skipped_step():
     zeros = jnp.zeros(4)
     state = tx.init(zeros)
     _, skipped = tx.update(jnp.array([0.0, jnp.nan, 0.0, 0.0]), state)
-    np.testing.assert_array_equal(jax.random.key_data(skipped.inner_state.key), jax.random.key_data(state.inner_state.key))
+    np.testing.assert_array_equal(
+        jax.random.key_data(skipped.inner_state.key), jax.random.key_data(state.inner_state.key)
+    )
 
 
 def _transfer_params():
@@ -223,7 +238,13 @@ def test_freeze_with_masked_optimizer_never_changes_frozen_leaves_and_keeps_no_s
 
 def test_masked_passes_unmasked_leaves_through_like_optax():
     params = _transfer_params()
-    mask = lambda p: {"body": jax.tree.map(lambda _: False, p["body"]), "head": jax.tree.map(lambda _: True, p["head"])}  # noqa: E731
+
+    def mask(p):
+        return {
+            "body": jax.tree.map(lambda _: False, p["body"]),
+            "head": jax.tree.map(lambda _: True, p["head"]),
+        }
+
     a, _ = _run(T.masked(T.scale_by_adam(), mask), params=params)
     b, _ = _run(optax.masked(optax.scale_by_adam(), mask), params=params)
     for x, y in zip(a, b):
@@ -245,10 +266,16 @@ def test_add_weight_decay_mask_limits_decay():
 
 
 def test_jaxdl_transforms_inside_optax_chain_and_optax_inside_jaxdl_chain():
-    all_optax = optax.chain(optax.clip_by_global_norm(2.0), optax.scale_by_adam(), optax.scale_by_learning_rate(0.1))
+    all_optax = optax.chain(
+        optax.clip_by_global_norm(2.0), optax.scale_by_adam(), optax.scale_by_learning_rate(0.1)
+    )
     all_ours = dl.chain(dl.clip_by_global_norm(2.0), dl.scale_by_adam(), dl.scale_by_learning_rate(0.1))
-    ours_in_optax = optax.chain(dl.clip_by_global_norm(2.0), optax.scale_by_adam(), dl.scale_by_learning_rate(0.1))
-    optax_in_ours = dl.chain(optax.clip_by_global_norm(2.0), dl.scale_by_adam(), optax.scale_by_learning_rate(0.1))
+    ours_in_optax = optax.chain(
+        dl.clip_by_global_norm(2.0), optax.scale_by_adam(), dl.scale_by_learning_rate(0.1)
+    )
+    optax_in_ours = dl.chain(
+        optax.clip_by_global_norm(2.0), dl.scale_by_adam(), optax.scale_by_learning_rate(0.1)
+    )
     ref, _ = _run(all_optax, steps=8)
     for tx in (all_ours, ours_in_optax, optax_in_ours):
         outs, _ = _run(tx, steps=8)
@@ -313,8 +340,16 @@ def test_non_numeric_hyperparameter_is_a_type_error():
         dl.adam("0.1")
 
 
-@pytest.mark.parametrize("tx", [dl.adam(0.1), dl.sgd(0.1, momentum=0.9), dl.adagrad(0.1), dl.rmsprop(0.1, centered=True),
-                                T.sign_with_error_feedback()])
+@pytest.mark.parametrize(
+    "tx",
+    [
+        dl.adam(0.1),
+        dl.sgd(0.1, momentum=0.9),
+        dl.adagrad(0.1),
+        dl.rmsprop(0.1, centered=True),
+        T.sign_with_error_feedback(),
+    ],
+)
 def test_update_with_a_different_tree_names_the_first_differing_path(tx):
     state = tx.init(PARAMS)
     other = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3), "nested": [jnp.full((2,), 0.5), {"t": jnp.array(2.0)}]}
@@ -341,10 +376,28 @@ def test_traced_hyperparameters_are_accepted_under_vmap():
 
 @pytest.mark.parametrize(
     "make",
-    [dl.sgd, dl.adagrad, dl.rmsprop, dl.adam, dl.adamw, dl.signsgd, T.scale_by_learning_rate,
-     lambda lr: dl.sgd(lr, momentum=0.9), lambda lr: dl.signsgd(lr, error_feedback=True)],
-    ids=["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "scale_by_learning_rate", "sgd_momentum",
-         "signsgd_ef"],
+    [
+        dl.sgd,
+        dl.adagrad,
+        dl.rmsprop,
+        dl.adam,
+        dl.adamw,
+        dl.signsgd,
+        T.scale_by_learning_rate,
+        lambda lr: dl.sgd(lr, momentum=0.9),
+        lambda lr: dl.signsgd(lr, error_feedback=True),
+    ],
+    ids=[
+        "sgd",
+        "adagrad",
+        "rmsprop",
+        "adam",
+        "adamw",
+        "signsgd",
+        "scale_by_learning_rate",
+        "sgd_momentum",
+        "signsgd_ef",
+    ],
 )
 @pytest.mark.parametrize("lr", [jnp.array([1e-3, 1e-3]), np.full((1,), 0.1), [0.1, 0.2], jnp.ones((2, 2))])
 def test_non_scalar_learning_rate_is_refused_at_construction(make, lr):
@@ -392,7 +445,11 @@ def test_inject_hyperparams_scalar_learning_rate_still_works(make):
 
 # --- complex parameters follow optax (issue 14) ----------------------------------------------
 
-CPARAMS = {"w": (1.0 + 0.5j) * jnp.ones((4, 3), jnp.complex64), "r": jnp.ones(3), "s": jnp.array(2.0 - 1.0j, jnp.complex64)}
+CPARAMS = {
+    "w": (1.0 + 0.5j) * jnp.ones((4, 3), jnp.complex64),
+    "r": jnp.ones(3),
+    "s": jnp.array(2.0 - 1.0j, jnp.complex64),
+}
 
 
 def _complex_run(tx, steps=6, params=CPARAMS):
@@ -402,7 +459,9 @@ def _complex_run(tx, steps=6, params=CPARAMS):
     for i in range(steps):
         g = jax.tree.map(
             lambda x, re, im: (re + 1j * im).astype(x.dtype) if jnp.iscomplexobj(x) else re,
-            params, _grads(2 * i, params), _grads(2 * i + 1, params),
+            params,
+            _grads(2 * i, params),
+            _grads(2 * i + 1, params),
         )
         u, state = update(g, state, params)
         outs.append(u)
@@ -413,7 +472,9 @@ def _assert_complex_close(a, b, rtol=2e-5, atol=1e-6):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype, (x.dtype, y.dtype)
-        np.testing.assert_allclose(np.asarray(x, np.complex128), np.asarray(y, np.complex128), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(
+            np.asarray(x, np.complex128), np.asarray(y, np.complex128), rtol=rtol, atol=atol
+        )
 
 
 @pytest.mark.parametrize(
@@ -423,7 +484,10 @@ def _assert_complex_close(a, b, rtol=2e-5, atol=1e-6):
         (lambda: dl.adam(0.1), lambda: optax.adam(0.1)),
         (lambda: dl.adamw(0.1, weight_decay=0.05), lambda: optax.adamw(0.1, weight_decay=0.05)),
         (lambda: T.scale_by_rms(0.9, 1e-3), lambda: optax.scale_by_rms(0.9, 1e-3, 0.0, eps_in_sqrt=False)),
-        (lambda: T.scale_by_rms(0.9, 1e-3, centered=True), lambda: optax.scale_by_stddev(0.9, 1e-3, eps_in_sqrt=False)),
+        (
+            lambda: T.scale_by_rms(0.9, 1e-3, centered=True),
+            lambda: optax.scale_by_stddev(0.9, 1e-3, eps_in_sqrt=False),
+        ),
         # optax's AdaGrad puts eps inside the root: compare with eps -> 0 (eps itself is checked
         # in closed form below and against torch on real parameters).
         (lambda: T.scale_by_adagrad(1e-30), lambda: optax.scale_by_rss(0.0, 0.0)),
@@ -434,8 +498,20 @@ def _assert_complex_close(a, b, rtol=2e-5, atol=1e-6):
         (lambda: T.add_noise(0.3, 0.55, key=7), lambda: optax.add_noise(0.3, 0.55, key=7)),
         (lambda: T.add_weight_decay(0.1), lambda: optax.add_decayed_weights(0.1)),
     ],
-    ids=["scale_by_adam", "adam", "adamw", "rms", "rms_centered", "adagrad", "momentum", "nesterov",
-         "clip_by_global_norm", "sign", "add_noise", "weight_decay"],
+    ids=[
+        "scale_by_adam",
+        "adam",
+        "adamw",
+        "rms",
+        "rms_centered",
+        "adagrad",
+        "momentum",
+        "nesterov",
+        "clip_by_global_norm",
+        "sign",
+        "add_noise",
+        "weight_decay",
+    ],
 )
 def test_complex_parameters_follow_optax(ours, theirs):
     a, _ = _complex_run(ours())

@@ -8,12 +8,38 @@ import re
 __all__ = ["collective_bytes"]
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
-    "s2": 0.25, "u2": 0.25, "s1": 0.125, "u1": 0.125, "token": 0,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s2": 0.25,
+    "u2": 0.25,
+    "s1": 0.125,
+    "u1": 0.125,
+    "token": 0,
 }
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-                "collective-broadcast", "ragged-all-to-all")
+_COLLECTIVES = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "collective-broadcast",
+    "ragged-all-to-all",
+)
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 
@@ -66,7 +92,7 @@ def collective_bytes(program) -> dict[str, int]:
             continue
         name, shape, opcode, args = m.groups()
         shapes[name] = shape
-        kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+        kind = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
         if kind in _COLLECTIVES:
             calls.append((kind, args))
     out = {kind: 0 for kind in _COLLECTIVES}

@@ -127,15 +127,19 @@ def onebit_allreduce(
         step = make_sharded_train_step(loss_fn, tx, mesh)
     """
     if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"onebit_allreduce: optimizer must be an optax.GradientTransformation, "
-                        f"got {optimizer!r}")
+        raise TypeError(
+            f"onebit_allreduce: optimizer must be an optax.GradientTransformation, got {optimizer!r}"
+        )
     if mode not in _ONEBIT_MODES:
         raise ValueError(f"onebit_allreduce: mode={mode!r}; expected one of {_ONEBIT_MODES}")
     feedback = mode == "error_feedback"
 
     def init(params):
-        residual = jax.tree.map(lambda p: jnp.zeros((1, *jnp.shape(p)), jnp.result_type(p)), params) \
-            if feedback else None
+        residual = (
+            jax.tree.map(lambda p: jnp.zeros((1, *jnp.shape(p)), jnp.result_type(p)), params)
+            if feedback
+            else None
+        )
         return OneBitState(PerDevice(residual), optimizer.init(params))
 
     def update(grads, state, params=None):
@@ -147,13 +151,19 @@ def onebit_allreduce(
         # words are concatenated: no pass over a concatenated copy of all the gradients.
         packed = [pack_signs(g) for g in leaves]
         words = np.cumsum([0] + [w.shape[0] for w in packed])
-        scales = jnp.stack([jnp.mean(jnp.abs(g)).astype(jnp.float32) if g.size else jnp.float32(0)
-                            for g in leaves]) if leaves else jnp.zeros((0,), jnp.float32)
+        scales = (
+            jnp.stack(
+                [jnp.mean(jnp.abs(g)).astype(jnp.float32) if g.size else jnp.float32(0) for g in leaves]
+            )
+            if leaves
+            else jnp.zeros((0,), jnp.float32)
+        )
         # A NaN/Inf anywhere in a leaf makes its mean magnitude non-finite: one flag per device.
         flag = jnp.where(jnp.all(jnp.isfinite(scales)), 0.0, jnp.nan)[None]
         message = flag if mode == "majority_vote" else jnp.concatenate([scales, flag])
-        all_packed = lax.all_gather(jnp.concatenate(packed) if packed else jnp.zeros((0,), jnp.uint32),
-                                    axis_name)  # (D, sum ceil(n_i/32)) uint32
+        all_packed = lax.all_gather(
+            jnp.concatenate(packed) if packed else jnp.zeros((0,), jnp.uint32), axis_name
+        )  # (D, sum ceil(n_i/32)) uint32
         all_scales = lax.all_gather(message, axis_name)  # (D, L+1), or (D, 1) for majority vote
         poison = jnp.where(jnp.any(jnp.isnan(all_scales[:, -1])), jnp.nan, 0.0)
         num_devices = all_packed.shape[0]
@@ -161,7 +171,7 @@ def onebit_allreduce(
         for i, g in enumerate(leaves):
             # A Python loop over the D messages: XLA:CPU runs a fused reduction over the leading
             # axis of an unpacked (D, n) array about 200 times slower than these D fused adds.
-            s = [unpack_signs(all_packed[d, words[i]:words[i + 1]], g.size) for d in range(num_devices)]
+            s = [unpack_signs(all_packed[d, words[i] : words[i + 1]], g.size) for d in range(num_devices)]
             if mode == "majority_vote":
                 u = jnp.sign(sum(s))
             else:

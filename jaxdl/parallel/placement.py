@@ -56,6 +56,7 @@ def _path(path) -> str:
 
 # ----------------------------------------------------------------------------- devices
 
+
 def pick_devices(owner: str, devices, available: Sequence) -> list:
     """The devices a data-parallel function of ``owner`` runs on.
 
@@ -73,7 +74,8 @@ def pick_devices(owner: str, devices, available: Sequence) -> list:
             raise ValueError(
                 f"{owner}: asked for {devices} devices, but only {len(available)} exist "
                 f"({[str(d) for d in available]}). On CPU, set "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax is imported.")
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax is imported."
+            )
         return list(available)[:devices]
     devices = list(devices)
     if not devices:
@@ -106,7 +108,8 @@ def replicate(tree, devices=None, axis_name: str = "batch"):
     def rep(x):
         x = jnp.asarray(x) if not is_key(x) else x
         return jax.make_array_from_single_device_arrays(
-            (len(devs), *x.shape), sharding, [jax.device_put(x[None], d) for d in devs])
+            (len(devs), *x.shape), sharding, [jax.device_put(x[None], d) for d in devs]
+        )
 
     return jax.tree.map(rep, tree)
 
@@ -120,6 +123,7 @@ def unreplicate(tree):
 
 
 # ----------------------------------------------------------------------------- batch checks
+
 
 def batch_size_of(owner: str, batch, axis: int = 0) -> int:
     """The batch size of ``batch``: the length of axis ``axis`` (0 for one batch, 1 for K stacked
@@ -137,13 +141,16 @@ def batch_size_of(owner: str, batch, axis: int = 0) -> int:
         sizes = {}
         for path, x in leaves:
             if np.ndim(x) <= axis:
-                raise ValueError(f"{owner}: batch leaf {_path(path)} has shape {np.shape(x)}; every "
-                                 f"leaf needs {what}")
+                raise ValueError(
+                    f"{owner}: batch leaf {_path(path)} has shape {np.shape(x)}; every leaf needs {what}"
+                )
             sizes.setdefault(int(np.shape(x)[lead]), _path(path))
         if len(sizes) > 1:
             name = "batch size" if lead == axis else "number of stacked batches"
-            raise ValueError(f"{owner}: batch leaves disagree on the {name}: "
-                             + ", ".join(f"{p} has {n}" for n, p in sizes.items()))
+            raise ValueError(
+                f"{owner}: batch leaves disagree on the {name}: "
+                + ", ".join(f"{p} has {n}" for n, p in sizes.items())
+            )
     return next(iter(sizes))
 
 
@@ -157,7 +164,8 @@ def check_divisible(owner: str, batch_size: int, num_devices: int, what: str = "
             f"{owner}: the {what} of {batch_size} examples does not split evenly over "
             f"{num_devices} devices ({batch_size} = {num_devices} * {batch_size // num_devices} + "
             f"{batch_size % num_devices}); use a batch size divisible by {num_devices}, e.g. {hint}. "
-            f"Examples are never dropped silently.")
+            f"Examples are never dropped silently."
+        )
 
 
 def shard_batch(batch, num_devices: int | None = None):
@@ -179,6 +187,7 @@ def shard_batch(batch, num_devices: int | None = None):
 
 
 # ----------------------------------------------------------------------------- mesh placement
+
 
 def data_mesh(num_devices: int | None = None, axis_name: str = "batch") -> Mesh:
     """A one-axis `jax.sharding.Mesh` over the first ``num_devices`` of `jax.devices()`.
@@ -219,18 +228,20 @@ def data_axis(owner: str, mesh: Mesh, axis_name: str | None) -> str:
         raise TypeError(f"{owner}: mesh must be a jax.sharding.Mesh (see data_mesh), got {mesh!r}")
     if axis_name is None:
         if len(mesh.axis_names) != 1:
-            raise ValueError(f"{owner}: the mesh has axes {mesh.axis_names}; pass axis_name= to "
-                             f"say which one is the data axis")
+            raise ValueError(
+                f"{owner}: the mesh has axes {mesh.axis_names}; pass axis_name= to "
+                f"say which one is the data axis"
+            )
         return mesh.axis_names[0]
     if axis_name not in mesh.axis_names:
-        raise ValueError(f"{owner}: axis_name={axis_name!r} is not an axis of the mesh "
-                         f"{mesh.axis_names}")
+        raise ValueError(f"{owner}: axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     return axis_name
 
 
 def state_specs(tree, axis_name: str):
     """`PartitionSpec` of every leaf of a data-parallel state: ``P(axis_name)`` inside a
     `PerDevice` node, ``P()`` (replicated) elsewhere."""
+
     def spec(node):
         if is_per_device(node):
             return PerDevice(jax.tree.map(lambda _: P(axis_name), node.value))
@@ -242,8 +253,11 @@ def state_specs(tree, axis_name: str):
 def _global_array(x, sharding: NamedSharding, shape=None):
     """A global array of ``sharding`` from the host value ``x``, which every process holds."""
     if is_key(x):
-        data = _global_array(jax.random.key_data(x), sharding, None if shape is None else
-                             (*shape, *jax.random.key_data(x).shape[x.ndim:]))
+        data = _global_array(
+            jax.random.key_data(x),
+            sharding,
+            None if shape is None else (*shape, *jax.random.key_data(x).shape[x.ndim :]),
+        )
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     x = np.asarray(x)
     if shape is not None and shape != x.shape:
@@ -269,7 +283,8 @@ def put_state(tree, mesh: Mesh, axis_name: str | None = None):
         if lead not in (1, n):
             raise ValueError(
                 f"put_state: per-device leaf {_path(path)} has shape {np.shape(x)}; it needs a "
-                f"leading axis of 1 (fresh) or {n} (one slice per device)")
+                f"leading axis of 1 (fresh) or {n} (one slice per device)"
+            )
         return _global_array(x, split, (n, *np.shape(x)[1:]))
 
     def put(node):
@@ -300,8 +315,10 @@ def put_batch(batch, mesh: Mesh, axis_name: str | None = None, *, batch_axis: in
     of the mesh; else its shards are sliced on the device).
     """
     if batch_axis not in (0, 1) or isinstance(batch_axis, bool):
-        raise ValueError(f"put_batch: batch_axis={batch_axis!r}; expected 0 (one batch, leaves "
-                         f"(B, ...)) or 1 (K stacked batches, leaves (K, B, ...))")
+        raise ValueError(
+            f"put_batch: batch_axis={batch_axis!r}; expected 0 (one batch, leaves "
+            f"(B, ...)) or 1 (K stacked batches, leaves (K, B, ...))"
+        )
     axis = data_axis("put_batch", mesh, axis_name)
     n = mesh.shape[axis]
     local = batch_size_of("put_batch", batch, batch_axis)
@@ -309,17 +326,19 @@ def put_batch(batch, mesh: Mesh, axis_name: str | None = None, *, batch_axis: in
     mine = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     if mine == 0:
         raise ValueError(f"put_batch: process {jax.process_index()} owns no device of the mesh")
-    check_divisible("put_batch", local, mine,
-                    what="global batch" if mine == n else "process-local batch")
+    check_divisible("put_batch", local, mine, what="global batch" if mine == n else "process-local batch")
     if mine == n:  # every shard is this process's: one direct transfer per shard
         return jax.tree.map(
-            lambda x: jax.device_put(x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x),
-                                     sharding), batch)
+            lambda x: jax.device_put(
+                x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x), sharding
+            ),
+            batch,
+        )
     global_size = local // mine * n
 
     def put(x):
         shape = np.shape(x)
-        global_shape = (*shape[:batch_axis], global_size, *shape[batch_axis + 1:])
+        global_shape = (*shape[:batch_axis], global_size, *shape[batch_axis + 1 :])
         local_data = x if isinstance(x, jax.Array) else np.asarray(x)  # a device array stays there
         return jax.make_array_from_process_local_data(sharding, local_data, global_shape)
 

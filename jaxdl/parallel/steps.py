@@ -82,8 +82,10 @@ def _check_exchange_axis(owner: str, optimizer, axis_name) -> None:
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"{owner}: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
     if isinstance(optimizer, CrossDeviceTransformation) and optimizer.axis_name != axis_name:
-        raise ValueError(f"{owner}: the optimizer exchanges gradients over axis_name="
-                         f"{optimizer.axis_name!r}, but this step maps over {axis_name!r}")
+        raise ValueError(
+            f"{owner}: the optimizer exchanges gradients over axis_name="
+            f"{optimizer.axis_name!r}, but this step maps over {axis_name!r}"
+        )
 
 
 def _avals(tree):
@@ -104,11 +106,18 @@ def _check_synced_model_state(owner, loss_fn, mesh, axis_name, params, model_sta
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
         return loss_fn(params, model_state, batch, key, **kwargs)[1][0]
 
-    f = jax.shard_map(probe, mesh=mesh, in_specs=(P(), P(), P(axis_name), P()),
-                      out_specs=jax.tree.map(lambda _: P(), model_state), check_vma=True)
-    why = (f"Give every BatchNorm axis_name={axis_name!r} (BatchNorm(axis_name={axis_name!r}); "
-           f"flax: nn.BatchNorm(axis_name={axis_name!r})) so that it normalizes with the "
-           f"statistics of the global batch.")
+    f = jax.shard_map(
+        probe,
+        mesh=mesh,
+        in_specs=(P(), P(), P(axis_name), P()),
+        out_specs=jax.tree.map(lambda _: P(), model_state),
+        check_vma=True,
+    )
+    why = (
+        f"Give every BatchNorm axis_name={axis_name!r} (BatchNorm(axis_name={axis_name!r}); "
+        f"flax: nn.BatchNorm(axis_name={axis_name!r})) so that it normalizes with the "
+        f"statistics of the global batch."
+    )
     try:
         jax.eval_shape(f, params, model_state, batch, key)
     except ValueError as err:
@@ -117,11 +126,13 @@ def _check_synced_model_state(owner, loss_fn, mesh, axis_name, params, model_sta
         raise ValueError(
             f"{owner}: the model state returned by the loss would differ across devices: each "
             f"device would normalize with its own shard's batch statistics and the running "
-            f"statistics would silently diverge across replicas. {why}\n{err}") from None
+            f"statistics would silently diverge across replicas. {why}\n{err}"
+        ) from None
     except (NameError, AssertionError) as err:
         raise ValueError(
             f"{owner}: tracing the loss over the data axis {axis_name!r} failed, most likely "
-            f"because a layer (e.g. BatchNorm) reduces over another axis name. {why}") from err
+            f"because a layer (e.g. BatchNorm) reduces over another axis name. {why}"
+        ) from err
 
 
 def _check_leading_axis(owner: str, tree, n: int, what: str, hint: str) -> None:
@@ -130,7 +141,8 @@ def _check_leading_axis(owner: str, tree, n: int, what: str, hint: str) -> None:
         if not shape or shape[0] != n:
             raise ValueError(
                 f"{owner}: {what} leaf {jax.tree_util.keystr(path) or '<root>'} has shape {shape}, "
-                f"but the pmap step needs a leading device axis of {n} on every {what} leaf. {hint}")
+                f"but the pmap step needs a leading device axis of {n} on every {what} leaf. {hint}"
+            )
 
 
 def make_pmap_train_step(
@@ -173,19 +185,31 @@ def make_pmap_train_step(
     n = len(devs)
     mesh = Mesh(np.array(devs), (axis_name,))
     pstep = jax.pmap(
-        lambda state, batch: _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state, batch, options),
-        axis_name=axis_name, devices=devs)
+        lambda state, batch: _parallel_body(
+            loss_fn, optimizer, skip_nonfinite, axis_name, state, batch, options
+        ),
+        axis_name=axis_name,
+        devices=devs,
+    )
     checked = set()
 
     def step(state: TrainState, batch):
-        _check_leading_axis(owner, state, n, "state",
-                            f"Replicate it first: state = jaxdl.parallel.replicate(state, {n}).")
-        _check_leading_axis(owner, batch, n, "batch",
-                            f"Split the global batch first: batch = jaxdl.parallel.shard_batch(batch, {n}).")
-        local = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                             (state.params, state.model_state, state.key))
-        glob = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * x.shape[1], *x.shape[2:]),
-                                                           x.dtype), batch)
+        _check_leading_axis(
+            owner, state, n, "state", f"Replicate it first: state = jaxdl.parallel.replicate(state, {n})."
+        )
+        _check_leading_axis(
+            owner,
+            batch,
+            n,
+            "batch",
+            f"Split the global batch first: batch = jaxdl.parallel.shard_batch(batch, {n}).",
+        )
+        local = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), (state.params, state.model_state, state.key)
+        )
+        glob = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((x.shape[0] * x.shape[1], *x.shape[2:]), x.dtype), batch
+        )
         signature = jax.tree.structure((local, glob)), tuple(jax.tree.leaves((local, glob)))
         if signature not in checked:
             _check_synced_model_state(owner, loss_fn, mesh, axis_name, *local[:2], glob, local[2])
@@ -220,9 +244,11 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
         check_divisible(owner, batch_size_of(owner, batch, batch_axis), n)
         k = 1 if options is None else options.micro_batches
         if k > 1 and batch_size_of(owner, batch, batch_axis) // n % k:
-            raise ValueError(f"{owner}: each of the {n} devices gets "
-                             f"{batch_size_of(owner, batch, batch_axis) // n} examples, which "
-                             f"micro_batches={k} does not divide")
+            raise ValueError(
+                f"{owner}: each of the {n} devices gets "
+                f"{batch_size_of(owner, batch, batch_axis) // n} examples, which "
+                f"micro_batches={k} does not divide"
+            )
         for outer, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_device)[0]:
             if is_per_device(node):
                 for path, x in jax.tree_util.tree_flatten_with_path(node.value)[0]:
@@ -230,7 +256,8 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
                         where = jax.tree_util.keystr((*outer, *path))
                         raise ValueError(
                             f"{owner}: per-device state leaf {where} has shape {np.shape(x)}; it "
-                            f"needs one slice per device along a leading axis of {n}. {placed_hint}")
+                            f"needs one slice per device along a leading axis of {n}. {placed_hint}"
+                        )
         one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[batch_axis:], x.dtype), batch)
         avals = (*_avals((state.params, state.model_state)), one_batch, _avals(state.key))
         signature = jax.tree.structure(avals), tuple(jax.tree.leaves(avals))
@@ -244,9 +271,11 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
         if treedef not in compiled:
             specs = state_specs(state, axis)
             compiled[treedef] = jax.jit(
-                jax.shard_map(body, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(specs, P()),
-                              check_vma=False),
-                donate_argnums=(0,) if donate else ())
+                jax.shard_map(
+                    body, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(specs, P()), check_vma=False
+                ),
+                donate_argnums=(0,) if donate else (),
+            )
         return compiled[treedef]
 
     run.lower = lambda state, batch: program(state).lower(state, batch)
@@ -289,9 +318,17 @@ def make_sharded_train_step(
     `jaxdl.train_step.make_train_step`.
     """
     options = step_options("make_sharded_train_step", precision, micro_batches, loss_scale, ema)
-    return _make_sharded("make_sharded_train_step", loss_fn, optimizer, mesh, axis_name,
-                         skip_nonfinite, donate, stacked=False,
-                         options=options)
+    return _make_sharded(
+        "make_sharded_train_step",
+        loss_fn,
+        optimizer,
+        mesh,
+        axis_name,
+        skip_nonfinite,
+        donate,
+        stacked=False,
+        options=options,
+    )
 
 
 def make_sharded_train_loop(
@@ -327,6 +364,14 @@ def make_sharded_train_loop(
     ``precision``, ``micro_batches``, ``loss_scale`` and ``ema`` as in `make_sharded_train_step`.
     """
     options = step_options("make_sharded_train_loop", precision, micro_batches, loss_scale, ema)
-    return _make_sharded("make_sharded_train_loop", loss_fn, optimizer, mesh, axis_name,
-                         skip_nonfinite, donate, stacked=True,
-                         options=options)
+    return _make_sharded(
+        "make_sharded_train_loop",
+        loss_fn,
+        optimizer,
+        mesh,
+        axis_name,
+        skip_nonfinite,
+        donate,
+        stacked=True,
+        options=options,
+    )
