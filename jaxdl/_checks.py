@@ -125,3 +125,19 @@ def check_tree_match(
                 f"{owner}: {what} leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
                 f"{np.shape(g)}, but init saw shape {np.shape(e)}. {hint}"
             )
+
+
+def check_scalar(owner: str, name: str, value: Any) -> None:
+    """Raise ValueError unless `value` (a number, or a concrete or traced array) has shape ().
+
+    A learning rate of shape (n,) would broadcast against the last axis of every leaf and scale
+    each column by its own rate; ``torch.optim`` refuses it too. Shapes are static, so traced
+    scalars (vmapped sweeps, ``optax.inject_hyperparams``) pass and traced vectors are caught.
+    """
+    shape = np.shape(value)
+    if shape != ():
+        shown = "a traced array" if isinstance(value, jax.core.Tracer) else repr(np.asarray(value))
+        raise ValueError(
+            f"{owner}: {name}={shown} has shape {shape}; expected a scalar {name} (a number or a "
+            f"0-d array{', or a schedule' if name == 'lr' else ''})"
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import optax
 
 from jaxdl import transforms as T
-from jaxdl._checks import check_number, check_tree_match
+from jaxdl._checks import check_number, check_scalar, check_tree_match
 from jaxdl.transforms import GradientTransformation, Mask, ScalarOrSchedule
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "apply_updates"]
@@ -23,7 +23,7 @@ def _descend(owner: str, lr: ScalarOrSchedule) -> GradientTransformation:
     A concrete or traced ``lr`` must be a scalar (shape ()), as in ``torch.optim``.
     """
     if not callable(lr):
-        T._check_scalar(owner, "lr", lr)
+        check_scalar(owner, "lr", lr)
         check_number(owner, "lr", lr, low=0.0)
     return T.scale_by_learning_rate(lr)
 

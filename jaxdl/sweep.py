@@ -15,7 +15,7 @@ build a Cartesian product with `grid`), and the runs are the *product* seeds x s
 major: run ``r = s * H + h``. Every output has a leading run axis of length R = S * H, so
 ``result["loss"].reshape(S, H, K)`` separates seeds from settings.
 
-The hyperparameters are traced values (DESIGN.md, "sweep"): ``make_optimizer`` is called inside
+The hyperparameters are traced values (docs/design.md, the path of one batch): ``make_optimizer`` is called inside
 the vmapped function with float32 scalars, so one compilation serves every setting, and a
 second sweep with other values (same names, sizes and shapes) reuses the compiled program.
 
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl._checks import check_number
+from jaxdl._checks import check_int, check_number
 from jaxdl.precision import get_loss_scale, get_policy
 from jaxdl.train_step import TrainState, make_eval_step, make_train_loop, step_options
 
@@ -296,10 +296,7 @@ def sweep(
     s, h = seed_arr.size, table.shape[0]
     run_seeds = np.repeat(seed_arr, h)
     run_table = np.tile(table, (s, 1))
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"sweep: chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_int("sweep", "chunk_size", chunk_size, allow_none=True)
     if not callable(make_optimizer):
         raise TypeError(
             f"sweep: make_optimizer must be callable (**hparams) -> optimizer, got {make_optimizer!r}"

@@ -1,6 +1,6 @@
 """Jit-compiled training: `TrainState`, train/eval steps, scan-fused loops.
 
-One training step (DESIGN.md):
+One training step (docs/design.md, "The path of one batch"):
 
     batch -> loss_fn(params, model_state, batch, key) -> (loss, (model_state, aux))
           -> jax.value_and_grad -> grads -> [mean across devices] -> optimizer.update

@@ -18,10 +18,9 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxdl._checks import check_number, check_tree_match
+from jaxdl._checks import check_number, check_scalar, check_tree_match
 from jaxdl._tree import is_key
 from jaxdl._tree import select as select_tree
 
@@ -120,22 +119,6 @@ def _abs_sq(x: jax.Array) -> jax.Array:
     return (x * jnp.conj(x)).real if jnp.iscomplexobj(x) else x * x
 
 
-def _check_scalar(owner: str, name: str, value: Any) -> None:
-    """Raise ValueError unless `value` (a number, or a concrete or traced array) has shape ().
-
-    A learning rate of shape (n,) would broadcast against the last axis of every leaf and scale
-    each column by its own rate; ``torch.optim`` refuses it too. Shapes are static, so traced
-    scalars (vmapped sweeps, ``optax.inject_hyperparams``) pass and traced vectors are caught.
-    """
-    shape = np.shape(value)
-    if shape != ():
-        shown = "a traced array" if isinstance(value, jax.core.Tracer) else repr(np.asarray(value))
-        raise ValueError(
-            f"{owner}: {name}={shown} has shape {shape}; expected a scalar {name} (a number or a "
-            f"0-d array{', or a schedule' if name == 'lr' else ''})"
-        )
-
-
 def _check_real(owner: str, tree, why: str) -> None:
     """Raise ValueError (at trace time) naming the first complex leaf of `tree`."""
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -223,7 +206,7 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
     output), as ``torch.optim`` does: it would silently scale each column by its own rate.
     """
     if not callable(lr):
-        _check_scalar("scale_by_learning_rate", "lr", lr)
+        check_scalar("scale_by_learning_rate", "lr", lr)
         check_number("scale_by_learning_rate", "lr", lr, low=0.0)
 
         def update_const(updates, state, params=None):

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdl._checks import check_int
 from jaxdl._tree import is_key
 
 __all__ = [
@@ -179,8 +180,7 @@ def shard_batch(batch, num_devices: int | None = None):
     """
     if num_devices is None:
         num_devices = jax.local_device_count()
-    if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
-        raise ValueError(f"shard_batch: num_devices must be an integer >= 1, got {num_devices!r}")
+    check_int("shard_batch", "num_devices", num_devices)
     size = batch_size_of("shard_batch", batch)
     check_divisible("shard_batch", size, num_devices)
     return jax.tree.map(lambda x: x.reshape(num_devices, size // num_devices, *x.shape[1:]), batch)
