@@ -22,12 +22,10 @@ docs/cli.md lists every option, the outputs and the measured figures.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import sys
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +45,7 @@ from jaxdl.config import (  # noqa: F401  (the configuration's names are the com
     resolve_defaults,
 )
 from jaxdl.models import ACTIVATIONS, INITS
-from jaxdl.train_step import TrainState, check_labels, supervised_loss
+from jaxdl.train_step import TrainState, supervised_loss
 from jaxdl.trainer import chunk_bounds, default_block_size, read_metrics  # noqa: F401  (public here too)
 
 __all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_schedule", "load_run"]
@@ -115,191 +113,71 @@ _positive_float, _nonneg_float = _number(float, low=0, low_open=True), _number(f
 _rate = _number(float, low=0, high=1, high_open=True)
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``jaxdl train`` (docs/cli.md describes each). Their defaults come from
-    `DEFAULTS`/`MODEL_DEFAULTS`, not argparse, so the options given explicitly can be told apart."""
+_LR = ", ".join(f"{v:g} for {k}" for k, v in OPTIMIZER_LR.items())
+_UNIT = _number(float, low=0, high=1, high_open=True)
+# The options of `jaxdl train` and `jaxdl doctor`: (group, flag, help, argparse keywords). docs/cli.md
+# describes each in full; defaults are appended from DEFAULTS / MODEL_DEFAULTS.
+OPTIONS = [
+    ("data", "--dataset", "mnist5k, digits, mnist:DIR (IDX files) or npz:PATH", dict(type=_dataset_name)),
+    ("data", "--split-seed", "seed of the stratified train/val/test split", dict(type=_nonneg_int)),
+    ("data", "--augment", "random shift of training images by up to SHIFT pixels", dict(type=_nonneg_int, metavar="SHIFT")),
+    ("model", "--model", "mlp: DEPTH x Dense(WIDTH); cnn: CHANNELS x Conv 3x3, then the mlp", dict(choices=MODELS)),
+    ("model", "--depth", "hidden Dense layers", dict(type=_nonneg_int)),
+    ("model", "--width", "units per hidden Dense layer", dict(type=_positive_int)),
+    ("model", "--channels", "cnn: channels of the 3x3 convolutions (default: 32,64)", dict(type=_channels)),
+    ("model", "--activation", "", dict(choices=sorted(ACTIVATIONS))),
+    ("model", "--init", "initializer of every Dense and Conv kernel", dict(choices=sorted(INITS))),
+    ("model", "--batchnorm", "BatchNorm after every hidden layer", dict(action=argparse.BooleanOptionalAction)),
+    ("model", "--dropout", "drop probability after every hidden Dense", dict(type=_rate, metavar="RATE")),
+    ("model", "--conv-impl", "jaxdl.layers.Conv's algorithm", dict(choices=("auto", "im2col", "xla"))),
+    ("optimization", "--optimizer", "momentum/nesterov: sgd with --momentum", dict(choices=OPTIMIZERS)),
+    ("optimization", "--lr", f"(initial) learning rate (default: {_LR})", dict(type=_positive_float)),
+    ("optimization", "--momentum", "of momentum and nesterov", dict(type=_UNIT)),
+    ("optimization", "--schedule", "learning-rate schedule over the run", dict(choices=SCHEDULES)),
+    ("optimization", "--warmup", "linear warm-up steps from 0", dict(type=_nonneg_int, metavar="STEPS")),
+    ("optimization", "--lr-final", "cosine/linear: final rate", dict(type=_nonneg_float)),
+    ("optimization", "--step-every", "step: epochs between drops (default: epochs/3)", dict(type=_positive_int)),
+    ("optimization", "--step-factor", "step: factor of each drop", dict(type=_number(float, low=0, high=1, low_open=True))),
+    ("optimization", "--decay-rate", "inverse-time: decay per step", dict(type=_nonneg_float)),
+    ("optimization", "--precision", "bf16/fp16 compute, float32 master weights", dict(choices=("fp32", "bf16", "fp16"))),
+    ("optimization", "--accumulate", "gradient accumulation over K micro-batches", dict(type=_positive_int, metavar="K")),
+    ("optimization", "--ema", "moving average of the weights (default: off)", dict(type=_rate, metavar="DECAY")),
+    ("optimization", "--clip", "elementwise clipping (default: off)", dict(type=_positive_float, metavar="MAX_ABS")),
+    ("optimization", "--clip-norm", "global-norm clipping (default: off)", dict(type=_positive_float, metavar="MAX_NORM")),
+    ("optimization", "--noise-eta", "annealed gradient noise N(0, eta/(1+t)^gamma)", dict(type=_nonneg_float)),
+    ("optimization", "--noise-gamma", "", dict(type=_nonneg_float)),
+    ("optimization", "--weight-decay", "L2 decay (default: 0.01 for adamw, else 0)", dict(type=_nonneg_float)),
+    ("training", "--epochs", "", dict(type=_positive_int)),
+    ("training", "--batch-size", "", dict(type=_positive_int)),
+    ("training", "--early-stopping", "patience in epochs (default: off)", dict(type=_positive_int, metavar="PATIENCE")),
+    ("training", "--seed", "of init, data order, dropout, augmentation, noise", dict(type=_nonneg_int)),
+    ("training", "--block-size", "steps per compiled scan (default: near 16)", dict(type=_positive_int, metavar="STEPS")),
+    ("training", "--devices", "data parallel over N local devices (default: one)", dict(type=_positive_int, metavar="N")),
+    ("output", "--config", "start from a run's config.json; options given override it", dict(metavar="JSON")),
+    ("output", "--out", "run directory (default: runs/<time>-<model>-<dataset>)", dict(metavar="DIR")),
+    ("output", "--checkpoint-every", "steps (default: every epoch)", dict(type=_positive_int, metavar="STEPS")),
+    ("output", "--keep", "checkpoints kept", dict(type=_positive_int, metavar="K")),
+    ("output", "--resume", "continue the run in --out from its newest good checkpoint", dict(action="store_true")),
+    ("output", "--quiet", "no progress bar, no per-epoch lines", dict(action="store_true")),
+    ("output", "--no-compile-cache", "no persistent compilation cache", dict(action="store_true")),
+]  # fmt: skip
 
-    def add(group, flag, text, **kwargs):
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """The `OPTIONS`. Their defaults come from `DEFAULTS`/`MODEL_DEFAULTS`, not argparse, so the
+    options given explicitly can be told apart (``--resume``, ``--config``)."""
+    groups = {}
+    for group, flag, text, kwargs in OPTIONS:
         name = flag[2:].replace("-", "_")
         per_model = {m: v[name] for m, v in MODEL_DEFAULTS.items() if name in v}
         if per_model:
             text += " (default: " + ", ".join(f"{v} for {m}" for m, v in per_model.items()) + ")"
         elif name in DEFAULTS and "(default" not in text:
             text += f" (default: {DEFAULTS[name]})"
-        group.add_argument(flag, help=text, **kwargs)
-
-    g = p.add_argument_group("data")
-    add(
-        g,
-        "--dataset",
-        "mnist5k (bundled, 3,500/500/1,000), digits (8x8), mnist:DIR (IDX files) or "
-        "npz:PATH (x_train, y_train, x_test, y_test)",
-        type=_dataset_name,
-    )
-    add(g, "--split-seed", "seed of the stratified train/val/test split", type=_nonneg_int)
-    g.add_argument("--limit-train", type=_positive_int, help=argparse.SUPPRESS)  # tests
-    add(
-        g,
-        "--augment",
-        "random shift of training images by up to SHIFT pixels; 0 is off",
-        type=_nonneg_int,
-        metavar="SHIFT",
-    )
-
-    g = p.add_argument_group("model")
-    add(
-        g,
-        "--model",
-        "mlp: DEPTH x [Dense(WIDTH), (BatchNorm), activation, (Dropout)]; cnn: CHANNELS x "
-        "[Conv 3x3, (BatchNorm), activation, MaxPool 2], then the mlp's layers",
-        choices=MODELS,
-    )
-    add(g, "--depth", "hidden Dense layers", type=_nonneg_int)
-    add(g, "--width", "units per hidden Dense layer", type=_positive_int)
-    add(
-        g,
-        "--channels",
-        "cnn: channels of the 3x3 convolutions, comma separated (default: 32,64)",
-        type=_channels,
-    )
-    add(g, "--activation", "", choices=sorted(ACTIVATIONS))
-    add(g, "--init", "initializer of every Dense and Conv kernel", choices=sorted(INITS))
-    add(
-        g, "--batchnorm", "BatchNorm after every hidden Dense and Conv", action=argparse.BooleanOptionalAction
-    )
-    add(
-        g,
-        "--dropout",
-        "drop probability after every hidden Dense activation; 0 is off",
-        type=_rate,
-        metavar="RATE",
-    )
-    add(g, "--conv-impl", "jaxdl.layers.Conv's algorithm", choices=("auto", "im2col", "xla"))
-
-    g = p.add_argument_group("optimization")
-    add(g, "--optimizer", "momentum and nesterov are sgd with --momentum", choices=OPTIMIZERS)
-    add(
-        g,
-        "--lr",
-        "(initial) learning rate (default: "
-        + ", ".join(f"{v:g} for {k}" for k, v in OPTIMIZER_LR.items())
-        + ")",
-        type=_positive_float,
-    )
-    add(g, "--momentum", "of momentum/nesterov", type=_number(float, low=0, high=1, high_open=True))
-    add(
-        g,
-        "--schedule",
-        "over the whole run: cosine/linear to --lr-final, step (x --step-factor every "
-        "--step-every epochs), lr/(1 + decay_rate*t), lr/sqrt(1 + t)",
-        choices=SCHEDULES,
-    )
-    add(g, "--warmup", "linear warm-up steps from 0", type=_nonneg_int, metavar="STEPS")
-    add(g, "--lr-final", "cosine/linear: final rate", type=_nonneg_float)
-    add(
-        g,
-        "--step-every",
-        "step: epochs between drops (default: a third of the epochs)",
-        type=_positive_int,
-        metavar="EPOCHS",
-    )
-    add(g, "--step-factor", "step: factor of each drop", type=_number(float, low=0, high=1, low_open=True))
-    add(g, "--decay-rate", "inverse-time: decay per step", type=_nonneg_float)
-    add(
-        g,
-        "--precision",
-        "fp32, or float32 master weights with bf16/fp16 compute (fp16: dynamic loss scale)",
-        choices=("fp32", "bf16", "fp16"),
-    )
-    add(
-        g,
-        "--accumulate",
-        "gradient accumulation over K micro-batches per step",
-        type=_positive_int,
-        metavar="K",
-    )
-    add(
-        g,
-        "--ema",
-        "exponential moving average of the weights, evaluated too (default: off)",
-        type=_rate,
-        metavar="DECAY",
-    )
-    add(
-        g,
-        "--clip",
-        "clip every gradient entry to [-MAX_ABS, MAX_ABS] (default: off)",
-        type=_positive_float,
-        metavar="MAX_ABS",
-    )
-    add(
-        g,
-        "--clip-norm",
-        "clip the gradient's global norm (default: off)",
-        type=_positive_float,
-        metavar="MAX_NORM",
-    )
-    add(g, "--noise-eta", "annealed gradient noise N(0, eta/(1+t)^gamma); 0 is off", type=_nonneg_float)
-    add(g, "--noise-gamma", "", type=_nonneg_float)
-    add(
-        g,
-        "--weight-decay",
-        "L2 decay, decoupled for adamw (default: 0.01 for adamw, else 0)",
-        type=_nonneg_float,
-    )
-
-    g = p.add_argument_group("training")
-    add(g, "--epochs", "", type=_positive_int)
-    add(g, "--batch-size", "", type=_positive_int)
-    add(
-        g,
-        "--early-stopping",
-        "stop after PATIENCE epochs without a lower validation loss, keep the best (default: off)",
-        type=_positive_int,
-        metavar="PATIENCE",
-    )
-    add(g, "--seed", "of initialization, data order, dropout, augmentation and noise", type=_nonneg_int)
-    add(
-        g,
-        "--block-size",
-        "steps per compiled lax.scan call (default: a divisor of the epoch near 16)",
-        type=_positive_int,
-        metavar="STEPS",
-    )
-    add(
-        g,
-        "--devices",
-        "data parallel over N local devices (default: one; on a CPU set XLA_FLAGS="
-        "--xla_force_host_platform_device_count=N)",
-        type=_positive_int,
-        metavar="N",
-    )
-
-    g = p.add_argument_group("output")
-    add(g, "--config", "start from a run's config.json; options given override it", metavar="JSON")
-    add(
-        g,
-        "--out",
-        "run directory (default: runs/<time>-<model>-<dataset>); doctor: the report's",
-        metavar="DIR",
-    )
-    add(
-        g,
-        "--checkpoint-every",
-        "checkpoint interval (default: every epoch)",
-        type=_positive_int,
-        metavar="STEPS",
-    )
-    add(g, "--keep", "checkpoints kept", type=_positive_int, metavar="K")
-    add(g, "--resume", "continue the run in --out from its newest good checkpoint", action="store_true")
-    add(g, "--quiet", "no progress bar, no per-epoch lines", action="store_true")
-    add(
-        g,
-        "--no-compile-cache",
-        "neither read nor write JAX's persistent compilation cache (default: "
-        "~/.cache/jaxdl/xla; JAXDL_COMPILE_CACHE=0 or DIR)",
-        action="store_true",
-    )
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        groups[group].add_argument(flag, help=text.strip(), **kwargs)
+    groups["data"].add_argument("--limit-train", type=_positive_int, help=argparse.SUPPRESS)  # tests
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,128 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- configuration
 
 
-def train_config(explicit: dict) -> tuple[dict, bool]:
-    """`jaxdl.config.train_config`, its errors as the command's."""
-    try:
-        return config.train_config(explicit)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    except OSError as err:
-        raise RunError(str(err)) from None
+def _as_command_errors(fn):
+    """``fn`` of `jaxdl.config` with its errors as the command's: ValueError -> UsageError (exit
+    2, nothing written), OSError -> RunError (exit 1)."""
 
-
-def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
-    """`jaxdl.config.load_run`, its errors as the command's."""
-    try:
-        return config.load_run(run_dir)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    except OSError as err:
-        raise RunError(str(err)) from None
-
-
-def default_out_dir(cfg: dict) -> str:
-    """``runs/<UTC time>-<model>-<dataset>`` (a suffix is added if it exists)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = cfg["dataset"].split(":")[0]
-    base = os.path.join("runs", f"{stamp}-{cfg['model']}-{name}")
-    path, i = base, 1
-    while os.path.exists(path):
-        path, i = f"{base}-{i}", i + 1
-    return path
-
-
-def check_out_dir(path: str, resume: bool) -> None:
-    """Raise UsageError unless ``path`` can become this run's directory; creates nothing."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise UsageError(f"--out {path}: exists and is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {path}: directory is not writable")
-        has_run = os.path.isfile(os.path.join(path, "config.json"))
-        if has_run and not resume:
-            raise UsageError(
-                f"--out {path} already holds a run; pass --resume to continue it or choose another directory"
-            )
-        if not has_run and os.listdir(path):
-            raise UsageError(f"--out {path}: directory is not empty and holds no jaxdl run")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out {path}: cannot create it, {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: cannot create it, {parent} is not writable")
-
-
-def load_data(name: str, split_seed: int, limit_train=None) -> data.Dataset:
-    """Load and split a dataset, keep the first ``limit_train`` training examples (a random
-    subset: the split is shuffled), and check every split's labels on the host."""
-    try:
-        ds = data.load_dataset(name, seed=split_seed)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--dataset {name}: {err}") from None
-    if limit_train:
-        ds = ds._replace(train=data.Split(ds.train.x[:limit_train], ds.train.y[:limit_train]))
-    for split_name, split in zip(("train", "val", "test"), (ds.train, ds.val, ds.test)):
+    def call(*args, **kwargs):
         try:
-            check_labels(split.y, ds.num_classes)
+            return fn(*args, **kwargs)
         except ValueError as err:
-            raise UsageError(f"--dataset {name}: {split_name} split: {err}") from None
-    return ds
+            raise UsageError(str(err)) from None
+        except OSError as err:
+            raise RunError(str(err)) from None
+
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
 
 
-class Setup(NamedTuple):
-    """Everything built from a config before training."""
-
-    model: Any
-    optimizer: Any
-    schedule: Any
-    steps_per_epoch: int
+train_config, load_run, load_data, setup, check_out_dir = map(
+    _as_command_errors,
+    (config.train_config, config.load_run, config.load_data, config.setup, config.check_out_dir),
+)
+default_out_dir, fit_options = config.default_out_dir, config.fit_options
 
 
-def setup(cfg: dict, ds: data.Dataset) -> Setup:
-    """Build model, schedule and optimizer; check what `fit` would refuse, before anything is
-    written (their constructors check the hyperparameters)."""
-    n_train = len(ds.train.y)
-    if cfg["batch_size"] > n_train:
-        raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {n_train} training examples")
-    if cfg.get("devices"):
-        if cfg["devices"] > jax.local_device_count():
-            raise UsageError(
-                f"--devices {cfg['devices']}: only {jax.local_device_count()} local devices "
-                f"({jax.default_backend()}); on a CPU set XLA_FLAGS="
-                f"--xla_force_host_platform_device_count={cfg['devices']}"
-            )
-        if cfg["batch_size"] % cfg["devices"]:
-            raise UsageError(
-                f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}"
-            )
-    k = cfg.get("accumulate", 1)
-    if cfg["batch_size"] % (k * (cfg.get("devices") or 1)):
-        raise UsageError(
-            f"--batch-size {cfg['batch_size']} is not divisible by --accumulate {k}"
-            + (f" times --devices {cfg['devices']}" if cfg.get("devices") else "")
-        )
-    if cfg["augment"] and ds.train.x.ndim != 4:
-        raise UsageError(
-            f"--augment {cfg['augment']}: shifts images, but --dataset {cfg['dataset']} "
-            f"has examples of shape {ds.train.x.shape[1:]}"
-        )
-    steps = n_train // cfg["batch_size"]
-    noise_key = trainer.run_keys(cfg["seed"])[2]
-    try:
-        model = build_model(cfg, ds.num_classes)
-        sched = build_schedule(cfg, steps)
-        optimizer = build_optimizer(cfg, sched, noise_key)
-    except (ValueError, TypeError) as err:
-        raise UsageError(str(err)) from None
-    return Setup(model, optimizer, sched, steps)
-
-
-def _fit(cfg: dict, ds: data.Dataset, s: Setup, out: str, resume: bool, quiet: bool, log):
+def _fit(cfg: dict, ds: data.Dataset, s: config.Setup, out: str, resume: bool, quiet: bool, log):
     from jaxdl.checkpoint import CorruptCheckpointError  # orbax: imported when a run needs it
 
     try:
@@ -496,24 +276,12 @@ def _fit(cfg: dict, ds: data.Dataset, s: Setup, out: str, resume: bool, quiet: b
             block_size=cfg["block_size"],
             learning_rate=s.schedule,
             log=log,
-            **_step_options(cfg),
+            **fit_options(cfg),
         )
     except CorruptCheckpointError as err:
         raise RunError(f"cannot resume: {err}") from None
     except OSError as err:
         raise RunError(str(err)) from None
-
-
-def _step_options(cfg: dict) -> dict:
-    """`fit`'s precision, micro_batches, loss_scale and ema of a configuration (``--precision
-    fp16`` trains with a dynamic loss scale); a config.json older than these options has none."""
-    precision = cfg.get("precision", "fp32")
-    return {
-        "precision": None if precision == "fp32" else precision,
-        "micro_batches": cfg.get("accumulate", 1),
-        "loss_scale": "dynamic" if precision == "fp16" else None,
-        "ema": cfg.get("ema"),
-    }
 
 
 # ----------------------------------------------------------------------------- commands
@@ -560,7 +328,7 @@ def cmd_train(explicit: dict, log) -> dict:
         f"examples, {s.steps_per_epoch} steps per epoch), {cfg['optimizer']} lr {cfg['lr']:g}"
     )
     result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, log)
-    precision = _step_options(cfg)["precision"]
+    precision = fit_options(cfg)["precision"]
     test = trainer.evaluate(s.model, result.state, ds.test, precision=precision)
     n_test = len(ds.test.y)
     ema_test = {}

@@ -7,14 +7,16 @@ repeated (``jaxdl train --config``), resumed and examined (``jaxdl doctor``) fro
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
-from jaxdl import models, optimizers, schedules, transforms
-from jaxdl.trainer import DATA_AXIS  # BatchNorm's axis_name with devices: fit's data axis
+from jaxdl import data, models, optimizers, schedules, transforms
+from jaxdl.train_step import check_labels
+from jaxdl.trainer import DATA_AXIS, run_keys  # BatchNorm's axis_name with devices: fit's data axis
 
 __all__ = [
     "DEFAULTS",
@@ -266,3 +268,116 @@ def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
     except (OSError, ValueError) as err:
         raise OSError(f"cannot restore the model: {err}") from None
     return cfg, info, model, restored
+
+
+def default_out_dir(cfg: dict) -> str:
+    """``runs/<UTC time>-<model>-<dataset>`` (a suffix is added if it exists)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = cfg["dataset"].split(":")[0]
+    base = os.path.join("runs", f"{stamp}-{cfg['model']}-{name}")
+    path, i = base, 1
+    while os.path.exists(path):
+        path, i = f"{base}-{i}", i + 1
+    return path
+
+
+def check_out_dir(path: str, resume: bool) -> None:
+    """Raise ValueError unless ``path`` can become this run's directory (``--out``); creates nothing."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"--out {path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {path}: directory is not writable")
+        has_run = os.path.isfile(os.path.join(path, "config.json"))
+        if has_run and not resume:
+            raise ValueError(
+                f"--out {path} already holds a run; pass --resume to continue it or choose another directory"
+            )
+        if not has_run and os.listdir(path):
+            raise ValueError(f"--out {path}: directory is not empty and holds no jaxdl run")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {path}: cannot create it, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: cannot create it, {parent} is not writable")
+
+
+def load_data(name: str, split_seed: int, limit_train=None) -> data.Dataset:
+    """Load and split a dataset, keep the first ``limit_train`` training examples (a random
+    subset: the split is shuffled), and check every split's labels on the host."""
+    try:
+        ds = data.load_dataset(name, seed=split_seed)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--dataset {name}: {err}") from None
+    if limit_train:
+        ds = ds._replace(train=data.Split(ds.train.x[:limit_train], ds.train.y[:limit_train]))
+    for split_name, split in zip(("train", "val", "test"), (ds.train, ds.val, ds.test)):
+        try:
+            check_labels(split.y, ds.num_classes)
+        except ValueError as err:
+            raise ValueError(f"--dataset {name}: {split_name} split: {err}") from None
+    return ds
+
+
+class Setup(NamedTuple):
+    """Everything built from a config before training."""
+
+    model: Any
+    optimizer: Any
+    schedule: Any
+    steps_per_epoch: int
+
+
+def setup(cfg: dict, ds: data.Dataset) -> Setup:
+    """Build model, schedule and optimizer; check what `fit` would refuse, before anything is
+    written (their constructors check the hyperparameters)."""
+    n_train = len(ds.train.y)
+    if cfg["batch_size"] > n_train:
+        raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {n_train} training examples")
+    if cfg.get("devices"):
+        if cfg["devices"] > jax.local_device_count():
+            raise ValueError(
+                f"--devices {cfg['devices']}: only {jax.local_device_count()} local devices "
+                f"({jax.default_backend()}); on a CPU set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={cfg['devices']}"
+            )
+        if cfg["batch_size"] % cfg["devices"]:
+            raise ValueError(
+                f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}"
+            )
+    k = cfg.get("accumulate", 1)
+    if cfg["batch_size"] % (k * (cfg.get("devices") or 1)):
+        raise ValueError(
+            f"--batch-size {cfg['batch_size']} is not divisible by --accumulate {k}"
+            + (f" times --devices {cfg['devices']}" if cfg.get("devices") else "")
+        )
+    if cfg["augment"] and ds.train.x.ndim != 4:
+        raise ValueError(
+            f"--augment {cfg['augment']}: shifts images, but --dataset {cfg['dataset']} "
+            f"has examples of shape {ds.train.x.shape[1:]}"
+        )
+    steps = n_train // cfg["batch_size"]
+    noise_key = run_keys(cfg["seed"])[2]
+    try:
+        model = build_model(cfg, ds.num_classes)
+        sched = build_schedule(cfg, steps)
+        optimizer = build_optimizer(cfg, sched, noise_key)
+    except (ValueError, TypeError) as err:
+        raise ValueError(str(err)) from None
+    return Setup(model, optimizer, sched, steps)
+
+
+def fit_options(cfg: dict) -> dict:
+    """`fit`'s precision, micro_batches, loss_scale and ema of a configuration (``--precision
+    fp16`` trains with a dynamic loss scale); a config.json older than these options has none."""
+    precision = cfg.get("precision", "fp32")
+    return {
+        "precision": None if precision == "fp32" else precision,
+        "micro_batches": cfg.get("accumulate", 1),
+        "loss_scale": "dynamic" if precision == "fp16" else None,
+        "ema": cfg.get("ema"),
+    }
