@@ -213,7 +213,7 @@ _EVAL_STEPS: dict = {}  # loss -> compiled eval step; the last few, so evaluate(
 
 def _eval_step(loss_fn, use_ema=False, precision=None):
     """The compiled eval step of ``loss_fn``, cached: an `evaluate` each epoch compiles once."""
-    cache_key = loss_fn if not use_ema and precision is None else (loss_fn, use_ema, precision)
+    cache_key = (loss_fn, use_ema, precision)
     try:
         step = _EVAL_STEPS.pop(cache_key, None) or make_eval_step(
             loss_fn, use_ema=use_ema, precision=precision
