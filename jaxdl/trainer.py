@@ -859,7 +859,8 @@ class _Engine(NamedTuple):
         fresh = Progress({}, np.array(np.inf), np.array(0, np.int64), np.array(0.0))
         run, resumed, history = Run(state, fresh, best), None, []
         if outputs is not None:
-            sums_like = jax.eval_shape(loop, state, self._block(0, 0, 1))[1]
+            first = self._batch_order(0)[:1]
+            sums_like = jax.eval_shape(loop, state, (self.x[first], self.y[first]))[1]
             fresh = fresh._replace(sums={k: np.zeros((), np.float64) for k in sums_like})
             run, resumed = _restore_latest(outputs.manager, run._replace(progress=fresh), self.log)
             step = int(run.state.step)
@@ -886,7 +887,8 @@ class _Engine(NamedTuple):
                 epoch, start = divmod(step, S)
                 t_epoch = time.perf_counter()
                 bounds = chunk_bounds(epoch, S, self.block_size, self.checkpoint_every, start)
-                blocks = (self._block(epoch, a, b) for a, b in bounds)
+                order = self._batch_order(epoch)
+                blocks = ((self.x[order[a:b]], self.y[order[a:b]]) for a, b in bounds)
                 for batches in data.prefetch_to_device(blocks, device=block_sharding):
                     run, k, seconds = self._train_block(loop, run, batches)
                     step += k
@@ -956,13 +958,11 @@ class _Engine(NamedTuple):
             round(float(run.progress.train_time), 3),
         )
 
-    def _block(self, epoch: int, a: int, b: int):
-        """Batches ``a..b-1`` of epoch ``epoch``, stacked: ``(x[K, B, ...], y[K, B, ...])``."""
+    def _batch_order(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s batches as example indices, shape (steps_per_epoch, batch_size): the
+        order of `jaxdl.data.batch_blocks` (the last partial batch dropped)."""
         order = data.epoch_permutation(len(self.y), self.data_key, epoch)
-        idx = order[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)[
-            a:b
-        ]
-        return self.x[idx], self.y[idx]
+        return order[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
 
     def _train_block(self, loop, run: Run, batches) -> tuple[Run, int, float]:
         t0 = time.perf_counter()
