@@ -61,6 +61,7 @@ __all__ = [
     "check_labels",
     "step_key",
     "step_body",
+    "scan_steps",
     "check_batch",
     "check_state",
     "accepts_train",
@@ -439,8 +440,48 @@ def step_body(
     state and optimizer state (only ``step`` advances). ``options`` (`step_options`): the
     precision policy, micro-batches and loss scale act on the gradient (`accumulate_gradients`),
     the EMA and the loss scale's update follow the step (`_finish_options`); with a loss scale an
-    overflowing step is always skipped.
+    overflowing step is always skipped. `scan_steps` runs it K times in a `lax.scan`.
     """
+    new_state, metrics, _ = _step(
+        loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options
+    )
+    return new_state, metrics
+
+
+def scan_steps(
+    loss_fn, optimizer, skip_nonfinite, state: TrainState, batches, reduce_grads=None, options=None
+):
+    """``lax.scan`` of `step_body` over ``batches`` (K batches stacked on a leading axis), with the
+    key of step t `step_key`: ``(state after K steps, metrics stacked per step)``.
+
+    The same K steps as K calls of `step_body`, with one saving: ``update_ratio``'s denominator,
+    the norm of the parameters before step t, is the norm of the parameters step t-1 left (it
+    is computed after the update and carried), so the old parameters need not outlive their
+    in-place update. Only the first step's comes from the state it starts from.
+    """
+
+    def body(carry, batch):
+        state, param_norm = carry
+        state, metrics, param_norm = _step(
+            loss_fn,
+            optimizer,
+            skip_nonfinite,
+            state,
+            batch,
+            step_key(state),
+            reduce_grads,
+            options,
+            param_norm,
+        )
+        return (state, param_norm), metrics
+
+    (state, _), metrics = jax.lax.scan(body, (state, global_norm(state.params)), batches)
+    return state, metrics
+
+
+def _step(loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options, param_norm=None):
+    """`step_body`, and the norm of the new params when ``param_norm`` (that of ``state.params``)
+    is given (`scan_steps` carries it), else None."""
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
     _check_options_state(state, options)
     if options is None:
@@ -463,16 +504,24 @@ def step_body(
     if reduce_grads is not None:
         loss, grads, aux = reduce_grads((loss, grads, aux))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = apply_updates(state.params, updates)
     # The norms reported as metrics double as the finiteness check: a norm is NaN/Inf exactly
     # when some element is (or when it overflows float32, a divergence all the same), so
     # skipping costs no extra pass over the gradients and updates.
-    grad_norm, update_norm, param_norm = global_norm(grads), global_norm(updates), global_norm(state.params)
+    grad_norm, update_norm = global_norm(grads), global_norm(updates)
+    carried = param_norm is not None
+    if not carried:
+        param_norm = global_norm(state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     if skip_nonfinite or (options is not None and options.loss_scale is not None):
-        params = select_tree(finite, params, state.params)
-        model_state = select_tree(finite, model_state, state.model_state)
-        opt_state = select_tree(finite, opt_state, state.opt_state)
+        # A skipped step adds a zero update (the params keep their values) and keeps the old
+        # model and optimizer state. `lax.cond` rather than a select per leaf: the select kept
+        # the old moments alive beside the new ones, a copy of each per step (issue 14; under
+        # vmap the cond becomes that select).
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        model_state, opt_state = jax.lax.cond(
+            finite, lambda: (model_state, opt_state), lambda: (state.model_state, state.opt_state)
+        )
+    params = apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -485,7 +534,7 @@ def step_body(
     )
     if options is not None:
         new_state, metrics = _finish_options(options, skip_nonfinite, state, new_state, finite, metrics)
-    return new_state, metrics
+    return new_state, metrics, global_norm(new_state.params) if carried else None
 
 
 def _finish_options(options: StepOptions, skip_nonfinite, state, new_state, finite, metrics):
@@ -607,14 +656,10 @@ def make_train_loop(
     """
     options = step_options("make_train_loop", precision, micro_batches, loss_scale, ema)
 
-    def body(state, batch):
-        key = step_key(state)
-        return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, options=options)
-
     def loop(state: TrainState, batches):
         check_batch(state, jax.tree.map(lambda b: b[0], batches))
         check_state(state, loss_fn, optimizer)
-        return jax.lax.scan(body, state, batches)
+        return scan_steps(loss_fn, optimizer, skip_nonfinite, state, batches, options=options)
 
     return jax.jit(loop, donate_argnums=(0,) if donate else ())
 
