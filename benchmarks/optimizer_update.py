@@ -8,11 +8,19 @@ Adam also runs three layouts that might move fewer bytes or launch fewer kernels
 ``optax.flatten(adam)`` (flat moments: the gradients are concatenated into one buffer and the
 update split back per leaf), ``adam`` on the parameters raveled into one buffer
 (``jax.flatten_util.ravel_pytree``; the best case of a flat layout: one leaf, gradients already
-flat) and ``adam(mu_dtype=bf16, nu_dtype=bf16)`` (20 B/param floor of its own). The ratio columns
-are medians of pair-by-pair ratios: round r of one contender against round r of the reference
-(contenders run round-robin, so a load change hits both alike); PyTorch runs in a block of its own.
+flat) and ``adam(mu_dtype=bf16, nu_dtype=bf16)`` (20 B/param floor of its own), and two fused
+CPU kernels called through the XLA FFI (``_fused_adam.py``, ``fused_adam.cc``; compiled at first
+use, skipped without a C++ compiler): (a) optax's protocol, one pass reading g, m, v and writing
+u, m, v, then ``apply_updates``; (b) PyTorch's fused shape, one pass reading p, g, m, v and
+writing p, m, v in place. The ratio columns are medians of pair-by-pair ratios: round r of one
+contender against round r of the reference (contenders run round-robin, so a load change hits
+both alike); PyTorch runs in a block of its own.
 
-    python benchmarks/optimizer_update.py [--repeats 30] [--only adam]
+``--temp-grads`` makes each jitted Adam step produce its gradients as a temporary (a
+``lax.cond`` on the input gradients that XLA cannot fuse into the update, as a train step's
+backward pass does), where fused (a) can write u over the gradients' buffer.
+
+    python benchmarks/optimizer_update.py [--repeats 30] [--only adam] [--temp-grads]
 """
 
 from __future__ import annotations
@@ -29,6 +37,14 @@ import optax
 import torch
 from _timing import round_robin, timeit
 from jax.flatten_util import ravel_pytree
+
+try:
+    import _fused_adam
+
+    _fused_adam.load()
+except RuntimeError as err:  # no C++ compiler, or the build failed: the fused rows are skipped
+    print(f"fused Adam kernels unavailable: {err}")
+    _fused_adam = None
 
 import jaxdl as dl
 
@@ -65,21 +81,74 @@ def copy_bandwidth(n_bytes: int = 512 << 20, repeats: int = 10) -> tuple[float, 
     return 2 * n_bytes / t_np, 2 * n_bytes / t_xla
 
 
-def jax_runner(tx, params, grads, donate=False):
+def temp_grads(g, flag):
+    """``g`` rescaled by 1 +- 1e-4 inside a ``lax.cond``: a temporary XLA cannot fuse away."""
+    return jax.lax.cond(
+        flag, lambda: jax.tree.map(lambda x: x * 1.0001, g), lambda: jax.tree.map(lambda x: x * 0.9999, g)
+    )
+
+
+def jax_runner(tx, params, grads, donate=False, in_step=False):
     state = tx.init(params)
 
-    def step(p, s, g):
+    def step(p, s, g, flag):
+        if in_step:
+            g = temp_grads(g, flag)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
     holder = {"p": jax.tree.map(jnp.copy, params), "s": state}
+    flag = jnp.array(True)
 
     def run():
-        holder["p"], holder["s"] = jitted(holder["p"], holder["s"], grads)
+        holder["p"], holder["s"] = jitted(holder["p"], holder["s"], grads, flag)
         jax.block_until_ready(holder["p"])
 
     return run
+
+
+def fused_step_runner(params, grads, in_step=False):
+    """Fused (b): ``_fused_adam.adam_step`` on donated p, m, v (jaxdl.adam(1e-3)'s numbers)."""
+
+    def step(p, m, v, count, g, flag):
+        if in_step:
+            g = temp_grads(g, flag)
+        count = optax.safe_increment(count)
+        p, m, v = _fused_adam.adam_step(p, g, m, v, count, 1e-3)
+        return p, m, v, count
+
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+    zeros = [jnp.zeros_like(x) for x in params]
+    holder = {
+        "s": ([jnp.copy(x) for x in params], zeros, [jnp.copy(z) for z in zeros], jnp.zeros([], jnp.int32))
+    }
+    flag = jnp.array(True)
+
+    def run():
+        holder["s"] = jitted(*holder["s"], grads, flag)
+        jax.block_until_ready(holder["s"][0])
+
+    return run
+
+
+def fused_difference(params, grads, steps=3) -> tuple[float, float]:
+    """Max |p_fused - p_jaxdl| after ``steps`` steps of (a) and of (b) on the benchmark's tree."""
+    ref = jax_step(dl.adam(1e-3))
+    fa = jax_step(_fused_adam.adam(1e-3))
+    pr, sr = list(params), dl.adam(1e-3).init(params)
+    pa, sa = list(params), sr
+    pb, mb, vb = list(params), sr[0].mu, sr[0].nu
+    for t in range(1, steps + 1):
+        pr, sr = ref(pr, sr, grads)
+        pa, sa = fa(pa, sa, grads)
+        pb, mb, vb = _fused_adam.adam_step(pb, grads, mb, vb, jnp.array(t, jnp.int32), 1e-3)
+    diff = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b))  # noqa: E731
+    return diff(pa, pr), diff(pb, pr)
+
+
+def jax_step(tx):
+    return jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
 
 
 def torch_runner(make_opt, shapes):
@@ -100,6 +169,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--only", choices=["adam", "sgd"], help="run one optimizer's rows")
+    ap.add_argument(
+        "--temp-grads", action="store_true", help="gradients as a temporary of each JAX step (adam)"
+    )
     args = ap.parse_args()
 
     shapes = resnet50_shapes()
@@ -107,6 +179,7 @@ def main():
     keys = jax.random.split(jax.random.key(0), 2 * len(shapes))
     params = [jax.random.normal(k, s) for k, s in zip(keys[: len(shapes)], shapes)]
     grads = [1e-3 * jax.random.normal(k, s) for k, s in zip(keys[len(shapes) :], shapes)]
+    print(f"load average (1, 5, 15 min) at the start: {os.getloadavg()}")
     bw_np, bw_xla = copy_bandwidth()
     bw = max(bw_np, bw_xla)
     print(
@@ -139,7 +212,7 @@ def main():
         f"{'x torch':>8} {'x floor':>8}"
     )
     for name, (ours, theirs, bytes_per_param, make_torch) in cases.items():
-        if args.only and not name.startswith(args.only):
+        if args.only and not name.startswith(args.only) or args.temp_grads and name != "adam":
             continue
         floor = n * bytes_per_param / bw
         runners = {
@@ -148,7 +221,18 @@ def main():
             "optax": jax_runner(theirs, params, grads),
             "optax (donated)": jax_runner(theirs, params, grads, donate=True),
         }
-        if name == "adam":
+        if name == "adam" and args.temp_grads:
+            runners = {
+                "jaxdl (donated)": jax_runner(ours, params, grads, donate=True, in_step=True),
+                "optax (donated)": jax_runner(theirs, params, grads, donate=True, in_step=True),
+            }
+            if _fused_adam is not None:
+                for alias in (False, True):
+                    tx = _fused_adam.adam(1e-3, alias_grads=alias)
+                    label = "fused (a), u over g" if alias else "fused (a)"
+                    runners[f"{label} (donated)"] = jax_runner(tx, params, grads, donate=True, in_step=True)
+                runners["fused (b) p,m,v (donated)"] = fused_step_runner(params, grads, in_step=True)
+        elif name == "adam":
             runners["optax.flatten(adam) (donated)"] = jax_runner(
                 optax.flatten(theirs), params, grads, donate=True
             )
@@ -157,6 +241,13 @@ def main():
             )
             bf16 = dl.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
             runners["jaxdl bf16 moments (donated)"] = jax_runner(bf16, params, grads, donate=True)
+            if _fused_adam is not None:
+                runners["fused (a) (donated)"] = jax_runner(
+                    _fused_adam.adam(1e-3), params, grads, donate=True
+                )
+                runners["fused (b) p,m,v (donated)"] = fused_step_runner(params, grads)
+                da, db = fused_difference(params, grads)
+                print(f"fused vs jaxdl after 3 steps: max |dp| (a) {da:.2e}, (b) {db:.2e}")
         results = round_robin(runners, args.repeats)
         # PyTorch runs in a block of its own: interleaved with XLA, the two thread pools (both
         # spin-waiting) starve each other on 2 cores and PyTorch's times jump 20x.
@@ -170,7 +261,7 @@ def main():
 
         for impl, times in results.items():
             # Compare like with like: donated runs against optax's / jaxdl's donated run.
-            donated = "donated" in impl
+            donated = "donated" in impl or "optax" not in results  # (--temp-grads runs donated only)
             ref_optax = "optax (donated)" if donated else "optax"
             ref_ours = "jaxdl (donated)" if donated else "jaxdl"
             print(
@@ -179,6 +270,7 @@ def main():
                 f"{med[impl] / floor:8.2f}"
             )
         print(f"{name:<18} {'floor':<30} {floor * 1e3:9.2f}  ({bytes_per_param} B/param at copy bandwidth)")
+    print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
