@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -53,12 +52,11 @@ def run_main(capsys, *argv):
     return code, out, err
 
 
-def jaxdl_process(*argv, **kwargs):
-    """``python -m jaxdl ARGV`` as a subprocess on the CPU."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def jaxdl_process(*argv, env=None, **kwargs):
+    """``python -m jaxdl ARGV`` as a subprocess on the CPU; ``env``: variables to add or change."""
     return subprocess.Popen(
         [sys.executable, "-m", "jaxdl", *argv],
-        env=env,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -496,7 +494,7 @@ def test_early_stopping_keeps_the_parameters_of_the_best_validation_epoch(tmp_pa
 
 
 @pytest.mark.slow
-def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path):
+def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path, wait_for_first_checkpoint):
     # 39-step epochs with checkpoints every 15 steps, so the kill and the resume fall mid-epoch;
     # dropout makes the result depend on the PRNG key in the TrainState.
     args = [
@@ -521,26 +519,22 @@ def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path):
         "5",
         "--quiet",
     ]
-    whole = jaxdl_process(*args, "--out", str(tmp_path / "whole"))
+    # The uninterrupted run writes its compiled programs to a compilation cache that the resumed
+    # run reads once it has finished (saves compiling them a third time); the killed run has none,
+    # so that no cache file is torn by the kill.
+    cache = {"JAXDL_COMPILE_CACHE": str(tmp_path / "xla")}
+    whole = jaxdl_process(*args, "--out", str(tmp_path / "whole"), env=cache)
     killed_dir = tmp_path / "killed"
     killed = jaxdl_process(*args, "--out", str(killed_dir))
-    checkpoints = killed_dir / "checkpoints"
-    deadline = time.time() + 180
-    while not (
-        checkpoints.is_dir()
-        and any((checkpoints / s / "jaxdl_manifest.json").is_file() for s in os.listdir(checkpoints))
-    ):
-        assert killed.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
+    wait_for_first_checkpoint(killed, killed_dir / "checkpoints", timeout_s=180)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
     assert not (killed_dir / "summary.json").exists(), "killed too late: the run had finished"
 
-    resumed = jaxdl_process(*args, "--out", str(killed_dir), "--resume")
-    _, err = finish(resumed)
     finish(whole)
+    resumed = jaxdl_process(*args, "--out", str(killed_dir), "--resume", env=cache)
+    _, err = finish(resumed)
     step = int(err.split("resumed from checkpoint step ")[1].split()[0])
     assert 0 < step < 6 * 39 and step % 15 == 0
     assert_bitwise_equal(model_leaves(killed_dir), model_leaves(tmp_path / "whole"))
