@@ -50,31 +50,62 @@ def fusions(compiled) -> int:
 
 
 def ablation_body(level):
-    """A scan body of the train step keeping only what ``level`` names (for what each part costs):
-    "bare" (loss and the loss's aux), "+grad_norm", "+update_ratio" (|u|/|p| too), "+nonfinite"
-    (the check and a select-based skip, as the step did before issue 14)."""
+    """A scan body (carry: state and the parameter norm) of the train step keeping only what
+    ``level`` names, to show what each part costs: "bare" (loss and the loss's aux),
+    "+grad_norm", "+update_ratio" (|u| over the carried |params|, as `scan_steps`),
+    "+nonfinite" (the select-based skip: the library's step rebuilt), and
+    "before issue 14" (the step as it was: `global_norm`s, the old-params norm, a select per leaf)."""
 
-    def body(loss_fn, tx, state, batch):
+    def body(loss_fn, tx, carry, batch):
+        state, pn = carry
         key = ts.step_key(state)
         (loss, (ms, aux)), g = jax.value_and_grad(
             lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True
         )(state.params)
         u, opt = tx.update(g, state.opt_state, state.params)
-        params = dl.apply_updates(state.params, u)
         metrics = {"loss": loss, **aux}
-        if level != "bare":
-            metrics["grad_norm"] = global_norm(g)
-        if level in ("+update_ratio", "+nonfinite"):
-            metrics["update_ratio"] = global_norm(u) / global_norm(state.params)
-        if level == "+nonfinite":
-            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(global_norm(u))
+        if level == "before issue 14":
+            gn, un, pn = global_norm(g), global_norm(u), global_norm(state.params)
+            finite = jnp.isfinite(loss) & jnp.isfinite(gn) & jnp.isfinite(un)
             pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-            params, ms = pick(params, state.params), pick(ms, state.model_state)
-            opt = pick(opt, state.opt_state)
+            params = pick(dl.apply_updates(state.params, u), state.params)
+            ms, opt = pick(ms, state.model_state), pick(opt, state.opt_state)
+            metrics.update(grad_norm=gn, update_ratio=un / pn, nonfinite=(~finite).astype(jnp.int32))
+            return (
+                state.replace(step=state.step + 1, params=params, model_state=ms, opt_state=opt),
+                pn,
+            ), metrics
+        if level != "bare":
+            metrics["grad_norm"] = ts.tree_norm(g)
+        if level in ("+update_ratio", "+nonfinite"):
+            un = ts.tree_norm(u)
+            metrics["update_ratio"] = un / pn
+        if level == "+nonfinite":
+            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(un)
             metrics["nonfinite"] = (~finite).astype(jnp.int32)
-        return state.replace(step=state.step + 1, params=params, model_state=ms, opt_state=opt), metrics
+        params = dl.apply_updates(state.params, u)
+        if level == "+nonfinite":
+            pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, ms, opt = (
+                pick(params, state.params),
+                pick(ms, state.model_state),
+                pick(opt, state.opt_state),
+            )
+        if level in ("+update_ratio", "+nonfinite"):
+            pn = ts.tree_norm(params)
+        return (state.replace(step=state.step + 1, params=params, model_state=ms, opt_state=opt), pn), metrics
 
     return body
+
+
+def ablation_loop(level, loss_fn, tx):
+    body = ablation_body(level)
+
+    def loop(s, b):
+        (s, _), m = jax.lax.scan(lambda c, x: body(loss_fn, tx, c, x), (s, ts.tree_norm(s.params)), b)
+        return s, m
+
+    return jax.jit(loop, donate_argnums=0)
 
 
 def _stacked_norms(g, u, p):
@@ -173,13 +204,13 @@ def bench_tiny(repeats, k=100):
     model = jaxdl_model(widths)
     loss_fn = ts.supervised_loss(model)
     s0 = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
-    loops = {"jaxdl scan loop": ts.make_train_loop(loss_fn, tx)}
-    for level in ("bare", "+grad_norm", "+update_ratio", "+nonfinite"):
-        body = ablation_body(level)
-        loops[f"scan, {level}"] = jax.jit(
-            lambda s, b, body=body: jax.lax.scan(lambda c, x: body(loss_fn, tx, c, x), s, b)
-        )
-    holders = dict.fromkeys(loops, s0)
+    loops = {
+        "jaxdl scan loop": ts.make_train_loop(loss_fn, tx),
+        "jaxdl scan, donated": ts.make_train_loop(loss_fn, tx, donate=True),
+    }
+    for level in ("bare", "+grad_norm", "+update_ratio", "+nonfinite", "before issue 14"):
+        loops[f"scan, {level}"] = ablation_loop(level, loss_fn, tx)
+    holders = {name: jax.tree.map(jnp.copy, s0) for name in loops}
     runners = {}
     for name, loop in loops.items():
 
@@ -191,16 +222,18 @@ def bench_tiny(repeats, k=100):
     counts = {name: fusions(loop.lower(s0, (xj, yj)).compile()) for name, loop in loops.items()}
 
     finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
-    fh = dict(zip(("p", "s"), finit(xj[0]), strict=True))
+    fstep_donated = jax.jit(fstep.__wrapped__, donate_argnums=(0, 1))
     fx, fy = [xj[i] for i in range(k)], [yj[i] for i in range(k)]
+    for name, fn in (("flax+optax loop", fstep), ("flax+optax, donated", fstep_donated)):
+        fh = dict(zip(("p", "s"), finit(xj[0]), strict=True))
 
-    def run_flax():
-        for i in range(k):
-            fh["p"], fh["s"], loss = fstep(fh["p"], fh["s"], fx[i], fy[i])
-        jax.block_until_ready(loss)
+        def run_flax(fh=fh, fn=fn):
+            for i in range(k):
+                fh["p"], fh["s"], loss = fn(fh["p"], fh["s"], fx[i], fy[i])
+            jax.block_until_ready(loss)
 
-    runners["flax+optax loop"] = run_flax
-    counts["flax+optax loop"] = fusions(fstep.lower(fh["p"], fh["s"], fx[0], fy[0]).compile())
+        runners[name] = run_flax
+        counts[name] = fusions(fn.lower(fh["p"], fh["s"], fx[0], fy[0]).compile())
     times = round_robin(runners, repeats)
     print(f"\nTiny MLP 64-128-128-10, batch 32, Adam, {k} steps per call, {repeats} rounds (us per step)")
     print(
@@ -212,9 +245,11 @@ def bench_tiny(repeats, k=100):
             f"  {name:<22} {statistics.median(times[name]) / k * 1e6:8.1f} {min(times[name]) / k * 1e6:8.1f}"
             f"  {counts[name]:7d}   {med:5.2f}  ({lo:.2f}-{hi:.2f})"
         )
+    med, lo, hi = ratios(times, "flax+optax, donated", "jaxdl scan, donated")
+    print(f"  donated against donated: flax time / jaxdl time {med:.2f} ({lo:.2f}-{hi:.2f})")
     base = "scan, bare"
     print("  cost over the bare scan, per step (median of pair-by-pair differences):")
-    for name in [n for n in runners if n.startswith("scan, +") or n == "jaxdl scan loop"]:
+    for name in [n for n in runners if n.startswith("scan, ") and n != base or n.startswith("jaxdl")]:
         diff = statistics.median((a - b) / k * 1e6 for a, b in zip(times[name], times[base], strict=True))
         print(f"    {name:<22} {diff:+7.1f} us")
 
@@ -232,21 +267,37 @@ def bench_big(repeats):
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     tx = dl.adam(1e-3)
     model = jaxdl_model(widths)
-    holder = {"s": ts.TrainState.create(model, tx, jax.random.key(0), (d,))}
-    step = ts.make_train_step(ts.supervised_loss(model), tx)
+    s0 = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
+    loss_fn = ts.supervised_loss(model)
+    before = ablation_body("before issue 14")
+    steps = {
+        "jaxdl": ts.make_train_step(loss_fn, tx),
+        "jaxdl, donated": ts.make_train_step(loss_fn, tx, donate=True),
+        "before issue 14": jax.jit(lambda s, b: before(loss_fn, tx, (s, None), b)[0][0]),
+    }
+    holders = {name: jax.tree.map(jnp.copy, s0) for name in steps}
+    runners = {}
+    for name, step in steps.items():
 
-    def run_jaxdl():
-        holder["s"], m = step(holder["s"], (xj, yj))
-        jax.block_until_ready(m["loss"])
+        def run(name=name, step=step):
+            out = step(holders[name], (xj, yj))
+            holders[name] = out[0] if isinstance(out, tuple) else out
+            jax.block_until_ready(holders[name].params)
+
+        runners[name] = run
 
     finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
-    fh = dict(zip(("p", "s"), finit(xj), strict=True))
+    fstep_donated = jax.jit(fstep.__wrapped__, donate_argnums=(0, 1))
+    for name, fn in (("flax+optax", fstep), ("flax+optax, donated", fstep_donated)):
+        fh = dict(zip(("p", "s"), finit(xj), strict=True))
 
-    def run_flax():
-        fh["p"], fh["s"], loss = fstep(fh["p"], fh["s"], xj, yj)
-        jax.block_until_ready(loss)
+        def run_flax(fh=fh, fn=fn):
+            fh["p"], fh["s"], loss = fn(fh["p"], fh["s"], xj, yj)
+            jax.block_until_ready(loss)
 
-    times = round_robin({"jaxdl": run_jaxdl, "flax+optax": run_flax}, repeats)
+        runners[name] = run_flax
+
+    times = round_robin(runners, repeats)
     dims = (d, *widths)
     fwd = sum(2 * batch * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
     flops = 3 * fwd - 2 * batch * dims[0] * dims[1]  # forward, weight grads, input grads but the first
@@ -255,10 +306,15 @@ def bench_big(repeats):
     print(f"\nBig MLP 784-1024-1024-10, batch 256, Adam: one step, {repeats} rounds")
     for name, t in times.items():
         print(
-            f"  {name:<12} median {statistics.median(t) * 1e3:7.2f} ms  min {min(t) * 1e3:7.2f} ms  "
+            f"  {name:<20} median {statistics.median(t) * 1e3:7.2f} ms  min {min(t) * 1e3:7.2f} ms  "
             f"{flops / min(t) / 1e9:6.1f} GFLOP/s at the min"
         )
     print(f"  jaxdl / flax+optax: {med:.3f} (quartiles {lo:.3f}-{hi:.3f})")
+    for a, b in (("jaxdl, donated", "flax+optax, donated"), ("before issue 14", "flax+optax")):
+        med, lo, hi = ratios(times, a, b)
+        print(
+            f"  {a} / {b}: {med:.3f} (quartiles {lo:.3f}-{hi:.3f}); ratio of the mins {min(times[a]) / min(times[b]):.3f}"
+        )
     print(
         f"  step FLOPs {flops / 1e9:.2f} G; matmul peak (2048^3 jnp.dot): {peak_best / 1e9:.1f} GFLOP/s best, "
         f"{peak_med / 1e9:.1f} median; jaxdl step at its min = {flops / min(times['jaxdl']) / peak_best:.2f} "

@@ -166,6 +166,49 @@ def test_scan_loop_ends_in_the_same_state_as_single_steps():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_scan_loop_update_ratio_uses_the_norm_of_the_params_before_each_step():
+    # The loop carries |params| from one step to the next (scan_steps); checked against
+    # |p_{t+1} - p_t| / |p_t| from single steps' params in numpy, across a skipped NaN step.
+    model = _mlp(dropout=0.0)
+    tx = dl.adam(1e-2)
+    state = ts.TrainState.create(model, tx, jax.random.key(3), (8,))
+    loss_fn = ts.supervised_loss(model)
+    x, y = _data(n=128)
+    k = 4
+    xs, ys = np.array(x).reshape(k, 32, 8), np.asarray(y).reshape(k, 32)
+    xs[1, 0, 0] = np.nan
+    looped, metrics = ts.make_train_loop(loss_fn, tx)(state, (xs, ys))
+    flat = [np.concatenate([np.ravel(v) for v in jax.tree.leaves(state.params)]).astype(np.float64)]
+    step = ts.make_train_step(loss_fn, tx)
+    single = state
+    for i in range(k):
+        single, _ = step(single, (xs[i], ys[i]))
+        flat.append(np.concatenate([np.ravel(v) for v in jax.tree.leaves(single.params)]).astype(np.float64))
+    expected = [np.linalg.norm(flat[i + 1] - flat[i]) / np.linalg.norm(flat[i]) for i in range(k)]
+    np.testing.assert_array_equal(metrics["nonfinite"], [0, 1, 0, 0])
+    assert np.isnan(metrics["update_ratio"][1])  # the skipped step's update held a NaN
+    for i in (0, 2, 3):
+        np.testing.assert_allclose(metrics["update_ratio"][i], expected[i], rtol=1e-4)
+    np.testing.assert_allclose(flat[2], flat[1])  # the NaN step left the params as they were
+
+
+def test_tree_norm_is_the_global_norm():
+    rng = np.random.default_rng(0)
+    tree = {
+        "big": jnp.asarray(rng.normal(size=(200, 100)), jnp.float32),  # one dot of its own
+        "small": [jnp.asarray(rng.normal(size=(7,)), jnp.float32), jnp.ones((3, 3), jnp.bfloat16)],
+        "count": jnp.arange(4, dtype=jnp.int32),
+    }
+    ref = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in jax.tree.leaves(tree)))
+    np.testing.assert_allclose(ts.tree_norm(tree), ref, rtol=1e-6)
+    assert ts.tree_norm({}) == 0.0
+    z = {"w": jnp.array([3 + 4j, 1j], jnp.complex64)}
+    np.testing.assert_allclose(ts.tree_norm(z), optax.tree.norm(z), rtol=1e-6)  # |z|^2 = z conj(z)
+    assert np.isinf(ts.tree_norm({"a": jnp.array([jnp.inf, 1.0])}))
+    assert np.isnan(ts.tree_norm({"a": jnp.array([jnp.nan, 1.0]), "b": jnp.ones(20000)}))
+    assert np.isinf(ts.tree_norm({"a": jnp.full(3, 1e20)}))  # squares beyond float32 count as overflow
+
+
 def test_step_works_with_optax_transforms():
     model = _mlp(dropout=0.0)
     x, y = _data()
