@@ -511,11 +511,10 @@ def test_put_batch_moves_a_device_array_without_a_round_trip_through_the_host(ba
 # ----------------------------------------------------------------------------- scan-fused sharded loop
 
 
-@pytest.mark.parametrize(
-    "make_tx", [lambda: dl.adam(1e-2), lambda: dl.sgd(0.1, momentum=0.9)], ids=["adam", "sgd_momentum"]
-)
-def test_sharded_loop_equals_sharded_steps_and_single_device_steps_on_the_global_batches(make_tx):
-    tx, steps = make_tx(), 4
+def test_sharded_loop_equals_sharded_steps_and_single_device_steps_on_the_global_batches():
+    # Adam only: the loop carries any optimizer state the same way (SGD with momentum, under the
+    # one-bit wrapper, in the next test); the steps test above runs both optimizers.
+    tx, steps = dl.adam(1e-2), 4
     x, y = _data(steps)
     reference = ts.TrainState.create(_mlp(None), tx, jax.random.key(1), (8,))
     ref_step = ts.make_train_step(ts.supervised_loss(_mlp(None)), tx)
