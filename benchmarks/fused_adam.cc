@@ -9,11 +9,13 @@
 //   mode 0 (optax's protocol):  reads g, m, v; writes u, m', v'       (24 B/param)
 //   mode 1 (PyTorch's fused):   reads p, g, m, v; writes p + u, m', v' (28 B/param)
 //
-// The operations are those XLA:CPU compiles jaxdl.transforms.scale_by_adam,
-// scale_by_learning_rate and apply_updates to, so the results are bitwise equal: division by the
+// The operations are those XLA:CPU compiles jaxdl's scale_by_adam and scale_by_learning_rate to
+// when the update is compiled on its own, so u, m', v' equal it bitwise there: division by the
 // scalars bc1, bc2 becomes multiplication by their reciprocals (XLA's algebraic simplifier), and
-// LLVM contracts b1 m + (1-b1) g, b2 v + (1-b2) g^2 and p + u into FMAs, which are written out
-// here as std::fma with the same operands (compiled with -ffp-contract=off so that GCC adds none).
+// LLVM contracts b1 m + (1-b1) g, b2 v + (1-b2) g^2 and p + u into FMAs, written out here as
+// std::fma with the same operands (compiled with -ffp-contract=off so that GCC adds none). XLA
+// rewrites the same expression differently inside a larger fusion, so p can differ from a jitted
+// step of jaxdl.adam by an ulp per step (benchmarks/RESULTS.md).
 //
 // Operands: scalars f32[8] = (b1, 1-b1, b2, 1-b2, eps, 1/bc1, 1/bc2, -lr), then per leaf
 // (g, m, v) in mode 0 or (p, g, m, v) in mode 1. Results per leaf: (u or p', m', v'); the caller

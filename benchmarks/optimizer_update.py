@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 
 import jax
@@ -130,6 +131,14 @@ def fused_step_runner(params, grads, in_step=False):
         jax.block_until_ready(holder["s"][0])
 
     return run
+
+
+def faults_per_call(run, calls: int = 5) -> float:
+    """Minor page faults per call of ``run`` (first touches of freshly mapped memory)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def fused_difference(params, grads, steps=3) -> tuple[float, float]:
@@ -249,6 +258,9 @@ def main():
                 da, db = fused_difference(params, grads)
                 print(f"fused vs jaxdl after 3 steps: max |dp| (a) {da:.2e}, (b) {db:.2e}")
         results = round_robin(runners, args.repeats)
+        # XLA:CPU maps each large temporary afresh per call: a 100 MB one costs ~25,000 faults.
+        faults = {k: faults_per_call(run) for k, run in runners.items()}
+        print("minor page faults per call: " + ", ".join(f"{k} {v:.0f}" for k, v in faults.items()))
         # PyTorch runs in a block of its own: interleaved with XLA, the two thread pools (both
         # spin-waiting) starve each other on 2 cores and PyTorch's times jump 20x.
         results["torch"] = timeit(torch_runner(make_torch, shapes), args.repeats)
