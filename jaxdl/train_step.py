@@ -62,6 +62,7 @@ __all__ = [
     "step_key",
     "step_body",
     "scan_steps",
+    "step_body_with_norm",
     "tree_norm",
     "check_batch",
     "check_state",
@@ -443,8 +444,8 @@ def step_body(
     the EMA and the loss scale's update follow the step (`_finish_options`); with a loss scale an
     overflowing step is always skipped. `scan_steps` runs it K times in a `lax.scan`.
     """
-    new_state, metrics, _ = _step(
-        loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options
+    new_state, metrics, _ = step_body_with_norm(
+        loss_fn, optimizer, skip_nonfinite, state, batch, key, None, reduce_grads, options
     )
     return new_state, metrics
 
@@ -463,16 +464,16 @@ def scan_steps(
 
     def body(carry, batch):
         state, param_norm = carry
-        state, metrics, param_norm = _step(
+        state, metrics, param_norm = step_body_with_norm(
             loss_fn,
             optimizer,
             skip_nonfinite,
             state,
             batch,
             step_key(state),
+            param_norm,
             reduce_grads,
             options,
-            param_norm,
         )
         return (state, param_norm), metrics
 
@@ -480,9 +481,17 @@ def scan_steps(
     return state, metrics
 
 
-def _step(loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options, param_norm=None):
-    """`step_body`, and the norm of the new params when ``param_norm`` (that of ``state.params``)
-    is given (`scan_steps` carries it), else None."""
+def step_body_with_norm(
+    loss_fn, optimizer, skip_nonfinite, state, batch, key, param_norm, reduce_grads=None, options=None
+):
+    """`step_body` for a loop that carries the parameter norm: ``(new_state, metrics, norm')``.
+
+    ``param_norm`` is ``tree_norm(state.params)``, known from the step before. It is used as
+    ``update_ratio``'s denominator, and ``norm'`` is the norm of the new params, computed after
+    the update, for the next step. A norm of the old params taken after their in-place update
+    would make XLA copy every parameter first. With ``param_norm=None`` the step computes it
+    itself and ``norm'`` is None (that is `step_body`). `scan_steps` and the sharded loop carry it.
+    """
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
     _check_options_state(state, options)
     if options is None:
@@ -674,8 +683,10 @@ def make_train_loop(
     ``batches`` stacks K batches along a new leading axis; the metrics come back stacked per step.
     Each iteration is exactly `make_train_step`'s step (with the same options: ``precision``,
     ``micro_batches``, ``loss_scale``, ``ema``), so K loop iterations end in the same state as K
-    single steps, with one dispatch instead of K. ``donate=True`` lets XLA reuse the old state's
-    buffers (what `jaxdl.fit` does: it owns the state).
+    single steps, with one dispatch instead of K (`scan_steps`; ``update_ratio``'s parameter norm
+    is carried from one iteration to the next, so it equals the single steps' to rounding).
+    ``donate=True`` lets XLA reuse the old state's buffers (what `jaxdl.fit` does: it owns the
+    state). What each metric and the skip cost per step: docs/design.md.
     """
     options = step_options("make_train_loop", precision, micro_batches, loss_scale, ema)
 

@@ -44,9 +44,10 @@ from jaxdl.train_step import (
     accepts_train,
     check_batch,
     check_state,
-    step_body,
+    step_body_with_norm,
     step_key,
     step_options,
+    tree_norm,
 )
 
 __all__ = ["make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"]
@@ -55,11 +56,15 @@ Batch = Any
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
 
 
-def _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state: TrainState, batch, options=None):
+def _parallel_body(
+    loss_fn, optimizer, skip_nonfinite, axis_name, state: TrainState, batch, options=None, param_norm=None
+):
     """`step_body` on this device's shard, averaged over ``axis_name`` (runs inside pmap/shard_map).
 
     With ``options.micro_batches = K`` each device accumulates the gradient of its shard's K
-    micro-batches first; the average over devices follows, once per optimizer step."""
+    micro-batches first; the average over devices follows, once per optimizer step. With
+    ``param_norm`` (the sharded loop carries it, `step_body_with_norm`) returns
+    ``(state, metrics, norm of the new params)``."""
     check_batch(state, batch)
     check_state(state, loss_fn, optimizer)
     exchange = isinstance(optimizer, CrossDeviceTransformation)
@@ -72,10 +77,12 @@ def _parallel_body(loss_fn, optimizer, skip_nonfinite, axis_name, state: TrainSt
         return mean(loss), grads if exchange else jax.tree.map(mean, grads), jax.tree.map(mean, aux)
 
     key = jax.random.fold_in(step_key(state), lax.axis_index(axis_name))
-    state, metrics = step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options)
+    state, metrics, new_norm = step_body_with_norm(
+        loss_fn, optimizer, skip_nonfinite, state, batch, key, param_norm, reduce_grads, options
+    )
     if exchange:  # each device saw its own local gradients
         metrics["grad_norm"] = mean(metrics["grad_norm"])
-    return state, metrics
+    return (state, metrics) if param_norm is None else (state, metrics, new_norm)
 
 
 def _check_exchange_axis(owner: str, optimizer, axis_name) -> None:
@@ -238,7 +245,17 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
     def one_step(state, batch):
         return _parallel_body(loss_fn, optimizer, skip_nonfinite, axis, state, batch, options)
 
-    body = (lambda state, batches: lax.scan(one_step, state, batches)) if stacked else one_step
+    def carried_step(carry, batch):  # the parameter norm carried, as `scan_steps`
+        state, metrics, norm = _parallel_body(
+            loss_fn, optimizer, skip_nonfinite, axis, carry[0], batch, options, carry[1]
+        )
+        return (state, norm), metrics
+
+    def scan(state, batches):
+        (state, _), metrics = lax.scan(carried_step, (state, tree_norm(state.params)), batches)
+        return state, metrics
+
+    body = scan if stacked else one_step
 
     def run(state: TrainState, batch):
         check_divisible(owner, batch_size_of(owner, batch, batch_axis), n)
