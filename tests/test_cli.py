@@ -128,6 +128,11 @@ def digits_run(tmp_path_factory):
     return out, stdout.getvalue()
 
 
+# The tests that read digits_run run on one xdist worker (pyproject: --dist loadgroup), so that
+# it is trained once, not once per worker.
+SHARES_DIGITS_RUN = pytest.mark.xdist_group("test_cli.digits_run")
+
+
 def copy_run(digits_run, tmp_path):
     return shutil.copytree(digits_run[0], tmp_path / "run")
 
@@ -135,6 +140,7 @@ def copy_run(digits_run, tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
+@SHARES_DIGITS_RUN
 def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summary(digits_run):
     out, stdout = digits_run
     summary = json.loads((out / "summary.json").read_text())
@@ -281,6 +287,7 @@ def test_evaluate_restores_the_run_and_scores_another_dataset_of_the_same_shape(
     assert "(8, 8, 1)" in err and "(28, 28, 1)" in err
 
 
+@SHARES_DIGITS_RUN
 def test_config_reruns_a_previous_run_with_command_line_options_overriding_it(digits_run, tmp_path, capsys):
     first, _ = digits_run
     again = tmp_path / "again"
@@ -437,6 +444,7 @@ def test_doctor_examines_what_train_would_train_and_exits_by_the_report(tmp_path
     assert code == 2 and "argument --lr: must be 0 < value" in err
 
 
+@SHARES_DIGITS_RUN
 def test_evaluate_refuses_a_corrupt_model_naming_the_file(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
     bad_file = corrupt(out / "model")
@@ -542,6 +550,7 @@ def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path, wait
     assert json.loads((killed_dir / "summary.json").read_text())["resumed_from_step"] == step
 
 
+@SHARES_DIGITS_RUN
 def test_resume_falls_back_past_a_corrupt_checkpoint(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
     bad_file = corrupt(out / "checkpoints" / "117")
@@ -555,6 +564,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(digits_run, tmp_path, capsy
     assert metric_values(out) == metric_values(digits_run[0])
 
 
+@SHARES_DIGITS_RUN
 def test_resume_with_every_checkpoint_corrupt_fails_naming_the_files(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
     bad_files = [corrupt(out / "checkpoints" / s) for s in ("78", "117")]
@@ -565,6 +575,7 @@ def test_resume_with_every_checkpoint_corrupt_fails_naming_the_files(digits_run,
     assert all(f in last for f in bad_files)
 
 
+@SHARES_DIGITS_RUN
 def test_resume_rewrites_metrics_after_the_checkpoint_and_drops_a_torn_last_line(
     digits_run, tmp_path, capsys
 ):
@@ -578,6 +589,7 @@ def test_resume_rewrites_metrics_after_the_checkpoint_and_drops_a_torn_last_line
     assert_bitwise_equal(model_leaves(out), model_leaves(digits_run[0]))
 
 
+@SHARES_DIGITS_RUN
 def test_resume_of_a_finished_run_changes_nothing(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
     code, stdout, err = run_main(capsys, "train", "--out", str(out), "--resume", "--quiet")

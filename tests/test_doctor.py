@@ -20,6 +20,10 @@ from jaxdl import data, doctor
 from jaxdl import init as I
 from jaxdl import layers as L
 
+# One xdist worker runs the whole file (pyproject: --dist loadgroup): the panel's reports are made
+# once in _REPORTS and read by several tests.
+pytestmark = pytest.mark.xdist_group("test_doctor")
+
 KW = dict(batch_size=32, steps=20, overfit_size=20, overfit_steps=100, range_steps=40, inspect_size=128)
 
 
