@@ -450,31 +450,19 @@ def step_body(
     return new_state, metrics
 
 
-def scan_steps(
-    loss_fn, optimizer, skip_nonfinite, state: TrainState, batches, reduce_grads=None, options=None
-):
-    """``lax.scan`` of `step_body` over ``batches`` (K batches stacked on a leading axis), with the
-    key of step t `step_key`: ``(state after K steps, metrics stacked per step)``.
+def scan_steps(step, state: TrainState, batches):
+    """``lax.scan`` of ``step(state, batch, param_norm) -> (state, metrics, param_norm')`` (a
+    `step_body_with_norm` with its other arguments bound) over ``batches`` (K batches stacked on
+    a leading axis): ``(state after K steps, metrics stacked per step)``.
 
-    The same K steps as K calls of `step_body`, with one saving: ``update_ratio``'s denominator,
-    the norm of the parameters before step t, is the norm of the parameters step t-1 left (it
-    is computed after the update and carried), so the old parameters need not outlive their
-    in-place update. Only the first step's comes from the state it starts from.
+    The parameter norm is carried: ``update_ratio``'s denominator at step t, the norm of the
+    parameters before it, is the norm step t-1 computed after its update, so the old parameters
+    need not outlive their in-place update. Only the first comes from the state the scan starts
+    from. `make_train_loop` and the sharded loop both run it.
     """
 
     def body(carry, batch):
-        state, param_norm = carry
-        state, metrics, param_norm = step_body_with_norm(
-            loss_fn,
-            optimizer,
-            skip_nonfinite,
-            state,
-            batch,
-            step_key(state),
-            param_norm,
-            reduce_grads,
-            options,
-        )
+        state, metrics, param_norm = step(carry[0], batch, carry[1])
         return (state, param_norm), metrics
 
     (state, _), metrics = jax.lax.scan(body, (state, tree_norm(state.params)), batches)
@@ -693,7 +681,13 @@ def make_train_loop(
     def loop(state: TrainState, batches):
         check_batch(state, jax.tree.map(lambda b: b[0], batches))
         check_state(state, loss_fn, optimizer)
-        return scan_steps(loss_fn, optimizer, skip_nonfinite, state, batches, options=options)
+
+        def step(state, batch, param_norm):
+            return step_body_with_norm(
+                loss_fn, optimizer, skip_nonfinite, state, batch, step_key(state), param_norm, options=options
+            )
+
+        return scan_steps(step, state, batches)
 
     return jax.jit(loop, donate_argnums=(0,) if donate else ())
 

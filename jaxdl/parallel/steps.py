@@ -44,10 +44,10 @@ from jaxdl.train_step import (
     accepts_train,
     check_batch,
     check_state,
+    scan_steps,
     step_body_with_norm,
     step_key,
     step_options,
-    tree_norm,
 )
 
 __all__ = ["make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"]
@@ -62,9 +62,9 @@ def _parallel_body(
     """`step_body` on this device's shard, averaged over ``axis_name`` (runs inside pmap/shard_map).
 
     With ``options.micro_batches = K`` each device accumulates the gradient of its shard's K
-    micro-batches first; the average over devices follows, once per optimizer step. With
-    ``param_norm`` (the sharded loop carries it, `step_body_with_norm`) returns
-    ``(state, metrics, norm of the new params)``."""
+    micro-batches first; the average over devices follows, once per optimizer step. Returns
+    ``(state, metrics, norm')`` as `step_body_with_norm`: ``norm'`` is the new params' norm when
+    ``param_norm`` is given (the sharded loop carries it), else None."""
     check_batch(state, batch)
     check_state(state, loss_fn, optimizer)
     exchange = isinstance(optimizer, CrossDeviceTransformation)
@@ -82,7 +82,7 @@ def _parallel_body(
     )
     if exchange:  # each device saw its own local gradients
         metrics["grad_norm"] = mean(metrics["grad_norm"])
-    return (state, metrics) if param_norm is None else (state, metrics, new_norm)
+    return state, metrics, new_norm
 
 
 def _check_exchange_axis(owner: str, optimizer, axis_name) -> None:
@@ -194,7 +194,7 @@ def make_pmap_train_step(
     pstep = jax.pmap(
         lambda state, batch: _parallel_body(
             loss_fn, optimizer, skip_nonfinite, axis_name, state, batch, options
-        ),
+        )[:2],
         axis_name=axis_name,
         devices=devs,
     )
@@ -242,20 +242,16 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
     compiled, checked = {}, set()
     placed_hint = "Place the state first: state = jaxdl.parallel.put_state(state, mesh)."
 
-    def one_step(state, batch):
-        return _parallel_body(loss_fn, optimizer, skip_nonfinite, axis, state, batch, options)
-
-    def carried_step(carry, batch):  # the parameter norm carried, as `scan_steps`
-        state, metrics, norm = _parallel_body(
-            loss_fn, optimizer, skip_nonfinite, axis, carry[0], batch, options, carry[1]
-        )
-        return (state, norm), metrics
+    def one_step(state, batch, param_norm=None):
+        return _parallel_body(loss_fn, optimizer, skip_nonfinite, axis, state, batch, options, param_norm)
 
     def scan(state, batches):
-        (state, _), metrics = lax.scan(carried_step, (state, tree_norm(state.params)), batches)
-        return state, metrics
+        return scan_steps(one_step, state, batches)
 
-    body = scan if stacked else one_step
+    def single(state, batch):
+        return one_step(state, batch)[:2]
+
+    body = scan if stacked else single
 
     def run(state: TrainState, batch):
         check_divisible(owner, batch_size_of(owner, batch, batch_axis), n)
