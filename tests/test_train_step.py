@@ -1,5 +1,7 @@
 """TrainState, jit train/eval steps and scan-fused loops."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,64 @@ def test_nonfinite_gradient_leaves_state_unchanged_and_is_counted(bad):
     unsafe = ts.make_train_step(ts.supervised_loss(model), tx, skip_nonfinite=False)
     broken, _ = unsafe(state, (x_bad, y))
     assert not all(np.all(np.isfinite(v)) for v in jax.tree.leaves(broken.params))
+
+
+def test_skip_keeps_the_state_when_only_the_update_is_nonfinite_and_matches_the_unskipped_step():
+    # The skip's select takes the optimizer's new state from a second trace of its update
+    # (_state_to_keep). Finite gradients that the optimizer turns into a NaN update (a NaN
+    # learning rate) must still leave params and Adam's moments and count as they were; on a
+    # finite step the state must be the unskipped step's, bit for bit, and optax's.
+    model = _mlp(dropout=0.0)
+    x, y = _data()
+    lr = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    state = ts.TrainState.create(model, lr, jax.random.key(5), (8,))
+    loss_fn = ts.supervised_loss(model)
+    safe, unsafe = ts.make_train_step(loss_fn, lr), ts.make_train_step(loss_fn, lr, skip_nonfinite=False)
+    one, m = safe(state, (x, y))
+    two, _ = unsafe(state, (x, y))
+    assert int(m["nonfinite"]) == 0
+    assert _leaves_equal((one.params, one.opt_state), (two.params, two.opt_state))
+    grads = jax.grad(lambda p: loss_fn(p, state.model_state, (x, y), ts.step_key(state))[0])(state.params)
+    u, ref = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(state.params), state.params)
+    for a, b in zip(jax.tree.leaves(one.opt_state.inner_state), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(optax.apply_updates(state.params, u))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    one.opt_state.hyperparams["learning_rate"] = jnp.float32(jnp.nan)
+    new, m = safe(one, (x, y))
+    assert int(m["nonfinite"]) == 1 and np.isfinite(float(m["grad_norm"]))
+    assert _leaves_equal((new.params, new.opt_state.inner_state), (one.params, one.opt_state.inner_state))
+    assert int(new.opt_state.count) == int(one.opt_state.count)
+
+
+def test_compiled_steps_copy_no_parameter_and_the_skip_adds_no_kernel_per_moment():
+    # Issue 14: the donated loop (what fit runs) and the donated step update params and Adam's
+    # moments in place, and the NaN/Inf skip fuses into the update: the compiled program has
+    # no copy of any parameter-shaped array, and no more fusions than the step without the skip
+    # but for a couple of scalar ones (before: two more per moment leaf).
+    model = L.Sequential(L.Dense(24), L.Relu(), L.Dense(24), L.Relu(), L.Dense(4))
+    tx = dl.adam(1e-3)
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
+    loss_fn = ts.supervised_loss(model)
+    x, y = _data(n=96)
+    shapes = {tuple(p.shape) for p in jax.tree.leaves(state.params)}
+
+    def compiled(maker, skip, batch):
+        text = maker(loss_fn, tx, donate=True, skip_nonfinite=skip).lower(state, batch).compile().as_text()
+        copied = [
+            tuple(int(d) for d in dims.split(",") if d)
+            for dims in re.findall(r"= f32\[([0-9,]*)\][^ ]* copy\(", text)
+        ]
+        return copied, len(re.findall(r"^\s*(?:ROOT )?\S+ = \S+ fusion\(", text, re.M))
+
+    for maker, batch in (
+        (ts.make_train_loop, (x.reshape(3, 32, 8), y.reshape(3, 32))),
+        (ts.make_train_step, (x, y)),
+    ):
+        copied, fusions = compiled(maker, True, batch)
+        assert not shapes & set(copied), (maker.__name__, copied)
+        assert fusions <= compiled(maker, False, batch)[1] + 2, maker.__name__
 
 
 def test_scan_loop_ends_in_the_same_state_as_single_steps():
