@@ -4,7 +4,8 @@
    and non-finite skip) vs flax+optax one jitted step per call, per step; plus scan loops of the
    same step with the metrics added one at a time (what each one costs).
 2. Big MLP 784-1024-1024-10, batch 256, Adam: steady-state step, jaxdl vs flax+optax, and the
-   step's achieved FLOP/s as a fraction of a large jnp.dot's in the same run.
+   step's achieved FLOP/s as a fraction of a large jnp.dot's in the same run; plus single steps
+   with the metrics added one at a time, as for the tiny loop.
 3. First call of the big MLP step (trace + compile + one step), jaxdl vs flax+optax, with the
    compile time and the number of fusions of each program.
 4. (``--only alternatives``) two other ways to build the same step, tried for issue 14, against
@@ -53,7 +54,8 @@ def ablation_body(level):
     """A scan body (carry: state and the parameter norm) of the train step keeping only what
     ``level`` names, to show what each part costs: "bare" (loss and the loss's aux),
     "+grad_norm", "+update_ratio" (|u| over the carried |params|, as `scan_steps`),
-    "+nonfinite" (the select-based skip: the library's step rebuilt), and
+    "+nonfinite" (the select-based skip, its optimizer state traced again as the library's:
+    the library's step rebuilt), and
     "before issue 14" (the step as it was: `global_norm`s, the old-params norm, a select per leaf)."""
 
     def body(loss_fn, tx, carry, batch):
@@ -89,7 +91,7 @@ def ablation_body(level):
             params, ms, opt = (
                 pick(params, state.params),
                 pick(ms, state.model_state),
-                pick(opt, state.opt_state),
+                pick(ts._state_to_keep(tx, g, state, opt), state.opt_state),
             )
         if level in ("+update_ratio", "+nonfinite"):
             pn = ts.tree_norm(params)
@@ -275,6 +277,12 @@ def bench_big(repeats):
         "jaxdl, donated": ts.make_train_step(loss_fn, tx, donate=True),
         "before issue 14": jax.jit(lambda s, b: before(loss_fn, tx, (s, None), b)[0][0]),
     }
+    levels = ("bare", "+grad_norm", "+update_ratio", "+nonfinite")
+    for level in levels:  # the step built up one part at a time, |params| taken in the step
+        body = ablation_body(level)
+        steps[f"step, {level}"] = jax.jit(
+            lambda s, b, body=body: body(loss_fn, tx, (s, ts.tree_norm(s.params)), b)[0][0]
+        )
     holders = {name: jax.tree.map(jnp.copy, s0) for name in steps}
     runners = {}
     for name, step in steps.items():
@@ -315,6 +323,15 @@ def bench_big(repeats):
         print(
             f"  {a} / {b}: {med:.3f} (quartiles {lo:.3f}-{hi:.3f}); ratio of the mins {min(times[a]) / min(times[b]):.3f}"
         )
+    print("  the step built up one part at a time: cost over the bare step (median of pair-by-pair")
+    print("  differences) and time over flax+optax's (median of pair-by-pair ratios):")
+    for level in levels[1:]:
+        name = f"step, {level}"
+        diff = statistics.median(a - b for a, b in zip(times[name], times["step, bare"], strict=True))
+        print(
+            f"    {level:<14} {diff * 1e3:+6.2f} ms   x flax+optax {ratios(times, name, 'flax+optax')[0]:.3f}"
+        )
+    print(f"    (bare          x flax+optax {ratios(times, 'step, bare', 'flax+optax')[0]:.3f})")
     print(
         f"  step FLOPs {flops / 1e9:.2f} G; matmul peak (2048^3 jnp.dot): {peak_best / 1e9:.1f} GFLOP/s best, "
         f"{peak_med / 1e9:.1f} median; jaxdl step at its min = {flops / min(times['jaxdl']) / peak_best:.2f} "
