@@ -5,7 +5,8 @@
    same step with the metrics added one at a time (what each one costs).
 2. Big MLP 784-1024-1024-10, batch 256, Adam: steady-state step, jaxdl vs flax+optax, and the
    step's achieved FLOP/s as a fraction of a large jnp.dot's in the same run; plus single steps
-   with the metrics added one at a time, as for the tiny loop.
+   with the metrics added one at a time, as for the tiny loop; and the donated scan loop `fit`
+   runs, against the donated flax+optax step.
 3. First call of the big MLP step (trace + compile + one step), jaxdl vs flax+optax, with the
    compile time and the number of fusions of each program.
 4. (``--only alternatives``) two other ways to build the same step, tried for issue 14, against
@@ -340,6 +341,51 @@ def bench_big(repeats):
     )
 
 
+def bench_big_loop(repeats, k=4):
+    """What `fit` runs on the big MLP: the donated scan loop (k steps per call) against the
+    donated flax+optax step called k times, and the old step's loop (per step)."""
+    d, widths, batch = 784, (1024, 1024, 10), 256
+    x, y = _data(batch * k, d, 10)
+    xj, yj = jnp.asarray(x.reshape(k, batch, d)), jnp.asarray(y.reshape(k, batch))
+    tx = dl.adam(1e-3)
+    model = jaxdl_model(widths)
+    s0 = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
+    loss_fn = ts.supervised_loss(model)
+    loops = {
+        "jaxdl scan loop, donated": ts.make_train_loop(loss_fn, tx, donate=True),
+        "scan, before issue 14": ablation_loop("before issue 14", loss_fn, tx),
+        "scan, bare": ablation_loop("bare", loss_fn, tx),
+    }
+    holders = {name: jax.tree.map(jnp.copy, s0) for name in loops}
+    runners = {}
+    for name, loop in loops.items():
+
+        def run(name=name, loop=loop):
+            holders[name], m = loop(holders[name], (xj, yj))
+            jax.block_until_ready(m["loss"])
+
+        runners[name] = run
+    finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
+    fstep = jax.jit(fstep.__wrapped__, donate_argnums=(0, 1))
+    fh = dict(zip(("p", "s"), finit(xj[0]), strict=True))
+    fx, fy = [xj[i] for i in range(k)], [yj[i] for i in range(k)]
+
+    def run_flax():
+        for i in range(k):
+            fh["p"], fh["s"], loss = fstep(fh["p"], fh["s"], fx[i], fy[i])
+        jax.block_until_ready(loss)
+
+    runners["flax+optax, donated"] = run_flax
+    times = round_robin(runners, repeats)
+    print(f"\nBig MLP, {k} steps per call, donated (what fit runs), {repeats} rounds (ms per step)")
+    for name, t in times.items():
+        med, lo, hi = ratios(times, name, "flax+optax, donated")
+        print(
+            f"  {name:<26} median {statistics.median(t) / k * 1e3:6.2f}  min {min(t) / k * 1e3:6.2f}"
+            f"   x flax+optax {med:.3f} ({lo:.3f}-{hi:.3f})"
+        )
+
+
 def bench_first(repeats):
     d, widths, batch = 784, (1024, 1024, 10), 256
     x, y = _data(batch, d, 10)
@@ -396,6 +442,7 @@ def main():
         bench_tiny(args.repeats)
     if "big" in only:
         bench_big(args.repeats)
+        bench_big_loop(max(args.repeats // 2, 5))
     if "first" in only:
         bench_first(max(args.repeats // 6, 3))
     if "alternatives" in only:
