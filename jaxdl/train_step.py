@@ -548,9 +548,9 @@ def _state_to_keep(optimizer, grads, state: TrainState, opt_state):
     30 ms big-MLP step). Traced again, the update feeding the select has the select as its only
     user and fuses into it, and the one feeding ``u`` fuses into ``u``'s kernel: one kernel per
     moment, as without the skip. Everything of the second trace that the state does not need
-    (the update itself, e.g. sampled noise) is dead code, removed by XLA. A
-    `jaxdl.parallel.CrossDeviceTransformation` keeps its one state: traced twice, its
-    collectives would run twice.
+    (the update itself, e.g. sampled noise) is dead code, removed by XLA; a host callback in
+    ``update`` (``jax.debug.print``) would run twice. A `jaxdl.parallel.CrossDeviceTransformation`
+    keeps its one state: traced twice, its collectives would run twice.
     """
     from jaxdl.parallel.onebit import CrossDeviceTransformation  # jaxdl.parallel imports us
 
