@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timeit  # noqa: E402
 from optimizer_update import resnet50_shapes  # noqa: E402
 
 import jaxdl as dl  # noqa: E402
@@ -49,14 +50,8 @@ from jaxdl import train_step as ts  # noqa: E402
 
 
 def median_time(fn, repeats):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds per call of ``fn`` after two warm-up calls (`_timing.timeit`)."""
+    return statistics.median(timeit(fn, repeats))
 
 
 def copy_bandwidth(n_bytes, repeats):

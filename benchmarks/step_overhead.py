@@ -101,6 +101,21 @@ def ablation_body(level):
     return body
 
 
+def loop_runners(loops, s0, batches):
+    """One runner per compiled loop, each on its own copy of ``s0`` (updated in place, as `fit`
+    does): a call runs the loop over ``batches`` and waits for its metrics."""
+    holders = {name: jax.tree.map(jnp.copy, s0) for name in loops}
+    runners = {}
+    for name, loop in loops.items():
+
+        def run(name=name, loop=loop):
+            holders[name], m = loop(holders[name], batches)
+            jax.block_until_ready(m["loss"])
+
+        runners[name] = run
+    return runners
+
+
 def ablation_loop(level, loss_fn, tx):
     body = ablation_body(level)
 
@@ -213,15 +228,7 @@ def bench_tiny(repeats, k=100):
     }
     for level in ("bare", "+grad_norm", "+update_ratio", "+nonfinite", "before issue 14"):
         loops[f"scan, {level}"] = ablation_loop(level, loss_fn, tx)
-    holders = {name: jax.tree.map(jnp.copy, s0) for name in loops}
-    runners = {}
-    for name, loop in loops.items():
-
-        def run(name=name, loop=loop):
-            holders[name], m = loop(holders[name], (xj, yj))
-            jax.block_until_ready(m["loss"])
-
-        runners[name] = run
+    runners = loop_runners(loops, s0, (xj, yj))
     counts = {name: fusions(loop.lower(s0, (xj, yj)).compile()) for name, loop in loops.items()}
 
     finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
@@ -356,15 +363,7 @@ def bench_big_loop(repeats, k=4):
         "scan, before issue 14": ablation_loop("before issue 14", loss_fn, tx),
         "scan, bare": ablation_loop("bare", loss_fn, tx),
     }
-    holders = {name: jax.tree.map(jnp.copy, s0) for name in loops}
-    runners = {}
-    for name, loop in loops.items():
-
-        def run(name=name, loop=loop):
-            holders[name], m = loop(holders[name], (xj, yj))
-            jax.block_until_ready(m["loss"])
-
-        runners[name] = run
+    runners = loop_runners(loops, s0, (xj, yj))
     finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
     fstep = jax.jit(fstep.__wrapped__, donate_argnums=(0, 1))
     fh = dict(zip(("p", "s"), finit(xj[0]), strict=True))
