@@ -330,11 +330,24 @@ def plot_curves(records: list[dict], path: str) -> None:
 
 
 def _tensorboard_writer(out_dir: str):
-    """A tensorboardX ``SummaryWriter`` into ``out_dir`` when tensorboardX is installed, else None."""
+    """A tensorboardX ``SummaryWriter`` into ``out_dir`` when tensorboardX is installed, else None.
+
+    tensorboardX's writer module imports PyTorch, when it is installed, only to name a type in
+    its annotations (``numpy_compatible = torch.Tensor``), and importing PyTorch takes about 5 s
+    on a 2-core CPU. So unless torch is loaded already, ``import torch`` is made to fail while
+    tensorboardX is imported (``sys.modules["torch"] = None``, Python's documented way to block
+    an import); the writer then falls back to numpy's ndarray, and torch stays importable after.
+    """
+    block = "torch" not in sys.modules and "tensorboardX" not in sys.modules
+    if block:
+        sys.modules["torch"] = None
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
+    finally:
+        if block and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
     return SummaryWriter(out_dir)
 
 

@@ -116,6 +116,16 @@ def test_split_is_a_proportional_partition_for_any_labels(counts, test_frac, val
     assert np.all(np.abs(per_class_val - n_val * remaining / remaining.sum()) < 1)
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    split = data.load_digits()
+    np.testing.assert_array_equal(split.x, (ref.images.astype(np.float32) / 16.0)[..., None])
+    np.testing.assert_array_equal(split.y, ref.target)
+    assert split.x.dtype == np.float32 and split.y.dtype == np.int32
+
+
 def test_digits_dataset():
     ds = data.load_dataset("digits", seed=0)
     assert ds.train.x.shape[1:] == (8, 8, 1) and ds.train.x.max() == 1.0

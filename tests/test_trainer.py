@@ -274,6 +274,33 @@ def test_out_dir_receives_metrics_curves_checkpoints_model_summary_and_tensorboa
     assert_bitwise_equal(restored["params"], result.state.params)
 
 
+def test_a_run_with_tensorboard_on_digits_imports_neither_torch_nor_sklearn(tmp_path):
+    # Both are installed here (the parity tests use them) and take seconds to import; the
+    # TensorBoard writer and the digits loader do without them, and torch stays importable.
+    script = textwrap.dedent("""
+        import sys
+        from jaxdl import data, trainer
+        ds = data.load_dataset("digits")
+        writer = trainer._tensorboard_writer(sys.argv[1])
+        writer.add_scalar("loss", 1.5, 1)
+        writer.close()
+        loaded = [m for m in ("torch", "sklearn") if m in sys.modules]
+        assert not loaded, loaded
+        import torch
+        print(len(ds.train.y), torch.ones(2).sum().item())
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1257", "2.0"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith("events.out.tfevents")]
+
+
 FIT_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
