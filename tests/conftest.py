@@ -21,6 +21,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked slow (20 s to over a minute on 2 cores) run first, so that with -n 2 neither
+    worker is left running one alone at the end. A stable sort: xdist needs the same order on
+    every worker, and the rest keep theirs."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _wait_for_first_checkpoint(proc, checkpoints, timeout_s=240):
     """Poll until the run ``proc`` has finished writing a checkpoint under ``checkpoints`` (its
     ``jaxdl_manifest.json`` is written last). Fails if the run ends first or after ``timeout_s``."""

@@ -177,6 +177,7 @@ def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summar
     assert sorted(int(s) for s in os.listdir(out / "checkpoints")) == [78, 117]  # --keep 2
 
 
+@pytest.mark.slow
 def test_python_dash_m_jaxdl_trains_with_a_progress_bar(tmp_path):
     proc = jaxdl_process(
         "train",
@@ -520,7 +521,7 @@ def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path, wait
         "--augment",
         "0",
         "--epochs",
-        "6",
+        "3",
         "--checkpoint-every",
         "15",
         "--block-size",
@@ -544,7 +545,7 @@ def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path, wait
     resumed = jaxdl_process(*args, "--out", str(killed_dir), "--resume", env=cache)
     _, err = finish(resumed)
     step = int(err.split("resumed from checkpoint step ")[1].split()[0])
-    assert 0 < step < 6 * 39 and step % 15 == 0
+    assert 0 < step < 3 * 39 and step % 15 == 0
     assert_bitwise_equal(model_leaves(killed_dir), model_leaves(tmp_path / "whole"))
     assert metric_values(killed_dir) == metric_values(tmp_path / "whole")
     assert json.loads((killed_dir / "summary.json").read_text())["resumed_from_step"] == step

@@ -53,6 +53,7 @@ def test_script_and_notebook_hold_the_same_cells(name):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_headless_in_fast_mode(name, monkeypatch):
     monkeypatch.setenv("JAXDL_FAST", "1")  # the kernel inherits the environment
