@@ -67,8 +67,8 @@ from jaxdl import models
 from jaxdl import parallel as par
 
 N_DEV, GLOBAL_BATCH = 4, 128
-STEPS = 40 if FAST else 500
-EVAL_EVERY = 20 if FAST else 50
+STEPS = 20 if FAST else 500
+EVAL_EVERY = 10 if FAST else 50
 data = mnist5k(flat=True)
 x_train, y_train = data.train
 val, test = tuple(data.val), tuple(data.test)

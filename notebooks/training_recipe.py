@@ -106,7 +106,7 @@ print(report.message)
 # high").
 
 # %%
-RANGE_STEPS = 100 if FAST else 300
+RANGE_STEPS = 60 if FAST else 300
 lr_test = diagnostics.lr_range_test(loss_fn, lambda lr: dl.sgd(lr, momentum=0.9), state0,
                                     random_batches(RANGE_STEPS, seed=1), min_lr=1e-4, max_lr=10.0)
 losses = np.where(np.isfinite(lr_test.losses), lr_test.losses, np.inf)
@@ -187,7 +187,7 @@ fig.tight_layout()
 # lower and higher) gives the curves; `diagnostics.layer_report` gives it per layer.
 
 # %%
-TRAIN_STEPS = 100 if FAST else 600
+TRAIN_STEPS = 40 if FAST else 600
 train_batches = random_batches(TRAIN_STEPS, seed=3)
 lrs = BEST["lr"] * np.array([0.1, 1.0, 10.0])
 ratio_runs = sweep(loss_fn, make_optimizer, model, (28, 28, 1), train_batches,
