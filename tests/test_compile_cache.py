@@ -19,13 +19,14 @@ from jaxdl import compile_cache, train_step as ts
 
 events = []
 jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
-path = compile_cache.enable(min_compile_time_s=0.0)
+path = compile_cache.enable()  # the default threshold (0 s): every program, eager ones too
 model = dl.Sequential(dl.Dense(16), dl.Relu(), dl.Dense(3))
 state = ts.TrainState.create(model, dl.adam(1e-2), jax.random.key(0), (8,))
 step = ts.make_train_step(ts.supervised_loss(model), dl.adam(1e-2))
 x, y = jnp.ones((4, 8)), jnp.array([0, 1, 2, 0])
 state, m = step(state, (x, y))
 print(json.dumps({"path": path, "loss": float(m["loss"]),
+                  "requests": events.count("/jax/compilation_cache/compile_requests_use_cache"),
                   "hits": events.count("/jax/compilation_cache/cache_hits"),
                   "misses": events.count("/jax/compilation_cache/cache_misses")}))
 """
@@ -56,6 +57,7 @@ def test_second_process_reads_the_programs_the_first_one_wrote(tmp_path):
     assert written and first["misses"] >= 1 and first["hits"] == 0
     second = _run(str(folder), tmp_path)
     assert second["hits"] >= 1 and second["misses"] == 0
+    assert second["hits"] == second["requests"], second  # every program read, eager ones too
     assert second["loss"] == first["loss"]
     assert _entries(folder) == written  # nothing new to compile
 
