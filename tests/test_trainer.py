@@ -301,6 +301,25 @@ def test_a_run_with_tensorboard_on_digits_imports_neither_torch_nor_sklearn(tmp_
     assert [p for p in os.listdir(tmp_path) if p.startswith("events.out.tfevents")]
 
 
+def test_a_tensorboardx_that_needs_torch_is_imported_with_it(tmp_path):
+    # A stand-in tensorboardX whose import fails without torch: the writer is still made.
+    package = tmp_path / "fake" / "tensorboardX"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import torch\nclass SummaryWriter:\n    def __init__(self, logdir):\n        self.logdir = logdir\n"
+    )
+    script = "import sys\nfrom jaxdl import trainer\nprint(trainer._tensorboard_writer(sys.argv[1]).logdir)"
+    out = subprocess.run(
+        [sys.executable, "-c", script, "run"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path / "fake")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["run"]
+
+
 FIT_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
