@@ -3,9 +3,10 @@ import time
 
 import pytest
 
-# PyTorch (the parity tests) and OpenMP-threaded BLAS: one thread. Their worker threads spin
-# between operations, and beside XLA's threads and the other pytest-xdist worker on 2 cores they
-# made each torch trajectory test 9-10 s instead of under 1 s (three test files: 90 s -> 66 s).
+# One OpenMP thread for PyTorch (the parity tests) and any BLAS loaded after this point. torch's
+# worker threads spin between operations; beside XLA's threads and the other pytest-xdist worker
+# on 2 cores they made each torch trajectory test 9-10 s instead of under 1 s (three test files:
+# 90 s -> 66 s).
 # Set before anything imports torch; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests run on the CPU; data-parallel tests get 4 fake devices. Both must be set before jax is imported.
