@@ -44,6 +44,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import timeit  # noqa: E402
 from optimizer_update import resnet50_shapes  # noqa: E402
+from step_overhead import bench_first, matmul_peak  # noqa: E402
 
 import jaxdl as dl  # noqa: E402
 from jaxdl import train_step as ts  # noqa: E402
@@ -88,12 +89,6 @@ def adam_update(shapes, bandwidth, repeats):
         t = median_time(run, repeats)
         out[name] = {"ms": t * 1e3, "fraction_of_copy_bandwidth": 28 * n / t / bandwidth}
     return out
-
-
-def matmul_peak(dtype, n, repeats):
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    return 2 * n**3 / median_time(lambda: f(a).block_until_ready(), repeats)
 
 
 def train_step(model, input_shape, batch, precision, repeats, model_flops=None):
@@ -186,7 +181,7 @@ def main():
     width, batch = (256, 256) if quick else (4096, 4096)
     res["steps"] = {}
     for precision, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-        peak = matmul_peak(dtype, 1024 if quick else 8192, args.repeats)
+        peak = matmul_peak(args.repeats, 1024 if quick else 8192, dtype)[1]  # at the median call
         res[f"matmul_peak_TFLOPs_{precision}"] = peak / 1e12
         dims = (784, width, width, width, width, 10)
         mlp_flops = 6 * batch * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
@@ -214,8 +209,6 @@ def main():
         f"{res['sweep']['sequential_s'] * 1e3:.1f} ms: {res['sweep']['speedup']:.1f}x (goal >= 8)",
         flush=True,
     )
-
-    from step_overhead import bench_first
 
     bench_first(2 if quick else 5)  # prints its own lines (5.)
 

@@ -264,8 +264,9 @@ def bench_tiny(repeats, k=100):
         print(f"    {name:<22} {diff:+7.1f} us")
 
 
-def matmul_peak(repeats, n=2048):
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+def matmul_peak(repeats, n=2048, dtype=jnp.float32):
+    """FLOP/s of an n x n matmul in ``dtype``: (at the fastest call, at the median call)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
     f = jax.jit(lambda a: a @ a)
     times = round_robin({"dot": lambda: jax.block_until_ready(f(a))}, repeats)["dot"]
     return 2 * n**3 / min(times), 2 * n**3 / statistics.median(times)
