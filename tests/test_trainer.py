@@ -274,6 +274,20 @@ def test_out_dir_receives_metrics_curves_checkpoints_model_summary_and_tensorboa
     assert_bitwise_equal(restored["params"], result.state.params)
 
 
+def run_python(script, *argv, **env):
+    """Run ``python -c script *argv`` in a fresh process (environment updated by ``env``); its
+    stdout, after checking that it succeeded."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def test_a_run_with_tensorboard_on_digits_imports_neither_torch_nor_sklearn(tmp_path):
     # Both are installed here (the parity tests use them) and take seconds to import; the
     # TensorBoard writer and the digits loader do without them, and torch stays importable.
@@ -289,15 +303,7 @@ def test_a_run_with_tensorboard_on_digits_imports_neither_torch_nor_sklearn(tmp_
         import torch
         print(len(ds.train.y), torch.ones(2).sum().item())
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["1257", "2.0"]
+    assert run_python(script, str(tmp_path)).split() == ["1257", "2.0"]
     assert [p for p in os.listdir(tmp_path) if p.startswith("events.out.tfevents")]
 
 
@@ -309,15 +315,7 @@ def test_a_tensorboardx_that_needs_torch_is_imported_with_it(tmp_path):
         "import torch\nclass SummaryWriter:\n    def __init__(self, logdir):\n        self.logdir = logdir\n"
     )
     script = "import sys\nfrom jaxdl import trainer\nprint(trainer._tensorboard_writer(sys.argv[1]).logdir)"
-    out = subprocess.run(
-        [sys.executable, "-c", script, "run"],
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path / "fake")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["run"]
+    assert run_python(script, "run", PYTHONPATH=str(tmp_path / "fake")).split() == ["run"]
 
 
 FIT_SCRIPT = textwrap.dedent("""
