@@ -5,10 +5,12 @@
    same step with the metrics added one at a time (what each one costs).
 2. Big MLP 784-1024-1024-10, batch 256, Adam: steady-state step, jaxdl vs flax+optax, and the
    step's achieved FLOP/s as a fraction of a large jnp.dot's in the same run; plus single steps
-   with the metrics added one at a time, as for the tiny loop; and the donated scan loop `fit`
+   with the metrics added one at a time, as for the tiny loop (each returns its metrics, which
+   would otherwise be dead code); and the donated scan loop `fit`
    runs, against the donated flax+optax step.
 3. First call of the big MLP step (trace + compile + one step), jaxdl vs flax+optax, with the
-   compile time and the number of fusions of each program.
+   compile time and the number of fusions of each program; plus the step without the skip, and
+   without the skip and the norms (what each costs in compile time).
 4. (``--only alternatives``) two other ways to build the same step, tried for issue 14, against
    `step_body` on both models: runtime, fusions, compile time.
 
@@ -124,6 +126,19 @@ def ablation_loop(level, loss_fn, tx):
         return s, m
 
     return jax.jit(loop, donate_argnums=0)
+
+
+def ablation_step(level, loss_fn, tx):
+    """One jitted step of `ablation_body` (|params| taken in the step), returning its state and
+    its metrics: a metric that is not an output would be dead code, removed by XLA, and the
+    level would measure nothing."""
+    body = ablation_body(level)
+
+    def step(s, b):
+        (s, _), metrics = body(loss_fn, tx, (s, ts.tree_norm(s.params)), b)
+        return s, metrics
+
+    return jax.jit(step)
 
 
 def _stacked_norms(g, u, p):
@@ -280,18 +295,14 @@ def bench_big(repeats):
     model = jaxdl_model(widths)
     s0 = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
     loss_fn = ts.supervised_loss(model)
-    before = ablation_body("before issue 14")
     steps = {
         "jaxdl": ts.make_train_step(loss_fn, tx),
         "jaxdl, donated": ts.make_train_step(loss_fn, tx, donate=True),
-        "before issue 14": jax.jit(lambda s, b: before(loss_fn, tx, (s, None), b)[0][0]),
+        "before issue 14": ablation_step("before issue 14", loss_fn, tx),
     }
     levels = ("bare", "+grad_norm", "+update_ratio", "+nonfinite")
     for level in levels:  # the step built up one part at a time, |params| taken in the step
-        body = ablation_body(level)
-        steps[f"step, {level}"] = jax.jit(
-            lambda s, b, body=body: body(loss_fn, tx, (s, ts.tree_norm(s.params)), b)[0][0]
-        )
+        steps[f"step, {level}"] = ablation_step(level, loss_fn, tx)
     holders = {name: jax.tree.map(jnp.copy, s0) for name in steps}
     runners = {}
     for name, step in steps.items():
@@ -299,9 +310,10 @@ def bench_big(repeats):
         def run(name=name, step=step):
             out = step(holders[name], (xj, yj))
             holders[name] = out[0] if isinstance(out, tuple) else out
-            jax.block_until_ready(holders[name].params)
+            jax.block_until_ready(out)
 
         runners[name] = run
+    counts = {name: fusions(step.lower(s0, (xj, yj)).compile()) for name, step in steps.items()}
 
     finit, fstep = flax_step_fn(widths, optax.adam(1e-3))
     fstep_donated = jax.jit(fstep.__wrapped__, donate_argnums=(0, 1))
@@ -313,6 +325,7 @@ def bench_big(repeats):
             jax.block_until_ready(loss)
 
         runners[name] = run_flax
+        counts[name] = fusions(fn.lower(fh["p"], fh["s"], xj, yj).compile())
 
     times = round_robin(runners, repeats)
     dims = (d, *widths)
@@ -324,7 +337,7 @@ def bench_big(repeats):
     for name, t in times.items():
         print(
             f"  {name:<20} median {statistics.median(t) * 1e3:7.2f} ms  min {min(t) * 1e3:7.2f} ms  "
-            f"{flops / min(t) / 1e9:6.1f} GFLOP/s at the min"
+            f"{flops / min(t) / 1e9:6.1f} GFLOP/s at the min  {counts.get(name, '')} fusions"
         )
     print(f"  jaxdl / flax+optax: {med:.3f} (quartiles {lo:.3f}-{hi:.3f})")
     for a, b in (("jaxdl, donated", "flax+optax, donated"), ("before issue 14", "flax+optax")):
@@ -387,21 +400,33 @@ def bench_big_loop(repeats, k=4):
 
 
 def bench_first(repeats):
+    """First call (trace + lower + compile + one step) of the big MLP step, round-robin with
+    `jax.clear_caches()` before each: the library's step, the same without the skip
+    (``skip_nonfinite=False``), the step with neither the skip nor the norms (`ablation_step`
+    "bare": loss and accuracy only), and flax+optax."""
     d, widths, batch = 784, (1024, 1024, 10), 256
     x, y = _data(batch, d, 10)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
-    out = {"jaxdl": [], "flax+optax": []}
-    parts = {"jaxdl": [], "flax+optax": []}
+    names = ["jaxdl", "jaxdl, skip_nonfinite=False", "jaxdl bare step (no norms, no skip)", "flax+optax"]
+    out = {name: [] for name in names}
+    parts = {name: [] for name in names}
     count = {}
     for r in range(repeats):
-        for name in ["jaxdl", "flax+optax"] if r % 2 == 0 else ["flax+optax", "jaxdl"]:
+        for name in names if r % 2 == 0 else names[::-1]:
             jax.clear_caches()
-            if name == "jaxdl":
+            if name.startswith("jaxdl"):
                 tx = dl.adam(1e-3)
                 model = jaxdl_model(widths)
                 state = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
                 jax.block_until_ready(state)
-                fn, args = ts.make_train_step(ts.supervised_loss(model), tx), (state, (xj, yj))
+                loss_fn = ts.supervised_loss(model)
+                if name == "jaxdl":
+                    fn = ts.make_train_step(loss_fn, tx)
+                elif "skip_nonfinite" in name:
+                    fn = ts.make_train_step(loss_fn, tx, skip_nonfinite=False)
+                else:
+                    fn = ablation_step("bare", loss_fn, tx)
+                args = (state, (xj, yj))
             else:
                 finit, fn = flax_step_fn(widths, optax.adam(1e-3))
                 p, s = finit(xj)
@@ -417,15 +442,14 @@ def bench_first(repeats):
             out[name].append(t3 - t0)
             parts[name].append((t1 - t0, t2 - t1, t3 - t2))
             count[name] = fusions(compiled)
-    med, lo, hi = ratios(out, "jaxdl", "flax+optax")
     print(f"\nFirst call of the big MLP step (trace + compile + one step), {repeats} rounds")
     for name in out:
         tr, co, ru = (statistics.median(p) for p in zip(*parts[name], strict=True))
+        med, lo, hi = ratios(out, name, "flax+optax")
         print(
-            f"  {name:<12} median {statistics.median(out[name]):6.2f} s (trace+lower {tr:.2f}, compile {co:.2f}, "
-            f"run {ru:.2f}); {count[name]} fusions"
+            f"  {name:<36} median {statistics.median(out[name]):6.2f} s (trace+lower {tr:.2f}, compile {co:.2f}, "
+            f"run {ru:.2f}); {count[name]} fusions; x flax+optax {med:.2f} (quartiles {lo:.2f}-{hi:.2f})"
         )
-    print(f"  jaxdl / flax+optax: {med:.2f} (quartiles {lo:.2f}-{hi:.2f})")
 
 
 def main():
