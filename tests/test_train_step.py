@@ -269,19 +269,29 @@ def test_tree_norm_is_the_global_norm():
 
 
 def test_step_works_with_optax_transforms():
+    # optax.flatten (the moments in one vector: the README's trade for models of many small
+    # leaves) goes through the same step, its skip included.
     model = _mlp(dropout=0.0)
     x, y = _data()
     ours = dl.adam(1e-2)
     theirs = optax.adam(1e-2)
+    flat = optax.flatten(dl.adam(1e-2))
     s1 = ts.TrainState.create(model, ours, jax.random.key(5), (8,))
     s2 = ts.TrainState.create(model, theirs, jax.random.key(5), (8,))
+    s3 = ts.TrainState.create(model, flat, jax.random.key(5), (8,))
     step1 = ts.make_train_step(ts.supervised_loss(model), ours)
     step2 = ts.make_train_step(ts.supervised_loss(model), theirs)
+    step3 = ts.make_train_step(ts.supervised_loss(model), flat)
     for _ in range(5):
         s1, _ = step1(s1, (x, y))
         s2, _ = step2(s2, (x, y))
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        s3, _ = step3(s3, (x, y))
+    for a, b, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), jax.tree.leaves(s3.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c, b, rtol=1e-5, atol=1e-6)
+    kept, metrics = step3(s3, (x.at[0, 0].set(jnp.nan), y))
+    assert int(metrics["nonfinite"]) == 1
+    assert _leaves_equal((kept.params, kept.opt_state), (s3.params, s3.opt_state))
 
 
 class _FlaxMLP(nn.Module):
