@@ -309,7 +309,7 @@ def bench_big(repeats):
 
         def run(name=name, step=step):
             out = step(holders[name], (xj, yj))
-            holders[name] = out[0] if isinstance(out, tuple) else out
+            holders[name] = out[0]  # every step returns (state, metrics)
             jax.block_until_ready(out)
 
         runners[name] = run
@@ -407,26 +407,26 @@ def bench_first(repeats):
     d, widths, batch = 784, (1024, 1024, 10), 256
     x, y = _data(batch, d, 10)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
-    names = ["jaxdl", "jaxdl, skip_nonfinite=False", "jaxdl bare step (no norms, no skip)", "flax+optax"]
+    jaxdl_steps = {
+        "jaxdl": lambda loss_fn, tx: ts.make_train_step(loss_fn, tx),
+        "jaxdl, skip_nonfinite=False": lambda loss_fn, tx: ts.make_train_step(
+            loss_fn, tx, skip_nonfinite=False
+        ),
+        "jaxdl bare step (no norms, no skip)": lambda loss_fn, tx: ablation_step("bare", loss_fn, tx),
+    }
+    names = [*jaxdl_steps, "flax+optax"]
     out = {name: [] for name in names}
     parts = {name: [] for name in names}
     count = {}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             jax.clear_caches()
-            if name.startswith("jaxdl"):
+            if name in jaxdl_steps:
                 tx = dl.adam(1e-3)
                 model = jaxdl_model(widths)
                 state = ts.TrainState.create(model, tx, jax.random.key(0), (d,))
                 jax.block_until_ready(state)
-                loss_fn = ts.supervised_loss(model)
-                if name == "jaxdl":
-                    fn = ts.make_train_step(loss_fn, tx)
-                elif "skip_nonfinite" in name:
-                    fn = ts.make_train_step(loss_fn, tx, skip_nonfinite=False)
-                else:
-                    fn = ablation_step("bare", loss_fn, tx)
-                args = (state, (xj, yj))
+                fn, args = jaxdl_steps[name](ts.supervised_loss(model), tx), (state, (xj, yj))
             else:
                 finit, fn = flax_step_fn(widths, optax.adam(1e-3))
                 p, s = finit(xj)
