@@ -81,7 +81,7 @@ def _to_savable(leaf):
 
 
 def _default_sharding():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.make_single_device_sharding(jax.devices()[0])
 
 
 def _abstract(leaf):

@@ -34,6 +34,8 @@ print(json.dumps({"path": path, "loss": float(m["loss"]),
 
 def _run(env_value, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(name, None)  # the suite's own cache (conftest): these processes start without one
     if env_value is None:
         env.pop(compile_cache.ENV, None)
     else:

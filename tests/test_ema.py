@@ -4,11 +4,15 @@ recalibrate_batchnorm against torch.optim.swa_utils.update_bn."""
 import jax
 import numpy as np
 import pytest
-import torch
 
 import jaxdl as dl
 from jaxdl import layers as L
 from jaxdl import train_step as ts
+
+try:
+    import torch
+except ImportError:  # Python 3.12+: no torch; the tests marked `torch` skip (conftest.py)
+    torch = None
 
 
 def _data(n=32, d=6, classes=3, seed=0):
@@ -138,6 +142,7 @@ def test_sweep_over_decays_compiles_once_and_equals_single_runs():
     )
 
 
+@pytest.mark.torch
 def test_recalibrate_batchnorm_matches_torch_update_bn():
     model = L.Sequential(L.Dense(5), L.BatchNorm(), L.Relu(), L.Dense(4), L.BatchNorm(), L.Dense(3))
     _, params, state = model.init(jax.random.key(0), (6,))

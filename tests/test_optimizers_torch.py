@@ -8,10 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxdl as dl
 from jaxdl import schedules
+
+try:
+    import torch
+except ImportError:  # Python 3.12+: no torch; the tests marked `torch` skip (conftest.py)
+    torch = None
+
+pytestmark = pytest.mark.torch
 
 STEPS = 120
 RTOL = 1e-5

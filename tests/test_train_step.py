@@ -170,6 +170,12 @@ def test_skip_keeps_the_state_when_only_the_update_is_nonfinite_and_matches_the_
     assert int(new.opt_state.count) == int(one.opt_state.count)
 
 
+@pytest.mark.xfail(
+    tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11),
+    reason="XLA:CPU of jaxlib 0.11+ copies every donated parameter at the start of the step (the "
+    "ordering that keeps jaxlib 0.10 from copying no longer does; benchmarks/RESULTS.md)",
+    strict=True,
+)
 def test_compiled_steps_copy_no_parameter_and_the_skip_adds_no_kernel_per_moment():
     # Issue 14: the donated loop (what fit runs) and the donated step update params and Adam's
     # moments in place, and the NaN/Inf skip fuses into the update: the compiled program has
