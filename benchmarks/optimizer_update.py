@@ -35,9 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import torch
 from _timing import round_robin, timeit
 from jax.flatten_util import ravel_pytree
+
+try:
+    import torch
+except ImportError:  # Python 3.12+ in this project: no torch; its rows are left out ("-")
+    torch = None
 
 try:
     import _fused_adam
@@ -193,13 +197,15 @@ def main():
     bw = max(bw_np, bw_xla)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"jax {jax.__version__} ({jax.default_backend()}), optax {optax.__version__}, torch {torch.__version__}"
+        f"jax {jax.__version__} ({jax.default_backend()}), optax {optax.__version__}, "
+        f"torch {torch.__version__ if torch else 'not installed'}"
     )
     print(
         f"tree: {len(shapes)} leaves, {n / 1e6:.2f}M float32 params; copy bandwidth {bw / 1e9:.2f} GB/s "
         f"(numpy memcpy {bw_np / 1e9:.2f}, XLA in-place stream {bw_xla / 1e9:.2f})"
     )
-    torch.set_num_threads(os.cpu_count() or 1)
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
 
     cases = {
         "adam": (
@@ -263,10 +269,13 @@ def main():
         print("minor page faults per call: " + ", ".join(f"{k} {v:.0f}" for k, v in faults.items()))
         # PyTorch runs in a block of its own: interleaved with XLA, the two thread pools (both
         # spin-waiting) starve each other on 2 cores and PyTorch's times jump 20x.
-        results["torch"] = timeit(torch_runner(make_torch, shapes), args.repeats)
+        if torch is not None:
+            results["torch"] = timeit(torch_runner(make_torch, shapes), args.repeats)
         med = {k: statistics.median(v) for k, v in results.items()}
 
         def paired(impl, ref):  # median of round-by-round ratios; PyTorch is not interleaved
+            if ref not in results:
+                return float("nan")
             if "torch" in (impl, ref):
                 return med[impl] / med[ref]
             return statistics.median(a / b for a, b in zip(results[impl], results[ref]))

@@ -28,12 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import torch
 from _timing import round_robin, timeit
 
 import jaxdl as dl
 from jaxdl import layers as L
 from jaxdl import train_step as ts
+
+try:
+    import torch
+except ImportError:  # Python 3.12+ in this project: no torch; its rows are left out
+    torch = None
 
 
 def _data(batch, d, classes, seed=0):
@@ -120,10 +124,11 @@ def bench_big(repeats):
         fh["p"], fh["s"], loss = fstep(fh["p"], fh["s"], xj, yj)
         jax.block_until_ready(loss)
 
-    tstep = torch_step_fn(d, widths)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
     times = round_robin({"jaxdl": run_jaxdl, "flax+optax": run_flax}, repeats)
-    times["torch eager"] = timeit(lambda: tstep(xt, yt), repeats)  # apart: see _timing.round_robin
+    if torch is not None:
+        tstep = torch_step_fn(d, widths)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+        times["torch eager"] = timeit(lambda: tstep(xt, yt), repeats)  # apart: see _timing.round_robin
     return times
 
 
@@ -151,15 +156,16 @@ def bench_tiny(repeats, k=100):
             fh["p"], fh["s"], loss = fstep(fh["p"], fh["s"], fx[i], fy[i])
         jax.block_until_ready(loss)
 
-    tstep = torch_step_fn(d, widths)
-    tx_, ty_ = torch.from_numpy(xs), torch.from_numpy(ys).long()
-
-    def run_torch():
-        for i in range(k):
-            tstep(tx_[i], ty_[i])
-
     times = round_robin({"jaxdl scan loop": run_jaxdl, "flax+optax loop": run_flax}, repeats)
-    times["torch eager"] = timeit(run_torch, repeats)
+    if torch is not None:
+        tstep = torch_step_fn(d, widths)
+        tx_, ty_ = torch.from_numpy(xs), torch.from_numpy(ys).long()
+
+        def run_torch():
+            for i in range(k):
+                tstep(tx_[i], ty_[i])
+
+        times["torch eager"] = timeit(run_torch, repeats)
     return {name: [t / k for t in ts_] for name, ts_ in times.items()}
 
 
@@ -272,10 +278,11 @@ def main():
         "memory, accumulation memory vs optax.MultiSteps",
     )
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
-        f"flax {flax.__version__}, optax {optax.__version__}, torch {torch.__version__}"
+        f"flax {flax.__version__}, optax {optax.__version__}, torch {torch.__version__ if torch else 'not installed'}"
     )
     if args.case == "issue12":
         for title, (times, mem) in bench_precision(max(args.repeats // 3, 5)).items():

@@ -530,11 +530,11 @@ def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path, wait
     ]
     # The uninterrupted run writes its compiled programs to a compilation cache that the resumed
     # run reads once it has finished (saves compiling them a third time); the killed run has none,
-    # so that no cache file is torn by the kill.
+    # not even the suite's (conftest.py), so that no cache file is torn by the kill.
     cache = {"JAXDL_COMPILE_CACHE": str(tmp_path / "xla")}
     whole = jaxdl_process(*args, "--out", str(tmp_path / "whole"), env=cache)
     killed_dir = tmp_path / "killed"
-    killed = jaxdl_process(*args, "--out", str(killed_dir))
+    killed = jaxdl_process(*args, "--out", str(killed_dir), env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
     wait_for_first_checkpoint(killed, killed_dir / "checkpoints", timeout_s=180)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()

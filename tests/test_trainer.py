@@ -341,7 +341,10 @@ FIT_SCRIPT = textwrap.dedent("""
 
 
 def fit_process(*argv, compile_cache="0"):
+    """``compile_cache="0"``: no compilation cache at all, not even the suite's (conftest.py)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXDL_COMPILE_CACHE": compile_cache}
+    if compile_cache == "0":
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     return subprocess.Popen(
         [sys.executable, "-c", FIT_SCRIPT, *argv],
         env=env,
@@ -355,7 +358,7 @@ def fit_process(*argv, compile_cache="0"):
 def test_fit_killed_midway_resumes_to_bitwise_the_same_state_and_history(tmp_path, wait_for_first_checkpoint):
     # The uninterrupted run writes its compiled programs to a compilation cache that the resumed
     # run reads once it has finished (saves compiling them a third time); the killed run has none,
-    # so that no cache file is torn by the kill.
+    # not even the suite's, so that no cache file is torn by the kill.
     cache = str(tmp_path / "xla")
     whole = fit_process(str(tmp_path / "whole"), compile_cache=cache)
     killed_dir = tmp_path / "killed"
