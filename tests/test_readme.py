@@ -15,3 +15,11 @@ def test_readme_python_examples_run():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    # .ci/run runs the README's install-and-test command on each of its legs, as a string.
+    commands = re.findall(r"```bash\n(python3 -m venv \.venv && .*?)\n```", README.read_text())
+    assert len(commands) == 1, commands
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert f"TEST_COMMAND='{commands[0]}'" in ci
