@@ -6,7 +6,7 @@
 #   bash scripts/train.sh                          # MLP on the bundled 5k MNIST, prints test accuracy
 #   bash scripts/train.sh --model cnn --out runs/cnn
 #
-# Needs Python 3.10+ with the venv module (Debian/Ubuntu: apt install python3-venv) and, for the
+# Needs Python 3.11+ with the venv module (Debian/Ubuntu: apt install python3-venv) and, for the
 # first run, access to the package index. PYTHON picks the interpreter (default: python3).
 set -euo pipefail
 
