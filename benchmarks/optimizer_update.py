@@ -40,7 +40,7 @@ from jax.flatten_util import ravel_pytree
 
 try:
     import torch
-except ImportError:  # Python 3.12+ in this project: no torch; its rows are left out ("-")
+except ImportError:  # Python 3.12+ in this project: no torch; no torch row, "x torch" is nan
     torch = None
 
 try:
