@@ -171,7 +171,7 @@ def test_skip_keeps_the_state_when_only_the_update_is_nonfinite_and_matches_the_
 
 
 @pytest.mark.xfail(
-    tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11),
+    jax.__version_info__ >= (0, 11),
     reason="XLA:CPU of jaxlib 0.11+ copies every donated parameter at the start of the step (the "
     "ordering that keeps jaxlib 0.10 from copying no longer does; benchmarks/RESULTS.md)",
     strict=True,
