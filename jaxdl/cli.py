@@ -22,6 +22,7 @@ docs/cli.md lists every option, the outputs and the measured figures.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -180,6 +181,61 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     groups["data"].add_argument("--limit-train", type=_positive_int, help=argparse.SUPPRESS)  # tests
 
 
+class _CheckingParser(_Parser):
+    """The train options' parser for values read from files: an error raises UsageError."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _json_kind(kwargs: dict) -> tuple[tuple[type, ...], str]:
+    """The JSON type an option's value must have in a config file, and its name in messages."""
+    kind = kwargs.get("type")
+    if kwargs.get("action") is argparse.BooleanOptionalAction:
+        return (bool,), "true or false"
+    if kind is _channels:
+        return (list,), "a list of positive ints"
+    if kind is not None and kind.__name__ == "int":
+        return (int,), "an integer"
+    if kind is not None and kind.__name__ == "float":
+        return (int, float), "a number"
+    return (str,), "a string"
+
+
+def check_options(options: dict, source: str) -> dict:
+    """Train options read from a file (``--config``, a run's config.json) checked as the command
+    line's are: each value, once its JSON type is right, is written as the text a user would type
+    and parsed by the same argparse types and choices (`OPTIONS`). ``null`` stands for an option
+    left out, where the option has no fixed default (`DEFAULTS` holds None). Returns the parsed
+    values; raises UsageError ``SOURCE: argument --name: ...`` naming the option and the value.
+    Keys must be options (`jaxdl.config` refuses others first)."""
+    kwargs = {flag[2:].replace("-", "_"): kw for _, flag, _, kw in OPTIONS}
+    kwargs["limit_train"] = {"type": _positive_int}
+    argv = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        types, expected = _json_kind(kwargs[name])
+        if value is None and DEFAULTS.get(name, 0) is None:
+            continue
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if ok and list in types:
+            ok = all(type(v) is int for v in value)
+        if not ok:
+            raise UsageError(f"{source}: argument {flag}: expected {expected}, got {json.dumps(value)}")
+        if bool in types:
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            text = ",".join(map(str, value)) if list in types else str(value)
+            argv.append(f"{flag}={text}")
+    parser = _CheckingParser(prog="jaxdl train", argument_default=argparse.SUPPRESS, add_help=False)
+    _add_train_options(parser)
+    try:
+        parsed = vars(parser.parse_args(argv))
+    except UsageError as err:
+        raise UsageError(f"{source}: {err}") from None
+    return {**options, **parsed}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``jaxdl`` argument parser, with subcommands ``train``, ``doctor`` and ``evaluate``.
 
@@ -246,16 +302,47 @@ def _as_command_errors(fn):
     return call
 
 
-train_config, load_run, load_data, setup, check_out_dir = map(
-    _as_command_errors,
-    (config.train_config, config.load_run, config.load_data, config.setup, config.check_out_dir),
+load_data, setup, check_out_dir, restore_run = map(
+    _as_command_errors, (config.load_data, config.setup, config.check_out_dir, config.restore_run)
 )
 default_out_dir, fit_options = config.default_out_dir, config.fit_options
 
 
+def train_config(explicit: dict) -> tuple[dict, bool]:
+    """`jaxdl.config.train_config`, the options read from files checked by `check_options`."""
+    return _as_command_errors(config.train_config)(explicit, check_options)
+
+
+def read_run(run_dir: str) -> tuple[dict, dict]:
+    """`jaxdl.config.read_run`: a run's options, checked by `check_options`, and data info."""
+    return _as_command_errors(config.read_run)(run_dir, check_options)
+
+
+def load_run(run_dir: str) -> tuple[dict, dict, object, dict]:
+    """``(config, data_info, model, {"params", "model_state"})`` of a finished run (see
+    `jaxdl.config.load_run`), its errors as the command's."""
+    cfg, info = read_run(run_dir)
+    return (cfg, info, *restore_run(run_dir, cfg, info))
+
+
+def _fit_config_stamp(out: str):
+    """The identity of ``out/fit_config.json`` (inode, mtime), None when there is none. `fit`
+    writes it anew (a new file, renamed into place) right after checking its arguments, before
+    it trains or writes anything else."""
+    try:
+        st = os.stat(os.path.join(out, "fit_config.json"))
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _fit(cfg: dict, ds: data.Dataset, s: config.Setup, out: str, resume: bool, quiet: bool, log):
+    """`trainer.fit` on the run's options. Its refusals (a ValueError or TypeError raised before it
+    wrote ``fit_config.json``: a bad value, a resume of a run of other data or options) are
+    UsageErrors; one raised later, once training has started, is a bug and keeps its traceback."""
     from jaxdl.checkpoint import CorruptCheckpointError  # orbax: imported when a run needs it
 
+    stamp = _fit_config_stamp(out)
     try:
         return trainer.fit(
             s.model,
@@ -282,6 +369,31 @@ def _fit(cfg: dict, ds: data.Dataset, s: config.Setup, out: str, resume: bool, q
         raise RunError(f"cannot resume: {err}") from None
     except OSError as err:
         raise RunError(str(err)) from None
+    except (ValueError, TypeError) as err:
+        if _fit_config_stamp(out) != stamp:
+            raise
+        raise UsageError(f"--resume: {err}" if resume else str(err)) from None
+
+
+def _new_dirs(path: str) -> list[str]:
+    """The folders ``os.makedirs(path)`` would create, deepest first."""
+    new, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        new.append(path)
+        path = os.path.dirname(path)
+    return new
+
+
+def _undo(out: str, config_path: str | None, new_dirs: list[str]) -> None:
+    """Remove what `cmd_train` wrote before `fit` refused the run: its config.json and the empty
+    folders it created (never anything else)."""
+    if config_path is not None:
+        os.remove(config_path)
+    for path in new_dirs:
+        try:
+            os.rmdir(path)  # only if empty
+        except OSError:
+            break
 
 
 # ----------------------------------------------------------------------------- commands
@@ -307,6 +419,7 @@ def cmd_train(explicit: dict, log) -> dict:
     check_out_dir(out, explicit.get("resume", False))
     ds = load_data(cfg["dataset"], cfg["split_seed"], cfg["limit_train"])
     s = setup(cfg, ds)
+    new_dirs = _new_dirs(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
@@ -321,13 +434,28 @@ def cmd_train(explicit: dict, log) -> dict:
         "block_size": cfg["block_size"] or default_block_size(s.steps_per_epoch),
         "checkpoint_every": cfg["checkpoint_every"] or s.steps_per_epoch,
     }
-    if not resuming:
-        trainer.write_json(os.path.join(out, "config.json"), {"config": cfg, "data": info})
-    log(
+    config_path = None if resuming else os.path.join(out, "config.json")
+    if config_path is not None:
+        trainer.write_json(config_path, {"config": cfg, "data": info})
+    header = (
         f"run directory {out}: {cfg['model']} on {cfg['dataset']} ({info['train_examples']} train "
         f"examples, {s.steps_per_epoch} steps per epoch), {cfg['optimizer']} lr {cfg['lr']:g}"
     )
-    result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, log)
+    fit_log, pending = log, [header]
+    if resuming:  # fit may still refuse the resume, and then prints one line: the header waits
+
+        def fit_log(message):  # for fit's first message (resumed from checkpoint step ...)
+            while pending:
+                log(pending.pop())
+            log(message)
+
+    else:
+        log(header)
+    try:
+        result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, fit_log)
+    except UsageError:
+        _undo(out, config_path, new_dirs)
+        raise
     precision = fit_options(cfg)["precision"]
     test = trainer.evaluate(s.model, result.state, ds.test, precision=precision)
     n_test = len(ds.test.y)
@@ -401,16 +529,17 @@ def _split_to_score(name: str, split: str, split_seed: int) -> tuple[data.Split,
     if name.startswith("mnist:") and split == "test":
         try:
             part = data.load_mnist_test(name[len("mnist:") :])
-        except (OSError, ValueError) as err:
-            raise UsageError(f"--dataset {name}: {err}") from None
+        except config.DATA_ERRORS as err:
+            raise UsageError(f"--dataset {name}: {config.data_error_text(err)}") from None
         return part, 10
     ds = load_data(name, split_seed)
     return getattr(ds, split), ds.num_classes
 
 
 def cmd_evaluate(run_dir: str, dataset: str | None, split: str) -> dict:
-    """``jaxdl evaluate``: rebuild the run's model, restore its parameters, score a split."""
-    cfg, info, model, restored = load_run(run_dir)
+    """``jaxdl evaluate``: read the run's options, load the data, rebuild the run's model, restore
+    its parameters, score a split."""
+    cfg, info = read_run(run_dir)
     name = dataset or cfg["dataset"]
     part, num_classes = _split_to_score(name, split, cfg["split_seed"])
     shape = list(part.x.shape[1:])
@@ -420,6 +549,7 @@ def cmd_evaluate(run_dir: str, dataset: str | None, split: str) -> dict:
             f"but the run's model takes {tuple(info['input_shape'])} with "
             f"{info['num_classes']} classes"
         )
+    model, restored = restore_run(run_dir, cfg, info)
     state = _eval_state(restored["params"], restored["model_state"], shape)
     metrics = trainer.evaluate(model, state, part)
     loss, acc = metrics["loss"], metrics["accuracy"]

@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import zipfile
+import zlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +30,8 @@ __all__ = [
     "build_model",
     "build_schedule",
     "build_optimizer",
+    "read_run",
+    "restore_run",
     "load_run",
 ]
 
@@ -188,49 +193,94 @@ def build_optimizer(cfg: dict, lr, noise_key):
 # ----------------------------------------------------------------------------- run directories
 
 
-def read_json(path: str) -> dict:
-    """A JSON file; OSError naming the file when it cannot be read or parsed."""
+# Options a config.json written before they existed lacks; such a run used their defaults.
+ADDED_LATER = ("precision", "accumulate", "ema")
+# What a run's config.json holds besides the options (``data``), and the checks of the fields
+# that ``evaluate`` reads.
+RUN_FILE_KEYS = ("config", "data")
+
+# A function that checks option values read from a file as the command line's are checked:
+# ``check(options, source) -> options`` (the parsed values), raising an error whose message
+# starts with ``source``. The command passes `jaxdl.cli.check_options` (its argparse types).
+Check = Callable[[dict, str], dict]
+
+
+def _json_object(path: str, what: str) -> dict:
+    """The JSON object in ``path``; ValueError naming ``what`` (how the user named the file)
+    when it is missing, unreadable, not JSON, or not an object."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{what}: no such file")
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise OSError(f"cannot read {path}: {err}") from None
-
-
-def _config_file(path: str) -> dict:
-    """The options of a previous run's config.json (``--config``), checked to be ours."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path}: no such file")
-    try:
-        saved = read_json(path)
+            value = json.load(f)
     except OSError as err:
-        raise ValueError(f"--config {err}") from None
-    options = saved.get("config") if isinstance(saved, dict) else None
-    if not isinstance(options, dict) or set(options) - set(DEFAULTS):
-        unknown = sorted(set(options) - set(DEFAULTS)) if isinstance(options, dict) else []
+        raise ValueError(f"{what}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{what}: not JSON ({err})") from None
+    if not isinstance(value, dict) or not isinstance(value.get("config"), dict):
+        raise ValueError(f"{what}: not a jaxdl run's config.json (expected an object with a 'config' object)")
+    unknown = sorted(set(value) - set(RUN_FILE_KEYS))
+    if unknown:
+        raise ValueError(f"{what}: unknown key {unknown[0]!r}; known keys: {', '.join(RUN_FILE_KEYS)}")
+    unknown = sorted(set(value["config"]) - set(DEFAULTS))
+    if unknown:
         raise ValueError(
-            f"--config {path}: not a jaxdl run's config.json (expected a 'config' object "
-            f"of train options{'; unknown ' + ', '.join(unknown) if unknown else ''})"
+            f"{what}: unknown option {unknown[0]!r} in 'config'; known options: {', '.join(DEFAULTS)}"
         )
-    return options
+    return value
 
 
-def train_config(explicit: dict) -> tuple[dict, bool]:
+def read_config_file(path: str, check: Check) -> dict:
+    """The options of ``--config FILE`` (a run's config.json, or any JSON object whose ``config``
+    object holds some of the train options), checked by ``check`` as the same options given on
+    the command line would be; ValueError naming the file, the option and the value."""
+    where = f"--config {path}"
+    return check(_json_object(path, where)["config"], where)
+
+
+def read_run(run_dir: str, check: Check) -> tuple[dict, dict]:
+    """``(config, data_info)`` of a run directory's config.json, the options checked by ``check``
+    and resolved. A missing folder or file, a file that is not JSON, lacks an option (other than
+    those `ADDED_LATER`) or a data field, or holds a bad value is a ValueError naming the file."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"{run_dir}: no such directory")
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir}: not a jaxdl run directory (no config.json)")
+    saved = _json_object(path, path)
+    missing = [k for k in DEFAULTS if k not in saved["config"] and k not in ADDED_LATER]
+    if missing:
+        raise ValueError(
+            f"{path}: no option {missing[0]!r} in 'config' (a run's config.json records every option)"
+        )
+    info = saved.get("data")
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: no 'data' object (the input shape and classes of the run)")
+    shape, classes = info.get("input_shape"), info.get("num_classes")
+    if not (isinstance(shape, list) and shape and all(type(n) is int and n >= 1 for n in shape)):
+        raise ValueError(f"{path}: data.input_shape must be a list of positive ints, got {shape!r}")
+    if type(classes) is not int or classes < 2:
+        raise ValueError(f"{path}: data.num_classes must be an int >= 2, got {classes!r}")
+    cfg = check(saved["config"], path)
+    return resolve_defaults({**DEFAULTS, **cfg}), info
+
+
+def train_config(explicit: dict, check: Check) -> tuple[dict, bool]:
     """The run's configuration and whether it resumes one: `DEFAULTS` updated with ``--config``'s
     options and then the explicit ones, or with ``--resume`` the saved config.json, whose values
     the given options must equal. ``explicit``: the options given on the command line (dashes as
-    underscores); a bad combination is a ValueError in the command's words, an unreadable file an
-    OSError."""
+    underscores); ``check`` checks the options read from files (`read_config_file`, `read_run`).
+    Every refusal is a ValueError in the command's words."""
     out = explicit.get("out")
-    saved_path = os.path.join(out, "config.json") if out else None
     given = {k: v for k, v in explicit.items() if k not in RUNTIME_OPTIONS}
     if explicit.get("config"):
-        given = {**_config_file(explicit["config"]), **given}
+        given = {**read_config_file(explicit["config"], check), **given}
     if explicit.get("resume"):
         if not out:
             raise ValueError("--resume needs --out DIR, the run to continue")
+        saved_path = os.path.join(out, "config.json")
         if os.path.isfile(saved_path):
-            saved = read_json(saved_path)["config"]
+            saved, _ = read_run(out, check)
             differ = [
                 f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
                 for k, v in given.items()
@@ -245,16 +295,11 @@ def train_config(explicit: dict) -> tuple[dict, bool]:
     return resolve_defaults({**DEFAULTS, **given}), False
 
 
-def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
-    """``(config, data_info, model, {"params", "model_state"})`` of a finished run: the model is
-    rebuilt from config.json and its final (or best) parameters restored from ``model/``."""
+def restore_run(run_dir: str, cfg: dict, info: dict) -> tuple[Any, dict]:
+    """``(model, {"params", "model_state"})``: the model of ``cfg`` and the run's final (or best)
+    parameters from ``model/``; OSError when the run has not finished or ``model/`` is corrupt."""
     from jaxdl.checkpoint import restore_checkpoint
 
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{run_dir}: not a jaxdl run directory (no config.json)")
-    saved = read_json(config_path)
-    cfg, info = saved["config"], saved["data"]
     model_dir = os.path.join(run_dir, "model")
     if not os.path.isdir(model_dir):
         raise OSError(
@@ -267,7 +312,14 @@ def load_run(run_dir: str) -> tuple[dict, dict, Any, dict]:
         restored = restore_checkpoint(model_dir, {"params": params, "model_state": state})
     except (OSError, ValueError) as err:
         raise OSError(f"cannot restore the model: {err}") from None
-    return cfg, info, model, restored
+    return model, restored
+
+
+def load_run(run_dir: str, check: Check) -> tuple[dict, dict, Any, dict]:
+    """``(config, data_info, model, {"params", "model_state"})`` of a finished run: `read_run`,
+    then `restore_run`."""
+    cfg, info = read_run(run_dir, check)
+    return (cfg, info, *restore_run(run_dir, cfg, info))
 
 
 def default_out_dir(cfg: dict) -> str:
@@ -306,13 +358,27 @@ def check_out_dir(path: str, resume: bool) -> None:
         raise ValueError(f"--out {path}: cannot create it, {parent} is not writable")
 
 
+# What reading a user's data file raises when the file is missing, unreadable or not what it
+# should be: OSError (gzip.BadGzipFile among them), ValueError (jaxdl.data's checks, numpy's
+# reader), and what numpy's .npz reader (zipfile, zlib) and gzip raise on a truncated or
+# corrupted file. The command reports these in one line; anything else is a bug.
+DATA_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def data_error_text(err: BaseException) -> str:
+    """The message of a `DATA_ERRORS` error, with its type where the message alone is unclear
+    (``EOFError: No data left in file``)."""
+    text = str(err) or type(err).__name__
+    return text if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {text}"
+
+
 def load_data(name: str, split_seed: int, limit_train=None) -> data.Dataset:
     """Load and split a dataset, keep the first ``limit_train`` training examples (a random
     subset: the split is shuffled), and check every split's labels on the host."""
     try:
         ds = data.load_dataset(name, seed=split_seed)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--dataset {name}: {err}") from None
+    except DATA_ERRORS as err:
+        raise ValueError(f"--dataset {name}: {data_error_text(err)}") from None
     if limit_train:
         ds = ds._replace(train=data.Split(ds.train.x[:limit_train], ds.train.y[:limit_train]))
     for split_name, split in zip(("train", "val", "test"), (ds.train, ds.val, ds.test)):

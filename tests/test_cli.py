@@ -685,7 +685,8 @@ def test_model_options_build_the_layers(model):
 def bad_run_dir(tmp_path):
     run = tmp_path / "existing"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"config": {**cli.DEFAULTS, "lr": 0.01}}))
+    saved = {"config": {**cli.DEFAULTS, "lr": 0.01}, "data": {"input_shape": [28, 28, 1], "num_classes": 10}}
+    (run / "config.json").write_text(json.dumps(saved))
     return run
 
 
