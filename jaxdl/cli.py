@@ -17,6 +17,24 @@ what `fit` writes (``metrics.jsonl``, ``curves.png``, ``checkpoints/``, ``model/
 - ``summary.json``: test accuracy and loss, wall time, configuration.
 
 docs/cli.md lists every option, the outputs and the measured figures.
+
+Errors. A user error prints one line, ``jaxdl COMMAND: error: ...`` (argparse's format for a bad
+option), and exits with status 2 before anything is written: a refused run leaves no config.json,
+checkpoint or folder, and a run folder given to ``--resume`` stays as it was. A failure while
+running (no good checkpoint to resume, a corrupt ``model/``, a full disk) exits with status 1.
+User errors are:
+
+- bad options: argparse, through the types and choices of `OPTIONS`; the values of a ``--config``
+  file and of a run's config.json pass through the same parser (`check_options`);
+- a ValueError or TypeError of jaxdl's argument checks on the user's values: `jaxdl.config`'s
+  (the configuration, the data, ``--out``, the run folder) and `fit`'s refusals, those raised
+  before fit writes ``fit_config.json``, i.e. before it trains or writes anything (`_fit`;
+  the command then removes the config.json and the folders it made);
+- errors reading the user's files: OSError, JSON errors, and what numpy's ``.npz`` and gzip's
+  readers raise on a truncated or corrupted file (`jaxdl.config.DATA_ERRORS`).
+
+Anything else, a ValueError raised once fit has started training included, is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -53,7 +71,8 @@ __all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_sche
 
 
 class UsageError(Exception):
-    """A bad argument, found before anything is written; reported in one line, exit status 2."""
+    """A user error (see the module docstring), found before anything is written; reported in one
+    line, exit status 2."""
 
 
 class RunError(Exception):
@@ -164,6 +183,9 @@ OPTIONS = [
 ]  # fmt: skip
 
 
+_LIMIT_TRAIN = dict(type=_positive_int, help=argparse.SUPPRESS)  # --limit-train: a testing aid
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """The `OPTIONS`. Their defaults come from `DEFAULTS`/`MODEL_DEFAULTS`, not argparse, so the
     options given explicitly can be told apart (``--resume``, ``--config``)."""
@@ -178,7 +200,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if group not in groups:
             groups[group] = p.add_argument_group(group)
         groups[group].add_argument(flag, help=text.strip(), **kwargs)
-    groups["data"].add_argument("--limit-train", type=_positive_int, help=argparse.SUPPRESS)  # tests
+    groups["data"].add_argument("--limit-train", **_LIMIT_TRAIN)
 
 
 class _CheckingParser(_Parser):
@@ -210,7 +232,7 @@ def check_options(options: dict, source: str) -> dict:
     values; raises UsageError ``SOURCE: argument --name: ...`` naming the option and the value.
     Keys must be options (`jaxdl.config` refuses others first)."""
     kwargs = {flag[2:].replace("-", "_"): kw for _, flag, _, kw in OPTIONS}
-    kwargs["limit_train"] = {"type": _positive_int}
+    kwargs["limit_train"] = _LIMIT_TRAIN
     argv = []
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
@@ -288,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _as_command_errors(fn):
     """``fn`` of `jaxdl.config` with its errors as the command's: ValueError -> UsageError (exit
-    2, nothing written), OSError -> RunError (exit 1)."""
+    2, nothing written), OSError -> RunError (exit 1). `jaxdl.config` reports the user's bad
+    files (data, config files, run folders) as ValueErrors; its OSErrors are failures of a run
+    (no ``model/`` yet, one that cannot be restored)."""
 
     def call(*args, **kwargs):
         try:
@@ -561,9 +585,10 @@ def cmd_evaluate(run_dir: str, dataset: str | None, split: str) -> dict:
 def main(argv=None) -> int:
     """Entry point of the ``jaxdl`` console script and ``python -m jaxdl``.
 
-    Returns 0 on success (``doctor``: 1 when a check fails). Bad arguments print one line and
-    exit with status 2 before anything is written; a failure while running (e.g. no good
-    checkpoint to resume) exits with status 1.
+    Returns 0 on success (``doctor``: 1 when a check fails). A user error (bad options, data
+    files, ``--config`` values, run folders, fit's refusals) prints one line and exits with status
+    2 before anything is written; a failure while running (e.g. no good checkpoint to resume)
+    exits with status 1. Other exceptions are bugs and propagate with their traceback.
     """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
