@@ -237,7 +237,7 @@ def check_options(options: dict, source: str) -> dict:
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
         types, expected = _json_kind(kwargs[name])
-        if value is None and DEFAULTS.get(name, 0) is None:
+        if value is None and DEFAULTS[name] is None:
             continue
         ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
         if ok and list in types:
@@ -465,16 +465,17 @@ def cmd_train(explicit: dict, log) -> dict:
         f"run directory {out}: {cfg['model']} on {cfg['dataset']} ({info['train_examples']} train "
         f"examples, {s.steps_per_epoch} steps per epoch), {cfg['optimizer']} lr {cfg['lr']:g}"
     )
-    fit_log, pending = log, [header]
-    if resuming:  # fit may still refuse the resume, and then prints one line: the header waits
+    if resuming:  # fit may still refuse the resume, in one line: the header waits for fit's
+        pending = [header]  # first message (resumed from checkpoint step ...)
 
-        def fit_log(message):  # for fit's first message (resumed from checkpoint step ...)
+        def fit_log(message):
             while pending:
                 log(pending.pop())
             log(message)
 
     else:
         log(header)
+        fit_log = log
     try:
         result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, fit_log)
     except UsageError:

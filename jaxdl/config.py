@@ -195,8 +195,7 @@ def build_optimizer(cfg: dict, lr, noise_key):
 
 # Options a config.json written before they existed lacks; such a run used their defaults.
 ADDED_LATER = ("precision", "accumulate", "ema")
-# What a run's config.json holds besides the options (``data``), and the checks of the fields
-# that ``evaluate`` reads.
+# The keys of a run's config.json: the options, and the data facts (input shape, classes, ...).
 RUN_FILE_KEYS = ("config", "data")
 
 # A function that checks option values read from a file as the command line's are checked:
@@ -209,7 +208,7 @@ def _json_object(path: str, what: str) -> dict:
     """The JSON object in ``path``; ValueError naming ``what`` (how the user named the file)
     when it is missing, unreadable, not JSON, or not an object."""
     if not os.path.isfile(path):
-        raise ValueError(f"{what}: no such file")
+        raise ValueError(f"{what}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         with open(path) as f:
             value = json.load(f)
@@ -233,7 +232,7 @@ def _json_object(path: str, what: str) -> dict:
 def read_config_file(path: str, check: Check) -> dict:
     """The options of ``--config FILE`` (a run's config.json, or any JSON object whose ``config``
     object holds some of the train options), checked by ``check`` as the same options given on
-    the command line would be; ValueError naming the file, the option and the value."""
+    the command line would be; an error naming the file, the option and the value."""
     where = f"--config {path}"
     return check(_json_object(path, where)["config"], where)
 
@@ -241,7 +240,8 @@ def read_config_file(path: str, check: Check) -> dict:
 def read_run(run_dir: str, check: Check) -> tuple[dict, dict]:
     """``(config, data_info)`` of a run directory's config.json, the options checked by ``check``
     and resolved. A missing folder or file, a file that is not JSON, lacks an option (other than
-    those `ADDED_LATER`) or a data field, or holds a bad value is a ValueError naming the file."""
+    those `ADDED_LATER`) or a data field is a ValueError naming the file; a bad value, ``check``'s
+    error naming it."""
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir}: no such directory")
     path = os.path.join(run_dir, "config.json")

@@ -170,11 +170,12 @@ def test_config_file_values_are_checked_as_options_are(tmp_path, capsys, options
         ("{", "not JSON (Expecting property name"),
         ("[1, 2]", "not a jaxdl run's config.json (expected an object with a 'config' object)"),
         ('{"config": {}, "comment": 1}', "unknown key 'comment'; known keys: config, data"),
+        (None, "a directory, not a file"),
     ],
 )
 def test_config_file_that_is_not_a_config_is_refused(tmp_path, capsys, text, message):
     path = tmp_path / "config.json"
-    path.write_text(text)
+    path.mkdir() if text is None else path.write_text(text)
     code, out, err = run_main(capsys, "doctor", "--config", str(path))
     assert_one_line_error(code, out, err, "doctor", f"--config {path}: {message}")
 
