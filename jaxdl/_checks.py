@@ -141,3 +141,180 @@ def check_scalar(owner: str, name: str, value: Any) -> None:
             f"{owner}: {name}={shown} has shape {shape}; expected a scalar {name} (a number or a "
             f"0-d array{', or a schedule' if name == 'lr' else ''})"
         )
+
+
+def _shown(value: Any) -> str:
+    """A short repr for messages: arrays as lists of at most 5 entries (never their buffers)."""
+    if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(value, jax.core.Tracer):
+        arr = np.asarray(value)
+        if arr.ndim == 0:
+            return repr(arr.item())
+        flat = arr.ravel()
+        return repr(flat[:5].tolist())[:-1] + (", ...]" if flat.size > 5 else "]")
+    return repr(value)
+
+
+def check_transform(owner: str, name: str, tx: Any) -> None:
+    """Raise TypeError unless `tx` is an ``optax.GradientTransformation``.
+
+    The usual slip is an optimizer factory passed without calling it (``dl.adam`` for
+    ``dl.adam(1e-3)``); the message says so.
+    """
+    import optax  # optax imports jax only; kept local so this module stays import-light
+
+    if not isinstance(tx, optax.GradientTransformation):
+        hint = (
+            " (did you pass a constructor without calling it, e.g. dl.adam instead of dl.adam(1e-3)?)"
+            if callable(tx)
+            else ""
+        )
+        raise TypeError(
+            f"{owner}: {name} must be an optax.GradientTransformation, got {tx!r} of type "
+            f"{type(tx).__name__}{hint}"
+        )
+
+
+def leaf_dtype(x: Any):
+    """The dtype of a pytree leaf without moving it to the host (Python numbers: JAX's)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None:
+        return np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+    if isinstance(x, (bool, int, float, complex)):
+        return np.dtype(jax.dtypes.canonicalize_dtype(type(x)))
+    return np.asarray(x).dtype
+
+
+def check_float_params(owner: str, params: Any, what: str = "params") -> None:
+    """Raise TypeError naming the first leaf of `params` that is not floating point (or complex).
+
+    Gradient descent is defined for real (or complex) parameters only: an update cast to an
+    integer dtype truncates to zero, so integer parameters never move, and adaptive optimizers
+    fail deep inside numpy. ``torch.optim`` refuses them too (integer tensors cannot require
+    grad). Runs in every optimizer's ``init`` (host, on dtypes only: free under jit).
+    """
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = leaf_dtype(x)
+        if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            where = jax.tree_util.keystr(path) or "<root>"
+            raise TypeError(
+                f"{owner}: {what} leaf {where} must be a floating-point (or complex) array, got "
+                f"dtype {dtype.name}; an optimizer cannot update integer or boolean parameters "
+                f"(cast them, e.g. jnp.asarray(p, jnp.float32), or keep them out of the params)"
+            )
+
+
+def check_numeric(owner: str, name: str, value: Any) -> None:
+    """Raise TypeError unless `value` (an array, a scalar or a pytree of them) holds numbers.
+
+    Numbers are the integer, floating, complex and boolean dtypes JAX supports; strings and
+    Python objects are refused here, by name, instead of deep inside JAX.
+    """
+    for path, x in jax.tree_util.tree_flatten_with_path(value)[0]:
+        try:
+            dtype = leaf_dtype(x)
+        except (TypeError, ValueError):
+            dtype = None
+        ok = dtype is not None and (
+            jax.numpy.issubdtype(dtype, jax.numpy.number) or jax.numpy.issubdtype(dtype, jax.numpy.bool_)
+        )
+        if not ok:
+            where = name + jax.tree_util.keystr(path)
+            got = f"dtype {dtype}" if dtype is not None else "no dtype"
+            raise TypeError(
+                f"{owner}: {where} must be an array of numbers, got {got}: {_shown(x)} of type "
+                f"{type(x).__name__}"
+            )
+
+
+def check_shape(owner: str, name: str, shape: Any, *, low: int = 1) -> tuple[int, ...]:
+    """Return `shape` as a tuple of ints; raise unless it is a sequence of integers >= `low`.
+
+    A string, a float or a negative size would otherwise fail deep inside JAX (``int('a')``, an
+    MLIR "invalid tensor dimension size", a division by zero in an initializer's fan).
+    """
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)):
+        raise TypeError(
+            f"{owner}: {name} must be a tuple of ints, got {shape!r} of type {type(shape).__name__}"
+        )
+    for d in shape:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)):
+            raise TypeError(
+                f"{owner}: {name} must be a tuple of ints, got {tuple(shape)!r} with an entry "
+                f"{d!r} of type {type(d).__name__}"
+            )
+        if d < low:
+            raise ValueError(f"{owner}: {name}={tuple(shape)!r} is out of range; expected sizes >= {low}")
+    return tuple(int(d) for d in shape)
+
+
+def as_key(owner: str, name: str, key: Any, *, allow_int: bool = True) -> jax.Array:
+    """A typed PRNG key from an int seed (where allowed), a ``jax.random.key`` or a raw
+    ``jax.random.PRNGKey`` (uint32, shape (..., 2)); TypeError naming the argument otherwise."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if dtype is not None and dtype == np.uint32 and np.shape(key)[-1:] == (2,):
+        return jax.random.wrap_key_data(key)
+    is_int = isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_))
+    is_int |= dtype is not None and np.shape(key) == () and jax.numpy.issubdtype(dtype, jax.numpy.integer)
+    if allow_int and is_int:  # an int, or an int array of shape () (traced in a sweep)
+        return jax.random.key(key)
+    kind = "an int seed or a jax.random.key" if allow_int else "a jax.random.key"
+    raise TypeError(f"{owner}: {name} must be {kind}, got {key!r} of type {type(key).__name__}")
+
+
+def check_labels(labels: Any, num_classes: int, owner: str | None = None, name: str = "labels") -> None:
+    """Raise ValueError if any integer label lies outside ``[0, num_classes)``.
+
+    Runs on the host, on concrete labels (`jaxdl.fit`, `jaxdl.evaluate`, the data loaders).
+    Inside compiled code label values cannot be checked; there `softmax_cross_entropy` gives a
+    NaN loss for such a label (so the train step skips the step and counts it in ``nonfinite``)
+    and `accuracy` counts it as wrong. The message names the labels, e.g. ``fit: train
+    labels=[-1, 10] is out of range; expected integer class indices in [0, 10) ...``.
+    """
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{prefix}{name}={_shown(bad)} is out of range; expected integer class indices in "
+            f"[0, {num_classes}) for {num_classes} classes ({bad.size} of {labels.size} labels "
+            f"out of range)"
+        )
+
+
+def check_pair(owner: str, name: str, value: Any) -> None:
+    """Raise TypeError unless `value` is a pair ``(x, y)`` (a tuple or list of two)."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return
+    if isinstance(value, dict):
+        got = f"a dict with keys {sorted(map(str, value))}"
+    elif isinstance(value, (tuple, list)):
+        got = f"a {type(value).__name__} of {len(value)} items"
+    else:
+        got = f"{_shown(value)} of type {type(value).__name__}"
+    raise TypeError(f"{owner}: {name} must be a pair (x, y), got {got}")
+
+
+def check_schedule(owner: str, name: str, schedule: Any, *, low: float = 0.0) -> None:
+    """Check a schedule's values where they are known: ``schedule(0)``, and for jaxdl's own
+    schedules their end value (``schedule.end``: ``(step, value)``; the limit for those that
+    decay forever). Each must be a finite scalar >= `low`.
+
+    A value that is traced (a schedule of traced hyperparameters built inside a vmapped sweep)
+    cannot be inspected and is accepted, as `check_number` does. A non-negative step 0 and end
+    bound every built-in schedule (each is monotone, or warms up from 0 to its start).
+    """
+    first = schedule(jax.numpy.asarray(0, jax.numpy.int32))
+    check_scalar(owner, f"{name}(0)", first)
+    points = [("0", first)]
+    end = getattr(schedule, "end", None)
+    if end is not None:
+        step, value = end
+        points.append(("end" if step is None else str(step), value))
+    for step, value in points:
+        arr = concrete(value)
+        shown = value if arr is None or arr.ndim else float(arr)
+        check_number(owner, f"{name}({step})", shown, low=low)

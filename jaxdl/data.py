@@ -20,6 +20,8 @@ import collections
 import gzip
 import importlib.util
 import os
+import zipfile
+import zlib
 from typing import Iterator, NamedTuple
 
 import jax
@@ -214,6 +216,42 @@ def _npz_labels(path: str, name: str, y, n: int) -> np.ndarray:
     return y.astype(np.int32)
 
 
+_NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _read_npz(path: str, keys) -> dict:
+    """The arrays ``keys`` of the .npz file ``path``; every way the file can be broken (empty,
+    not a zip, truncated, corrupted, an array missing, an unreadable array) is a ValueError
+    naming the file and, where one is at fault, the array."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        raise ValueError(f"{path}: the file is empty; expected an .npz archive written by numpy.savez")
+    if head != b"PK":
+        raise ValueError(
+            f"{path}: not an .npz file (no zip header); expected an archive written by numpy.savez"
+        )
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except _NPZ_READ_ERRORS as err:
+        raise ValueError(f"{path}: not a readable .npz file, truncated or corrupted ({err})") from None
+    with archive:
+        missing = [k for k in keys if k not in archive.files]
+        if missing:
+            raise ValueError(
+                f"{path}: missing arrays {missing}; expected {list(keys)}, found {sorted(archive.files)}"
+            )
+        arrays = {}
+        for k in keys:
+            try:
+                arrays[k] = archive[k]
+            except _NPZ_READ_ERRORS as err:
+                raise ValueError(
+                    f"{path}: array {k!r} cannot be read, the file is truncated or corrupted ({err})"
+                ) from None
+    return arrays
+
+
 def load_npz(path: str, *, seed: int = 0, val_size=0.1) -> Dataset:
     """A user's own image dataset from one ``.npz`` file with arrays ``x_train``, ``y_train``,
     ``x_test``, ``y_test``.
@@ -222,20 +260,13 @@ def load_npz(path: str, *, seed: int = 0, val_size=0.1) -> Dataset:
     by 255, other numbers are kept as float32 (NaN/Inf refused). Labels are integers 0..C-1; the
     number of classes C is the largest label + 1. The validation split is a stratified, seeded
     ``val_size`` (a fraction or a count) of the training examples (`stratified_split`). Every
-    problem is a ValueError naming the file, the array and what was expected.
+    problem is a ValueError naming the file, the array and what was expected: an empty,
+    truncated or corrupted file, a missing or unreadable array, wrong shapes or dtypes.
     """
+    check_int("load_npz", "seed", seed, low=0)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"npz file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
-    missing = [k for k in NPZ_KEYS if k not in arrays]
-    if missing:
-        raise ValueError(
-            f"{path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {sorted(arrays)}"
-        )
+    arrays = _read_npz(path, NPZ_KEYS)
     x_train = _npz_images(path, "x_train", arrays["x_train"])
     x_test = _npz_images(path, "x_test", arrays["x_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -287,6 +318,7 @@ def stratified_split(labels, test_size, val_size, seed: int = 0):
     evenly); the validation part is drawn from what the test part leaves. Every index lands in
     exactly one part, and each part is in random order.
     """
+    check_int("stratified_split", "seed", seed, low=0)
     labels = np.asarray(labels)
     n = len(labels)
     n_test = _count(test_size, n, "test_size")
@@ -320,6 +352,7 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None, test_si
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    check_int("load_dataset", "seed", seed, low=0)
     if name in ("mnist5k", "digits"):
         data = load_mnist5k() if name == "mnist5k" else load_digits()
         default_test, default_val = _DEFAULT_SIZES[name]

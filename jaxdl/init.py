@@ -7,7 +7,9 @@ Convention (one rule, used everywhere in jaxdl):
   ``lecun_uniform`` (and the ``glorot_*`` aliases). Pass them uncalled: ``Dense(10,
   w_init=xavier_normal)``.
 * An initializer **with hyperparameters is a factory** that returns one: ``constant(c)``,
-  ``normal(stddev=0.01)``, ``uniform(scale)``, ``orthogonal(gain=1.0)``.
+  ``normal(stddev=0.01)``, ``uniform(scale)``, ``orthogonal(gain=1.0)``. A factory checks its
+  hyperparameter when called (a finite number, > 0 for a scale): ``normal("0.01")`` is a
+  TypeError and ``normal(-1)`` a ValueError naming the argument and the value.
 
 This differs from `jax.nn.initializers` and flax, where ``glorot_normal()`` is a factory (because
 it also takes ``in_axis``/``out_axis``); jaxdl fixes the axes (below), so there is nothing to pass.
@@ -24,6 +26,8 @@ LeCun et al. 1998 (efficient backprop); Saxe et al. 2014 (orthogonal).
 
 import jax
 import jax.numpy as jnp
+
+from jaxdl._checks import check_number
 
 __all__ = [
     "zeros",
@@ -63,6 +67,7 @@ def constant(c):
     Seed 003 warns that constant *weights* are degenerate (all units get the same gradient and
     stay equal); use it for biases or scales.
     """
+    check_number("constant", "c", c)
 
     def init(key, shape, dtype=jnp.float32):
         del key
@@ -73,8 +78,7 @@ def constant(c):
 
 def normal(stddev=0.01):
     """Factory: w ~ N(0, stddev^2), untruncated; seed 003's "small random numbers", N(0, 0.01)."""
-    if not stddev > 0:
-        raise ValueError(f"normal: stddev must be > 0, got {stddev!r}")
+    check_number("normal", "stddev", stddev, low=0.0, low_open=True)
     return jax.nn.initializers.normal(stddev)
 
 
@@ -83,8 +87,7 @@ def uniform(scale):
 
     Differs from `jax.nn.initializers.uniform(scale)`, which samples U[0, scale).
     """
-    if not scale > 0:
-        raise ValueError(f"uniform: scale must be > 0, got {scale!r}")
+    check_number("uniform", "scale", scale, low=0.0, low_open=True)
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -scale, scale)
@@ -189,8 +192,7 @@ def orthogonal(gain=1.0):
     as many rows as columns, else its rows are: W^T W = gain^2 I or W W^T = gain^2 I. Uses
     `jax.nn.initializers.orthogonal` (a Haar-random Q from a QR decomposition).
     """
-    if not gain > 0:
-        raise ValueError(f"orthogonal: gain must be > 0, got {gain!r}")
+    check_number("orthogonal", "gain", gain, low=0.0, low_open=True)
     inner = jax.nn.initializers.orthogonal(gain)
 
     def init(key, shape, dtype=jnp.float32):

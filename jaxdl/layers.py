@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from jaxdl import init as initializers
-from jaxdl._checks import check_number, check_positive_int
+from jaxdl._checks import as_key, check_number, check_numeric, check_positive_int, check_shape
 
 __all__ = [
     "Dense",
@@ -81,6 +81,11 @@ def _check_real(layer, name, value, **interval):
             f"{layer}: {name} must be a real number, got {value!r} of type {type(value).__name__}"
         )
     check_number(layer, name, value, **interval)
+
+
+def _bool(layer, name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{layer}: {name} must be a bool, got {value!r} of type {type(value).__name__}")
 
 
 def _padding(layer, value):
@@ -195,10 +200,24 @@ def _check_call(layer, params, state, x):
 
 
 class Layer:
-    """Shared ``apply``: validate the call, then run the layer's ``_apply``."""
+    """Shared ``init`` and ``apply``: validate the call, then run the layer's ``_init`` /
+    ``_apply``."""
+
+    def init(self, key, input_shape):
+        """``(output_shape, params, state)`` for examples of shape ``input_shape`` (no batch axis).
+
+        ``key`` must be a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``) and
+        ``input_shape`` a tuple of sizes >= 1; anything else is refused here, naming the layer and
+        the argument, instead of deep inside JAX.
+        """
+        where = f"{type(self).__name__}.init"
+        as_key(where, "key", key, allow_int=False)
+        return self._init(key, check_shape(where, "input_shape", input_shape))
 
     def apply(self, params, state, x, *, train=False, key=None):
         """Run the layer on the batch ``x``; returns ``(y, new_state)``."""
+        if not isinstance(x, jax.Array):  # host data: strings and objects are refused by name
+            check_numeric(f"{type(self).__name__}.apply", "x", x)
         x = jnp.asarray(x)
         _check_call(self, params, state, x)
         return self._apply(params, state, x, train, key)
@@ -207,7 +226,7 @@ class Layer:
 class _Stateless(Layer):
     """A layer with no params, no state and an elementwise map; ``_fn(x)`` gives the output."""
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         """Returns ``(input_shape, {}, {})``."""
         del key
         return tuple(input_shape), {}, {}
@@ -237,8 +256,9 @@ class Dense(Layer):
         check_positive_int("Dense", "features", self.features)
         _callable("Dense", "w_init", self.w_init)
         _callable("Dense", "b_init", self.b_init)
+        _bool("Dense", "use_bias", self.use_bias)
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         shape = _rank("Dense", input_shape, None, "")
         kw, kb = jax.random.split(key)
         params = {"w": self.w_init(kw, (shape[-1], self.features))}
@@ -327,10 +347,11 @@ class Conv(Layer):
         )
         _callable("Conv", "w_init", self.w_init)
         _callable("Conv", "b_init", self.b_init)
+        _bool("Conv", "use_bias", self.use_bias)
         if self.impl not in ("auto", "xla", "im2col"):
             raise ValueError(f"Conv: impl must be 'auto', 'xla' or 'im2col', got {self.impl!r}")
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         h, w, c = _rank("Conv", input_shape, 3, "(H, W, C)")
         out = tuple(
             _window_out("Conv", n, k, s, self.padding)
@@ -378,7 +399,7 @@ class Maxout(Layer):
         _callable("Maxout", "w_init", self.w_init)
         _callable("Maxout", "b_init", self.b_init)
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         shape = _rank("Maxout", input_shape, None, "")
         kws, kbs = jnp.split(jax.random.split(key, 2 * self.pieces), 2)
         w = jnp.stack([self.w_init(k, (shape[-1], self.features)) for k in kws])
@@ -407,7 +428,7 @@ class _Pool(Layer):
         strides = window if self.strides is None else _int_pair(name, "strides", self.strides)
         _set(self, window=window, strides=strides, padding=_padding(name, self.padding))
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         """Returns ``(output_shape, {}, {})``: the pooled (H', W', C)."""
         name = type(self).__name__
         h, w, c = _rank(name, input_shape, 3, "(H, W, C)")
@@ -453,7 +474,7 @@ class AvgPool(_Pool):
 class Flatten(Layer):
     """Reshape each example to a vector: (B, d1, ..., dk) -> (B, d1*...*dk)."""
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         return (math.prod(input_shape),), {}, {}
 
     def _apply(self, params, state, x, train, key):
@@ -477,6 +498,9 @@ class LeakyRelu(_Stateless):
 
     alpha: float = 0.01
 
+    def __post_init__(self):
+        _check_real("LeakyRelu", "alpha", self.alpha)
+
     def _fn(self, x):
         return jnp.where(x > 0, x, self.alpha * x)
 
@@ -490,7 +514,10 @@ class PRelu(Layer):
 
     alpha_init: float = 0.25
 
-    def init(self, key, input_shape):
+    def __post_init__(self):
+        _check_real("PRelu", "alpha_init", self.alpha_init)
+
+    def _init(self, key, input_shape):
         return tuple(input_shape), {"alpha": jnp.asarray(self.alpha_init, jnp.float32)}, {}
 
     def _apply(self, params, state, x, train, key):
@@ -519,6 +546,9 @@ class Elu(_Stateless):
 
     alpha: float = 1.0
 
+    def __post_init__(self):
+        _check_real("Elu", "alpha", self.alpha)
+
     def _fn(self, x):
         return jax.nn.elu(x, self.alpha)
 
@@ -542,7 +572,7 @@ class Dropout(Layer):
     def __post_init__(self):
         _check_real("Dropout", "rate", self.rate, low=0.0, high=1.0, high_open=True)  # drop probability
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         return tuple(input_shape), {}, {}
 
     def _apply(self, params, state, x, train, key):
@@ -589,7 +619,7 @@ class BatchNorm(Layer):
         _check_real("BatchNorm", "momentum", self.momentum, low=0.0, high=1.0)  # weight of the old value
         _check_real("BatchNorm", "eps", self.eps, low=0.0, low_open=True)
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         shape = _rank("BatchNorm", input_shape, None, "")
         c = shape[-1]
         params = {"gamma": jnp.ones((c,)), "beta": jnp.zeros((c,))}
@@ -671,7 +701,7 @@ class Sequential(Layer):
     def _names(self):
         return [f"{_kind(layer)}_{i}" for i, layer in enumerate(self.layers)]
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         shape, params, state = tuple(input_shape), {}, {}
         keys = jax.random.split(key, max(len(self.layers), 1))
         for name, layer, k in zip(self._names(), self.layers, keys):
@@ -716,7 +746,7 @@ class FlaxModule(Layer):
         params = inspect.signature(type(self.module).__call__).parameters
         return {"train": train} if "train" in params else {}
 
-    def init(self, key, input_shape):
+    def _init(self, key, input_shape):
         x = jnp.zeros((1, *input_shape))
         y, variables = self.module.init_with_output({"params": key, "dropout": key}, x, **self._kwargs(False))
         variables = dict(variables)

@@ -1,7 +1,11 @@
 """Losses and metrics. Each returns a scalar: the mean over every example (every leading axis).
 
-Shapes and dtypes are checked when the function is traced (they are static under `jax.jit`);
-label *values* cannot be checked inside jit, so an out-of-range class index is not an error.
+Shapes and dtypes are checked when the function is traced (they are static under `jax.jit`).
+Label *values* cannot be checked inside jit, so a class index outside ``[0, C)`` (negative
+included) is not an error here but cannot go unnoticed: `softmax_cross_entropy` is NaN (the
+train step then skips the step and counts it in ``nonfinite``) and `accuracy` counts it as
+wrong. Where labels are host arrays (`jaxdl.fit`, `jaxdl.evaluate`, the data loaders) they are
+checked before anything runs (`jaxdl.train_step.check_labels`).
 """
 
 import jax
@@ -29,15 +33,20 @@ def softmax_cross_entropy(logits, labels):
 
     L = mean_i [ -log softmax(z_i)[y_i] ] = mean_i [ logsumexp(z_i) - z_i[y_i] ].
 
-    logits: (..., C) floats; labels: (...) integers in [0, C). At initialization a C-class
+    logits: (..., C) floats; labels: (...) integers in [0, C). A label outside [0, C), negative
+    included, makes L NaN (numpy indexing would read class C-1 for label -1 and train on it
+    silently; optax gives no error either), so the train step skips such a step and counts it
+    in ``nonfinite``, as PyTorch's ``F.cross_entropy`` raises on it. At initialization a C-class
     classifier with small weights gives L ~ ln C (seed 004's sanity check). Equals
     `optax.softmax_cross_entropy_with_integer_labels(...).mean()` and PyTorch's
-    `F.cross_entropy` (reduction='mean').
+    `F.cross_entropy` (reduction='mean') for valid labels.
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_class_labels("softmax_cross_entropy", logits, labels)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    return -jnp.mean(jnp.where(valid, picked, jnp.nan))
 
 
 def binary_cross_entropy(logits, labels):
@@ -85,7 +94,11 @@ def l2_penalty(params):
 
 
 def accuracy(logits, labels):
-    """Fraction of examples whose arg-max logit is the label: mean(argmax(z_i) == y_i)."""
+    """Fraction of examples whose arg-max logit is the label: mean(argmax(z_i) == y_i).
+
+    A label outside [0, C), negative included, never equals an arg-max, so it counts as wrong
+    (numpy-style wrapping of -1 to the last class never happens here).
+    """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_class_labels("accuracy", logits, labels)
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels)

@@ -4,6 +4,12 @@
 Every optimizer matches the PyTorch optimizer of the same name step for step with the same
 hyperparameters (tests check 100+ steps of each against ``torch.optim``). Hyperparameters may be
 floats, concrete arrays or traced arrays (for vmapped sweeps); ``lr`` may also be a schedule.
+
+Refused when the optimizer is built, naming it: a negative or non-finite ``lr``, a schedule
+whose value at step 0 (or, for jaxdl's schedules, at its end) is so, out-of-range
+hyperparameters. Refused by ``init``: integer or boolean parameters (TypeError naming the first
+such leaf and its dtype), which an update cast back to the parameter's dtype would never move;
+``torch.optim`` refuses them too.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import optax
 
 from jaxdl import transforms as T
-from jaxdl._checks import check_number, check_scalar, check_tree_match
+from jaxdl._checks import check_float_params, check_number, check_scalar, check_schedule, check_tree_match
 from jaxdl.transforms import GradientTransformation, Mask, ScalarOrSchedule
 
 __all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "apply_updates"]
@@ -20,12 +26,31 @@ __all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "apply_updat
 def _descend(owner: str, lr: ScalarOrSchedule) -> GradientTransformation:
     """``scale_by_learning_rate(lr)``, with errors that name the optimizer the user called.
 
-    A concrete or traced ``lr`` must be a scalar (shape ()), as in ``torch.optim``.
+    A concrete or traced ``lr`` must be a scalar (shape ()) >= 0, as in ``torch.optim``; a
+    schedule must be so at step 0 and, for jaxdl's schedules, at its end (`check_schedule`).
     """
-    if not callable(lr):
+    if callable(lr):
+        check_schedule(owner, "lr", lr)
+    else:
         check_scalar(owner, "lr", lr)
         check_number(owner, "lr", lr, low=0.0)
     return T.scale_by_learning_rate(lr)
+
+
+def _optimizer(owner: str, *parts: GradientTransformation) -> GradientTransformation:
+    """``chain(*parts)`` whose ``init`` first refuses integer or boolean params, naming ``owner``
+    (the optimizer the user called), the first such leaf and its dtype (`check_float_params`).
+
+    The transforms that keep float state check too, under their own names; this check runs
+    first, so the message names the optimizer. Host-side, on dtypes only: free under jit.
+    """
+    tx = T.chain(*parts)
+
+    def init(params):
+        check_float_params(owner, params)
+        return tx.init(params)
+
+    return tx._replace(init=init)
 
 
 def _maybe_zero(value) -> bool:
@@ -61,7 +86,7 @@ def sgd(
     else:
         T.momentum(momentum)  # validates a negative or out-of-range momentum
     parts.append(_descend("sgd", lr))
-    return T.chain(*parts)
+    return _optimizer("sgd", *parts)
 
 
 def adagrad(lr: ScalarOrSchedule, eps: float = 1e-7) -> GradientTransformation:
@@ -71,7 +96,7 @@ def adagrad(lr: ScalarOrSchedule, eps: float = 1e-7) -> GradientTransformation:
     ``torch.optim.Adagrad(lr, eps=eps)`` (PyTorch's default eps is 1e-10). optax's ``adagrad``
     differs: its accumulator starts at 0.1 and its eps sits inside the root.
     """
-    return T.chain(T.scale_by_adagrad(eps), _descend("adagrad", lr))
+    return _optimizer("adagrad", T.scale_by_adagrad(eps), _descend("adagrad", lr))
 
 
 def rmsprop(
@@ -96,7 +121,7 @@ def rmsprop(
     else:
         T.momentum(momentum)
     parts.append(_descend("rmsprop", lr))
-    return T.chain(*parts)
+    return _optimizer("rmsprop", *parts)
 
 
 def adam(
@@ -118,7 +143,9 @@ def adam(
     float32), see `jaxdl.transforms.scale_by_adam`, which also says how complex parameters are
     handled (as optax does; PyTorch differs).
     """
-    return T.chain(T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype), _descend("adam", lr))
+    return _optimizer(
+        "adam", T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype), _descend("adam", lr)
+    )
 
 
 def adamw(
@@ -141,7 +168,8 @@ def adamw(
     PyTorch's since 2.x; optax's is 1e-4). ``mask`` limits the decay to some leaves.
     ``mu_dtype`` / ``nu_dtype`` as in `adam`.
     """
-    return T.chain(
+    return _optimizer(
+        "adamw",
         T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         T.add_weight_decay(weight_decay, mask),
         _descend("adamw", lr),
@@ -158,7 +186,7 @@ def signsgd(lr: ScalarOrSchedule, error_feedback: bool = False) -> GradientTrans
     if not isinstance(error_feedback, bool):
         raise TypeError(f"signsgd: error_feedback must be a bool, got {error_feedback!r}")
     first = T.sign_with_error_feedback() if error_feedback else T.sign()
-    return T.chain(first, _descend("signsgd", lr))
+    return _optimizer("signsgd", first, _descend("signsgd", lr))
 
 
 def apply_updates(params, updates):

@@ -3,6 +3,13 @@
 Each constructor checks its arguments and returns a pure function of the step count ``k``
 (an int or an int array, starting at 0). Values may be traced, so a schedule can sit inside
 `jax.jit`, `jax.vmap` and `lax.scan`; a changed step never recompiles.
+
+Each schedule also carries ``end = (step, value)``: the value it settles at and the step from
+which it holds (``step`` None for a limit approached forever; for `warmup` around a schedule of
+the user's, the value where the warm-up ends). Every built-in schedule lies between its value at
+step 0 and its end value, so an optimizer checks both when it is built
+(`jaxdl._checks.check_schedule`: a learning rate must be finite and >= 0) and refuses
+``sgd(constant(-0.1))`` as it refuses ``sgd(-0.1)``.
 """
 
 from __future__ import annotations
@@ -10,8 +17,9 @@ from __future__ import annotations
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdl._checks import check_number, check_positive_int
+from jaxdl._checks import check_number, check_positive_int, concrete
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -27,15 +35,33 @@ __all__ = [
 ]
 
 
+def _with_end(schedule: Schedule, name: str, step, value) -> Schedule:
+    """Name ``schedule`` and attach its end value ``(step, value)`` (module docstring)."""
+    schedule.__name__ = schedule.__qualname__ = name
+    schedule.end = (step, value)
+    return schedule
+
+
 def _step(k):
     # The default float dtype: float32, or float64 when jax_enable_x64 is on.
     return jnp.asarray(k, dtype=jnp.result_type(float))
 
 
+def _is_zero(value) -> bool:
+    """Whether a concrete hyperparameter is exactly 0 (False when traced)."""
+    arr = concrete(value)
+    return arr is not None and bool(np.all(arr == 0))
+
+
+def _is_one(value) -> bool:
+    arr = concrete(value)
+    return arr is not None and bool(np.all(arr == 1))
+
+
 def constant(value: float) -> Schedule:
     """``eps_k = value`` for every step."""
     check_number("constant", "value", value)
-    return lambda k: jnp.asarray(value, dtype=jnp.result_type(float))
+    return _with_end(lambda k: jnp.asarray(value, dtype=jnp.result_type(float)), "constant", 0, value)
 
 
 def linear_decay(init: float, final: float, tau: int) -> Schedule:
@@ -52,20 +78,21 @@ def linear_decay(init: float, final: float, tau: int) -> Schedule:
         alpha = jnp.clip(_step(k) / tau, 0.0, 1.0)
         return (1.0 - alpha) * init + alpha * final
 
-    return schedule
+    return _with_end(schedule, "linear_decay", tau, final)
 
 
 def inverse_time_decay(init: float, decay: float) -> Schedule:
     """``eps_k = init / (1 + decay * k)``: the Keras ``SGD(decay=...)`` of seed 001."""
     check_number("inverse_time_decay", "init", init)
     check_number("inverse_time_decay", "decay", decay, low=0.0)
-    return lambda k: init / (1.0 + decay * _step(k))
+    end = init if _is_zero(decay) else 0.0
+    return _with_end(lambda k: init / (1.0 + decay * _step(k)), "inverse_time_decay", None, end)
 
 
 def inverse_sqrt_decay(init: float) -> Schedule:
     """``eps_k = init / sqrt(1 + k)`` (seed 000: step sizes that shrink like 1/sqrt(t))."""
     check_number("inverse_sqrt_decay", "init", init)
-    return lambda k: init / jnp.sqrt(1.0 + _step(k))
+    return _with_end(lambda k: init / jnp.sqrt(1.0 + _step(k)), "inverse_sqrt_decay", None, 0.0)
 
 
 def step_decay(init: float, factor: float, every: int) -> Schedule:
@@ -76,7 +103,8 @@ def step_decay(init: float, factor: float, every: int) -> Schedule:
     check_number("step_decay", "init", init)
     check_number("step_decay", "factor", factor, low=0.0, low_open=True, high=1.0)
     check_positive_int("step_decay", "every", every)
-    return lambda k: init * factor ** jnp.floor(_step(k) / every)
+    end = init if _is_one(factor) else 0.0
+    return _with_end(lambda k: init * factor ** jnp.floor(_step(k) / every), "step_decay", None, end)
 
 
 def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
@@ -95,7 +123,7 @@ def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
         frac = jnp.clip(_step(k) / steps, 0.0, 1.0)
         return final + 0.5 * (init - final) * (1.0 + jnp.cos(jnp.pi * frac))
 
-    return schedule
+    return _with_end(schedule, "cosine_decay", steps, final)
 
 
 def warmup(schedule: Schedule, steps: int) -> Schedule:
@@ -115,4 +143,8 @@ def warmup(schedule: Schedule, steps: int) -> Schedule:
         after = schedule(jnp.maximum(jnp.asarray(k) - steps, 0))
         return jnp.where(kf < steps, schedule(0) * kf / steps, after)
 
-    return warmed
+    inner_end = getattr(schedule, "end", None)
+    if inner_end is None:  # a user's schedule: its value at step 0 is the peak of the warm-up
+        return _with_end(warmed, "warmup", steps, schedule(jnp.asarray(0, jnp.int32)))
+    step, value = inner_end
+    return _with_end(warmed, "warmup", None if step is None else steps + step, value)

@@ -44,7 +44,17 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxdl._checks import check_number, check_positive_int, check_tree_match
+from jaxdl._checks import (
+    as_key,
+    check_labels,
+    check_number,
+    check_numeric,
+    check_pair,
+    check_positive_int,
+    check_shape,
+    check_transform,
+    check_tree_match,
+)
 from jaxdl._tree import select as select_tree
 from jaxdl.losses import accuracy, softmax_cross_entropy
 from jaxdl.optimizers import apply_updates
@@ -111,15 +121,25 @@ class TrainState(struct.PyTreeNode):
     ) -> "TrainState":
         """Initialize ``model`` for ``input_shape`` (one example) and ``optimizer`` for its params.
 
-        ``key`` is split in two: one half initializes the model, the other seeds training.
-        Pass the steps' ``ema`` and ``loss_scale`` here too: ``ema`` (a decay, not None) starts
-        ``ema_params`` as a copy of the params; ``loss_scale`` (``"dynamic"``, a number, a
-        `jaxdl.precision.LossScale`) starts ``loss_scale`` at its initial scale.
+        ``key`` (a ``jax.random.key`` or an int seed) is split in two: one half initializes the
+        model, the other seeds training. Pass the steps' ``ema`` and ``loss_scale`` here too:
+        ``ema`` (a decay, not None) starts ``ema_params`` as a copy of the params;
+        ``loss_scale`` (``"dynamic"``, a number, a `jaxdl.precision.LossScale`) starts
+        ``loss_scale`` at its initial scale. A model without ``init``/``apply``, an optimizer
+        that is not a ``GradientTransformation`` (e.g. ``dl.adam`` not called), a bad key or an
+        ``input_shape`` that is not a tuple of sizes >= 1 is refused by name before anything is
+        built.
         """
-        if isinstance(key, int):
-            key = jax.random.key(key)
+        owner = "TrainState.create"
+        if not (callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))):
+            raise TypeError(
+                f"{owner}: model must have init and apply (a jaxdl layer), got {model!r} of type "
+                f"{type(model).__name__}"
+            )
+        check_transform(owner, "optimizer", optimizer)
+        key = as_key(owner, "key", key)
+        input_shape = check_shape(owner, "input_shape", input_shape)
         init_key, train_key = jax.random.split(key)
-        input_shape = tuple(int(d) for d in input_shape)
         _, params, model_state = model.init(init_key, input_shape)
         scaler = get_loss_scale(loss_scale, "TrainState.create")
         return cls(
@@ -144,6 +164,7 @@ class SupervisedLoss:
     metrics: tuple = ()
 
     def __call__(self, params, model_state, batch, key=None, train=True):
+        check_pair("supervised_loss", "batch", batch)  # at trace time: free under jit
         x, y = batch
         out, model_state = self.model.apply(params, model_state, x, train=train, key=key)
         aux = {name: fn(out, y) for name, fn in self.metrics}
@@ -163,22 +184,6 @@ def supervised_loss(
     if metrics is None:
         metrics = {"accuracy": accuracy} if loss is softmax_cross_entropy else {}
     return SupervisedLoss(model, loss, tuple(sorted(metrics.items())))
-
-
-def check_labels(labels, num_classes: int) -> None:
-    """Raise ValueError if any integer label lies outside ``[0, num_classes)``.
-
-    Runs on the host, outside jit. Inside jit label values cannot be checked: an out-of-range
-    label makes `softmax_cross_entropy` gather outside the logits, which gives a NaN loss, so the
-    train step skips that step and reports it as ``nonfinite``.
-    """
-    labels = np.asarray(labels)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)]
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) for {num_classes} classes; got {bad.size} "
-            f"out of range, e.g. {bad.ravel()[:5].tolist()}"
-        )
 
 
 def accepts_train(loss_fn) -> bool:
@@ -612,6 +617,33 @@ def step_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.key, state.step)
 
 
+class _NamedArgErrors:
+    """A jitted ``fn(state, batch)`` whose refusal of non-numeric batches names the argument.
+
+    JAX refuses a batch of strings (or other objects) before tracing, with an error that names
+    neither the dtype nor what was expected. The call is wrapped in a ``try``, which costs
+    nothing on the normal path; only after such a TypeError is the batch checked on the host
+    (`jaxdl._checks.check_numeric`) and the clearer error raised. Attributes (``lower``,
+    ``trace``, ...) are the jitted function's.
+    """
+
+    def __init__(self, owner: str, name: str, fn):
+        self._owner, self._name, self._fn = owner, name, fn
+
+    def __call__(self, state, batch):
+        try:
+            return self._fn(state, batch)
+        except TypeError:
+            try:
+                check_numeric(self._owner, self._name, batch)
+            except TypeError as clear:
+                raise clear from None
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -636,10 +668,7 @@ def make_train_step(
     ``micro_batches`` (gradient accumulation over K micro-batches), ``loss_scale``
     (``"dynamic"`` or a number; reports ``loss_scale``), ``ema`` (a decay in [0, 1)).
     """
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"make_train_step: optimizer must be an optax.GradientTransformation, got {optimizer!r}"
-        )
+    check_transform("make_train_step", "optimizer", optimizer)
     options = step_options("make_train_step", precision, micro_batches, loss_scale, ema)
 
     def step(state: TrainState, batch):
@@ -648,7 +677,7 @@ def make_train_step(
         key = step_key(state)
         return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, options=options)
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return _NamedArgErrors("train step", "batch", jax.jit(step, donate_argnums=(0,) if donate else ()))
 
 
 def make_eval_step(
@@ -682,7 +711,7 @@ def make_eval_step(
         loss, (_, aux) = run(params, state.model_state, batch, None, train=False)
         return {"loss": loss, **aux}
 
-    return evaluate
+    return _NamedArgErrors("eval step", "batch", evaluate)
 
 
 def make_train_loop(
@@ -706,6 +735,7 @@ def make_train_loop(
     ``donate=True`` lets XLA reuse the old state's buffers (what `jaxdl.fit` does: it owns the
     state). What each metric and the skip cost per step: docs/design.md.
     """
+    check_transform("make_train_loop", "optimizer", optimizer)
     options = step_options("make_train_loop", precision, micro_batches, loss_scale, ema)
 
     def loop(state: TrainState, batches):
@@ -719,7 +749,7 @@ def make_train_loop(
 
         return scan_steps(step, state, batches)
 
-    return jax.jit(loop, donate_argnums=(0,) if donate else ())
+    return _NamedArgErrors("train loop", "batches", jax.jit(loop, donate_argnums=(0,) if donate else ()))
 
 
 def __getattr__(name):

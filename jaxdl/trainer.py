@@ -43,11 +43,17 @@ import optax
 
 from jaxdl import compile_cache as _compile_cache
 from jaxdl import data
-from jaxdl._checks import check_int, check_positive_int, check_tree_match
+from jaxdl._checks import (
+    check_int,
+    check_labels,
+    check_numeric,
+    check_positive_int,
+    check_transform,
+    check_tree_match,
+)
 from jaxdl.precision import get_policy
 from jaxdl.train_step import (
     TrainState,
-    check_labels,
     make_eval_step,
     make_train_loop,
     step_options,
@@ -186,14 +192,22 @@ def chunk_bounds(
     return [(a, b) for a, b in bounds if a >= start]
 
 
-def _arrays(name: str, split) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` of a `jaxdl.data.Split` or a pair of arrays, as host numpy arrays."""
+def _arrays(name: str, split, owner: str = "fit") -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of a `jaxdl.data.Split` or a pair of arrays, as host numpy arrays of numbers."""
     if isinstance(split, data.Split):
         x, y = split.x, split.y
     elif isinstance(split, (tuple, list)) and len(split) == 2:
         x, y = split
     else:
-        raise TypeError(f"{name} must be (x, y) arrays or a jaxdl.data.Split, got {type(split).__name__}")
+        shown = (
+            f"a {type(split).__name__} of {len(split)} items" if isinstance(split, (tuple, list)) else None
+        )
+        raise TypeError(
+            f"{owner}: {name} must be (x, y) arrays or a jaxdl.data.Split, got "
+            f"{shown or type(split).__name__}"
+        )
+    check_numeric(owner, f"{name} x", x)
+    check_numeric(owner, f"{name} y", y)
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 0 or y.ndim == 0:
         raise ValueError(f"{name}: x and y need a leading example axis, got shapes {x.shape} and {y.shape}")
@@ -202,6 +216,30 @@ def _arrays(name: str, split) -> tuple[np.ndarray, np.ndarray]:
     if len(x) == 0:
         raise ValueError(f"{name}: no examples")
     return x, y
+
+
+def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, y) -> None:
+    """Refuse data the model and its loss cannot take, before anything runs or is written.
+
+    The eval step is traced (`jax.eval_shape`: nothing compiles or runs) on the first batch, so
+    the loss's and the model's own checks speak now, e.g. float labels given to
+    `softmax_cross_entropy`; then integer class labels of a classifier (outputs (C,)) are
+    checked on the host to lie in ``[0, C)`` (`check_labels`).
+    """
+    try:
+        jax.eval_shape(eval_step, _eval_state(state), (x[:EVAL_BATCH], y[:EVAL_BATCH]))
+        out = jax.eval_shape(
+            lambda p, s, xb: model.apply(p, s, xb)[0],
+            state.params,
+            state.model_state,
+            jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype),
+        )
+    except (TypeError, ValueError) as err:
+        if type(err) not in (TypeError, ValueError):
+            raise
+        raise type(err)(f"{owner}: {name} data: {err}") from None
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(out.shape) == 2:
+        check_labels(y, out.shape[1], owner, f"{name} labels")
 
 
 def _eval_state(state: TrainState) -> TrainState:
@@ -256,13 +294,19 @@ def evaluate(
     as much as its examples. Returns ``{"loss": ..., "accuracy": ...}`` (and any other metric the
     loss reports; ``loss_fn`` default ``supervised_loss(model)``: softmax cross-entropy).
     ``use_ema=True`` scores ``state.ema_params`` (the moving average of `fit`'s ``ema=``);
-    ``precision`` runs the model under that policy (as `fit` trained it).
+    ``precision`` runs the model under that policy (as `fit` trained it). Data the model or loss
+    cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
+    for a model of C outputs) is refused by name before anything runs, as in `fit`.
     """
-    x, y = _arrays("data", data_)
+    x, y = _arrays("data", data_, "evaluate")
     check_positive_int("evaluate", "batch_size", batch_size)
+    if not isinstance(state, TrainState):
+        raise TypeError(f"evaluate: state must be a TrainState, got {type(state).__name__}")
     loss_fn = loss_fn if loss_fn is not None else supervised_loss(model)
     policy = get_policy(precision, "evaluate")
-    return _evaluate_arrays(_eval_step(loss_fn, use_ema, policy), _eval_state(state), x, y, batch_size)
+    eval_step = _eval_step(loss_fn, use_ema, policy)
+    _check_split("evaluate", "data", model, eval_step, state, x, y)
+    return _evaluate_arrays(eval_step, _eval_state(state), x, y, batch_size)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -490,15 +534,6 @@ def _digest(*arrays) -> str:
     return h.hexdigest()
 
 
-def _check_classes(name: str, y: np.ndarray, out_shape) -> None:
-    """Integer labels of a classifier (outputs (C,)) must lie in [0, C)."""
-    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(out_shape) == 1:
-        try:
-            check_labels(y, out_shape[0])
-        except ValueError as err:
-            raise ValueError(f"fit: {name} {err} (the model outputs {out_shape[0]} classes)") from None
-
-
 def _check_out_dir(out_dir: str, resume: bool) -> None:
     """Refuse an out_dir that is a file or that holds another run (without ``resume``)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -634,8 +669,7 @@ def fit(
     """
     x, y = _arrays("train", train)
     val = _arrays("validation", validation) if validation is not None else None
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"fit: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    check_transform("fit", "optimizer", optimizer)
     check_int("fit", "epochs", epochs, low=1)
     check_int("fit", "batch_size", batch_size, low=1)
     if batch_size > len(y):
@@ -715,15 +749,10 @@ def fit(
         state = state.replace(params=params, opt_state=optimizer.init(params))
         if getattr(state, "ema_params", None) is not None:  # the average starts at the start
             state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
-    out = jax.eval_shape(
-        lambda p, s, xb: model.apply(p, s, xb)[0],
-        state.params,
-        state.model_state,
-        jax.ShapeDtypeStruct((1, *input_shape), x.dtype),
-    )
-    _check_classes("train", y, out.shape[1:])
+    eval_step = _eval_step(loss_fn, False, step_kwargs.get("precision"))
+    _check_split("fit", "train", model, eval_step, state, x, y)
     if val is not None:
-        _check_classes("validation", val[1], out.shape[1:])
+        _check_split("fit", "validation", model, eval_step, state, *val)
 
     steps_per_epoch = len(y) // batch_size
     block_size = block_size or default_block_size(steps_per_epoch)

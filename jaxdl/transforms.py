@@ -20,8 +20,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl._checks import check_number, check_scalar, check_tree_match
-from jaxdl._tree import is_key
+from jaxdl._checks import (
+    as_key,
+    check_float_params,
+    check_number,
+    check_scalar,
+    check_schedule,
+    check_transform,
+    check_tree_match,
+)
 from jaxdl._tree import select as select_tree
 
 __all__ = [
@@ -153,12 +160,6 @@ def _map_unzip(fn, n: int, tree, *rest):
     return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n))
 
 
-def _check_transform(owner: str, name: str, tx: Any) -> None:
-    if not isinstance(tx, optax.GradientTransformation):
-        hint = " (did you pass a constructor without calling it?)" if callable(tx) else ""
-        raise TypeError(f"{owner}: {name} must be an optax.GradientTransformation, got {tx!r}{hint}")
-
-
 def global_norm(tree) -> jax.Array:
     """``sqrt(sum over leaves of sum |g|^2)``, accumulated in float32 at least.
 
@@ -177,7 +178,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     Accepts jaxdl and optax transforms alike (it is ``optax.chain`` after a type check).
     """
     for i, tx in enumerate(transforms):
-        _check_transform("chain", f"argument {i}", tx)
+        check_transform("chain", f"argument {i}", tx)
     return optax.chain(*transforms)
 
 
@@ -203,20 +204,28 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
     ``lr`` is a scalar >= 0 (a number, or a 0-d array, concrete or traced as in a vmapped sweep),
     or a schedule ``t -> lr`` (see `jaxdl.schedules`); with a schedule the state holds the step
     count ``t``. A non-scalar ``lr`` is refused (at construction, or at trace time for a schedule's
-    output), as ``torch.optim`` does: it would silently scale each column by its own rate.
+    output), as ``torch.optim`` does: it would silently scale each column by its own rate. So is
+    a negative or non-finite one, a schedule's too: its value at step 0 and, for jaxdl's
+    schedules, its end value are checked at construction (`jaxdl._checks.check_schedule`; traced
+    values pass). ``init`` refuses integer or boolean params (`jaxdl._checks.check_float_params`).
     """
     if not callable(lr):
         check_scalar("scale_by_learning_rate", "lr", lr)
         check_number("scale_by_learning_rate", "lr", lr, low=0.0)
 
+        def init_const(params):
+            check_float_params("scale_by_learning_rate", params)
+            return optax.EmptyState()
+
         def update_const(updates, state, params=None):
             del params
             return jax.tree.map(lambda g: (-lr * g).astype(g.dtype), updates), state
 
-        return GradientTransformation(lambda params: optax.EmptyState(), update_const)
+        return GradientTransformation(init_const, update_const)
+    check_schedule("scale_by_learning_rate", "lr", lr)
 
     def init(params):
-        del params
+        check_float_params("scale_by_learning_rate", params)
         return ScheduleState(count=_count0())
 
     def update(updates, state, params=None):
@@ -247,6 +256,7 @@ def momentum(decay: float = 0.9, nesterov: bool = False) -> GradientTransformati
         raise TypeError(f"momentum: nesterov must be a bool, got {nesterov!r}")
 
     def init(params):
+        check_float_params("momentum", params)
         return MomentumState(velocity=_zeros_like(params))
 
     def update(updates, state, params=None):
@@ -289,6 +299,7 @@ def scale_by_adagrad(eps: float = 1e-7, initial_accumulator: float = 0.0) -> Gra
     check_number("scale_by_adagrad", "initial_accumulator", initial_accumulator, low=0.0)
 
     def init(params):
+        check_float_params("scale_by_adagrad", params)
         return AdagradState(
             sum_of_squares=jax.tree.map(
                 lambda p: jnp.full_like(p, initial_accumulator, dtype=_real_dtype(p.dtype)), params
@@ -323,6 +334,7 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) 
     check_number("scale_by_rms", "eps", eps, low=0.0, low_open=True)
 
     def init(params):
+        check_float_params("scale_by_rms", params)
         mean_square = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_real_dtype(p.dtype)), params)
         return RmsState(mean_square=mean_square, mean_grad=_zeros_like(params) if centered else None)
 
@@ -383,6 +395,7 @@ def scale_by_adam(
     nu_dtype = _check_dtype("scale_by_adam", "nu_dtype", nu_dtype)
 
     def init(params):
+        check_float_params("scale_by_adam", params)
         if mu_dtype is not None:
             _check_real(
                 "scale_by_adam",
@@ -485,6 +498,7 @@ def sign_with_error_feedback() -> GradientTransformation:
     """
 
     def init(params):
+        check_float_params("sign_with_error_feedback", params)
         return ErrorFeedbackState(error=_zeros_like(params))
 
     def update(updates, state, params=None):
@@ -500,15 +514,6 @@ def sign_with_error_feedback() -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _as_key(key: int | jax.Array) -> jax.Array:
-    """A typed PRNG key from an int seed, a typed key, or a raw uint32 key."""
-    if is_key(key):
-        return key
-    if isinstance(key, (jax.Array,)) and key.dtype == jnp.uint32:
-        return jax.random.wrap_key_data(key)
-    return jax.random.key(key)
-
-
 def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -> GradientTransformation:
     """Annealed Gaussian gradient noise (Neelakantan et al. 2016; seed 004).
 
@@ -522,10 +527,11 @@ def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -
     """
     check_number("add_noise", "eta", eta, low=0.0)
     check_number("add_noise", "gamma", gamma, low=0.0)
+    typed_key = as_key("add_noise", "key", key)
 
     def init(params):
         del params
-        return NoiseState(count=_count0(), key=_as_key(key))
+        return NoiseState(count=_count0(), key=typed_key)
 
     def update(updates, state, params=None):
         del params
@@ -571,7 +577,7 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
     so the next finite step proceeds as if the bad one never happened; ``skipped`` counts them.
     Like ``optax.apply_if_finite`` with no limit on consecutive skips.
     """
-    _check_transform("skip_nonfinite", "inner", inner)
+    check_transform("skip_nonfinite", "inner", inner)
 
     def init(params):
         return SkipNonfiniteState(inner.init(params), _count0(), jnp.array(True))
@@ -594,7 +600,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     callable returning one. ``inner`` keeps state only for the masked-in leaves. This is
     ``optax.masked``; combine with `freeze` to zero the leaves left out.
     """
-    _check_transform("masked", "inner", inner)
+    check_transform("masked", "inner", inner)
     if mask is None:
         raise TypeError("masked: mask must be a pytree of bools or a callable of the params, got None")
     return optax.masked(inner, mask)
