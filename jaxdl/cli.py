@@ -67,7 +67,15 @@ from jaxdl.models import ACTIVATIONS, INITS
 from jaxdl.train_step import TrainState, supervised_loss
 from jaxdl.trainer import chunk_bounds, default_block_size, read_metrics  # noqa: F401  (public here too)
 
-__all__ = ["main", "build_parser", "build_model", "build_optimizer", "build_schedule", "load_run"]
+__all__ = [
+    "main",
+    "build_parser",
+    "check_options",
+    "build_model",
+    "build_optimizer",
+    "build_schedule",
+    "load_run",
+]
 
 
 class UsageError(Exception):
@@ -543,7 +551,10 @@ def cmd_doctor(explicit: dict) -> int:
     )
     print(report.summary())
     if out is not None:
-        report.write(out)
+        try:
+            report.write(out)
+        except OSError as err:
+            raise RunError(f"--out {out}: cannot write the report: {err}") from None
         print(f"report written to {out}")
     return 0 if report.ok else 1
 
