@@ -315,6 +315,6 @@ def check_schedule(owner: str, name: str, schedule: Any, *, low: float = 0.0) ->
         step, value = end
         points.append(("end" if step is None else str(step), value))
     for step, value in points:
-        arr = concrete(value)
-        shown = value if arr is None or arr.ndim else float(arr)
-        check_number(owner, f"{name}({step})", shown, low=low)
+        if concrete(value) is not None and np.ndim(value) == 0:
+            value = float(str(np.asarray(value)))  # shortest repr in its own dtype: -0.1, not -0.100000001
+        check_number(owner, f"{name}({step})", value, low=low)

@@ -167,8 +167,9 @@ class SupervisedLoss:
         check_pair("supervised_loss", "batch", batch)  # at trace time: free under jit
         x, y = batch
         out, model_state = self.model.apply(params, model_state, x, train=train, key=key)
+        loss = self.loss(out, y)  # first, so that a bad label speaks through the loss's check
         aux = {name: fn(out, y) for name, fn in self.metrics}
-        return self.loss(out, y), (model_state, aux)
+        return loss, (model_state, aux)
 
 
 def supervised_loss(

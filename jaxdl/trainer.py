@@ -237,7 +237,7 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
     except (TypeError, ValueError) as err:
         if type(err) not in (TypeError, ValueError):
             raise
-        raise type(err)(f"{owner}: {name} data: {err}") from None
+        raise type(err)(f"{owner}: {name}: {err}") from None
     if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(out.shape) == 2:
         check_labels(y, out.shape[1], owner, f"{name} labels")
 
