@@ -21,11 +21,11 @@ def concrete(value: Any) -> np.ndarray | None:
     if isinstance(value, jax.core.Tracer):
         return None
     if isinstance(value, (bool, np.bool_)) or isinstance(value, str) or value is None:
-        raise TypeError(f"expected a number, got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"must be a number, got {value!r} of type {type(value).__name__}")
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"expected a number, got {value!r} of type {type(value).__name__}") from err
+        raise TypeError(f"must be a number, got {value!r} of type {type(value).__name__}") from err
 
 
 def check_number(
@@ -171,6 +171,19 @@ def check_transform(owner: str, name: str, tx: Any) -> None:
         raise TypeError(
             f"{owner}: {name} must be an optax.GradientTransformation, got {tx!r} of type "
             f"{type(tx).__name__}{hint}"
+        )
+
+
+def check_model(owner: str, model: Any) -> None:
+    """Raise TypeError unless `model` is an object with ``init`` and ``apply`` (a jaxdl layer or
+    one of its protocol); a layer class passed without calling it gets a hint."""
+    if isinstance(model, type) or not (
+        callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))
+    ):
+        hint = f" (did you mean {model.__name__}(...)?)" if isinstance(model, type) else ""
+        raise TypeError(
+            f"{owner}: model must be a layer object with init and apply, got {model!r} of type "
+            f"{type(model).__name__}{hint}"
         )
 
 

@@ -47,6 +47,7 @@ from flax import struct
 from jaxdl._checks import (
     as_key,
     check_labels,
+    check_model,
     check_number,
     check_numeric,
     check_pair,
@@ -131,11 +132,7 @@ class TrainState(struct.PyTreeNode):
         built.
         """
         owner = "TrainState.create"
-        if not (callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))):
-            raise TypeError(
-                f"{owner}: model must have init and apply (a jaxdl layer), got {model!r} of type "
-                f"{type(model).__name__}"
-            )
+        check_model(owner, model)
         check_transform(owner, "optimizer", optimizer)
         key = as_key(owner, "key", key)
         input_shape = check_shape(owner, "input_shape", input_shape)
@@ -180,8 +177,7 @@ def supervised_loss(
     ``metrics`` maps names to ``fn(outputs, y)``; by default ``{"accuracy": accuracy}`` when
     ``loss`` is `softmax_cross_entropy`, else none.
     """
-    if not callable(getattr(model, "apply", None)):
-        raise TypeError(f"supervised_loss: model must have init/apply, got {model!r}")
+    check_model("supervised_loss", model)
     if metrics is None:
         metrics = {"accuracy": accuracy} if loss is softmax_cross_entropy else {}
     return SupervisedLoss(model, loss, tuple(sorted(metrics.items())))

@@ -46,6 +46,7 @@ from jaxdl import data
 from jaxdl._checks import (
     check_int,
     check_labels,
+    check_model,
     check_numeric,
     check_positive_int,
     check_transform,
@@ -669,6 +670,7 @@ def fit(
     """
     x, y = _arrays("train", train)
     val = _arrays("validation", validation) if validation is not None else None
+    check_model("fit", model)
     check_transform("fit", "optimizer", optimizer)
     check_int("fit", "epochs", epochs, low=1)
     check_int("fit", "batch_size", batch_size, low=1)
