@@ -625,3 +625,19 @@ def test_a_negative_or_non_integer_data_seed_is_refused_by_name(load, owner):
         load(-1)
     with pytest.raises(TypeError, match=rf"{owner}: seed must be an int, got 0.5 of type float"):
         load(0.5)
+
+
+@pytest.mark.parametrize(
+    "call,owner",
+    [
+        (lambda x, y, key: list(data.batches(x, y, 4, key)), "batches"),
+        (lambda x, y, key: list(data.batch_blocks(x, y, 4, 2, key)), "batch_blocks"),
+        (lambda x, y, key: data.epoch_permutation(len(x), key), "epoch_permutation"),
+    ],
+)
+def test_batching_refuses_a_key_that_is_not_a_prng_key(call, owner):
+    x, y = small_xy()
+    for key in ("abc", 0, -1):
+        with pytest.raises(TypeError, match=rf"{owner}: key must be a jax.random.key, got {key!r} of type"):
+            call(x, y, key)
+    call(x, y, jax.random.PRNGKey(0))
