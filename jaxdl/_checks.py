@@ -21,11 +21,11 @@ def concrete(value: Any) -> np.ndarray | None:
     if isinstance(value, jax.core.Tracer):
         return None
     if isinstance(value, (bool, np.bool_)) or isinstance(value, str) or value is None:
-        raise TypeError(f"expected a number, got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"must be a number, got {value!r} of type {type(value).__name__}")
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"expected a number, got {value!r} of type {type(value).__name__}") from err
+        raise TypeError(f"must be a number, got {value!r} of type {type(value).__name__}") from err
 
 
 def check_number(
@@ -174,6 +174,19 @@ def check_transform(owner: str, name: str, tx: Any) -> None:
         )
 
 
+def check_model(owner: str, model: Any) -> None:
+    """Raise TypeError unless `model` is an object with ``init`` and ``apply`` (a jaxdl layer or
+    one of its protocol); a layer class passed without calling it gets a hint."""
+    if isinstance(model, type) or not (
+        callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))
+    ):
+        hint = f" (did you mean {model.__name__}(...)?)" if isinstance(model, type) else ""
+        raise TypeError(
+            f"{owner}: model must be a layer object with init and apply, got {model!r} of type "
+            f"{type(model).__name__}{hint}"
+        )
+
+
 def leaf_dtype(x: Any):
     """The dtype of a pytree leaf without moving it to the host (Python numbers: JAX's)."""
     dtype = getattr(x, "dtype", None)
@@ -315,6 +328,6 @@ def check_schedule(owner: str, name: str, schedule: Any, *, low: float = 0.0) ->
         step, value = end
         points.append(("end" if step is None else str(step), value))
     for step, value in points:
-        arr = concrete(value)
-        shown = value if arr is None or arr.ndim else float(arr)
-        check_number(owner, f"{name}({step})", shown, low=low)
+        if concrete(value) is not None and np.ndim(value) == 0:
+            value = float(str(np.asarray(value)))  # shortest repr in its own dtype: -0.1, not -0.100000001
+        check_number(owner, f"{name}({step})", value, low=low)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl._checks import check_int
+from jaxdl._checks import as_key, check_int
 
 DATASETS = ("mnist5k", "digits", "mnist:DIR", "npz:PATH")
 # name -> (test_size, val_size) used when the caller passes None.
@@ -403,7 +403,12 @@ def _check_batch_size(owner: str, batch_size, n: int, drop_last: bool) -> None:
 
 
 def epoch_permutation(n: int, key, epoch: int = 0) -> np.ndarray:
-    """The example order of one epoch: ``permutation(fold_in(key, epoch), n)``, deterministic."""
+    """The example order of one epoch: ``permutation(fold_in(key, epoch), n)``, deterministic.
+
+    ``key`` is a ``jax.random.key`` or ``jax.random.PRNGKey``; ``epoch`` an int >= 0.
+    """
+    as_key("epoch_permutation", "key", key, allow_int=False)
+    check_int("epoch_permutation", "epoch", epoch, low=0)
     return np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
 
 
@@ -420,6 +425,7 @@ def batches(
     if len(y) != n:
         raise ValueError(f"x and y must hold as many examples, got {n} and {len(y)}")
     _check_batch_size("batches", batch_size, n, drop_last)
+    as_key("batches", "key", key, allow_int=False)
     order = epoch_permutation(n, key, epoch) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
@@ -441,6 +447,7 @@ def batch_blocks(
     if len(y) != n:
         raise ValueError(f"x and y must hold as many examples, got {n} and {len(y)}")
     _check_batch_size("batch_blocks", batch_size, n, drop_last=True)
+    as_key("batch_blocks", "key", key, allow_int=False)
     order = epoch_permutation(n, key, epoch)
     num_batches = n // batch_size
     order = order[: num_batches * batch_size].reshape(num_batches, batch_size)

@@ -47,6 +47,7 @@ from flax import struct
 from jaxdl._checks import (
     as_key,
     check_labels,
+    check_model,
     check_number,
     check_numeric,
     check_pair,
@@ -131,11 +132,7 @@ class TrainState(struct.PyTreeNode):
         built.
         """
         owner = "TrainState.create"
-        if not (callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))):
-            raise TypeError(
-                f"{owner}: model must have init and apply (a jaxdl layer), got {model!r} of type "
-                f"{type(model).__name__}"
-            )
+        check_model(owner, model)
         check_transform(owner, "optimizer", optimizer)
         key = as_key(owner, "key", key)
         input_shape = check_shape(owner, "input_shape", input_shape)
@@ -167,8 +164,9 @@ class SupervisedLoss:
         check_pair("supervised_loss", "batch", batch)  # at trace time: free under jit
         x, y = batch
         out, model_state = self.model.apply(params, model_state, x, train=train, key=key)
+        loss = self.loss(out, y)  # first, so that a bad label speaks through the loss's check
         aux = {name: fn(out, y) for name, fn in self.metrics}
-        return self.loss(out, y), (model_state, aux)
+        return loss, (model_state, aux)
 
 
 def supervised_loss(
@@ -179,8 +177,7 @@ def supervised_loss(
     ``metrics`` maps names to ``fn(outputs, y)``; by default ``{"accuracy": accuracy}`` when
     ``loss`` is `softmax_cross_entropy`, else none.
     """
-    if not callable(getattr(model, "apply", None)):
-        raise TypeError(f"supervised_loss: model must have init/apply, got {model!r}")
+    check_model("supervised_loss", model)
     if metrics is None:
         metrics = {"accuracy": accuracy} if loss is softmax_cross_entropy else {}
     return SupervisedLoss(model, loss, tuple(sorted(metrics.items())))

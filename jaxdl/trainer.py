@@ -46,6 +46,7 @@ from jaxdl import data
 from jaxdl._checks import (
     check_int,
     check_labels,
+    check_model,
     check_numeric,
     check_positive_int,
     check_transform,
@@ -237,7 +238,7 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
     except (TypeError, ValueError) as err:
         if type(err) not in (TypeError, ValueError):
             raise
-        raise type(err)(f"{owner}: {name} data: {err}") from None
+        raise type(err)(f"{owner}: {name}: {err}") from None
     if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(out.shape) == 2:
         check_labels(y, out.shape[1], owner, f"{name} labels")
 
@@ -669,6 +670,7 @@ def fit(
     """
     x, y = _arrays("train", train)
     val = _arrays("validation", validation) if validation is not None else None
+    check_model("fit", model)
     check_transform("fit", "optimizer", optimizer)
     check_int("fit", "epochs", epochs, low=1)
     check_int("fit", "batch_size", batch_size, low=1)

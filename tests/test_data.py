@@ -3,6 +3,7 @@ preprocessing (seed 001) and augmentation (seed 000)."""
 
 import gzip
 import os
+import re
 import struct
 
 import jax
@@ -532,3 +533,111 @@ def test_augmentation_is_deterministic_per_key_and_works_under_jit_and_vmap(augm
 def test_bad_augmentation_arguments_are_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(jax.random.key(0), images(n=2))
+
+
+# ----------------------------------------------------------------------------- bad files and seeds (issue 22)
+
+
+def _good_npz(path, compressed=False):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 255, (20, 4, 4), dtype=np.uint8),
+        "y_train": np.arange(20) % 2,
+        "x_test": rng.integers(0, 255, (6, 4, 4), dtype=np.uint8),
+        "y_test": np.arange(6) % 2,
+    }
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+def _member_offset(path, name):
+    """Where the bytes of the archive member ``name`` (an array) start in the file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        n, m = np.frombuffer(f.read(4), "<u2")
+    return info.header_offset + 30 + int(n) + int(m)
+
+
+def _broken(kind, tmp_path):
+    good = _good_npz(tmp_path / "good.npz", compressed=kind == "corrupted_compressed")
+    raw = bytearray(good.read_bytes())
+    path = tmp_path / f"{kind}.npz"
+    if kind == "empty":
+        raw = b""
+    elif kind == "text":
+        raw = b"x_train,y_train\n1,2\n"
+    elif kind == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif kind == "truncated_tail":
+        raw = raw[:-10]
+    elif kind in ("corrupted", "corrupted_compressed"):
+        inside = 4 if kind == "corrupted_compressed" else 130  # past the .npy header when stored
+        start = _member_offset(good, "y_train.npy") + inside
+        raw[start : start + 8] = b"\xff" * 8
+    elif kind == "missing":
+        np.savez(path, x_train=np.zeros((4, 3, 3)), y_train=np.zeros(4, int), x_test=np.zeros((2, 3, 3)))
+        return path
+    elif kind == "pickled":
+        np.savez(
+            path, x_train=np.zeros((4, 3, 3)), y_train=np.array([0, 1, None, 1], dtype=object),
+            x_test=np.zeros((2, 3, 3)), y_test=np.zeros(2, int),
+        )  # fmt: skip
+        return path
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("empty", r"the file is empty; expected an .npz archive written by numpy.savez"),
+        ("text", r"not an .npz file \(no zip header\)"),
+        ("truncated", r"not a readable .npz file, truncated or corrupted \(File is not a zip file\)"),
+        ("truncated_tail", r"not a readable .npz file, truncated or corrupted"),
+        ("corrupted", r"array 'y_train' cannot be read, the file is truncated or corrupted \(Bad CRC-32"),
+        ("corrupted_compressed", r"array 'y_train' cannot be read, the file is truncated or corrupted"),
+        ("missing", r"missing arrays \['y_test'\]; expected \['x_train', 'y_train', 'x_test', 'y_test'\]"),
+        ("pickled", r"array 'y_train' cannot be read.*allow_pickle=False"),
+    ],
+)
+def test_a_broken_npz_is_a_value_error_naming_the_file_and_array(tmp_path, kind, match):
+    path = _broken(kind, tmp_path)
+    for load in (lambda: data.load_npz(str(path)), lambda: data.load_dataset(f"npz:{path}")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {match}"):
+            load()
+    assert data.load_npz(str(tmp_path / "good.npz")).num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "load,owner",
+    [
+        (lambda seed: data.load_dataset("digits", seed=seed), "load_dataset"),
+        (lambda seed: data.stratified_split(np.arange(10) % 2, 2, 2, seed), "stratified_split"),
+        (lambda seed: data.load_npz("/no/such.npz", seed=seed), "load_npz"),
+    ],
+)
+def test_a_negative_or_non_integer_data_seed_is_refused_by_name(load, owner):
+    with pytest.raises(ValueError, match=rf"{owner}: seed=-1 is out of range; expected an integer >= 0"):
+        load(-1)
+    with pytest.raises(TypeError, match=rf"{owner}: seed must be an int, got 0.5 of type float"):
+        load(0.5)
+
+
+@pytest.mark.parametrize(
+    "call,owner",
+    [
+        (lambda x, y, key: list(data.batches(x, y, 4, key)), "batches"),
+        (lambda x, y, key: list(data.batch_blocks(x, y, 4, 2, key)), "batch_blocks"),
+        (lambda x, y, key: data.epoch_permutation(len(x), key), "epoch_permutation"),
+    ],
+)
+def test_batching_refuses_a_key_that_is_not_a_prng_key(call, owner):
+    x, y = small_xy()
+    for key in ("abc", 0, -1):
+        with pytest.raises(TypeError, match=rf"{owner}: key must be a jax.random.key, got {key!r} of type"):
+            call(x, y, key)
+    call(x, y, jax.random.PRNGKey(0))

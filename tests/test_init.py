@@ -132,3 +132,33 @@ def test_initializers_work_inside_flax_and_jit():
     assert v["params"]["kernel"].shape == (5, 7)
     w = jax.jit(init.xavier_uniform, static_argnums=1)(KEY, (5, 7))
     assert w.shape == (5, 7)
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: init.normal("0.01"), TypeError, r"normal: stddev must be a number, got '0.01' of type str"),
+        (
+            lambda: init.normal(float("nan")),
+            ValueError,
+            r"normal: stddev=nan is out of range; expected finite stddev with 0 < stddev",
+        ),
+        (lambda: init.normal(-0.01), ValueError, r"normal: stddev=-0.01 is out of range"),
+        (
+            lambda: init.uniform(None),
+            TypeError,
+            r"uniform: scale must be a number, got None of type NoneType",
+        ),
+        (lambda: init.uniform(float("inf")), ValueError, r"uniform: scale=inf is out of range"),
+        (lambda: init.orthogonal("1"), TypeError, r"orthogonal: gain must be a number, got '1' of type str"),
+        (lambda: init.constant("a"), TypeError, r"constant: c must be a number, got 'a' of type str"),
+        (
+            lambda: init.constant(float("nan")),
+            ValueError,
+            r"constant: c=nan is out of range; expected finite c",
+        ),
+    ],
+)
+def test_every_factory_refuses_a_bad_hyperparameter_by_name_when_called(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

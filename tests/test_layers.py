@@ -755,3 +755,95 @@ def test_batchnorm_takes_float32_statistics_of_bf16_inputs_and_returns_bf16():
     assert y.dtype == jnp.bfloat16 and new_state["mean"].dtype == jnp.float32
     y_eval, _ = bn.apply(params, new_state, x)
     assert y_eval.dtype == jnp.bfloat16  # float32 statistics do not promote the next layer to float32
+
+
+# ----------------------------------------------------------------------------- bad inputs (issue 22)
+
+# One instance of every layer of jaxdl.layers with the shape of one example it takes.
+ALL_LAYERS = [
+    (L.Dense(3), (4,)),
+    (L.Conv(2, 3), (5, 5, 1)),
+    (L.MaxPool(2), (4, 4, 1)),
+    (L.AvgPool(2), (4, 4, 1)),
+    (L.Flatten(), (2, 3)),
+    (L.Relu(), (4,)),
+    (L.LeakyRelu(), (4,)),
+    (L.PRelu(), (4,)),
+    (L.Sigmoid(), (4,)),
+    (L.Tanh(), (4,)),
+    (L.Elu(), (4,)),
+    (L.Maxout(3), (4,)),
+    (L.Dropout(0.5), (4,)),
+    (L.BatchNorm(), (4,)),
+    (L.Sequential(L.Dense(3), L.Relu()), (4,)),
+]
+
+
+def test_all_layers_lists_every_layer_class():
+    classes = {name for name in L.__all__ if isinstance(getattr(L, name), type)} - {"FlaxModule"}
+    assert {type(layer).__name__ for layer, _ in ALL_LAYERS} == classes
+
+
+@pytest.mark.parametrize("layer,shape", ALL_LAYERS, ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        ("ab", TypeError, r"input_shape must be a tuple of ints, got 'ab' of type str"),
+        ((4, "a"), TypeError, r"input_shape must be a tuple of ints, got \(4, 'a'\) with an entry 'a'"),
+        (
+            (4.0,),
+            TypeError,
+            r"input_shape must be a tuple of ints, got \(4.0,\) with an entry 4.0 of type float",
+        ),
+        ((-3,), ValueError, r"input_shape=\(-3,\) is out of range; expected sizes >= 1"),
+        ((4, 0), ValueError, r"input_shape=\(4, 0\) is out of range; expected sizes >= 1"),
+    ],
+)
+def test_every_layer_refuses_a_bad_input_shape_by_name(layer, shape, bad, error, match):
+    with pytest.raises(error, match=rf"{type(layer).__name__}\.init: {match}"):
+        layer.init(KEY, bad)
+
+
+@pytest.mark.parametrize("layer,shape", ALL_LAYERS, ids=lambda c: type(c).__name__)
+def test_every_layer_refuses_a_non_key_and_non_numeric_inputs_by_name(layer, shape):
+    name = type(layer).__name__
+    with pytest.raises(
+        TypeError, match=rf"{name}\.init: key must be a jax.random.key, got 'abc' of type str"
+    ):
+        layer.init("abc", shape)
+    _, params, state = layer.init(KEY, shape)
+    x = np.full((2, *shape), "a")
+    with pytest.raises(
+        TypeError, match=rf"{name}\.apply: x must be an array of numbers, got dtype <U1: \['a'"
+    ):
+        layer.apply(params, state, x)
+    y, _ = layer.apply(params, state, np.ones((2, *shape), np.float32))  # numpy input still works
+    assert y.shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: L.LeakyRelu("x"), TypeError, r"LeakyRelu: alpha must be a real number, got 'x' of type str"),
+        (
+            lambda: L.LeakyRelu(float("nan")),
+            ValueError,
+            r"LeakyRelu: alpha=nan is out of range; expected finite",
+        ),
+        (lambda: L.Elu("x"), TypeError, r"Elu: alpha must be a real number, got 'x' of type str"),
+        (
+            lambda: L.PRelu([0.1]),
+            TypeError,
+            r"PRelu: alpha_init must be a real number, got \[0.1\] of type list",
+        ),
+        (
+            lambda: L.Dense(3, use_bias="no"),
+            TypeError,
+            r"Dense: use_bias must be a bool, got 'no' of type str",
+        ),
+        (lambda: L.Conv(3, 3, use_bias=1), TypeError, r"Conv: use_bias must be a bool, got 1 of type int"),
+    ],
+)
+def test_activation_and_bias_hyperparameters_are_checked_when_built(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

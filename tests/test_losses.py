@@ -146,3 +146,25 @@ def test_elementwise_losses_reject_mismatched_shapes():
         losses.binary_cross_entropy(jnp.zeros((4,)), jnp.zeros((4, 1)))
     with pytest.raises(ValueError, match="mse: target"):
         losses.mse(jnp.zeros((4,)), jnp.zeros((5,)))
+
+
+# ----------------------------------------------------------------------------- out-of-range labels (issue 22)
+
+
+@pytest.mark.parametrize("bad", [-1, -4, 4, 100])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_label_outside_the_classes_makes_the_loss_nan_and_the_example_wrong(bad, jit):
+    logits = jnp.array([[0.0, 0.0, 0.0, 9.0], [9.0, 0.0, 0.0, 0.0], [0.0, 9.0, 0.0, 0.0]])
+    labels = jnp.array([bad, 0, 1])  # -1 would be class 3, the arg-max, under numpy indexing
+    ce = jax.jit(losses.softmax_cross_entropy) if jit else losses.softmax_cross_entropy
+    acc = jax.jit(losses.accuracy) if jit else losses.accuracy
+    assert np.isnan(float(ce(logits, labels)))
+    assert float(acc(logits, labels)) == pytest.approx(2 / 3)
+    assert np.isfinite(float(ce(logits, jnp.array([3, 0, 1]))))
+    assert float(acc(logits, jnp.array([3, 0, 1]))) == 1.0
+
+
+def test_the_nan_of_a_bad_label_reaches_the_gradient_only_through_the_loss():
+    logits = jnp.zeros((2, 3))
+    loss, grad = jax.value_and_grad(losses.softmax_cross_entropy)(logits, jnp.array([0, -1]))
+    assert np.isnan(float(loss)) and np.all(np.isfinite(grad))  # the step skips on the loss

@@ -131,3 +131,96 @@ def test_mu_dtype_with_complex_params_is_refused_at_init():
     tx = dl.adam(1e-3, mu_dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match=r"scale_by_adam: leaf \['z'\] is complex .*mu_dtype=bfloat16"):
         tx.init({"z": jnp.ones(2, jnp.complex64)})
+
+
+# ----------------------------------------------------------------------------- bad inputs (issue 22)
+
+from jaxdl import schedules as S  # noqa: E402
+
+# Every optimizer alias, in each of its shapes (the chains differ).
+ALIASES = [
+    ("sgd", lambda lr: dl.sgd(lr)),
+    ("sgd", lambda lr: dl.sgd(lr, momentum=0.9, nesterov=True, weight_decay=1e-4)),
+    ("adagrad", lambda lr: dl.adagrad(lr)),
+    ("rmsprop", lambda lr: dl.rmsprop(lr, centered=True, momentum=0.9)),
+    ("adam", lambda lr: dl.adam(lr)),
+    ("adamw", lambda lr: dl.adamw(lr)),
+    ("signsgd", lambda lr: dl.signsgd(lr)),
+    ("signsgd", lambda lr: dl.signsgd(lr, error_feedback=True)),
+]
+ALIAS_IDS = [f"{name}{i}" for i, (name, _) in enumerate(ALIASES)]
+
+
+def test_aliases_cover_every_optimizer():
+    assert {name for name, _ in ALIASES} == set(dl.optimizers.__all__) - {"apply_updates"}
+
+
+@pytest.mark.parametrize("name,make", ALIASES, ids=ALIAS_IDS)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])
+@pytest.mark.parametrize("lr", [0.1, S.constant(0.1)], ids=["number", "schedule"])
+def test_every_optimizer_refuses_integer_or_boolean_params_at_init(name, make, dtype, lr):
+    params = {"b": jnp.zeros(3), "n": jnp.zeros(2, dtype)}
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: params leaf \['n'\] must be a floating-point \(or complex\) array, "
+        rf"got dtype {jnp.dtype(dtype).name}",
+    ):
+        make(lr).init(params)
+
+
+@pytest.mark.parametrize("name,make", ALIASES, ids=ALIAS_IDS)
+def test_every_optimizer_refuses_python_int_params_and_accepts_every_float_dtype(name, make):
+    with pytest.raises(TypeError, match=rf"{name}: params leaf \['n'\] .* got dtype int32"):
+        make(0.1).init({"n": 3})
+    make(0.1).init({"h": jnp.zeros(2, jnp.bfloat16), "s": jnp.zeros(2, jnp.float16), "f": jnp.zeros(2)})
+
+
+# A schedule of each kind whose value at step 0 or at its end is negative or not finite.
+BAD_SCHEDULES = [
+    (S.constant(-0.1), "0", "-0.1"),
+    (S.linear_decay(-0.1, 0.0, tau=10), "0", "-0.1"),
+    (S.linear_decay(0.1, -0.1, tau=10), "10", "-0.1"),
+    (S.inverse_time_decay(-0.1, 0.5), "0", "-0.1"),
+    (S.inverse_sqrt_decay(-0.1), "0", "-0.1"),
+    (S.step_decay(-0.1, 0.5, every=10), "0", "-0.1"),
+    (S.cosine_decay(-0.1, 100), "0", "-0.1"),
+    (S.cosine_decay(0.1, 100, final=-0.01), "100", "-0.01"),
+    (S.warmup(S.constant(-0.1), 5), "5", "-0.1"),
+    (S.warmup(S.cosine_decay(0.1, 100, final=-0.01), 5), "105", "-0.01"),
+    (S.warmup(lambda k: -0.1 + 0.0 * k, 5), "5", "-0.1"),
+    (lambda k: -0.1 * jnp.ones(()), "0", "-0.1"),
+    (lambda k: jnp.nan * jnp.ones(()), "0", "nan"),
+    (lambda k: jnp.inf + 0.0 * k, "0", "inf"),
+]
+
+
+def test_bad_schedules_cover_every_built_in_schedule():
+    names = {schedule.__name__ for schedule, _, _ in BAD_SCHEDULES}
+    assert set(S.__all__) - {"Schedule"} <= names
+
+
+@pytest.mark.parametrize("schedule,where,value", BAD_SCHEDULES)
+def test_a_negative_or_non_finite_schedule_is_refused_like_a_negative_lr(schedule, where, value):
+    pattern = rf"lr\({where}\)={value} is out of range; expected finite lr\({where}\) with 0 <= lr\({where}\)"
+    with pytest.raises(ValueError, match=rf"sgd: {pattern}"):
+        dl.sgd(schedule)
+    with pytest.raises(ValueError, match=rf"scale_by_learning_rate: {pattern}"):
+        T.scale_by_learning_rate(schedule)
+
+
+@pytest.mark.parametrize("name,make", ALIASES, ids=ALIAS_IDS)
+def test_every_optimizer_refuses_a_negative_schedule(name, make):
+    with pytest.raises(ValueError, match=rf"{name}: lr\(0\)=-0.1 is out of range"):
+        make(S.constant(-0.1))
+    with pytest.raises(ValueError, match=rf"{name}: lr=-0.1 is out of range"):
+        make(-0.1)
+
+
+def test_schedules_of_traced_values_are_accepted_inside_a_vmapped_sweep():
+    def run(init_lr, final_lr):
+        tx = dl.sgd(S.cosine_decay(init_lr, 10, final=final_lr))
+        u, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+        return u
+
+    u = jax.vmap(run)(jnp.array([0.1, 0.2]), jnp.array([-0.5, 0.0]))  # traced: not checked
+    np.testing.assert_allclose(u, [[-0.1, -0.1], [-0.2, -0.2]], rtol=1e-6)

@@ -104,3 +104,16 @@ def test_non_integer_steps_is_a_type_error():
         S.linear_decay(1.0, 0.0, tau=2.5)
     with pytest.raises(TypeError, match="schedule must be a callable"):
         S.warmup(0.1, 10)
+
+
+def test_schedules_report_their_end_value():
+    assert S.constant(0.3).end == (0, 0.3)
+    assert S.linear_decay(1.0, 0.1, tau=20).end == (20, 0.1)
+    assert S.cosine_decay(1.0, 50, final=0.2).end == (50, 0.2)
+    assert S.inverse_time_decay(1.0, 0.1).end == (None, 0.0)
+    assert S.inverse_time_decay(1.0, 0.0).end == (None, 1.0)
+    assert S.inverse_sqrt_decay(1.0).end == (None, 0.0)
+    assert S.step_decay(1.0, 0.5, every=3).end == (None, 0.0)
+    assert S.step_decay(1.0, 1.0, every=3).end == (None, 1.0)
+    assert S.warmup(S.linear_decay(1.0, 0.1, tau=20), 5).end == (25, 0.1)
+    assert S.warmup(S.inverse_sqrt_decay(1.0), 5).end == (None, 0.0)

@@ -412,3 +412,107 @@ def test_state_for_another_model_or_optimizer_names_the_first_differing_path():
     state_a = ts.TrainState.create(model_a, dl.sgd(0.1), jax.random.key(0), (8,))
     with pytest.raises(ValueError, match=r"state.opt_state .*\[0\]"):
         ts.make_train_step(ts.supervised_loss(model_a), dl.adam(0.1))(state_a, (x, y))
+
+
+# ----------------------------------------------------------------------------- bad inputs (issue 22)
+
+
+def _tiny():
+    model = L.Sequential(L.Dense(4))
+    return model, ts.TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        (
+            dict(optimizer=dl.adam),
+            TypeError,
+            r"TrainState.create: optimizer must be an optax.GradientTransformation, got <function adam"
+            r".*did you pass a constructor without calling it",
+        ),
+        (
+            dict(model=dl.layers.Dense),
+            TypeError,
+            r"TrainState.create: model must be a layer object with init and apply, got <class .*Dense.*did you mean Dense\(...\)\?",
+        ),
+        (
+            dict(model="mlp"),
+            TypeError,
+            r"TrainState.create: model must be a layer object with init and apply, got 'mlp' of type str",
+        ),
+        (
+            dict(key="abc"),
+            TypeError,
+            r"TrainState.create: key must be an int seed or a jax.random.key, got 'abc'",
+        ),
+        (
+            dict(input_shape="ab"),
+            TypeError,
+            r"TrainState.create: input_shape must be a tuple of ints, got 'ab'",
+        ),
+        (dict(input_shape=(3.0,)), TypeError, r"TrainState.create: input_shape must be a tuple of ints"),
+        (dict(input_shape=(-3,)), ValueError, r"TrainState.create: input_shape=\(-3,\) is out of range"),
+        (dict(input_shape=(0,)), ValueError, r"TrainState.create: input_shape=\(0,\) is out of range"),
+        (
+            dict(params_dtype=jnp.int32),
+            TypeError,
+            r"sgd: params leaf \['dense_0'\]\['w'\] must be a floating-point .* got dtype int32",
+        ),
+    ],
+)
+def test_train_state_create_refuses_bad_arguments_by_name(args, error, match):
+    kw = dict(model=L.Sequential(L.Dense(4)), optimizer=dl.sgd(0.1), key=0, input_shape=(3,))
+    dtype = args.pop("params_dtype", None)
+    kw.update(args)
+    if dtype is not None:
+        kw["model"] = L.Sequential(L.Dense(4, w_init=lambda k, s, d=jnp.float32: jnp.zeros(s, dtype)))
+    with pytest.raises(error, match=match):
+        ts.TrainState.create(kw["model"], kw["optimizer"], kw["key"], kw["input_shape"])
+
+
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        (
+            (np.full((2, 3), "a"), np.zeros(2, np.int32)),
+            r"train step: batch\[0\] must be an array of numbers, got dtype <U1",
+        ),
+        (
+            (np.ones((2, 3)), np.array(["0", "1"])),
+            r"train step: batch\[1\] must be an array of numbers, got dtype <U1",
+        ),
+        (
+            (np.ones((2, 3)), np.array([object(), 1])),
+            r"train step: batch\[1\] must be an array of numbers, got dtype object",
+        ),
+        (
+            {"x": np.ones((2, 3)), "y": np.zeros(2, np.int32)},
+            r"supervised_loss: batch must be a pair \(x, y\), got a dict with keys \['x', 'y'\]",
+        ),
+        (
+            (np.ones((2, 3)), np.zeros(2, np.int32), np.ones(2)),
+            r"supervised_loss: batch must be a pair \(x, y\), got a tuple of 3 items",
+        ),
+    ],
+)
+def test_a_batch_that_is_not_a_pair_of_number_arrays_is_refused_by_name(batch, match):
+    model, state = _tiny()
+    loss_fn = ts.supervised_loss(model)
+    with pytest.raises(TypeError, match=match):
+        ts.make_train_step(loss_fn, dl.sgd(0.1))(state, batch)
+    with pytest.raises(TypeError, match=match.replace("train step", "eval step")):
+        ts.make_eval_step(loss_fn)(state, batch)
+    stacked = jax.tree.map(lambda a: a[None], batch)
+    with pytest.raises(TypeError, match=match.replace("train step: batch", r"train loop: batches")):
+        ts.make_train_loop(loss_fn, dl.sgd(0.1))(state, stacked)
+
+
+def test_steps_refuse_an_uncalled_optimizer_and_keep_the_jitted_functions_attributes():
+    model, state = _tiny()
+    for make in (ts.make_train_step, ts.make_train_loop):
+        with pytest.raises(TypeError, match=rf"{make.__name__}: optimizer must be .*without calling it"):
+            make(ts.supervised_loss(model), dl.sgd)
+    step = ts.make_train_step(ts.supervised_loss(model), dl.sgd(0.1))
+    batch = (jnp.ones((2, 3)), jnp.zeros(2, jnp.int32))
+    assert "dot_general" in step.lower(state, batch).as_text()

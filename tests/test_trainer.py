@@ -418,7 +418,37 @@ def test_resume_with_another_configuration_is_refused_naming_what_differs(digits
     "change, error, message",
     [
         (dict(train="short_y"), ValueError, r"train: x and y must hold as many examples, got 1257 and 100"),
-        (dict(train="bad_labels"), ValueError, r"fit: train labels must lie in \[0, 10\).*e\.g\. \[10\]"),
+        (
+            dict(train="bad_labels"),
+            ValueError,
+            r"fit: train labels=\[10\] is out of range; expected integer class indices in \[0, 10\)",
+        ),
+        (dict(train="negative_labels"), ValueError, r"fit: train labels=\[-1\] is out of range"),
+        (
+            dict(train="float_labels"),
+            TypeError,
+            r"fit: train: softmax_cross_entropy: labels must be integer class indices "
+            r"\(dtype int\), got dtype float32",
+        ),
+        (dict(train="string_x"), TypeError, r"fit: train x must be an array of numbers, got dtype <U1"),
+        (
+            dict(train="three"),
+            TypeError,
+            r"fit: train must be \(x, y\) arrays or a jaxdl.data.Split, got a tuple of 3 items",
+        ),
+        (dict(train="dict"), TypeError, r"fit: train must be \(x, y\) arrays .*, got dict"),
+        (
+            dict(validation="negative_labels"),
+            ValueError,
+            r"fit: validation labels=\[-1, -1, -1, -1, -1, ...\] is out",
+        ),
+        (dict(validation="float_labels"), TypeError, r"fit: validation: softmax_cross_entropy: labels"),
+        (dict(seed=-1), ValueError, r"fit: seed=-1 is out of range; expected an integer >= 0"),
+        (
+            dict(optimizer="uncalled"),
+            TypeError,
+            r"fit: optimizer must be an optax.GradientTransformation, got <function adam.*without calling",
+        ),
         (dict(batch_size=0), ValueError, r"fit: batch_size=0 is out of range; expected an integer >= 1"),
         (dict(batch_size=5000), ValueError, r"fit: batch_size=5000 exceeds the 1257 training examples"),
         (dict(epochs=0), ValueError, r"fit: epochs=0 is out of range; expected an integer >= 1"),
@@ -440,8 +470,24 @@ def test_bad_input_is_refused_before_anything_is_trained_or_written(digits, tmp_
         change = {"train": (x, y[:100])}
     elif change.get("train") == "bad_labels":
         change = {"train": (x, np.where(np.arange(len(y)) == 5, 10, y))}
+    elif change.get("train") == "negative_labels":
+        change = {"train": (x, np.where(np.arange(len(y)) == 5, -1, y))}
+    elif change.get("train") == "float_labels":
+        change = {"train": (x, y.astype(np.float32))}
+    elif change.get("train") == "string_x":
+        change = {"train": (np.full(x.shape, "a"), y)}
+    elif change.get("train") == "three":
+        change = {"train": (x, y, y)}
+    elif change.get("train") == "dict":
+        change = {"train": {"x": x, "y": y}}
     elif change.get("validation") == "wide":
         change = {"validation": (np.zeros((10, 8, 9, 1), np.float32), np.zeros(10, np.int32))}
+    elif change.get("validation") == "negative_labels":
+        change = {"validation": (x[:10], np.full(10, -1, np.int32))}
+    elif change.get("validation") == "float_labels":
+        change = {"validation": (x[:10], np.zeros(10, np.float32))}
+    elif change.get("optimizer") == "uncalled":
+        change = {"optimizer": dl.adam}
     args.update(change)
     out = tmp_path / "run"
     optimizer = args.pop("optimizer")
@@ -449,3 +495,40 @@ def test_bad_input_is_refused_before_anything_is_trained_or_written(digits, tmp_
     with pytest.raises(error, match=message):
         dl.fit(small_mlp(), optimizer, train, out_dir=str(out), progress=False, **args)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "data_, error, message",
+    [
+        (
+            "negative_labels",
+            ValueError,
+            r"evaluate: data labels=\[-1\] is out of range; expected .* \[0, 10\)",
+        ),
+        (
+            "too_large_labels",
+            ValueError,
+            r"evaluate: data labels=\[10, 10, 10, 10, 10, ...\] is out of range",
+        ),
+        (
+            "float_labels",
+            TypeError,
+            r"evaluate: data: softmax_cross_entropy: labels must be integer class indices",
+        ),
+        ("string_x", TypeError, r"evaluate: data x must be an array of numbers, got dtype <U1"),
+        ("three", TypeError, r"evaluate: data must be \(x, y\) arrays .*, got a tuple of 3 items"),
+    ],
+)
+def test_evaluate_refuses_bad_data_by_name_before_scoring(digits, data_, error, message):
+    x, y = digits.test.x[:20], digits.test.y[:20]
+    state = dl.TrainState.create(small_mlp(), dl.sgd(0.1), jax.random.key(0), x.shape[1:])
+    bad = {
+        "negative_labels": (x, np.where(np.arange(20) == 3, -1, y)),
+        "too_large_labels": (x, np.full(20, 10)),
+        "float_labels": (x, y.astype(np.float32)),
+        "string_x": (np.full(x.shape, "a"), y),
+        "three": (x, y, y),
+    }[data_]
+    with pytest.raises(error, match=message):
+        dl.evaluate(small_mlp(), state, bad)
+    assert set(dl.evaluate(small_mlp(), state, (x, y))) == {"loss", "accuracy"}

@@ -550,3 +550,75 @@ def test_clip_refuses_complex_updates_naming_the_leaf():
     tx = T.clip(1.0)
     with pytest.raises(ValueError, match=r"clip: leaf \['s'\] is complex \(complex64\).*clip_by_global_norm"):
         jax.jit(tx.update)(CPARAMS, tx.init(CPARAMS))
+
+
+# ----------------------------------------------------------------------------- bad inputs (issue 22)
+
+# The transforms that keep float state, and the descent itself (its update is cast to the
+# parameter's dtype: an int parameter would never move).
+FLOAT_STATE = [
+    ("momentum", lambda: T.momentum(0.9)),
+    ("scale_by_adagrad", lambda: T.scale_by_adagrad()),
+    ("scale_by_rms", lambda: T.scale_by_rms(centered=True)),
+    ("scale_by_adam", lambda: T.scale_by_adam()),
+    ("sign_with_error_feedback", lambda: T.sign_with_error_feedback()),
+    ("scale_by_learning_rate", lambda: T.scale_by_learning_rate(0.1)),
+    ("scale_by_learning_rate", lambda: T.scale_by_learning_rate(dl.schedules.constant(0.1))),
+]
+
+
+@pytest.mark.parametrize("name,make", FLOAT_STATE, ids=lambda c: c if isinstance(c, str) else "")
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.bool_])
+def test_transforms_with_float_state_refuse_integer_params_naming_the_leaf(name, make, dtype):
+    params = {"layer": {"w": jnp.zeros((2, 2)), "count": jnp.zeros((), dtype)}}
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: params leaf \['layer'\]\['count'\] must be a floating-point .* got dtype "
+        rf"{jnp.dtype(dtype).name}",
+    ):
+        make().init(params)
+    make().init({"w": jnp.zeros(2, jnp.bfloat16), "z": jnp.zeros(2, jnp.complex64)})
+
+
+@pytest.mark.parametrize(
+    "key,match",
+    [
+        ("abc", r"add_noise: key must be an int seed or a jax.random.key, got 'abc' of type str"),
+        (1.5, r"add_noise: key must be an int seed or a jax.random.key, got 1.5 of type float"),
+        (True, r"add_noise: key must be an int seed or a jax.random.key, got True of type bool"),
+        (None, r"add_noise: key must be an int seed or a jax.random.key, got None of type NoneType"),
+    ],
+)
+def test_add_noise_refuses_a_bad_key_when_built(key, match):
+    with pytest.raises(TypeError, match=match):
+        T.add_noise(key=key)
+
+
+def test_add_noise_takes_an_int_seed_a_typed_key_a_raw_key_or_a_traced_seed():
+    draws = [
+        T.add_noise(key=k).update(jnp.zeros(3), T.add_noise(key=k).init(jnp.zeros(3)))[0]
+        for k in (3, jax.random.key(3), jax.random.PRNGKey(3))
+    ]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    np.testing.assert_array_equal(draws[0], draws[2])
+    traced = jax.jit(lambda s: T.add_noise(key=s).init(jnp.zeros(3)).key)(3)
+    assert jax.random.key_data(traced).tolist() == jax.random.key_data(jax.random.key(3)).tolist()
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (
+            lambda: T.chain(dl.adam),
+            r"chain: argument 0 must be an optax.GradientTransformation, got <function adam",
+        ),
+        (lambda: T.skip_nonfinite(dl.sgd), r"skip_nonfinite: inner must be .*without calling it"),
+        (
+            lambda: T.masked(3, {}),
+            r"masked: inner must be an optax.GradientTransformation, got 3 of type int$",
+        ),
+    ],
+)
+def test_transform_arguments_that_are_not_transforms_are_named(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
