@@ -299,6 +299,7 @@ def evaluate(
     cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
     for a model of C outputs) is refused by name before anything runs, as in `fit`.
     """
+    check_model("evaluate", model)
     x, y = _arrays("data", data_, "evaluate")
     check_positive_int("evaluate", "batch_size", batch_size)
     if not isinstance(state, TrainState):
