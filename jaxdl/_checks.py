@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -191,7 +192,7 @@ def leaf_dtype(x: Any):
     """The dtype of a pytree leaf without moving it to the host (Python numbers: JAX's)."""
     dtype = getattr(x, "dtype", None)
     if dtype is not None:
-        return np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+        return dtype
     if isinstance(x, (bool, int, float, complex)):
         return np.dtype(jax.dtypes.canonicalize_dtype(type(x)))
     return np.asarray(x).dtype
@@ -207,7 +208,7 @@ def check_float_params(owner: str, params: Any, what: str = "params") -> None:
     """
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = leaf_dtype(x)
-        if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             where = jax.tree_util.keystr(path) or "<root>"
             raise TypeError(
                 f"{owner}: {what} leaf {where} must be a floating-point (or complex) array, got "
@@ -227,9 +228,7 @@ def check_numeric(owner: str, name: str, value: Any) -> None:
             dtype = leaf_dtype(x)
         except (TypeError, ValueError):
             dtype = None
-        ok = dtype is not None and (
-            jax.numpy.issubdtype(dtype, jax.numpy.number) or jax.numpy.issubdtype(dtype, jax.numpy.bool_)
-        )
+        ok = dtype is not None and (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
         if not ok:
             where = name + jax.tree_util.keystr(path)
             got = f"dtype {dtype}" if dtype is not None else "no dtype"
@@ -271,7 +270,7 @@ def as_key(owner: str, name: str, key: Any, *, allow_int: bool = True) -> jax.Ar
     if dtype is not None and dtype == np.uint32 and np.shape(key)[-1:] == (2,):
         return jax.random.wrap_key_data(key)
     is_int = isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_))
-    is_int |= dtype is not None and np.shape(key) == () and jax.numpy.issubdtype(dtype, jax.numpy.integer)
+    is_int |= dtype is not None and np.shape(key) == () and jnp.issubdtype(dtype, jnp.integer)
     if allow_int and is_int:  # an int, or an int array of shape () (traced in a sweep)
         return jax.random.key(key)
     kind = "an int seed or a jax.random.key" if allow_int else "a jax.random.key"
@@ -320,7 +319,7 @@ def check_schedule(owner: str, name: str, schedule: Any, *, low: float = 0.0) ->
     cannot be inspected and is accepted, as `check_number` does. A non-negative step 0 and end
     bound every built-in schedule (each is monotone, or warms up from 0 to its start).
     """
-    first = schedule(jax.numpy.asarray(0, jax.numpy.int32))
+    first = schedule(jnp.asarray(0, jnp.int32))
     check_scalar(owner, f"{name}(0)", first)
     points = [("0", first)]
     end = getattr(schedule, "end", None)
@@ -331,3 +330,36 @@ def check_schedule(owner: str, name: str, schedule: Any, *, low: float = 0.0) ->
         if concrete(value) is not None and np.ndim(value) == 0:
             value = float(str(np.asarray(value)))  # shortest repr in its own dtype: -0.1, not -0.100000001
         check_number(owner, f"{name}({step})", value, low=low)
+
+
+class _BatchErrorsExplained:
+    """``fn(state, batch)`` whose failure on a batch of non-numbers names the argument (see
+    `explain_batch_errors`); attributes (``lower``, ``trace``, ...) are ``fn``'s."""
+
+    def __init__(self, owner: str, name: str, fn):
+        self._owner, self._name, self._fn = owner, name, fn
+
+    def __call__(self, state, batch):
+        try:
+            return self._fn(state, batch)
+        except (TypeError, ValueError):
+            try:
+                check_numeric(self._owner, self._name, batch)
+            except TypeError as clear:
+                raise clear from None
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+
+def explain_batch_errors(owner: str, name: str, fn):
+    """Wrap a compiled ``fn(state, batch)`` so that a batch of strings (or other non-numbers)
+    is refused by name: ``owner: name[0] must be an array of numbers, got dtype <U1 ...``.
+
+    JAX refuses such arguments before tracing, with an error that names neither the dtype nor
+    what was expected. The call runs in a ``try``, which costs nothing on the normal path; only
+    after a failure is the batch checked on the host (`check_numeric`), and the original error
+    re-raised when the batch holds numbers.
+    """
+    return _BatchErrorsExplained(owner, name, fn)

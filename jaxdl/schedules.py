@@ -54,6 +54,7 @@ def _is_zero(value) -> bool:
 
 
 def _is_one(value) -> bool:
+    """Whether a concrete hyperparameter is exactly 1 (False when traced)."""
     arr = concrete(value)
     return arr is not None and bool(np.all(arr == 1))
 

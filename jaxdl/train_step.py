@@ -49,12 +49,12 @@ from jaxdl._checks import (
     check_labels,
     check_model,
     check_number,
-    check_numeric,
     check_pair,
     check_positive_int,
     check_shape,
     check_transform,
     check_tree_match,
+    explain_batch_errors,
 )
 from jaxdl._tree import select as select_tree
 from jaxdl.losses import accuracy, softmax_cross_entropy
@@ -614,33 +614,6 @@ def step_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.key, state.step)
 
 
-class _NamedArgErrors:
-    """A jitted ``fn(state, batch)`` whose refusal of non-numeric batches names the argument.
-
-    JAX refuses a batch of strings (or other objects) before tracing, with an error that names
-    neither the dtype nor what was expected. The call is wrapped in a ``try``, which costs
-    nothing on the normal path; only after such a TypeError is the batch checked on the host
-    (`jaxdl._checks.check_numeric`) and the clearer error raised. Attributes (``lower``,
-    ``trace``, ...) are the jitted function's.
-    """
-
-    def __init__(self, owner: str, name: str, fn):
-        self._owner, self._name, self._fn = owner, name, fn
-
-    def __call__(self, state, batch):
-        try:
-            return self._fn(state, batch)
-        except TypeError:
-            try:
-                check_numeric(self._owner, self._name, batch)
-            except TypeError as clear:
-                raise clear from None
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self._fn, name)
-
-
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -674,7 +647,7 @@ def make_train_step(
         key = step_key(state)
         return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, options=options)
 
-    return _NamedArgErrors("train step", "batch", jax.jit(step, donate_argnums=(0,) if donate else ()))
+    return explain_batch_errors("train step", "batch", jax.jit(step, donate_argnums=(0,) if donate else ()))
 
 
 def make_eval_step(
@@ -708,7 +681,7 @@ def make_eval_step(
         loss, (_, aux) = run(params, state.model_state, batch, None, train=False)
         return {"loss": loss, **aux}
 
-    return _NamedArgErrors("eval step", "batch", evaluate)
+    return explain_batch_errors("eval step", "batch", evaluate)
 
 
 def make_train_loop(
@@ -746,7 +719,7 @@ def make_train_loop(
 
         return scan_steps(step, state, batches)
 
-    return _NamedArgErrors("train loop", "batches", jax.jit(loop, donate_argnums=(0,) if donate else ()))
+    return explain_batch_errors("train loop", "batches", jax.jit(loop, donate_argnums=(0,) if donate else ()))
 
 
 def __getattr__(name):

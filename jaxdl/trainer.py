@@ -299,6 +299,7 @@ def evaluate(
     cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
     for a model of C outputs) is refused by name before anything runs, as in `fit`.
     """
+    check_model("evaluate", model)
     x, y = _arrays("data", data_, "evaluate")
     check_positive_int("evaluate", "batch_size", batch_size)
     if not isinstance(state, TrainState):
@@ -813,7 +814,14 @@ def fit(
         progress,
         log,
         step_kwargs,
+        _make_loop(loss_fn, optimizer, devices, step_kwargs),
     )
+    try:  # what the train step refuses (a trace, nothing runs) is refused before out_dir is written
+        engine.metrics_like(state)
+    except (TypeError, ValueError) as err:
+        if type(err) not in (TypeError, ValueError):
+            raise
+        raise type(err)(f"fit: train step: {err}") from None
     if out_dir is None:
         return engine.run(state, None)
     os.makedirs(out_dir, exist_ok=True)
@@ -882,6 +890,7 @@ class _Engine(NamedTuple):
     progress: bool
     log: Callable
     step_kwargs: dict
+    loop_parts: tuple  # `_make_loop`'s (loop, place_state, block_sharding)
 
     def _stop(self, completed_epochs: int, progress: Progress) -> bool:
         patience = self.early_stopping
@@ -893,7 +902,7 @@ class _Engine(NamedTuple):
         else:  # ipywidgets, importing tqdm.auto warns
             tqdm = _NoBar
         S, E, bs = self.steps_per_epoch, self.epochs, self.batch_size
-        loop, place, block_sharding = _make_loop(self.loss_fn, self.optimizer, self.devices, self.step_kwargs)
+        loop, place, block_sharding = self.loop_parts
         policy = self.step_kwargs.get("precision")
         eval_step = _eval_step(self.loss_fn, False, policy)
         ema_eval_step = (
@@ -907,8 +916,7 @@ class _Engine(NamedTuple):
         fresh = Progress({}, np.array(np.inf), np.array(0, np.int64), np.array(0.0))
         run, resumed, history = Run(state, fresh, best), None, []
         if outputs is not None:
-            first = self._batch_order(0)[:1]
-            sums_like = jax.eval_shape(loop, state, (self.x[first], self.y[first]))[1]
+            sums_like = self.metrics_like(state)
             fresh = fresh._replace(sums={k: np.zeros((), np.float64) for k in sums_like})
             run, resumed = _restore_latest(outputs.manager, run._replace(progress=fresh), self.log)
             step = int(run.state.step)
@@ -1005,6 +1013,12 @@ class _Engine(NamedTuple):
             resumed,
             round(float(run.progress.train_time), 3),
         )
+
+    def metrics_like(self, state: TrainState) -> dict:
+        """The per-step metrics of the train loop as shapes: `jax.eval_shape` of the loop on the
+        first block of one batch (a trace, cached by the loop; nothing compiles or runs)."""
+        first = self._batch_order(0)[:1]
+        return jax.eval_shape(self.loop_parts[0], state, (self.x[first], self.y[first]))[1]
 
     def _batch_order(self, epoch: int) -> np.ndarray:
         """Epoch ``epoch``'s batches as example indices, shape (steps_per_epoch, batch_size): the

@@ -641,3 +641,12 @@ def test_batching_refuses_a_key_that_is_not_a_prng_key(call, owner):
         with pytest.raises(TypeError, match=rf"{owner}: key must be a jax.random.key, got {key!r} of type"):
             call(x, y, key)
     call(x, y, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("name", ["y_train", "y_test"])
+def test_npz_labels_below_zero_are_refused_on_the_host_naming_the_array(tmp_path, name):
+    arrays = dict(np.load(_good_npz(tmp_path / "good.npz")))
+    arrays[name] = np.where(np.arange(len(arrays[name])) == 1, -1, arrays[name])
+    np.savez(tmp_path / "neg.npz", **arrays)
+    with pytest.raises(ValueError, match=rf"neg.npz: {name} holds negative labels, e.g. -1; expected 0, 1"):
+        data.load_npz(str(tmp_path / "neg.npz"))

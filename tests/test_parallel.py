@@ -648,3 +648,21 @@ def test_train_step_does_not_import_parallel_and_the_old_names_still_resolve():
     assert dl.make_sharded_train_loop is par.make_sharded_train_loop
     for name in par.__all__:
         assert getattr(par, name).__doc__, name
+
+
+def test_data_parallel_steps_refuse_a_batch_of_strings_by_name():
+    model = L.Sequential(L.Dense(4))
+    loss_fn, tx = ts.supervised_loss(model), dl.sgd(0.1)
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (3,))
+    x, y = np.full((4, 3), "a"), np.zeros(4, np.int32)
+    mesh = par.data_mesh(2)
+    with pytest.raises(
+        TypeError, match=r"make_sharded_train_step: batch\[0\] must be an array of numbers, got dtype <U1"
+    ):
+        par.make_sharded_train_step(loss_fn, tx, mesh)(par.put_state(state, mesh), (x, y))
+    with pytest.raises(
+        TypeError, match=r"make_pmap_train_step: batch\[0\] must be an array of numbers, got dtype <U1"
+    ):
+        par.make_pmap_train_step(loss_fn, tx, devices=2)(
+            par.replicate(state, 2), (x.reshape(2, 2, 3), y.reshape(2, 2))
+        )

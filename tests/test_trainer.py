@@ -445,6 +445,11 @@ def test_resume_with_another_configuration_is_refused_naming_what_differs(digits
         (dict(validation="float_labels"), TypeError, r"fit: validation: softmax_cross_entropy: labels"),
         (dict(seed=-1), ValueError, r"fit: seed=-1 is out of range; expected an integer >= 0"),
         (
+            dict(model="batchnorm", batch_size=1),
+            ValueError,
+            r"fit: train step: .*BatchNorm: training needs more than one value per channel",
+        ),
+        (
             dict(optimizer="uncalled"),
             TypeError,
             r"fit: optimizer must be an optax.GradientTransformation, got <function adam.*without calling",
@@ -488,12 +493,18 @@ def test_bad_input_is_refused_before_anything_is_trained_or_written(digits, tmp_
         change = {"validation": (x[:10], np.zeros(10, np.float32))}
     elif change.get("optimizer") == "uncalled":
         change = {"optimizer": dl.adam}
+    model = small_mlp()
+    if change.get("model") == "batchnorm":
+        model = dl.layers.Sequential(
+            dl.layers.Flatten(), dl.layers.Dense(8), dl.layers.BatchNorm(), dl.layers.Dense(10)
+        )
+        change = {k: v for k, v in change.items() if k != "model"}
     args.update(change)
     out = tmp_path / "run"
     optimizer = args.pop("optimizer")
     train = args.pop("train")
     with pytest.raises(error, match=message):
-        dl.fit(small_mlp(), optimizer, train, out_dir=str(out), progress=False, **args)
+        dl.fit(model, optimizer, train, out_dir=str(out), progress=False, **args)
     assert not out.exists()
 
 

@@ -30,6 +30,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxdl._checks import explain_batch_errors
 from jaxdl.parallel.onebit import CrossDeviceTransformation
 from jaxdl.parallel.placement import (
     batch_size_of,
@@ -224,7 +225,7 @@ def make_pmap_train_step(
         return pstep(state, batch)
 
     step.lower = pstep.lower  # e.g. collective_bytes(step.lower(state, batch))
-    return step
+    return explain_batch_errors(owner, "batch", step)
 
 
 def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, donate, stacked, options=None):
@@ -292,7 +293,7 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
         return compiled[treedef]
 
     run.lower = lambda state, batch: program(state).lower(state, batch)
-    return run
+    return explain_batch_errors(owner, "batches" if stacked else "batch", run)
 
 
 def make_sharded_train_step(
