@@ -1,6 +1,7 @@
 """Specification of the `jaxdl` command (jaxdl.cli): training end to end and its outputs,
-evaluate, early stopping, kill-and-resume to bitwise the same parameters, corrupt-checkpoint
-fallback, and bad arguments refused in one line before anything is written."""
+evaluate, early stopping, resume to bitwise the same parameters (from an earlier checkpoint, past a
+corrupt one and a torn metrics line; a real SIGKILL mid-run is tests/test_trainer.py's, on `fit`,
+which the command runs), and bad arguments refused in one line before anything is written."""
 
 import contextlib
 import gzip
@@ -9,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -502,55 +502,6 @@ def test_early_stopping_keeps_the_parameters_of_the_best_validation_epoch(tmp_pa
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.slow
-def test_run_killed_midway_resumes_to_bitwise_the_same_parameters(tmp_path, wait_for_first_checkpoint):
-    # 39-step epochs with checkpoints every 15 steps, so the kill and the resume fall mid-epoch;
-    # dropout makes the result depend on the PRNG key in the TrainState.
-    args = [
-        "train",
-        "--limit-train",
-        "1248",
-        "--depth",
-        "1",
-        "--width",
-        "64",
-        "--batch-size",
-        "32",
-        "--dropout",
-        "0.2",
-        "--augment",
-        "0",
-        "--epochs",
-        "3",
-        "--checkpoint-every",
-        "15",
-        "--block-size",
-        "5",
-        "--quiet",
-    ]
-    # The uninterrupted run writes its compiled programs to a compilation cache that the resumed
-    # run reads once it has finished (saves compiling them a third time); the killed run has none,
-    # not even the suite's (conftest.py), so that no cache file is torn by the kill.
-    cache = {"JAXDL_COMPILE_CACHE": str(tmp_path / "xla")}
-    whole = jaxdl_process(*args, "--out", str(tmp_path / "whole"), env=cache)
-    killed_dir = tmp_path / "killed"
-    killed = jaxdl_process(*args, "--out", str(killed_dir), env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
-    wait_for_first_checkpoint(killed, killed_dir / "checkpoints", timeout_s=180)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert killed.returncode == -signal.SIGKILL
-    assert not (killed_dir / "summary.json").exists(), "killed too late: the run had finished"
-
-    finish(whole)
-    resumed = jaxdl_process(*args, "--out", str(killed_dir), "--resume", env=cache)
-    _, err = finish(resumed)
-    step = int(err.split("resumed from checkpoint step ")[1].split()[0])
-    assert 0 < step < 3 * 39 and step % 15 == 0
-    assert_bitwise_equal(model_leaves(killed_dir), model_leaves(tmp_path / "whole"))
-    assert metric_values(killed_dir) == metric_values(tmp_path / "whole")
-    assert json.loads((killed_dir / "summary.json").read_text())["resumed_from_step"] == step
-
-
 @SHARES_DIGITS_RUN
 def test_resume_falls_back_past_a_corrupt_checkpoint(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path)
@@ -563,6 +514,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(digits_run, tmp_path, capsy
     assert "resumed from checkpoint step 78" in err
     assert_bitwise_equal(model_leaves(out), model_leaves(digits_run[0]))
     assert metric_values(out) == metric_values(digits_run[0])
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 78
 
 
 @SHARES_DIGITS_RUN

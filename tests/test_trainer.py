@@ -356,20 +356,22 @@ def fit_process(*argv, compile_cache="0"):
 
 @pytest.mark.slow
 def test_fit_killed_midway_resumes_to_bitwise_the_same_state_and_history(tmp_path, wait_for_first_checkpoint):
-    # The uninterrupted run writes its compiled programs to a compilation cache that the resumed
-    # run reads once it has finished (saves compiling them a third time); the killed run has none,
-    # not even the suite's, so that no cache file is torn by the kill.
+    # The uninterrupted run goes first and writes every program it compiles to a compilation
+    # cache; the killed and the resumed runs build the same programs and read them all from it.
+    # A process writes only what it compiles, so the killed run writes nothing there and the kill
+    # cannot tear a cache file.
     cache = str(tmp_path / "xla")
     whole = fit_process(str(tmp_path / "whole"), compile_cache=cache)
+    out_w, err_w = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err_w[-2000:]
     killed_dir = tmp_path / "killed"
-    killed = fit_process(str(killed_dir))
+    killed = fit_process(str(killed_dir), compile_cache=cache)
     wait_for_first_checkpoint(killed, killed_dir / "checkpoints")
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
     assert not (killed_dir / "final.npz").exists(), "killed too late: the run had finished"
 
-    out_w, err_w = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err_w[-2000:]
     resumed = fit_process(str(killed_dir), "--resume", compile_cache=cache)
     out_r, err_r = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err_r[-2000:]
