@@ -367,12 +367,12 @@ def test_onebit_error_feedback_trains_mnist5k_to_within_half_a_point_of_full_pre
     evaluate = ts.make_eval_step(loss_fn)
     mesh = par.data_mesh()
 
-    def train(tx, epochs=10):
+    def train(tx, epochs=10):  # an epoch (27 steps) per call of the sharded loop
         state = par.put_state(ts.TrainState.create(model, tx, jax.random.key(0), (784,)), mesh)
-        step = par.make_sharded_train_step(loss_fn, tx, mesh)
+        loop = par.make_sharded_train_loop(loss_fn, tx, mesh)
         for epoch in range(epochs):
-            for batch in dl.data.batches(x, y, 128, jax.random.key(1), epoch):
-                state, _ = _run(step, state, par.put_batch(batch, mesh))
+            for block in dl.data.batch_blocks(x, y, 128, 27, jax.random.key(1), epoch):
+                state, _ = _run(loop, state, par.put_batch(block, mesh, batch_axis=1))
         return float(evaluate(state, (x_test, y_test))["accuracy"])
 
     full = train(dl.sgd(0.05, momentum=0.9))
