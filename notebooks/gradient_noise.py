@@ -60,7 +60,7 @@ setup()
 from jaxdl import init, models
 from jaxdl.sweep import grid, sweep
 
-DEPTH, WIDTH = (6, 50) if FAST else (20, 50)
+DEPTH, WIDTH = (4, 50) if FAST else (20, 50)
 STEPS, BATCH, LR = (30, 64, 0.1) if FAST else (1000, 64, 0.1)
 SEEDS = list(range(2 if FAST else 5))
 ETAS = [0.0, 0.1] if FAST else [0.0, 0.01, 0.03, 0.1]
