@@ -15,7 +15,9 @@ layer, the entry and the expected shape, instead of a JAX internal error later o
 
 Conventions: images are NHWC with HWIO kernels (as flax; PyTorch is NCHW/OIHW). Dense kernels
 are (in, out) (PyTorch's Linear stores (out, in)). Parameter names: ``w``, ``b`` (Dense, Conv,
-Maxout), ``alpha`` (PRelu), ``gamma``, ``beta`` and state ``mean``, ``var`` (BatchNorm).
+Maxout), ``alpha`` (PRelu), ``gamma``, ``beta`` and state ``mean``, ``var`` (BatchNorm),
+``gamma``, ``beta`` (LayerNorm, RMSNorm), ``w`` (Embedding), ``wq``, ``wk``, ``wv``, ``wo`` and
+``bq``, ``bk``, ``bv``, ``bo`` (MultiHeadAttention). `Residual` has its layer's params and state.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 from jax import lax
 
 from jaxdl import init as initializers
-from jaxdl._checks import as_key, check_number, check_numeric, check_positive_int, check_shape
+from jaxdl._checks import as_key, check_int, check_number, check_numeric, check_positive_int, check_shape
 
 __all__ = [
     "Dense",
@@ -48,10 +50,16 @@ __all__ = [
     "Sigmoid",
     "Tanh",
     "Elu",
+    "Gelu",
     "Maxout",
     "Dropout",
     "BatchNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "Embedding",
+    "MultiHeadAttention",
     "Sequential",
+    "Residual",
     "FlaxModule",
     "fold_batchnorm",
     "from_flax",
@@ -553,6 +561,29 @@ class Elu(_Stateless):
         return jax.nn.elu(x, self.alpha)
 
 
+@_frozen
+class Gelu(_Stateless):
+    """GELU (Hendrycks & Gimpel 2016): y = x * Phi(x) = x/2 * (1 + erf(x/sqrt(2))), Phi the
+    standard normal CDF; with ``approximate=True`` the tanh form
+    y = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).
+
+    Args:
+      approximate: False (default) for the exact form, as ``torch.nn.functional.gelu``'s default
+        ``approximate='none'``; True for ``approximate='tanh'``. `jax.nn.gelu` and
+        ``flax.linen.gelu`` default to the tanh form; the two differ by up to about 5e-4.
+
+    Returns ``y`` of the shape and dtype of ``x``; no params.
+    """
+
+    approximate: bool = False
+
+    def __post_init__(self):
+        _bool("Gelu", "approximate", self.approximate)
+
+    def _fn(self, x):
+        return jax.nn.gelu(x, approximate=bool(self.approximate))
+
+
 # ----------------------------------------------------------------------------- regularizers
 
 
@@ -661,6 +692,234 @@ class BatchNorm(Layer):
         return mean, var, n
 
 
+def _float32(x):
+    """``x`` in at least float32: normalization statistics of bf16/fp16 inputs (see BatchNorm)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+@_frozen
+class LayerNorm(Layer):
+    """Layer normalization (Ba, Kiros & Hinton 2016) over the last axis of each example:
+
+        mu = mean(x), s2 = mean((x - mu)^2) over the last axis (the biased variance),
+        y = gamma * (x - mu) / sqrt(s2 + eps) + beta.
+
+    The same map in training and evaluation; no state. Numbers of
+    ``torch.nn.LayerNorm(normalized_shape=x.shape[-1], eps=eps)``. ``flax.linen.LayerNorm``
+    defaults to ``eps=1e-6`` and takes s2 = mean(x^2) - mu^2 (``use_fast_variance``), which
+    loses digits when |mu| >> std; we subtract the mean first, as PyTorch. Statistics are
+    computed in float32 (or wider) whatever the input's dtype; the output has the input's.
+
+    Args:
+      eps: added to the variance, > 0 (PyTorch's default 1e-5).
+      use_scale: learn ``gamma`` (shape (features,), init 1); without it gamma = 1.
+      use_bias: learn ``beta`` (shape (features,), init 0); without it beta = 0.
+
+    Returns ``y`` of the shape and dtype of ``x``.
+    """
+
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+
+    def __post_init__(self):
+        _check_real("LayerNorm", "eps", self.eps, low=0.0, low_open=True)
+        _bool("LayerNorm", "use_scale", self.use_scale)
+        _bool("LayerNorm", "use_bias", self.use_bias)
+
+    def _init(self, key, input_shape):
+        shape = _rank("LayerNorm", input_shape, None, "")
+        params = {"gamma": jnp.ones(shape[-1:])} if self.use_scale else {}
+        if self.use_bias:
+            params["beta"] = jnp.zeros(shape[-1:])
+        return shape, params, {}
+
+    def _apply(self, params, state, x, train, key):
+        x32 = _float32(x)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + self.eps)
+        y = y * params["gamma"] if self.use_scale else y
+        y = y + params["beta"] if self.use_bias else y
+        return y.astype(x.dtype), state
+
+
+@_frozen
+class RMSNorm(Layer):
+    """Root-mean-square normalization (Zhang & Sennrich 2019) over the last axis of each example:
+
+        y = gamma * x / sqrt(mean(x^2) + eps)    (mean over the last axis; no centering, no beta)
+
+    Numbers of ``torch.nn.RMSNorm(x.shape[-1], eps=eps)``. Defaults differ: PyTorch's
+    ``eps=None`` means ``torch.finfo(x.dtype).eps`` (1.2e-7 in float32); ours is 1e-6, as
+    ``flax.linen.RMSNorm``'s. Statistics in float32 (or wider) whatever the input's dtype; the
+    output has the input's. No state.
+
+    Args:
+      eps: added to the mean square, > 0.
+
+    Returns ``y`` of the shape and dtype of ``x``; params ``gamma`` (shape (features,), init 1).
+    """
+
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        _check_real("RMSNorm", "eps", self.eps, low=0.0, low_open=True)
+
+    def _init(self, key, input_shape):
+        shape = _rank("RMSNorm", input_shape, None, "")
+        return shape, {"gamma": jnp.ones(shape[-1:])}, {}
+
+    def _apply(self, params, state, x, train, key):
+        x32 = _float32(x)
+        ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        return (x32 * lax.rsqrt(ms + self.eps) * params["gamma"]).astype(x.dtype), state
+
+
+# ----------------------------------------------------------------------------- sequences
+
+
+@_frozen
+class Embedding(Layer):
+    """A lookup table: integer ids -> learned vectors, y[..., :] = W[x[...], :]; W has shape
+    (num_embeddings, features).
+
+    Numbers of ``torch.nn.Embedding(num_embeddings, features)``, whose weight is initialized
+    N(0, 1), as our default ``w_init=normal(1.0)`` (flax's ``nn.Embed`` uses variance scaling,
+    std 1/sqrt(features)). The gradient of W sums over repeated ids, as PyTorch's.
+
+    ``x`` must have an integer dtype: float ids are refused by name when the layer is traced.
+    Ids outside [0, num_embeddings) cannot be checked under jit; their vectors are NaN (PyTorch
+    raises an IndexError; `jnp.take` would clamp silently), so the loss becomes NaN and the train
+    step skips the step.
+
+    Args:
+      num_embeddings: size of the vocabulary, >= 1.
+      features: length of each vector, >= 1.
+      w_init: initializer of W.
+
+    Returns ``y`` of shape ``x.shape + (features,)``, W's dtype; params ``w``.
+    """
+
+    num_embeddings: int
+    features: int
+    w_init: Initializer = initializers.normal(1.0)
+
+    def __post_init__(self):
+        check_positive_int("Embedding", "num_embeddings", self.num_embeddings)
+        check_positive_int("Embedding", "features", self.features)
+        _callable("Embedding", "w_init", self.w_init)
+
+    def _init(self, key, input_shape):
+        params = {"w": self.w_init(key, (self.num_embeddings, self.features))}
+        return tuple(input_shape) + (self.features,), params, {}
+
+    def _apply(self, params, state, x, train, key):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(
+                f"Embedding: x must hold integer ids in [0, {self.num_embeddings}), got dtype "
+                f"{x.dtype.name}; cast the ids with x.astype(jnp.int32)"
+            )
+        n = self.num_embeddings
+        y = jnp.take(params["w"], jnp.clip(x, 0, n - 1), axis=0)
+        return jnp.where(((x >= 0) & (x < n))[..., None], y, jnp.nan), state
+
+
+@_frozen
+class MultiHeadAttention(Layer):
+    """Multi-head scaled dot-product self-attention (Vaswani et al. 2017) over inputs of shape
+    (batch, seq, features):
+
+        q, k, v = x Wq + bq, x Wk + bk, x Wv + bv, each split into num_heads heads of d = qkv/heads
+        head_h = softmax(q_h k_h^T / sqrt(d) + mask) v_h,   mask[t, s] = -inf for s > t if causal
+        y = concat(head_1, ..., head_H) Wo + bo
+
+    Numbers of ``torch.nn.MultiheadAttention(features, num_heads, batch_first=True)`` with its
+    ``in_proj_weight`` = concat(Wq, Wk, Wv)^T and ``out_proj.weight`` = Wo^T (PyTorch stores (out,
+    in); ``attn_mask`` = the causal mask), and of ``torch.nn.functional.scaled_dot_product_attention``
+    on the same projections. Logits and softmax are computed in float32 (or wider).
+    ``dropout`` drops attention weights in training (inverted scaling, as PyTorch's and flax's
+    ``dropout_rate``) and needs ``key`` then. Initialization as Dense: ``w_init=xavier_normal``
+    (PyTorch: xavier_uniform for Wq, Wk, Wv and U(+-1/sqrt(in)) for Wo), ``b_init=zeros``.
+
+    Args:
+      num_heads: number of heads, >= 1; must divide qkv_features.
+      qkv_features: width of q, k and v over all heads (default: the input's features).
+      out_features: width of y (default: the input's features).
+      causal: position t attends to positions <= t only.
+      dropout: probability of dropping an attention weight in training, in [0, 1).
+      w_init, b_init, use_bias: as Dense, for the four projections.
+
+    Returns ``y`` of shape (batch, seq, out_features); params ``wq``, ``wk``, ``wv`` (features,
+    qkv), ``wo`` (qkv, out) and biases ``bq``, ``bk``, ``bv`` (qkv,), ``bo`` (out,).
+    """
+
+    num_heads: int
+    qkv_features: int | None = None
+    out_features: int | None = None
+    causal: bool = False
+    dropout: float = 0.0
+    w_init: Initializer = initializers.xavier_normal
+    b_init: Initializer = initializers.zeros
+    use_bias: bool = True
+
+    def __post_init__(self):
+        name = "MultiHeadAttention"
+        check_positive_int(name, "num_heads", self.num_heads)
+        check_int(name, "qkv_features", self.qkv_features, allow_none=True)
+        check_int(name, "out_features", self.out_features, allow_none=True)
+        if self.qkv_features is not None:
+            self._check_heads("qkv_features", self.qkv_features)
+        _bool(name, "causal", self.causal)
+        _check_real(name, "dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        _callable(name, "w_init", self.w_init)
+        _callable(name, "b_init", self.b_init)
+        _bool(name, "use_bias", self.use_bias)
+
+    def _check_heads(self, name, width):
+        if width % self.num_heads:
+            raise ValueError(
+                f"MultiHeadAttention: {name}={width} is not divisible by num_heads={self.num_heads}; "
+                "expected a multiple of num_heads (each head gets an equal share)"
+            )
+
+    def _init(self, key, input_shape):
+        seq, features = _rank("MultiHeadAttention", input_shape, 2, "(seq, features)")
+        qkv = self.qkv_features or features
+        if self.qkv_features is None:
+            self._check_heads("qkv_features (the input's features)", qkv)
+        out = self.out_features or features
+        keys = jax.random.split(key, 8)
+        shapes = {"q": (features, qkv), "k": (features, qkv), "v": (features, qkv), "o": (qkv, out)}
+        params = {f"w{n}": self.w_init(k, s) for (n, s), k in zip(shapes.items(), keys[:4])}
+        if self.use_bias:
+            params |= {f"b{n}": self.b_init(k, s[-1:]) for (n, s), k in zip(shapes.items(), keys[4:])}
+        return (seq, out), params, {}
+
+    def _apply(self, params, state, x, train, key):
+        b, t, _ = x.shape
+
+        def project(name, z):
+            y = z @ params[f"w{name}"]
+            return y + params[f"b{name}"] if self.use_bias else y
+
+        q, k, v = (project(n, x).reshape(b, t, self.num_heads, -1) for n in "qkv")
+        logits = jnp.einsum("bthd,bshd->bhts", _float32(q), _float32(k)) / math.sqrt(q.shape[-1])
+        if self.causal:
+            logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1)
+        if train and self.dropout > 0:
+            if key is None:
+                raise ValueError(
+                    "MultiHeadAttention: apply(..., train=True) with dropout > 0 needs a PRNG key: "
+                    "pass key=... (Sequential splits the key it is given among its layers)"
+                )
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, weights.shape)
+            weights = jnp.where(keep, weights / (1.0 - self.dropout), 0.0)
+        heads = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
+        return project("o", heads.reshape(b, t, -1)), state
+
+
 # ----------------------------------------------------------------------------- combinators
 
 
@@ -726,6 +985,47 @@ class Sequential(Layer):
             if s:
                 new_state[name] = s
         return x, new_state
+
+
+@_frozen
+class Residual(Layer):
+    """A residual connection (He et al. 2016): y = x + layer(x).
+
+    ``params`` and ``state`` are ``layer``'s own (not nested under a key), and the state is
+    threaded through as Sequential does; ``key`` is passed on to ``layer``. ``layer`` must keep
+    the shape of its input: a mismatch is refused at ``init``, naming the shapes.
+
+    Args:
+      layer: any layer of this protocol (often a Sequential, e.g. LayerNorm then attention).
+
+    Returns ``x + layer(x)`` and ``layer``'s new state.
+    """
+
+    layer: Any
+
+    def __post_init__(self):
+        layer = self.layer
+        if isinstance(layer, type) or not (
+            callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
+        ):
+            hint = f" (did you mean {layer.__name__}()?)" if isinstance(layer, type) else ""
+            raise TypeError(
+                f"Residual: layer must be a layer object with init and apply, got {layer!r} of "
+                f"type {type(layer).__name__}{hint}"
+            )
+
+    def _init(self, key, input_shape):
+        shape, params, state = self.layer.init(key, input_shape)
+        if tuple(shape) != tuple(input_shape):
+            raise ValueError(
+                f"Residual: layer {type(self.layer).__name__} maps input_shape {tuple(input_shape)} "
+                f"to {tuple(shape)}; y = x + layer(x) needs the output shape to equal the input shape"
+            )
+        return tuple(shape), params, state
+
+    def _apply(self, params, state, x, train, key):
+        y, state = _run(self.layer, params, state, x, train, key)
+        return x + y, state
 
 
 @_frozen
