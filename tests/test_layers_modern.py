@@ -37,13 +37,15 @@ def _params(layer, input_shape, scale=0.5, shift=0.0):
 
 
 def _value_and_grads(layer, params, x, ct, **kw):
-    """y and the gradients of sum(y * ct) with respect to params and x (float0 for integer x)."""
+    """y and the gradients of sum(y * ct) with respect to params and x (float0 for integer x),
+    in one compiled program (eager dispatch compiles every operation separately: slower)."""
 
     def loss(p, x):
         y = layer.apply(p, {}, x, **kw)[0]
         return jnp.sum(y * ct), y
 
-    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True, allow_int=True)(params, x)
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True, allow_int=True)
+    (_, y), grads = jax.jit(grad)(params, x)
     return y, grads
 
 
@@ -102,20 +104,27 @@ def test_rmsnorm_matches_torch_forward_and_gradients():
 
 def test_norms_match_numpy_closed_forms_and_have_no_state():
     x = _randn(4, 7, scale=3, shift=-2)
-    ln, rms = L.LayerNorm(eps=1e-3), L.RMSNorm(eps=1e-3)
+    ln, rms, bare = L.LayerNorm(eps=1e-3), L.RMSNorm(eps=1e-3), L.LayerNorm(use_scale=False, use_bias=False)
     out, p, state = ln.init(KEY, (7,))
     assert out == (7,) and state == {} and set(p) == {"gamma", "beta"}
     np.testing.assert_array_equal(p["gamma"], np.ones(7))
     np.testing.assert_array_equal(p["beta"], np.zeros(7))
-    p = _params(ln, (7,))
-    for train in (False, True):  # the same map in training and evaluation
-        _close(ln.apply(p, {}, x, train=train)[0], _layer_norm_np(x, p["gamma"], p["beta"], 1e-3))
-    bare = L.LayerNorm(use_scale=False, use_bias=False)
-    assert bare.init(KEY, (7,))[1] == {}
-    _close(bare.apply({}, {}, x)[0], _layer_norm_np(x, 1.0, 0.0, 1e-5))
-    assert set(L.LayerNorm(use_bias=False).init(KEY, (7,))[1]) == {"gamma"}
-    g = _params(rms, (7,))
-    _close(rms.apply(g, {}, x)[0], _rms_norm_np(x, g["gamma"], 1e-3))
+    assert bare.init(KEY, (7,))[1] == {} and set(L.LayerNorm(use_bias=False).init(KEY, (7,))[1]) == {"gamma"}
+    assert rms.init(KEY, (7,))[2] == {}
+    p, g = _params(ln, (7,)), _params(rms, (7,))
+
+    @jax.jit
+    def run(p, g, x):
+        ys = [ln.apply(p, {}, x, train=train) for train in (False, True)]  # the same map in both modes
+        return ys, bare.apply({}, {}, x)[0], rms.apply(g, {}, x)
+
+    ys, y_bare, (y_rms, rms_state) = run(p, g, x)
+    for y, new_state in ys:
+        _close(y, _layer_norm_np(x, p["gamma"], p["beta"], 1e-3))
+        assert new_state == {}
+    _close(y_bare, _layer_norm_np(x, 1.0, 0.0, 1e-5))
+    _close(y_rms, _rms_norm_np(x, g["gamma"], 1e-3))
+    assert rms_state == {}
 
 
 @pytest.mark.parametrize("layer", [L.LayerNorm(), L.RMSNorm()], ids=lambda m: type(m).__name__)
@@ -123,8 +132,8 @@ def test_norms_of_bf16_inputs_take_float32_statistics_and_return_bf16(layer):
     # Values near 64 with a spread of about 1: bf16 has 8 bits of mantissa, so a mean or a
     # mean square formed in bf16 is off by about 0.25, which is a quarter of the spread.
     x = (jax.random.normal(KEY, (8, 16)) + 64.0).astype(jnp.bfloat16)
-    params = jax.tree.map(jnp.asarray, _params(layer, (16,), shift=1.0))
-    y, _ = layer.apply(params, {}, x)
+    params = _params(layer, (16,), shift=1.0)
+    y = jax.jit(lambda p, x: layer.apply(p, {}, x)[0])(params, x)
     assert y.dtype == jnp.bfloat16
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
     if isinstance(layer, L.LayerNorm):
@@ -158,12 +167,14 @@ def test_gelu_matches_torch_forward_and_gradients(approximate):
 
 
 def test_gelu_matches_its_closed_forms_and_defaults_to_the_exact_one():
-    x = _randn(3, 8, scale=3)
-    for approximate in (False, True):
-        _close(L.Gelu(approximate).apply({}, {}, x)[0], _gelu_np(x, approximate), 1e-6)
-    x = np.array([[1.5]], np.float32)  # exact and tanh forms differ by about 1e-4 here
-    assert abs(float(L.Gelu().apply({}, {}, x)[0][0, 0]) - _gelu_np(x, False)[0, 0]) < 1e-6
-    assert abs(float(L.Gelu().apply({}, {}, x)[0][0, 0]) - _gelu_np(x, True)[0, 0]) > 5e-5
+    x = np.append(_randn(20, scale=3), 1.5).astype(np.float32)[None]  # at 1.5 the forms differ by 1e-4
+    exact, tanh, default = jax.jit(
+        lambda x: [g.apply({}, {}, x)[0] for g in (L.Gelu(False), L.Gelu(True), L.Gelu())]
+    )(x)
+    _close(exact, _gelu_np(x, False), 1e-6)
+    _close(tanh, _gelu_np(x, True), 1e-6)
+    np.testing.assert_array_equal(default, exact)
+    assert abs(float(default[0, -1]) - _gelu_np(x, True)[0, -1]) > 5e-5
 
 
 # ----------------------------------------------------------------------------- Embedding
@@ -184,17 +195,16 @@ def test_embedding_matches_torch_forward_and_weight_gradient():
 
 def test_embedding_looks_up_rows_sums_gradients_and_inits_like_torch():
     layer = L.Embedding(5, 3)
+    ids = np.array([[4, 0, 4, 1]], np.int32)
     out, params, state = layer.init(KEY, (4,))
     assert out == (4, 3) and params["w"].shape == (5, 3) and state == {}
-    ids = np.array([[4, 0, 4, 1]], np.int32)
     w = _params(layer, (4,))["w"]
-    y, _ = layer.apply({"w": w}, {}, ids)
+    y, (grad, _) = _value_and_grads(layer, {"w": w}, ids, np.ones((1, 4, 3), np.float32))
     np.testing.assert_array_equal(y, w[ids])
-    grad = jax.grad(lambda p: jnp.sum(layer.apply(p, {}, ids)[0]))({"w": w})["w"]
-    np.testing.assert_array_equal(grad, np.array([1, 1, 0, 0, 2])[:, None] * np.ones((1, 3)))
-    _, big, _ = L.Embedding(1000, 50).init(KEY, (1,))
-    assert float(jnp.std(big["w"])) == pytest.approx(1.0, rel=0.03)  # torch's N(0, 1)
-    assert abs(float(jnp.mean(big["w"]))) < 0.02
+    np.testing.assert_array_equal(grad["w"], np.array([1, 1, 0, 0, 2])[:, None] * np.ones((1, 3)))
+    big = jax.jit(lambda k: L.Embedding(1000, 50).init(k, (1,))[1]["w"])(KEY)
+    assert float(jnp.std(big)) == pytest.approx(1.0, rel=0.03)  # torch's N(0, 1)
+    assert abs(float(jnp.mean(big))) < 0.02
 
 
 def test_embedding_refuses_float_ids_by_name_and_gives_nan_outside_the_vocabulary():
@@ -278,12 +288,13 @@ def test_attention_with_other_widths_matches_torch_scaled_dot_product_attention(
         _close(gp[name] if name != "x" else gx, want)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_matches_a_numpy_reference(causal):
-    layer = L.MultiHeadAttention(2, qkv_features=4, out_features=3, causal=causal)
-    params = _params(layer, (3, 5))
+def test_attention_matches_a_numpy_reference():
+    layers = [L.MultiHeadAttention(2, qkv_features=4, out_features=3, causal=c) for c in (False, True)]
+    params = _params(layers[0], (3, 5))
     x = _randn(2, 3, 5)
-    _close(layer.apply(params, {}, x)[0], _attention_np(params, x, 2, causal))
+    ys = jax.jit(lambda p, x: [m.apply(p, {}, x)[0] for m in layers])(params, x)
+    for y, causal in zip(ys, (False, True)):
+        _close(y, _attention_np(params, x, 2, causal))
 
 
 def test_attention_gradients_match_finite_differences():
@@ -297,73 +308,88 @@ def test_attention_gradients_match_finite_differences():
 
 def test_causal_attention_output_at_t_does_not_depend_on_inputs_after_t():
     t = 5
+    layers = [L.MultiHeadAttention(2, causal=c) for c in (True, False)]
+    params = _params(layers[0], (t, 4))
     x = _randn(1, t, 4)
-    for causal in (True, False):
-        layer = L.MultiHeadAttention(2, causal=causal)
-        params = _params(layer, (t, 4))
-        f = jax.jit(lambda x: layer.apply(params, {}, x)[0])  # noqa: B023 (called in this iteration)
-        jac = np.asarray(jax.jacobian(f)(x))[0, :, :, 0]  # d y[t, :] / d x[s, :]: (t, 4, t, 4)
-        dependence = np.abs(jac).sum(axis=(1, 3))  # (t, s)
-        later = np.triu(np.ones((t, t), bool), 1)  # s > t
+    x2 = x.copy()
+    x2[0, -1] += 1.0
+
+    @jax.jit
+    def run(x, x2):
+        fs = [lambda x, m=m: m.apply(params, {}, x)[0] for m in layers]
+        return [(jax.jacobian(f)(x), f(x2) - f(x)) for f in fs]
+
+    later = np.triu(np.ones((t, t), bool), 1)  # s > t
+    for (jac, change), causal in zip(run(x, x2), (True, False)):
+        dependence = np.abs(np.asarray(jac)[0, :, :, 0]).sum(axis=(1, 3))  # |d y[t] / d x[s]|: (t, s)
+        changed = np.abs(np.asarray(change)).max(-1)[0] > 0  # changing the last input changes ...
         if causal:
             assert np.all(dependence[later] == 0) and np.all(dependence[~later] > 0)
+            assert changed.tolist() == [False] * (t - 1) + [True]  # ... only the last output
         else:
-            assert np.all(dependence > 0)
-        y = f(x)  # and directly: changing the last input changes only the last output
-        x2 = x.copy()
-        x2[0, -1] += 1.0
-        changed = np.abs(np.asarray(f(x2) - y)).max(-1)[0] > 0
-        assert changed.tolist() == ([False] * (t - 1) + [True] if causal else [True] * t)
+            assert np.all(dependence > 0) and changed.all()
 
 
 def test_attention_dropout_drops_weights_in_training_only_and_needs_a_key():
     layer = L.MultiHeadAttention(2, dropout=0.5)
     params = _params(layer, (4, 4))
     x = _randn(3, 4, 4)
-    y_eval, _ = layer.apply(params, {}, x)
-    y_train_eval, _ = layer.apply(params, {}, x, train=False, key=KEY)
-    np.testing.assert_array_equal(y_eval, y_train_eval)
-    a, _ = layer.apply(params, {}, x, train=True, key=jax.random.key(1))
-    b, _ = layer.apply(params, {}, x, train=True, key=jax.random.key(2))
+
+    @jax.jit
+    def run(p, x):
+        return [
+            layer.apply(p, {}, x)[0],
+            layer.apply(p, {}, x, train=False, key=KEY)[0],
+            layer.apply(p, {}, x, train=True, key=jax.random.key(1))[0],
+            layer.apply(p, {}, x, train=True, key=jax.random.key(2))[0],
+            L.MultiHeadAttention(2).apply(p, {}, x, train=True)[0],
+        ]
+
+    y_eval, y_eval_key, a, b, no_drop = run(params, x)
+    np.testing.assert_array_equal(y_eval, y_eval_key)
+    np.testing.assert_array_equal(no_drop, y_eval)
     assert not np.allclose(a, y_eval) and not np.allclose(a, b)
     with pytest.raises(ValueError, match=r"MultiHeadAttention: apply\(..., train=True\) .* needs a PRNG key"):
         layer.apply(params, {}, x, train=True)
-    no_drop = L.MultiHeadAttention(2)
-    _close(no_drop.apply(params, {}, x, train=True)[0], y_eval, 0)
 
 
 # ----------------------------------------------------------------------------- Residual
 
 
 def test_residual_adds_its_input_and_threads_state():
-    dense = L.Dense(4)
-    p = _params(dense, (4,))
-    x = _randn(3, 4)
-    y, _ = L.Residual(dense).apply(p, {}, x)
-    _close(y, x + x @ p["w"] + p["b"])
-    bn = L.BatchNorm(momentum=0.5)
-    _, bp, bs = bn.init(KEY, (4,))
+    dense, bn = L.Dense(4), L.BatchNorm(momentum=0.5)
     res = L.Residual(bn)
     out, rp, rs = res.init(KEY, (4,))
+    _, bp, bs = bn.init(KEY, (4,))
     assert out == (4,) and rp.keys() == bp.keys() and rs.keys() == bs.keys()  # bn's own, not nested
-    y, new_state = res.apply(bp, bs, x, train=True)
-    y_bn, bn_state = bn.apply(bp, bs, x, train=True)
+    model = L.Sequential(L.Dense(4), L.Residual(L.Sequential(L.BatchNorm(), L.Relu())))
+    _, params, state = jax.eval_shape(lambda: model.init(KEY, (3,)))
+    assert set(state) == {"residual_1"} and set(state["residual_1"]) == {"batchnorm_0"}
+    p, x = _params(dense, (4,)), _randn(3, 4)
+
+    @jax.jit
+    def run(p, x):
+        return (
+            L.Residual(dense).apply(p, {}, x)[0],
+            res.apply(bp, bs, x, train=True),
+            bn.apply(bp, bs, x, train=True),
+        )
+
+    y_dense, (y, new_state), (y_bn, bn_state) = run(p, x)
+    _close(y_dense, x + x @ p["w"] + p["b"])
     _close(y, x + y_bn, 0)
     jax.tree.map(lambda a, b: _close(a, b, 0), new_state, bn_state)
     assert not np.allclose(new_state["mean"], bs["mean"])
-    model = L.Sequential(L.Dense(4), L.Residual(L.Sequential(L.BatchNorm(), L.Relu())))
-    _, params, state = model.init(KEY, (3,))
-    assert set(state) == {"residual_1"} and set(state["residual_1"]) == {"batchnorm_0"}
-    _, state2 = model.apply(params, state, _randn(5, 3), train=True)
-    assert not np.allclose(state2["residual_1"]["batchnorm_0"]["var"], 1.0)
 
 
 def test_residual_refuses_a_shape_change_and_non_layers_by_name():
     with pytest.raises(
         ValueError, match=r"Residual: layer Dense maps input_shape \(4,\) to \(3,\); y = x \+ layer\(x\)"
     ):
-        L.Residual(L.Dense(3)).init(KEY, (4,))
-    with pytest.raises(TypeError, match=r"Residual: layer must be a layer object .* \(did you mean Relu\(\)\?\)"):
+        jax.eval_shape(lambda: L.Residual(L.Dense(3)).init(KEY, (4,)))
+    with pytest.raises(
+        TypeError, match=r"Residual: layer must be a layer object .* \(did you mean Relu\(\)\?\)"
+    ):
         L.Residual(L.Relu)
     with pytest.raises(TypeError, match="Residual: layer must be a layer object"):
         L.Residual(jnp.tanh)
@@ -382,23 +408,47 @@ def _tiny_lm(vocab=7, width=4):
     )
 
 
+def _tiny_lm_np(p, ids):
+    """`_tiny_lm` written out in numpy with the references above."""
+    x = np.asarray(p["embedding_0"]["w"], np.float64)[ids]
+    r = p["residual_1"]
+    ln = r["layernorm_0"]
+    x = x + _attention_np(
+        r["multiheadattention_1"], _layer_norm_np(x, ln["gamma"], ln["beta"], 1e-5), 2, True
+    )
+    r = p["residual_2"]
+    h = _rms_norm_np(x, r["rmsnorm_0"]["gamma"], 1e-6) @ r["dense_1"]["w"] + r["dense_1"]["b"]
+    x = x + _gelu_np(h, False) @ r["dense_3"]["w"] + r["dense_3"]["b"]
+    x = _layer_norm_np(x, p["layernorm_3"]["gamma"], p["layernorm_3"]["beta"], 1e-5)
+    return x @ p["dense_4"]["w"] + p["dense_4"]["b"]
+
+
 def test_a_tiny_transformer_works_under_jit_and_vmap_over_models():
     model = _tiny_lm()
     ids = np.array([[1, 2, 3], [6, 0, 0]], np.int32)
-    inits = [model.init(k, (3,)) for k in jax.random.split(KEY, 2)]
-    assert inits[0][0] == (3, 7)
-    eager = [model.apply(p, s, ids)[0] for _, p, s in inits]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[p for _, p, _ in inits])
-    both = jax.jit(jax.vmap(lambda p: model.apply(p, {}, ids)[0]))(stacked)
-    for i in range(2):
-        _close(both[i], eager[i])
-    assert not np.allclose(eager[0], eager[1])
-    # vmap over examples of one model equals the batched call
-    one = jax.vmap(lambda x: model.apply(inits[0][1], {}, x[None])[0][0])(ids)
-    _close(one, eager[0])
-    grads = jax.grad(lambda p: jnp.sum(model.apply(p, {}, ids)[0] ** 2))(inits[0][1])
+    out = []
+    jax.eval_shape(lambda: out.append(model.init(KEY, (3,))))  # shapes only: nothing compiled
+    assert out[0][0] == (3, 7) and out[0][2] == {}
+    models = [_params(model, (3,)) for _ in range(2)]
+    stacked = jax.tree.map(lambda *a: np.stack(a), *models)
+
+    @jax.jit
+    def run(stacked, p0, p1):  # one compilation for all of it
+        apply = lambda p, x: model.apply(p, {}, x)[0]  # noqa: E731
+        over_models = jax.vmap(apply, (0, None))(stacked, ids)
+        over_examples = jax.vmap(lambda x: apply(p0, x[None])[0])(ids)
+        grads = jax.grad(lambda p: jnp.sum(apply(p, ids) ** 2))(p0)
+        return over_models, apply(p0, ids), apply(p1, ids), over_examples, grads
+
+    over_models, y0, y1, over_examples, grads = run(stacked, *models)
+    _close(over_models[0], y0)
+    _close(over_models[1], y1)
+    _close(over_examples, y0)
+    _close(y0, _tiny_lm_np(models[0], ids), 1e-4)
+    assert not np.allclose(y0, y1)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert np.abs(grads["embedding_0"]["w"][4]).max() == 0  # id 4 is not in the batch
+    assert np.abs(np.asarray(grads["embedding_0"]["w"])[[0, 1, 2, 3, 6]]).max(-1).min() > 0
 
 
 def test_new_layers_are_exported_from_jaxdl():
@@ -412,7 +462,11 @@ def test_new_layers_are_exported_from_jaxdl():
 @pytest.mark.parametrize(
     "make,error,match",
     [
-        (lambda: L.LayerNorm(eps=0.0), ValueError, r"LayerNorm: eps=0.0 is out of range; expected finite eps"),
+        (
+            lambda: L.LayerNorm(eps=0.0),
+            ValueError,
+            r"LayerNorm: eps=0.0 is out of range; expected finite eps",
+        ),
         (lambda: L.LayerNorm(use_scale=1), TypeError, r"LayerNorm: use_scale must be a bool, got 1"),
         (lambda: L.RMSNorm(eps=-1e-6), ValueError, r"RMSNorm: eps=-1e-06 is out of range"),
         (lambda: L.RMSNorm(eps="a"), TypeError, r"RMSNorm: eps must be a real number, got 'a'"),
@@ -436,7 +490,11 @@ def test_new_layers_are_exported_from_jaxdl():
             ValueError,
             r"MultiHeadAttention: dropout=1.0 is out of range; expected finite dropout with 0 <= dropout < 1",
         ),
-        (lambda: L.MultiHeadAttention(2, causal="yes"), TypeError, r"MultiHeadAttention: causal must be a bool"),
+        (
+            lambda: L.MultiHeadAttention(2, causal="yes"),
+            TypeError,
+            r"MultiHeadAttention: causal must be a bool",
+        ),
     ],
 )
 def test_bad_hyperparameters_are_refused_by_name_when_built(make, error, match):
@@ -449,7 +507,9 @@ def test_attention_refuses_indivisible_features_and_wrong_ranks_at_init():
         ValueError, match=r"qkv_features \(the input's features\)=5 is not divisible by num_heads=2"
     ):
         L.MultiHeadAttention(2).init(KEY, (3, 5))
-    with pytest.raises(ValueError, match=r"MultiHeadAttention: input_shape must have rank 2 \(seq, features\)"):
+    with pytest.raises(
+        ValueError, match=r"MultiHeadAttention: input_shape must have rank 2 \(seq, features\)"
+    ):
         L.MultiHeadAttention(2).init(KEY, (4,))
     with pytest.raises(ValueError, match=r"LayerNorm: input_shape must have rank at least 1"):
         L.LayerNorm().init(KEY, ())
