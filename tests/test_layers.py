@@ -776,6 +776,12 @@ ALL_LAYERS = [
     (L.Dropout(0.5), (4,)),
     (L.BatchNorm(), (4,)),
     (L.Sequential(L.Dense(3), L.Relu()), (4,)),
+    (L.Gelu(), (4,)),
+    (L.LayerNorm(), (4,)),
+    (L.RMSNorm(), (4,)),
+    (L.Embedding(5, 3), (4,)),
+    (L.MultiHeadAttention(2), (3, 4)),
+    (L.Residual(L.Dense(4)), (4,)),
 ]
 
 
@@ -817,7 +823,8 @@ def test_every_layer_refuses_a_non_key_and_non_numeric_inputs_by_name(layer, sha
         TypeError, match=rf"{name}\.apply: x must be an array of numbers, got dtype <U1: \['a'"
     ):
         layer.apply(params, state, x)
-    y, _ = layer.apply(params, state, np.ones((2, *shape), np.float32))  # numpy input still works
+    dtype = np.int32 if isinstance(layer, L.Embedding) else np.float32  # Embedding takes integer ids
+    y, _ = layer.apply(params, state, np.ones((2, *shape), dtype))  # numpy input still works
     assert y.shape[0] == 2
 
 
