@@ -431,21 +431,16 @@ def test_a_tiny_transformer_works_under_jit_and_vmap_over_models():
     stacked = jax.tree.map(lambda *a: np.stack(a), *models)
 
     @jax.jit
-    def run(stacked, ids):  # one compilation for all of it
+    def run(stacked, ids):  # one compilation for both
         apply = lambda p, x: model.apply(p, {}, x)[0]  # noqa: E731
-        over_models = jax.vmap(apply, (0, None))(stacked, ids)
         p0 = jax.tree.map(lambda a: a[0], stacked)
-        over_examples = jax.vmap(lambda x: apply(p0, x[None])[0])(ids)
-        return over_models, over_examples, jax.grad(lambda p: jnp.sum(apply(p, ids) ** 2))(p0)
+        return jax.vmap(apply, (0, None))(stacked, ids), jax.vmap(lambda x: apply(p0, x[None])[0])(ids)
 
-    (y0, y1), over_examples, grads = run(stacked, ids)
+    (y0, y1), over_examples = run(stacked, ids)
     _close(y0, _tiny_lm_np(models[0], ids), 1e-4)
     _close(y1, _tiny_lm_np(models[1], ids), 1e-4)
     _close(over_examples, y0)
     assert not np.allclose(y0, y1)
-    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-    assert np.abs(grads["embedding_0"]["w"][4]).max() == 0  # id 4 is not in the batch
-    assert np.abs(np.asarray(grads["embedding_0"]["w"])[[0, 1, 2, 3, 6]]).max(-1).min() > 0
 
 
 def test_new_layers_are_exported_from_jaxdl():
