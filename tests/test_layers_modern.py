@@ -167,7 +167,7 @@ def test_gelu_matches_torch_forward_and_gradients(approximate):
 
 
 def test_gelu_matches_its_closed_forms_and_defaults_to_the_exact_one():
-    x = np.append(_randn(20, scale=3), 1.5).astype(np.float32)[None]  # at 1.5 the forms differ by 1e-4
+    x = np.append(_randn(20, scale=3), 1.5).astype(np.float32)[None]  # at 1.5 the forms differ by 2.2e-4
     exact, tanh, default = jax.jit(
         lambda x: [g.apply({}, {}, x)[0] for g in (L.Gelu(False), L.Gelu(True), L.Gelu())]
     )(x)
