@@ -535,7 +535,7 @@ def test_bad_augmentation_arguments_are_clear_errors(call, match):
         call(jax.random.key(0), images(n=2))
 
 
-# ----------------------------------------------------------------------------- bad files and seeds (issue 22)
+# ----------------------------------------------------------------------------- bad files and seeds
 
 
 def _good_npz(path, compressed=False):

@@ -757,7 +757,7 @@ def test_batchnorm_takes_float32_statistics_of_bf16_inputs_and_returns_bf16():
     assert y_eval.dtype == jnp.bfloat16  # float32 statistics do not promote the next layer to float32
 
 
-# ----------------------------------------------------------------------------- bad inputs (issue 22)
+# ----------------------------------------------------------------------------- bad inputs
 
 # One instance of every layer of jaxdl.layers with the shape of one example it takes.
 ALL_LAYERS = [

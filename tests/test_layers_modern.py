@@ -1,4 +1,4 @@
-"""The sequence-model layers of issue 24 (LayerNorm, RMSNorm, Embedding, Gelu, MultiHeadAttention,
+"""The sequence-model layers (LayerNorm, RMSNorm, Embedding, Gelu, MultiHeadAttention,
 Residual) against PyTorch (forward and gradients) and against torch-free references: closed forms
 in numpy and finite differences, which also run on Python 3.12+ where torch is absent."""
 

@@ -148,7 +148,7 @@ def test_elementwise_losses_reject_mismatched_shapes():
         losses.mse(jnp.zeros((4,)), jnp.zeros((5,)))
 
 
-# ----------------------------------------------------------------------------- out-of-range labels (issue 22)
+# ----------------------------------------------------------------------------- out-of-range labels
 
 
 @pytest.mark.parametrize("bad", [-1, -4, 4, 100])

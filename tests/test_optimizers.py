@@ -133,7 +133,7 @@ def test_mu_dtype_with_complex_params_is_refused_at_init():
         tx.init({"z": jnp.ones(2, jnp.complex64)})
 
 
-# ----------------------------------------------------------------------------- bad inputs (issue 22)
+# ----------------------------------------------------------------------------- bad inputs
 
 from jaxdl import schedules as S  # noqa: E402
 
