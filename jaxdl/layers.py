@@ -1037,10 +1037,11 @@ class FlaxModule(Layer):
     What the wrapper passes, so that flax's own example models run unmodified:
 
     - **Mode**: ``train`` goes to the module's ``__call__`` as ``train=train`` or
-      ``training=train`` when it has such an argument, else as ``deterministic=not train``; a
-      module without any of them but with a ``deterministic`` attribute, or a ``config``
-      attribute with a ``deterministic`` field (flax's lm1b/wmt ``TransformerConfig``), is cloned
-      with ``deterministic=not train``. Eval mode needs no key.
+      ``training=train`` when it has such an argument; else a module with a bool
+      ``deterministic`` attribute is cloned with ``deterministic=not train``; else a
+      ``deterministic`` argument gets ``not train``; else a ``config`` attribute with a
+      ``deterministic`` field (flax's lm1b/wmt ``TransformerConfig``) is replaced in a clone.
+      Eval mode needs no key.
     - **Randomness**: ``rngs`` names the rng streams the module draws from (default
       ``("dropout",)``). From the layer's ``key`` (the train step's key, `jaxdl.train_step.step_key`)
       the first stream gets ``key`` itself and stream ``i >= 1`` gets ``fold_in(key, i)``, so a
@@ -1054,7 +1055,8 @@ class FlaxModule(Layer):
       device, no ``shard_map``/``pmap``), inside ``jax.vmap(..., axis_name=name, axis_size=1)``:
       a mean over one device is the value itself, so the result is the one-device one. Where
       the axis is bound (``fit(..., devices=N)`` binds ``'batch'``), the statistics are
-      averaged across devices as flax's examples do.
+      averaged across devices as flax's examples do; under ``devices=N`` name the axis
+      ``'batch'``: another name is bound per device, and each device keeps its own statistics.
     - **Inputs at init**: ``init`` calls ``module.init`` on a batch of one zero example (in eval
       mode), float32, or int32 when the module refuses floats (token ids for ``nn.Embed``).
 
@@ -1079,10 +1081,10 @@ class FlaxModule(Layer):
         for name in ("train", "training"):
             if name in params:
                 return module, {name: train}
+        if isinstance(getattr(module, "deterministic", None), bool):  # before the argument:
+            return module.clone(deterministic=not train), {}  # nn.merge_param refuses both set
         if "deterministic" in params:
             return module, {"deterministic": not train}
-        if isinstance(getattr(module, "deterministic", None), bool):
-            return module.clone(deterministic=not train), {}
         config = getattr(module, "config", None)
         if dataclasses.is_dataclass(config) and isinstance(getattr(config, "deterministic", None), bool):
             return module.clone(config=dataclasses.replace(config, deterministic=not train)), {}

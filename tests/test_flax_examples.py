@@ -212,3 +212,28 @@ def test_two_rng_streams_and_an_extra_collection():
         from_flax(module).apply(params, state, x, train=True, key=key)
     with pytest.raises(TypeError, match="from_flax: rngs must be a tuple"):
         from_flax(module, rngs="noise")
+
+
+class _DropAttr(nn.Module):
+    deterministic: bool = False
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool | None = None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        return nn.Dropout(0.5)(x, deterministic=deterministic)
+
+
+class _DropArg(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        return nn.Dropout(0.5)(x, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("module", [_DropAttr(), _DropArg()], ids=["attribute", "argument"])
+def test_deterministic_attribute_or_argument_switches_dropout(module):
+    layer = from_flax(module)
+    x = jnp.ones((2, 8))
+    _, params, state = layer.init(jax.random.key(0), (8,))
+    np.testing.assert_array_equal(layer.apply(params, state, x)[0], x)  # eval: no key needed
+    y = layer.apply(params, state, x, train=True, key=jax.random.key(1))[0]
+    assert set(np.unique(y)) == {0.0, 2.0}
