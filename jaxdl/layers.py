@@ -1028,51 +1028,193 @@ class Residual(Layer):
         return x + y, state
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, eq=False)
 class FlaxModule(Layer):
     """A `flax.linen.Module` as a layer (made by `from_flax`): ``params`` is the 'params'
-    collection, ``state`` every other collection (e.g. 'batch_stats').
+    collection, ``state`` every other collection the module keeps ('batch_stats', 'cache', any
+    name), all of them mutable in training and returned as the new state.
 
-    ``train`` is passed to the module's ``__call__`` when it has a ``train`` argument (not
-    ``deterministic``/``use_running_average``: write the module with ``train``); in training the
-    non-param collections are mutable and returned as the new state. A ``key`` is passed as
-    ``rngs={'dropout': key}``. ``init`` calls ``module.init`` on a batch of one zero example
-    (with train=False when accepted).
+    What the wrapper passes, so that flax's own example models run unmodified:
+
+    - **Mode**: ``train`` goes to the module's ``__call__`` as ``train=train`` or
+      ``training=train`` when it has such an argument; else a module with a bool
+      ``deterministic`` attribute is cloned with ``deterministic=not train``; else a
+      ``deterministic`` argument gets ``not train``; else a ``config`` attribute with a
+      ``deterministic`` field (flax's lm1b/wmt ``TransformerConfig``) is replaced in a clone.
+      Eval mode needs no key.
+    - **Randomness**: ``rngs`` names the rng streams the module draws from (default
+      ``("dropout",)``). From the layer's ``key`` (the train step's key, `jaxdl.train_step.step_key`)
+      the first stream gets ``key`` itself and stream ``i >= 1`` gets ``fold_in(key, i)``, so a
+      hand-written flax loop passes ``rngs={rngs[0]: key, rngs[1]: fold_in(key, 1), ...}`` to
+      reproduce it. A stream not named is refused by name.
+    - **Metadata boxes**: parameters boxed by ``nn.with_logical_partitioning`` /
+      ``nn.with_partitioning`` (flax's lm1b) are unboxed (`flax.linen.unbox`): params and state
+      hold plain arrays. `partition_names` returns their logical names for sharding.
+    - **Axis names on one device**: a module whose layers name an axis (flax's ImageNet ResNet
+      hard-codes ``nn.BatchNorm(axis_name='batch')``) runs, where that axis is not bound (one
+      device, no ``shard_map``/``pmap``), inside ``jax.vmap(..., axis_name=name, axis_size=1)``:
+      a mean over one device is the value itself, so the result is the one-device one. Where
+      the axis is bound (``fit(..., devices=N)`` binds ``'batch'``), the statistics are
+      averaged across devices as flax's examples do; under ``devices=N`` name the axis
+      ``'batch'``: another name is bound per device, and each device keeps its own statistics.
+    - **Inputs at init**: ``init`` calls ``module.init`` on a batch of one zero example (in eval
+      mode), float32, or int32 when the module refuses floats (token ids for ``nn.Embed``).
+
+    The wrapper compares and hashes by the identity of its module: jaxdl's caches (compiled
+    eval steps, shape checks) never hash a user's module, which may hold lists (flax's
+    ``ResNet(stage_sizes=[2, 2, 2, 2])``) and so be unhashable.
     """
 
     module: Any
+    rngs: tuple = ("dropout",)
 
-    def _kwargs(self, train):
-        params = inspect.signature(type(self.module).__call__).parameters
-        return {"train": train} if "train" in params else {}
+    def __eq__(self, other):
+        return type(other) is type(self) and other.module is self.module and other.rngs == self.rngs
+
+    def __hash__(self):
+        return hash((type(self), id(self.module), self.rngs))
+
+    def _bound(self, train):
+        """The module and the keyword arguments that put it in train or eval mode."""
+        module = self.module
+        params = inspect.signature(type(module).__call__).parameters
+        for name in ("train", "training"):
+            if name in params:
+                return module, {name: train}
+        if isinstance(getattr(module, "deterministic", None), bool):  # before the argument:
+            return module.clone(deterministic=not train), {}  # nn.merge_param refuses both set
+        if "deterministic" in params:
+            return module, {"deterministic": not train}
+        config = getattr(module, "config", None)
+        if dataclasses.is_dataclass(config) and isinstance(getattr(config, "deterministic", None), bool):
+            return module.clone(config=dataclasses.replace(config, deterministic=not train)), {}
+        return module, {}
+
+    def _keys(self, key):
+        if key is None:
+            return None
+        return {name: key if i == 0 else jax.random.fold_in(key, i) for i, name in enumerate(self.rngs)}
+
+    def _call(self, fn):
+        """``fn()``, inside a size-1 ``vmap`` for each axis name the module's layers use that
+        no enclosing ``shard_map``/``pmap``/``vmap`` binds (see the class docstring)."""
+        import flax.linen as nn
+
+        names = set()
+
+        def record(next_fun, args, kwargs, context):
+            axis = getattr(context.module, "axis_name", None)
+            names.update(axis if isinstance(axis, (tuple, list)) else [axis])
+            return next_fun(*args, **kwargs)
+
+        try:
+            with nn.intercept_methods(record):
+                return fn()
+        except NameError as err:
+            unbound = sorted(n for n in names if isinstance(n, str) and not _axis_bound(n))
+            if not unbound and "axis name" in str(err):
+                raise NameError(
+                    f"FlaxModule: {err} No layer of the module declares that axis as its "
+                    "axis_name, so it cannot be bound for one device; run the model under "
+                    "jax.shard_map with that axis, or fit(..., devices=N) for the axis 'batch'"
+                ) from None
+            if not unbound:
+                raise
+        for name in unbound:
+            fn = _size1_vmap(fn, name)
+        return jax.tree.map(lambda a: a[(0,) * len(unbound)], fn())
+
+    def _flax_errors(self, fn):
+        import flax.errors
+
+        try:
+            return self._call(fn)
+        except flax.errors.InvalidRngError as err:
+            raise ValueError(
+                f"FlaxModule: {str(err).splitlines()[0]}, but rngs={self.rngs!r}; name every rng "
+                "stream the module draws from: from_flax(module, rngs=('dropout', 'other'))"
+            ) from None
+
+    def _init_variables(self, key, input_shape):
+        module, kwargs = self._bound(False)
+        rngs = {"params": key, **self._keys(key)}
+        try:
+            x = jnp.zeros((1, *input_shape))
+            return self._flax_errors(lambda: module.init_with_output(rngs, x, **kwargs))
+        except (TypeError, ValueError) as err:
+            try:  # token ids (nn.Embed refuses floats)
+                x = jnp.zeros((1, *input_shape), jnp.int32)
+                return self._flax_errors(lambda: module.init_with_output(rngs, x, **kwargs))
+            except (TypeError, ValueError):
+                raise err from None
 
     def _init(self, key, input_shape):
-        x = jnp.zeros((1, *input_shape))
-        y, variables = self.module.init_with_output({"params": key, "dropout": key}, x, **self._kwargs(False))
-        variables = dict(variables)
+        import flax.linen as nn
+
+        y, variables = self._init_variables(key, input_shape)
+        variables = nn.unbox(dict(variables))
         params = dict(variables.pop("params", {}))
         if not hasattr(y, "shape"):
             raise TypeError(f"FlaxModule: the module must return one array, got {type(y).__name__}")
         return tuple(y.shape[1:]), params, {k: dict(v) for k, v in variables.items()}
 
+    def partition_names(self, input_shape):
+        """``(params, state)`` trees of `jax.sharding.PartitionSpec`: the logical axis names of
+        each leaf boxed by ``nn.with_logical_partitioning``/``nn.with_partitioning`` (an empty
+        ``PartitionSpec()`` for a leaf without names), as ``flax.linen.get_partition_spec`` gives
+        them. Nothing runs (`jax.eval_shape`); map them to a mesh with
+        ``nn.logical_to_mesh_sharding``."""
+        import flax.linen as nn
+
+        check_shape("FlaxModule.partition_names", "input_shape", input_shape)
+        _, variables = jax.eval_shape(lambda: self._init_variables(jax.random.key(0), tuple(input_shape)))
+        names = nn.get_partition_spec(dict(variables))
+        params = dict(names.pop("params", {}))
+        return params, {k: dict(v) for k, v in names.items()}
+
     def _apply(self, params, state, x, train, key):
+        import flax.linen as nn
+
+        module, kwargs = self._bound(train)
         variables = {**state, "params": params} if params else dict(state)
-        rngs = None if key is None else {"dropout": key}
+        rngs = self._keys(key)
         if train and state:
-            y, updates = self.module.apply(
-                variables, x, rngs=rngs, mutable=list(state), **self._kwargs(train)
+            y, updates = self._flax_errors(
+                lambda: module.apply(variables, x, rngs=rngs, mutable=list(state), **kwargs)
             )
+            updates = nn.unbox(dict(updates))
             return y, {**state, **{k: dict(v) for k, v in updates.items()}}
-        return self.module.apply(variables, x, rngs=rngs, **self._kwargs(train)), state
+        return self._flax_errors(lambda: module.apply(variables, x, rngs=rngs, **kwargs)), state
 
 
-def from_flax(module):
-    """Wrap a `flax.linen.Module` as a jaxdl layer (see `FlaxModule`)."""
+def _axis_bound(name):
+    """Whether an enclosing ``shard_map``/``pmap``/``vmap`` binds the axis ``name``."""
+    try:
+        lax.axis_index(name)
+    except NameError:
+        return False
+    return True
+
+
+def _size1_vmap(fn, name):
+    return lambda: jax.vmap(fn, axis_name=name, axis_size=1)()
+
+
+def from_flax(module, *, rngs=("dropout",)):
+    """Wrap a `flax.linen.Module` as a jaxdl layer (see `FlaxModule`: modes, rng streams,
+    metadata boxes, axis names). ``rngs``: the names of the rng streams the module draws from
+    in training."""
     import flax.linen as nn  # flax is needed only here
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_flax: module must be a flax.linen.Module, got {module!r}")
-    return FlaxModule(module)
+    if isinstance(rngs, str) or not (
+        isinstance(rngs, (tuple, list)) and rngs and all(isinstance(r, str) for r in rngs)
+    ):
+        raise TypeError(
+            f"from_flax: rngs must be a tuple of rng stream names such as ('dropout',), got {rngs!r}"
+        )
+    return FlaxModule(module, tuple(rngs))
 
 
 # ----------------------------------------------------------------------------- BN folding

@@ -54,6 +54,7 @@ from jaxdl._checks import (
 )
 from jaxdl.precision import get_policy
 from jaxdl.train_step import (
+    SupervisedLoss,
     TrainState,
     make_eval_step,
     make_train_loop,
@@ -250,15 +251,40 @@ def _eval_state(state: TrainState) -> TrainState:
 _EVAL_STEPS: dict = {}  # loss -> compiled eval step; the last few, so evaluate() compiles once
 
 
+class _ByIdentity:
+    """A cache key that compares by identity and holds its object (so its id is not reused)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _loss_key(loss_fn):
+    """``loss_fn`` itself for jaxdl's own losses (`supervised_loss`, `AugmentedLoss`: equal
+    losses share one compiled step; their models hash by value, a `from_flax` model by the
+    identity of its module), else the loss by identity: a user's object is never hashed."""
+    if isinstance(loss_fn, (SupervisedLoss, AugmentedLoss)):
+        try:
+            hash(loss_fn)
+            return loss_fn
+        except TypeError:  # e.g. a layer of the protocol holding a list
+            pass
+    return _ByIdentity(loss_fn)
+
+
 def _eval_step(loss_fn, use_ema=False, precision=None):
-    """The compiled eval step of ``loss_fn``, cached: an `evaluate` each epoch compiles once."""
-    cache_key = (loss_fn, use_ema, precision)
-    try:
-        step = _EVAL_STEPS.pop(cache_key, None) or make_eval_step(
-            loss_fn, use_ema=use_ema, precision=precision
-        )
-    except TypeError:  # an unhashable loss: no cache
-        return make_eval_step(loss_fn, use_ema=use_ema, precision=precision)
+    """The compiled eval step of ``loss_fn``, cached: an `evaluate` each epoch compiles once.
+
+    Keyed by `_loss_key` and the options; the last 8 are kept."""
+    cache_key = (_loss_key(loss_fn), use_ema, precision)
+    step = _EVAL_STEPS.pop(cache_key, None) or make_eval_step(loss_fn, use_ema=use_ema, precision=precision)
     _EVAL_STEPS[cache_key] = step
     while len(_EVAL_STEPS) > 8:
         _EVAL_STEPS.pop(next(iter(_EVAL_STEPS)))

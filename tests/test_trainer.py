@@ -91,6 +91,32 @@ def test_evaluate_is_the_example_weighted_mean_over_a_last_partial_batch(digits)
     )
 
 
+class _UnhashableLoss:
+    """A user's loss that must never be hashed (as a flax module with a list attribute)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __hash__(self):
+        raise AssertionError("the trainer hashed a user's loss")
+
+    def __call__(self, params, model_state, batch, key=None, train=True):
+        return dl.supervised_loss(self.model)(params, model_state, batch, key, train=train)
+
+
+def test_evaluate_caches_a_users_loss_by_identity_without_hashing_it(monkeypatch):
+    from jaxdl import trainer
+
+    monkeypatch.setattr(trainer, "_EVAL_STEPS", {})  # an empty dict's pop hashes nothing
+    model = dl.layers.Dense(3)
+    state = dl.TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (4,))
+    x, y = np.ones((4, 4), np.float32), np.zeros(4, np.int32)
+    loss = _UnhashableLoss(model)
+    first = dl.evaluate(model, state, (x, y), loss_fn=loss)
+    assert dl.evaluate(model, state, (x, y), loss_fn=loss) == first
+    assert len(trainer._EVAL_STEPS) == 1  # one compiled step for the one loss object
+
+
 def test_fit_history_records_every_epoch_and_learns(digits):
     sched = dl.schedules.cosine_decay(1e-2, 3 * 39)
     result = dl.fit(
