@@ -22,6 +22,13 @@ KEY = jax.random.key(0)
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Each test draws the same data whichever tests ran before it on its worker."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def _randn(*shape, scale=1.0, shift=0.0):
     return (RNG.normal(size=shape) * scale + shift).astype(np.float32)
 
@@ -162,8 +169,8 @@ def test_gelu_matches_torch_forward_and_gradients(approximate):
     y, (_, gx) = _value_and_grads(layer, {}, x, ct)
     tx = _t(x, True)
     ty = torch.nn.functional.gelu(tx, approximate="tanh" if approximate else "none")
-    _close(y, ty.detach().numpy(), 1e-6)
-    _close(gx, _torch_grads(ty, ct, tx)[0], 1e-6)
+    _close(y, ty.detach().numpy())  # float32: torch's and XLA's tanh/erf differ by a few ulp
+    _close(gx, _torch_grads(ty, ct, tx)[0])
 
 
 def test_gelu_matches_its_closed_forms_and_defaults_to_the_exact_one():
