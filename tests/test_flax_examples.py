@@ -22,6 +22,13 @@ from jaxdl.layers import from_flax
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Each test draws the same data whichever tests ran before it on its worker."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 # ----------------------------------------------------------------------------- imagenet's ResNet
 
 
