@@ -132,7 +132,10 @@ class NnxModule(Layer):
                 )
             nnx.reseed(
                 module,
-                **{t: key if t == "dropout" else jax.random.fold_in(key, zlib.crc32(t.encode())) for t in tags},
+                **{
+                    t: key if t == "dropout" else jax.random.fold_in(key, zlib.crc32(t.encode()))
+                    for t in tags
+                },
             )
         y = module(x)
         _, _, _, new_state = self._split(module)
