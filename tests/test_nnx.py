@@ -5,6 +5,7 @@ keys, precision/micro-batches/EMA/resume, 4-device BatchNorm) on an nnx model.
 """
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -119,11 +120,9 @@ def test_bf16_micro_batches_ema_and_checkpoints_resume_bitwise(tmp_path):
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(whole.state.params))
     assert not np.allclose(whole.state.ema_params["l2"]["kernel"], whole.state.params["l2"]["kernel"])
     ckpts = tmp_path / "run" / "checkpoints"
-    last = max(os.listdir(ckpts), key=lambda name: int("".join(filter(str.isdigit, name)) or -1))
-    import shutil
-
-    shutil.rmtree(ckpts / last)  # resume from the checkpoint of epoch 1
+    shutil.rmtree(ckpts / max(os.listdir(ckpts), key=lambda n: int(n.split("_")[-1])))
     resumed = dl.fit(Net(rate=0.5), dl.adam(1e-2), (x, y), out_dir=str(tmp_path / "run"), resume=True, **kw)
+    assert resumed.resumed_from_step == 2  # the checkpoint of epoch 1 (2 steps of 32)
     for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
@@ -147,6 +146,10 @@ def test_devices_4_syncs_nnx_batchnorm_through_its_axis_name():
     }
     _assert_trees_close(results[None].params, results[4].params)
     _assert_trees_close(results[None].model_state, results[4].model_state)
+    with pytest.raises(
+        ValueError, match=r"would differ across devices.*nnx.BatchNorm\(\.\.\., axis_name='batch'\)"
+    ):
+        dl.fit(Net(), dl.sgd(0.1), (x, y), epochs=1, batch_size=32, devices=4, progress=False)
 
 
 def test_a_model_of_neither_kind_is_refused_naming_both():
