@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import weakref
 import zlib
 from typing import Any
 
@@ -43,7 +44,9 @@ from jaxdl.layers import Layer
 
 __all__ = ["NnxModule", "as_layer", "from_nnx", "update_module"]
 
-_ADAPTERS: dict[int, tuple[Any, NnxModule]] = {}  # id(module) -> (weakref, adapter)
+# id(module) -> its adapter, while the adapter lives (the adapter holds the module, so the id
+# cannot be reused before the entry goes)
+_ADAPTERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _nnx():
@@ -62,6 +65,10 @@ def is_nnx_module(obj: Any) -> bool:
 def _copy(tree):
     # fit donates its state to the compiled loop; the module's own buffers must survive that
     return jax.tree.map(jnp.copy, tree)
+
+
+def _abstract(state):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
 
 
 def _with_values(template, values):
@@ -144,7 +151,8 @@ class NnxModule(Layer):
 
 def from_nnx(module) -> NnxModule:
     """Wrap a ``flax.nnx.Module`` as a jaxdl layer (see `NnxModule`); the same adapter for the
-    same module object, so compiled steps are reused.
+    same module object while its structure (``GraphDef``, static attributes included) is the
+    same, so compiled steps are reused.
 
     The module must map a batch ``x`` to one array, ``module(x)``; its mode is switched with
     ``train()``/``eval()``. Source: flax docs, "Flax NNX: basics" (split/merge) and
@@ -155,15 +163,13 @@ def from_nnx(module) -> NnxModule:
         raise TypeError(
             f"from_nnx: module must be a flax.nnx.Module, got an object of type {type(module).__name__}"
         )
-    entry = _ADAPTERS.get(id(module))
-    if entry is not None and entry[0]() is module:
-        return entry[1]
-    import weakref
-
     graphdef, params, rngs, state = nnx.split(module, nnx.Param, nnx.RngState, ...)
-    adapter = NnxModule(module, graphdef, params, state, rngs)
-    key = id(module)
-    _ADAPTERS[key] = (weakref.ref(module, lambda _: _ADAPTERS.pop(key, None)), adapter)
+    adapter = _ADAPTERS.get(id(module))
+    if adapter is not None and adapter.module is module and adapter.graphdef == graphdef:
+        return adapter
+    # templates hold shapes and dtypes only: the values always come from the caller
+    adapter = NnxModule(module, graphdef, _abstract(params), _abstract(state), rngs)
+    _ADAPTERS[id(module)] = adapter
     return adapter
 
 
