@@ -63,10 +63,14 @@ def test_fit_matches_a_hand_written_nnx_optax_loop_and_leaves_the_module_untouch
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, nnx.state(m, nnx.Not(nnx.Param))
 
-    for _ in range(3):
+    @jax.jit
+    def step(params, rest, opt_state):
         grads, rest = jax.grad(loss_fn, has_aux=True)(params, rest)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), rest, opt_state
+
+    for _ in range(3):
+        params, rest, opt_state = step(params, rest, opt_state)
     _assert_trees_close(result.state.params, nnx.to_pure_dict(params))
     _assert_trees_close(result.state.model_state, nnx.to_pure_dict(nnx.state(rest, nnx.BatchStat)))
     # fit is pure: the module keeps its values until update_module writes them
@@ -160,3 +164,23 @@ def test_a_model_of_neither_kind_is_refused_naming_both():
         dl.fit("mlp", dl.sgd(0.1), _data(), epochs=1, batch_size=8, progress=False)
     with pytest.raises(TypeError, match="from_nnx: module must be a flax.nnx.Module"):
         dl.from_nnx(dl.Dense(3))
+
+
+def test_sweep_and_examine_take_an_nnx_module():
+    from jaxdl.sweep import sweep
+
+    model = Net(rate=0.5)
+    x, y = _data(32)
+    res = sweep(
+        ts.supervised_loss(model),
+        dl.sgd,
+        model,
+        (5,),
+        (x.reshape(2, 16, 5), y.reshape(2, 16)),
+        seeds=(0, 1),
+        hparams={"lr": 0.1},
+    )
+    loss = res["final_loss"]
+    assert np.all(np.isfinite(loss)) and loss[0] != loss[1]  # seeds draw other dropout masks
+    report = dl.doctor.examine(model, dl.sgd(0.1), (x, y), batch_size=16, checks=("initial_loss",))
+    assert [f.check for f in report.findings] == ["initial_loss"]
