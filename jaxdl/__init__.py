@@ -13,6 +13,7 @@ from jaxdl import (
     layers,
     losses,
     models,
+    nnx,
     optimizers,
     parallel,
     precision,
@@ -48,6 +49,7 @@ from jaxdl.layers import (
     from_flax,
 )
 from jaxdl.losses import accuracy, binary_cross_entropy, l2_penalty, mse, softmax_cross_entropy
+from jaxdl.nnx import from_nnx, update_module
 from jaxdl.optimizers import adagrad, adam, adamw, apply_updates, rmsprop, sgd, signsgd
 from jaxdl.parallel import (
     collective_bytes,

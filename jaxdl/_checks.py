@@ -177,13 +177,16 @@ def check_transform(owner: str, name: str, tx: Any) -> None:
 
 def check_model(owner: str, model: Any) -> None:
     """Raise TypeError unless `model` is an object with ``init`` and ``apply`` (a jaxdl layer or
-    one of its protocol); a layer class passed without calling it gets a hint."""
+    one of its protocol); a layer class passed without calling it gets a hint. A
+    ``flax.nnx.Module`` is converted before this check (`jaxdl.nnx.as_layer`); the message names
+    it as the other kind of model accepted."""
     if isinstance(model, type) or not (
         callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))
     ):
         hint = f" (did you mean {model.__name__}(...)?)" if isinstance(model, type) else ""
         raise TypeError(
-            f"{owner}: model must be a layer object with init and apply, got {model!r} of type "
+            f"{owner}: model must be a layer object with init and apply (a jaxdl layer, a "
+            f"flax.linen module through jaxdl.from_flax) or a flax.nnx.Module, got {model!r} of type "
             f"{type(model).__name__}{hint}"
         )
 

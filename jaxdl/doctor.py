@@ -50,6 +50,7 @@ from jaxdl import layers as L
 from jaxdl._checks import check_int, check_tree_match
 from jaxdl.diagnostics import initial_loss_check
 from jaxdl.losses import binary_cross_entropy, mse
+from jaxdl.nnx import as_layer
 from jaxdl.train_step import supervised_loss
 
 __all__ = ["examine", "Report", "Finding", "CHECKS", "SEVERITIES", "THRESHOLDS", "estimate_learning_rate"]
@@ -1351,8 +1352,7 @@ def examine(
         print(report.summary()); report.write("runs/doctor")
     """
     t0, c0 = time.perf_counter(), time.process_time()
-    if not (callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))):
-        raise TypeError(f"examine: model must have init/apply (a jaxdl layer), got {model!r}")
+    model = as_layer("examine", model)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"examine: optimizer must be an optax.GradientTransformation, got {optimizer!r}")
     x, y = _check_split("train", train)

@@ -1207,7 +1207,17 @@ def from_flax(module, *, rngs=("dropout",)):
     import flax.linen as nn  # flax is needed only here
 
     if not isinstance(module, nn.Module):
-        raise TypeError(f"from_flax: module must be a flax.linen.Module, got {module!r}")
+        from jaxdl.nnx import is_nnx_module
+
+        if is_nnx_module(module):
+            raise TypeError(
+                f"from_flax: module must be a flax.linen.Module, got a flax.nnx.Module "
+                f"({type(module).__name__}); pass an nnx module to fit, evaluate or "
+                f"TrainState.create as it is, or wrap it with jaxdl.from_nnx"
+            )
+        raise TypeError(
+            f"from_flax: module must be a flax.linen.Module, got an object of type {type(module).__name__}"
+        )
     if isinstance(rngs, str) or not (
         isinstance(rngs, (tuple, list)) and rngs and all(isinstance(r, str) for r in rngs)
     ):

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl._checks import check_int, check_number
+from jaxdl.nnx import as_layer
 from jaxdl.precision import get_loss_scale, get_policy
 from jaxdl.train_step import TrainState, make_eval_step, make_train_loop, step_options
 
@@ -291,6 +292,7 @@ def sweep(
     ``lambda`` per call is a new configuration: define ``make_optimizer`` once. Run r equals the single run spelled out in the module
     docstring to float rounding.
     """
+    model = as_layer("sweep", model)
     names, table = _settings(hparams)
     seed_arr = _seeds(seeds)
     s, h = seed_arr.size, table.shape[0]

@@ -47,7 +47,6 @@ from flax import struct
 from jaxdl._checks import (
     as_key,
     check_labels,
-    check_model,
     check_number,
     check_pair,
     check_positive_int,
@@ -58,6 +57,7 @@ from jaxdl._checks import (
 )
 from jaxdl._tree import select as select_tree
 from jaxdl.losses import accuracy, softmax_cross_entropy
+from jaxdl.nnx import as_layer
 from jaxdl.optimizers import apply_updates
 from jaxdl.precision import LossScale, Policy, get_loss_scale, get_policy, with_policy
 from jaxdl.transforms import global_norm
@@ -132,7 +132,7 @@ class TrainState(struct.PyTreeNode):
         built.
         """
         owner = "TrainState.create"
-        check_model(owner, model)
+        model = as_layer(owner, model)
         check_transform(owner, "optimizer", optimizer)
         key = as_key(owner, "key", key)
         input_shape = check_shape(owner, "input_shape", input_shape)
@@ -177,7 +177,7 @@ def supervised_loss(
     ``metrics`` maps names to ``fn(outputs, y)``; by default ``{"accuracy": accuracy}`` when
     ``loss`` is `softmax_cross_entropy`, else none.
     """
-    check_model("supervised_loss", model)
+    model = as_layer("supervised_loss", model)
     if metrics is None:
         metrics = {"accuracy": accuracy} if loss is softmax_cross_entropy else {}
     return SupervisedLoss(model, loss, tuple(sorted(metrics.items())))

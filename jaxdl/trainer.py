@@ -46,12 +46,12 @@ from jaxdl import data
 from jaxdl._checks import (
     check_int,
     check_labels,
-    check_model,
     check_numeric,
     check_positive_int,
     check_transform,
     check_tree_match,
 )
+from jaxdl.nnx import as_layer
 from jaxdl.precision import get_policy
 from jaxdl.train_step import (
     SupervisedLoss,
@@ -325,7 +325,7 @@ def evaluate(
     cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
     for a model of C outputs) is refused by name before anything runs, as in `fit`.
     """
-    check_model("evaluate", model)
+    model = as_layer("evaluate", model)
     x, y = _arrays("data", data_, "evaluate")
     check_positive_int("evaluate", "batch_size", batch_size)
     if not isinstance(state, TrainState):
@@ -697,7 +697,7 @@ def fit(
     """
     x, y = _arrays("train", train)
     val = _arrays("validation", validation) if validation is not None else None
-    check_model("fit", model)
+    model = as_layer("fit", model)
     check_transform("fit", "optimizer", optimizer)
     check_int("fit", "epochs", epochs, low=1)
     check_int("fit", "batch_size", batch_size, low=1)

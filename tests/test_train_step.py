@@ -434,12 +434,12 @@ def _tiny():
         (
             dict(model=dl.layers.Dense),
             TypeError,
-            r"TrainState.create: model must be a layer object with init and apply, got <class .*Dense.*did you mean Dense\(...\)\?",
+            r"TrainState.create: model must be a layer object with init and apply \(.*\) or a flax.nnx.Module, got <class .*Dense.*did you mean Dense\(...\)\?",
         ),
         (
             dict(model="mlp"),
             TypeError,
-            r"TrainState.create: model must be a layer object with init and apply, got 'mlp' of type str",
+            r"TrainState.create: model must be a layer object with init and apply \(.*\) or a flax.nnx.Module, got 'mlp' of type str",
         ),
         (
             dict(key="abc"),

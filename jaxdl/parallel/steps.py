@@ -123,8 +123,8 @@ def _check_synced_model_state(owner, loss_fn, mesh, axis_name, params, model_sta
     )
     why = (
         f"Give every BatchNorm axis_name={axis_name!r} (BatchNorm(axis_name={axis_name!r}); "
-        f"flax: nn.BatchNorm(axis_name={axis_name!r})) so that it normalizes with the "
-        f"statistics of the global batch."
+        f"flax: nn.BatchNorm(axis_name={axis_name!r}), nnx.BatchNorm(..., axis_name={axis_name!r})) so "
+        f"that it normalizes with the statistics of the global batch."
     )
     try:
         jax.eval_shape(f, params, model_state, batch, key)
