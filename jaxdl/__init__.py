@@ -24,6 +24,7 @@ from jaxdl import (
     transforms,
 )
 from jaxdl.layers import (
+    Add,
     AvgPool,
     BatchNorm,
     Conv,
@@ -33,6 +34,7 @@ from jaxdl.layers import (
     Embedding,
     Flatten,
     Gelu,
+    GlobalAvgPool,
     LayerNorm,
     LeakyRelu,
     Maxout,

@@ -17,7 +17,8 @@ Conventions: images are NHWC with HWIO kernels (as flax; PyTorch is NCHW/OIHW). 
 are (in, out) (PyTorch's Linear stores (out, in)). Parameter names: ``w``, ``b`` (Dense, Conv,
 Maxout), ``alpha`` (PRelu), ``gamma``, ``beta`` and state ``mean``, ``var`` (BatchNorm),
 ``gamma``, ``beta`` (LayerNorm, RMSNorm), ``w`` (Embedding), ``wq``, ``wk``, ``wv``, ``wo`` and
-``bq``, ``bk``, ``bv``, ``bo`` (MultiHeadAttention). `Residual` has its layer's params and state.
+``bq``, ``bk``, ``bv``, ``bo`` (MultiHeadAttention). `Residual` has its layer's params and state; `Add` keys its branches'
+as `Sequential` does.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "Conv",
     "MaxPool",
     "AvgPool",
+    "GlobalAvgPool",
     "Flatten",
     "Relu",
     "LeakyRelu",
@@ -60,6 +62,7 @@ __all__ = [
     "MultiHeadAttention",
     "Sequential",
     "Residual",
+    "Add",
     "FlaxModule",
     "fold_batchnorm",
     "from_flax",
@@ -476,6 +479,28 @@ class AvgPool(_Pool):
     def _apply(self, params, state, x, train, key):
         size = self.window[0] * self.window[1]
         return self._reduce(x, 0.0, lax.add) / size, state
+
+
+@_frozen
+class GlobalAvgPool(Layer):
+    """Mean over the spatial axes of an NHWC input: (B, H, W, C) -> (B, C).
+
+    `AvgPool` with a window of (H, W) then `Flatten`, without knowing H and W when the layer is
+    built (the head of a ResNet, He et al. 2016, sec. 4.2; PyTorch's
+    ``AdaptiveAvgPool2d(1)`` then ``flatten(1)``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> GlobalAvgPool().apply({}, {}, jnp.arange(8.0).reshape(1, 2, 2, 2))[0]
+    Array([[3., 4.]], dtype=float32)
+    """
+
+    def _init(self, key, input_shape):
+        """Returns ``((C,), {}, {})``."""
+        _, _, c = _rank("GlobalAvgPool", input_shape, 3, "(H, W, C)")
+        return (c,), {}, {}
+
+    def _apply(self, params, state, x, train, key):
+        return jnp.mean(x, axis=(1, 2)), state
 
 
 @_frozen
@@ -934,6 +959,19 @@ def _run(layer, params, state, x, train, key):
     return layer.apply(params, state, x, train=train, key=key)
 
 
+def _layer_objects(owner, layers):
+    """``layers`` as a tuple, each checked to be a layer object (not a class) with init and apply."""
+    for i, layer in enumerate(layers):
+        if isinstance(layer, type) or not (
+            callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
+        ):
+            hint = f" (did you mean {layer.__name__}()?)" if isinstance(layer, type) else ""
+            raise TypeError(
+                f"{owner}: layer {i} must be a layer object with init and apply, got {layer!r}{hint}"
+            )
+    return tuple(layers)
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class Sequential(Layer):
     """Layers applied one after the other: y = f_n(...f_2(f_1(x))).
@@ -947,15 +985,7 @@ class Sequential(Layer):
     layers: tuple
 
     def __init__(self, *layers):
-        for i, layer in enumerate(layers):
-            if isinstance(layer, type) or not (
-                callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
-            ):
-                hint = f" (did you mean {layer.__name__}()?)" if isinstance(layer, type) else ""
-                raise TypeError(
-                    f"Sequential: layer {i} must be a layer object with init and apply, got {layer!r}{hint}"
-                )
-        object.__setattr__(self, "layers", tuple(layers))
+        object.__setattr__(self, "layers", _layer_objects("Sequential", layers))
 
     def _names(self):
         return [f"{_kind(layer)}_{i}" for i, layer in enumerate(self.layers)]
@@ -1026,6 +1056,60 @@ class Residual(Layer):
     def _apply(self, params, state, x, train, key):
         y, state = _run(self.layer, params, state, x, train, key)
         return x + y, state
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Add(Layer):
+    """Parallel branches on the same input, summed: y = f_1(x) + ... + f_n(x).
+
+    The residual block whose shortcut is not the identity (He et al. 2016, "Deep Residual
+    Learning for Image Recognition", eq. 2: y = F(x) + W_s x, the projection shortcut, e.g.
+    ``Add(block, Sequential(Conv(c, 1, strides=2), BatchNorm()))``); where the shortcut is the
+    identity, `Residual` says so. Params and state are keyed as `Sequential`'s
+    (``f"{kind}_{index}"``, leaving out branches that have none); with a key each branch gets
+    ``jax.random.split(key, n)[index]``. Every branch must map the input to the same shape: a
+    mismatch is refused at ``init``, naming the branches and their shapes.
+
+    >>> import jax, jax.numpy as jnp
+    >>> add = Add(Relu(), Flatten())
+    >>> add.apply({}, {}, jnp.array([[-1.0, 0.0, 2.0]]))[0]
+    Array([[-1.,  0.,  4.]], dtype=float32)
+    """
+
+    layers: tuple
+
+    def __init__(self, *layers):
+        if not layers:
+            raise ValueError("Add: expected at least one branch, got none")
+        object.__setattr__(self, "layers", _layer_objects("Add", layers))
+
+    _names = Sequential._names
+
+    def _init(self, key, input_shape):
+        params, state, shapes = {}, {}, {}
+        for name, layer, k in zip(self._names(), self.layers, jax.random.split(key, len(self.layers))):
+            shape, p, s = layer.init(k, input_shape)
+            shapes[name] = tuple(shape)
+            if p:
+                params[name] = p
+            if s:
+                state[name] = s
+        if len(set(shapes.values())) > 1:
+            raise ValueError(
+                f"Add: the branches map input_shape {tuple(input_shape)} to different shapes {shapes}; "
+                "a sum needs them equal"
+            )
+        return next(iter(shapes.values())), params, state
+
+    def _apply(self, params, state, x, train, key):
+        keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
+        total, new_state = None, {}
+        for name, layer, k in zip(self._names(), self.layers, keys):
+            y, s = _run(layer, params.get(name, {}), state.get(name, {}), x, train, k)
+            total = y if total is None else total + y
+            if s:
+                new_state[name] = s
+        return total, new_state
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

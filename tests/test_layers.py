@@ -782,6 +782,8 @@ ALL_LAYERS = [
     (L.Embedding(5, 3), (4,)),
     (L.MultiHeadAttention(2), (3, 4)),
     (L.Residual(L.Dense(4)), (4,)),
+    (L.Add(L.Dense(4), L.Relu()), (4,)),
+    (L.GlobalAvgPool(), (4, 4, 1)),
 ]
 
 

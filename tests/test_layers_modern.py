@@ -400,6 +400,41 @@ def test_residual_refuses_a_shape_change_and_non_layers_by_name():
         L.Residual(jnp.tanh)
 
 
+# ----------------------------------------------------------------------------- Add, GlobalAvgPool
+
+
+def test_add_sums_its_branches_and_keys_them_like_sequential():
+    dense, bn = L.Dense(4), L.BatchNorm(momentum=0.5)
+    add = L.Add(dense, L.Relu(), bn)
+    out, params, state = add.init(KEY, (4,))
+    assert out == (4,) and set(params) == {"dense_0", "batchnorm_2"} and set(state) == {"batchnorm_2"}
+    x = _randn(3, 4)
+    y, new_state = jax.jit(lambda p, s, x: add.apply(p, s, x, train=True))(params, state, x)
+    p, bp = params["dense_0"], params["batchnorm_2"]
+    y_bn, bn_state = bn.apply(bp, state["batchnorm_2"], x, train=True)
+    _close(y, x @ p["w"] + p["b"] + jnp.maximum(x, 0) + y_bn)
+    jax.tree.map(_close, new_state["batchnorm_2"], bn_state)
+
+
+def test_add_refuses_branches_of_different_shapes_by_name():
+    with pytest.raises(ValueError, match=r"Add: the branches map input_shape \(4,\) to different shapes"):
+        jax.eval_shape(lambda: L.Add(L.Dense(3), L.Relu()).init(KEY, (4,)))
+    with pytest.raises(
+        TypeError, match=r"Add: layer 1 must be a layer object .* \(did you mean Relu\(\)\?\)"
+    ):
+        L.Add(L.Dense(3), L.Relu)
+    with pytest.raises(ValueError, match="Add: expected at least one branch"):
+        L.Add()
+
+
+def test_global_avg_pool_is_avg_pool_over_the_whole_map():
+    x = _randn(2, 3, 5, 4)
+    y, _ = L.GlobalAvgPool().apply({}, {}, x)
+    pooled, _ = L.AvgPool((3, 5)).apply({}, {}, x)
+    assert L.GlobalAvgPool().init(KEY, (3, 5, 4))[0] == (4,)
+    _close(y, pooled.reshape(2, 4))
+
+
 # ----------------------------------------------------------------------------- together
 
 
