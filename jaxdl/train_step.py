@@ -370,14 +370,17 @@ def ema_update(ema_params, params, decay, count):
 def _momentum_zero(model):
     """``model`` with every `jaxdl.layers.BatchNorm` at momentum 0 (its state becomes the batch's
     statistics), and the count of them."""
-    from jaxdl.layers import BatchNorm, Sequential
+    from jaxdl.layers import Add, BatchNorm, Residual, Sequential
     from jaxdl.precision import PolicyModel
 
     if isinstance(model, BatchNorm):
         return dataclasses.replace(model, momentum=0.0), 1
-    if isinstance(model, Sequential):
+    if isinstance(model, (Sequential, Add)):
         layers = [_momentum_zero(layer) for layer in model.layers]
-        return Sequential(*(layer for layer, _ in layers)), sum(n for _, n in layers)
+        return type(model)(*(layer for layer, _ in layers)), sum(n for _, n in layers)
+    if isinstance(model, Residual):
+        inner, n = _momentum_zero(model.layer)
+        return Residual(inner), n
     if isinstance(model, PolicyModel):
         inner, n = _momentum_zero(model.model)
         return dataclasses.replace(model, model=inner), n
