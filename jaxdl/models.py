@@ -1,4 +1,4 @@
-"""The two model families of ``jaxdl train``, as functions that return a `jaxdl.layers.Sequential`.
+"""The model families of ``jaxdl train``, as functions that return a `jaxdl.layers.Sequential`.
 
 The CLI, the notebooks, the doctor and the benchmarks build their classifiers here, so there is
 one definition of each:
@@ -8,6 +8,8 @@ one definition of each:
   it makes redundant, so the bias is dropped).
 - `cnn`: for each entry of ``channels`` ``[Conv 3x3, (BatchNorm), activation, MaxPool 2]``, then
   the mlp's layers on the flattened features.
+- `resnet`: a 3x3 convolution, then ``blocks`` residual blocks per entry of ``channels`` (He et
+  al. 2016's small ResNet for 32 px images), global average pooling and ``Dense(classes)``.
 
 ``activation`` and ``init`` accept a name (the CLI's choices: `ACTIVATIONS`, `INITS`) or the
 layer class / initializer itself. ``axis_name`` is given to every BatchNorm: data-parallel
@@ -21,7 +23,7 @@ from typing import Any, Callable, Sequence
 from jaxdl import init, layers
 from jaxdl._checks import check_number, check_positive_int
 
-__all__ = ["mlp", "cnn", "ACTIVATIONS", "INITS"]
+__all__ = ["mlp", "cnn", "resnet", "ACTIVATIONS", "INITS"]
 
 ACTIVATIONS: dict[str, type] = {
     "relu": layers.Relu,
@@ -95,6 +97,15 @@ def mlp(
     return layers.Sequential(*stack)
 
 
+def _channels(owner, channels):
+    channels = tuple(channels)
+    if not channels:
+        raise ValueError(f"{owner}: channels={channels!r} is empty; expected at least one convolution")
+    for c in channels:
+        check_positive_int(owner, "channels", c)
+    return channels
+
+
 def cnn(
     num_classes: int,
     *,
@@ -116,11 +127,7 @@ def cnn(
     """
     owner = "cnn"
     check_positive_int(owner, "num_classes", num_classes)
-    channels = tuple(channels)
-    if not channels:
-        raise ValueError(f"{owner}: channels={channels!r} is empty; expected at least one convolution")
-    for c in channels:
-        check_positive_int(owner, "channels", c)
+    channels = _channels(owner, channels)
     act = _lookup(owner, "activation", activation, ACTIVATIONS)
     w_init = _lookup(owner, "init", init, INITS)
     stack = []
@@ -131,4 +138,84 @@ def cnn(
     stack.append(layers.Flatten())
     stack += _hidden(owner, depth, width, act, w_init, batchnorm, dropout, axis_name)
     stack.append(layers.Dense(num_classes, w_init=w_init))
+    return layers.Sequential(*stack)
+
+
+def resnet(
+    num_classes: int,
+    *,
+    channels: Sequence[int] = (16, 32, 64),
+    blocks: int = 1,
+    activation: str | type = "relu",
+    init: str | Callable = "he_normal",
+    conv_impl: str = "auto",
+    axis_name: str | None = None,
+) -> layers.Sequential:
+    """The small ResNet of He et al. 2016 for 28-32 px images, with BatchNorm.
+
+    Architecture (input NHWC; ``act`` = ``activation``; every convolution without bias, as the
+    BatchNorm after it makes the bias redundant)::
+
+        Conv(channels[0], 3), BatchNorm, act                                     # stem
+        for each stage s, c = channels[s]; for each block b < blocks:
+            main = Conv(c, 3, strides), BatchNorm, act, Conv(c, 3), BatchNorm
+            Residual(main), act                        if the shape is kept
+            Add(main, [Conv(c, 1, strides), BatchNorm]), act   if it changes
+        GlobalAvgPool, Dense(num_classes)
+
+    ``strides`` is 2 in the first block of every stage after the first (the feature map halves
+    and the width changes), else 1. With the defaults on 32x32 inputs the maps are 32, 16 and 8
+    pixels wide; ``blocks=n`` gives the paper's 6n+2 layers (n=3: ResNet-20). Kernels are drawn
+    from ``init`` (default He normal), BatchNorm has ``axis_name`` (set it to the data axis in
+    data-parallel training so that the statistics are those of the global batch).
+
+    Differences from the paper: where the shape changes, the shortcut is the 1x1 convolution and
+    BatchNorm projection (the paper's option B, used for ImageNet in sec. 3.3 and PyTorch's
+    torchvision ResNets) instead of the zero-padded identity (option A) of its CIFAR-10 models
+    (sec. 4.2).
+
+    Source: K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition",
+    CVPR 2016 (arXiv:1512.03385), sec. 3.3 and 4.2.
+
+    Args:
+      num_classes: outputs of the Dense head.
+      channels: width of each stage (and of the stem: ``channels[0]``).
+      blocks: basic blocks per stage, >= 1.
+      activation, init, conv_impl, axis_name: as `cnn`.
+
+    Returns:
+      A `jaxdl.layers.Sequential` of ``Conv, BatchNorm, act``, the blocks each followed by
+      ``act``, ``GlobalAvgPool, Dense``.
+
+    >>> import jax
+    >>> net = resnet(10, channels=(8, 16))
+    >>> net.init(jax.random.key(0), (8, 8, 1))[0]
+    (10,)
+    """
+    owner = "resnet"
+    check_positive_int(owner, "num_classes", num_classes)
+    channels = _channels(owner, channels)
+    check_positive_int(owner, "blocks", blocks)
+    act = _lookup(owner, "activation", activation, ACTIVATIONS)
+    w_init = _lookup(owner, "init", init, INITS)
+
+    def conv(c, size, strides=1):
+        return layers.Conv(c, size, strides=strides, w_init=w_init, use_bias=False, impl=conv_impl)
+
+    def bn():
+        return layers.BatchNorm(axis_name=axis_name)
+
+    stack = [conv(channels[0], 3), bn(), act()]
+    width = channels[0]
+    for stage, c in enumerate(channels):
+        for block in range(blocks):
+            strides = 2 if stage > 0 and block == 0 else 1
+            main = layers.Sequential(conv(c, 3, strides), bn(), act(), conv(c, 3), bn())
+            if strides == 1 and c == width:
+                stack.append(layers.Residual(main))
+            else:
+                stack.append(layers.Add(main, layers.Sequential(conv(c, 1, strides), bn())))
+            stack.append(act())
+            width = c
+    stack += [layers.GlobalAvgPool(), layers.Dense(num_classes, w_init=w_init)]
     return layers.Sequential(*stack)
