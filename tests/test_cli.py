@@ -233,6 +233,8 @@ def test_help_documents_every_option(capsys):
         "--resume",
         "--checkpoint-every",
         "--keep",
+        "--blocks",
+        "resnet",
     ):
         assert option in out, option
     assert "--limit-train" not in out  # a testing aid, hidden
@@ -602,7 +604,7 @@ def test_clip_clip_norm_and_noise_shape_the_update():
     assert cfg["weight_decay"] == 0.01
 
 
-@pytest.mark.parametrize("model", cli.MODELS)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_model_options_build_the_layers(model):
     cfg = cli.resolve_defaults(
         {
@@ -629,6 +631,25 @@ def test_model_options_build_the_layers(model):
     assert not net.layers[kinds.index("Dense")].use_bias  # BatchNorm makes the bias redundant
     shape, params, state = net.init(jax.random.key(0), (8, 8, 1))
     assert shape == (10,) and state
+
+
+def test_model_resnet_takes_channels_and_blocks_and_trains_through_the_command(tmp_path, capsys):
+    assert cli.resolve_defaults({**cli.DEFAULTS, "model": "resnet"})["channels"] == [16, 32, 64]
+    argv = ["--dataset", "digits", "--model", "resnet", "--channels", "4"]
+    argv += ["--limit-train", "64", "--batch-size", "32", "--epochs", "1", "--augment", "0", "--quiet"]
+    code, out, err = run_main(capsys, "train", *argv, "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert out.startswith("test accuracy ") and summary["steps"] == 2
+    config = summary["config"]
+    assert (config["model"], config["channels"], config["blocks"]) == ("resnet", [4], 1)
+    net = cli.build_model(config, 10)
+    kinds = [type(layer).__name__ for layer in net.layers]
+    assert kinds.count("Residual") == 1 and kinds[-2:] == ["GlobalAvgPool", "Dense"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["config"]["blocks"]  # a run written before --blocks existed
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert cli.read_run(str(tmp_path / "run"))[0]["blocks"] == 1
 
 
 # ----------------------------------------------------------------------------- bad arguments

@@ -142,7 +142,8 @@ def test_python_dash_m_jaxdl_prints_a_user_error_in_one_line_without_traceback(t
         ({"batch_size": None}, "argument --batch-size: expected an integer, got null"),
         ({"batchnorm": "yes"}, 'argument --batchnorm: expected true or false, got "yes"'),
         ({"channels": [32, "64"]}, 'argument --channels: expected a list of positive ints, got [32, "64"]'),
-        ({"model": "resnet"}, "argument --model: invalid choice: 'resnet'"),
+        ({"model": "resnet50"}, "argument --model: invalid choice: 'resnet50'"),
+        ({"model": "resnet", "blocks": 0}, "argument --blocks: must be 1 <= value, got 0"),
         ({"optimizer": "adamax"}, "argument --optimizer: invalid choice: 'adamax'"),
         (
             {"dataset": "cifar10"},
@@ -239,9 +240,9 @@ BROKEN_RUNS = {
     "not JSON": (None, "{", "{run}/config.json: not JSON"),
     "a missing option": (lambda s: s["config"].pop("width"), None, "{run}/config.json: no option 'width'"),
     "an unknown model": (
-        lambda s: s["config"].update(model="resnet"),
+        lambda s: s["config"].update(model="resnet50"),
         None,
-        "{run}/config.json: argument --model: invalid choice: 'resnet'",
+        "{run}/config.json: argument --model: invalid choice: 'resnet50'",
     ),
     "a bad value": (
         lambda s: s["config"].update(batch_size="32"),
