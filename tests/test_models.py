@@ -17,7 +17,8 @@ SHAPE = (8, 8, 1)
 @pytest.fixture(scope="module")
 def tiny():
     net = models.resnet(10, channels=(8, 16))
-    _, params, state = net.init(KEY, SHAPE)
+    shape, params, state = net.init(KEY, SHAPE)
+    assert shape == (10,)
     x = jax.random.normal(jax.random.key(1), (4, *SHAPE))
     return net, params, state, x
 
@@ -34,7 +35,6 @@ def test_resnet_layers_and_parameter_count_match_a_hand_count(tiny):
     assert sum(p.size for p in jax.tree.leaves(params)) == stem + stage1 + stage2 + head == 5122
     # every BatchNorm (stem, 2 + 2 in the blocks, 1 in the projection) has mean and var
     assert sum(s.size for s in jax.tree.leaves(state)) == 2 * (8 + 2 * 8 + 2 * 16 + 16)
-    assert net.init(KEY, SHAPE)[0] == (10,)
     assert all(not conv.use_bias for conv in _convs(net))  # BatchNorm follows each
 
 
@@ -55,12 +55,23 @@ def test_resnet_projects_the_shortcut_where_the_shape_changes_and_keeps_the_iden
     # With the main branch's last BatchNorm zeroed, each block is its shortcut alone.
     zero = lambda bn: {"gamma": 0 * bn["gamma"], "beta": 0 * bn["beta"]}  # noqa: E731
     h = jax.nn.relu(jax.random.normal(jax.random.key(2), (4, 8, 8, 8)))  # a block's input is >= 0
-    p = {**params["residual_3"], "batchnorm_4": zero(params["residual_3"]["batchnorm_4"])}
-    np.testing.assert_array_equal(identity.apply(p, state["residual_3"], h)[0], 2 * 0 + h)
-    p = dict(params["add_5"])
-    p["sequential_0"] = {**p["sequential_0"], "batchnorm_4": zero(p["sequential_0"]["batchnorm_4"])}
-    y, _ = projection.apply(p, state["add_5"], h)
-    expected, _ = shortcut.apply(params["add_5"]["sequential_1"], state["add_5"]["sequential_1"], h)
+    p_identity = {**params["residual_3"], "batchnorm_4": zero(params["residual_3"]["batchnorm_4"])}
+    p_projection = dict(params["add_5"])
+    p_projection["sequential_0"] = {
+        **p_projection["sequential_0"],
+        "batchnorm_4": zero(p_projection["sequential_0"]["batchnorm_4"]),
+    }
+
+    @jax.jit
+    def run(p_identity, p_projection, h):
+        return (
+            identity.apply(p_identity, state["residual_3"], h)[0],
+            projection.apply(p_projection, state["add_5"], h)[0],
+            shortcut.apply(params["add_5"]["sequential_1"], state["add_5"]["sequential_1"], h)[0],
+        )
+
+    y_identity, y, expected = run(p_identity, p_projection, h)
+    np.testing.assert_array_equal(y_identity, h)
     assert y.shape == (4, 4, 4, 16)
     np.testing.assert_allclose(y, expected, atol=1e-6)
 
@@ -71,6 +82,7 @@ def test_resnet_training_updates_every_batchnorm_and_gradients_are_finite(tiny):
 
     def loss(params):
         logits, new_state = net.apply(params, state, x, train=True)
+        assert logits.shape == (4, 10)
         return dl.softmax_cross_entropy(logits, labels), new_state
 
     (value, new_state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -78,8 +90,6 @@ def test_resnet_training_updates_every_batchnorm_and_gradients_are_finite(tiny):
     assert all(jax.tree.leaves(changed)) and len(jax.tree.leaves(changed)) == 12
     assert np.isfinite(value) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # every parameter learns
-    y_eval, eval_state = net.apply(params, state, x)
-    assert eval_state == state and y_eval.shape == (4, 10)
 
 
 def test_recalibrate_batchnorm_reaches_the_batchnorms_inside_the_blocks(tiny):
