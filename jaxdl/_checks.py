@@ -175,20 +175,41 @@ def check_transform(owner: str, name: str, tx: Any) -> None:
         )
 
 
+def check_layer(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    expected: str = "a layer object with init and apply",
+    call: str = "()",
+) -> None:
+    """Raise TypeError unless `value` is an object with callable ``init`` and ``apply`` (a jaxdl
+    layer or one of its protocol). A layer class passed without calling it gets a hint,
+    ``(did you mean Relu()?)`` (``call`` is what follows the class name there). The one check of
+    a model or a combinator's layers (`check_model`, ``Sequential``, ``Add``, ``Residual``)."""
+    if isinstance(value, type) or not (
+        callable(getattr(value, "init", None)) and callable(getattr(value, "apply", None))
+    ):
+        hint = f" (did you mean {value.__name__}{call}?)" if isinstance(value, type) else ""
+        raise TypeError(
+            f"{owner}: {name} must be {expected}, got {value!r} of type {type(value).__name__}{hint}"
+        )
+
+
 def check_model(owner: str, model: Any) -> None:
     """Raise TypeError unless `model` is an object with ``init`` and ``apply`` (a jaxdl layer or
-    one of its protocol); a layer class passed without calling it gets a hint. A
-    ``flax.nnx.Module`` is converted before this check (`jaxdl.nnx.as_layer`); the message names
-    it as the other kind of model accepted."""
-    if isinstance(model, type) or not (
-        callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))
-    ):
-        hint = f" (did you mean {model.__name__}(...)?)" if isinstance(model, type) else ""
-        raise TypeError(
-            f"{owner}: model must be a layer object with init and apply (a jaxdl layer, a "
-            f"flax.linen module through jaxdl.from_flax) or a flax.nnx.Module, got {model!r} of type "
-            f"{type(model).__name__}{hint}"
-        )
+    one of its protocol; `check_layer`). A ``flax.nnx.Module`` is converted before this check
+    (`jaxdl.nnx.as_layer`); the message names it as the other kind of model accepted."""
+    check_layer(
+        owner,
+        "model",
+        model,
+        expected=(
+            "a layer object with init and apply (a jaxdl layer, a flax.linen module through "
+            "jaxdl.from_flax) or a flax.nnx.Module"
+        ),
+        call="(...)",
+    )
 
 
 def leaf_dtype(x: Any):

@@ -37,7 +37,15 @@ import numpy as np
 from jax import lax
 
 from jaxdl import init as initializers
-from jaxdl._checks import as_key, check_int, check_number, check_numeric, check_positive_int, check_shape
+from jaxdl._checks import (
+    as_key,
+    check_int,
+    check_layer,
+    check_number,
+    check_numeric,
+    check_positive_int,
+    check_shape,
+)
 
 __all__ = [
     "Dense",
@@ -962,13 +970,7 @@ def _run(layer, params, state, x, train, key):
 def _layer_objects(owner, layers):
     """``layers`` as a tuple, each checked to be a layer object (not a class) with init and apply."""
     for i, layer in enumerate(layers):
-        if isinstance(layer, type) or not (
-            callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
-        ):
-            hint = f" (did you mean {layer.__name__}()?)" if isinstance(layer, type) else ""
-            raise TypeError(
-                f"{owner}: layer {i} must be a layer object with init and apply, got {layer!r}{hint}"
-            )
+        check_layer(owner, f"layer {i}", layer)
     return tuple(layers)
 
 
@@ -1034,15 +1036,7 @@ class Residual(Layer):
     layer: Any
 
     def __post_init__(self):
-        layer = self.layer
-        if isinstance(layer, type) or not (
-            callable(getattr(layer, "init", None)) and callable(getattr(layer, "apply", None))
-        ):
-            hint = f" (did you mean {layer.__name__}()?)" if isinstance(layer, type) else ""
-            raise TypeError(
-                f"Residual: layer must be a layer object with init and apply, got {layer!r} of "
-                f"type {type(layer).__name__}{hint}"
-            )
+        check_layer("Residual", "layer", self.layer)
 
     def _init(self, key, input_shape):
         shape, params, state = self.layer.init(key, input_shape)
