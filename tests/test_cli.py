@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _cli_helpers import run_main  # tests/_cli_helpers.py
 
 from jaxdl import cli, data
 
@@ -40,16 +41,6 @@ TINY = [
     "--quiet",
 ]
 TIMING_FIELDS = ("seconds", "examples_per_s")
-
-
-def run_main(capsys, *argv):
-    """Run ``main(argv)`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def jaxdl_process(*argv, env=None, **kwargs):

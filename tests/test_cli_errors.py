@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from _cli_helpers import run_main  # tests/_cli_helpers.py
 
 from jaxdl import cli, config, trainer
 
@@ -21,16 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # A tiny run on digits (a few 100 ms to build; no test here trains).
 TINY = {"dataset": "digits", "depth": 1, "width": 8, "batch_size": 32, "augment": 0, "dropout": 0.0}
-
-
-def run_main(capsys, *argv):
-    """``main(argv)`` in this process: (exit status, stdout, stderr)."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(folder):
