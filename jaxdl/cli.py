@@ -354,8 +354,7 @@ def read_run(run_dir: str) -> tuple[dict, dict]:
 def load_run(run_dir: str) -> tuple[dict, dict, object, dict]:
     """``(config, data_info, model, {"params", "model_state"})`` of a finished run (see
     `jaxdl.config.load_run`), its errors as the command's."""
-    cfg, info = read_run(run_dir)
-    return (cfg, info, *restore_run(run_dir, cfg, info))
+    return _as_command_errors(config.load_run)(run_dir, check_options)
 
 
 def _fit_config_stamp(out: str):
