@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import zipfile
-import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -373,11 +371,9 @@ def check_out_dir(path: str, resume: bool) -> None:
         raise ValueError(f"--out {path}: cannot create it, {parent} is not writable")
 
 
-# What reading a user's data file raises when the file is missing, unreadable or not what it
-# should be: OSError (gzip.BadGzipFile among them), ValueError (jaxdl.data's checks, numpy's
-# reader), and what numpy's .npz reader (zipfile, zlib) and gzip raise on a truncated or
-# corrupted file. The command reports these in one line; anything else is a bug.
-DATA_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+# What reading a user's data file raises (`jaxdl.data.READ_ERRORS`). The command reports these
+# in one line; anything else is a bug.
+DATA_ERRORS = data.READ_ERRORS
 
 
 def data_error_text(err: BaseException) -> str:

@@ -216,7 +216,10 @@ def _npz_labels(path: str, name: str, y, n: int) -> np.ndarray:
     return y.astype(np.int32)
 
 
-_NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+# What reading a data file raises when it is missing, unreadable or not what it should be:
+# OSError (gzip.BadGzipFile among them), ValueError (numpy's reader, this module's checks), and
+# what numpy's .npz reader (zipfile, zlib) and gzip raise on a truncated or corrupted file.
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _read_npz(path: str, keys) -> dict:
@@ -233,7 +236,7 @@ def _read_npz(path: str, keys) -> dict:
         )
     try:
         archive = np.load(path, allow_pickle=False)
-    except _NPZ_READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise ValueError(f"{path}: not a readable .npz file, truncated or corrupted ({err})") from None
     with archive:
         missing = [k for k in keys if k not in archive.files]
@@ -245,7 +248,7 @@ def _read_npz(path: str, keys) -> dict:
         for k in keys:
             try:
                 arrays[k] = archive[k]
-            except _NPZ_READ_ERRORS as err:
+            except READ_ERRORS as err:
                 raise ValueError(
                     f"{path}: array {k!r} cannot be read, the file is truncated or corrupted ({err})"
                 ) from None
