@@ -241,6 +241,13 @@ class Layer:
         _check_call(self, params, state, x)
         return self._apply(params, state, x, train, key)
 
+    def with_batch_statistics(self):
+        """``(layer, n)``: this layer with each of its n `BatchNorm` layers at momentum 0, so
+        that a training-mode ``apply`` returns the batch's statistics as the new state (what
+        `jaxdl.recalibrate_batchnorm` averages). A layer without BatchNorm returns itself and 0;
+        combinators return a copy built from their children's."""
+        return self, 0
+
 
 class _Stateless(Layer):
     """A layer with no params, no state and an elementwise map; ``_fn(x)`` gives the output."""
@@ -683,6 +690,10 @@ class BatchNorm(Layer):
         _check_real("BatchNorm", "momentum", self.momentum, low=0.0, high=1.0)  # weight of the old value
         _check_real("BatchNorm", "eps", self.eps, low=0.0, low_open=True)
 
+    def with_batch_statistics(self):
+        """``(BatchNorm at momentum 0, 1)``: its running statistics become the batch's."""
+        return dataclasses.replace(self, momentum=0.0), 1
+
     def _init(self, key, input_shape):
         shape = _rank("BatchNorm", input_shape, None, "")
         c = shape[-1]
@@ -967,6 +978,16 @@ def _run(layer, params, state, x, train, key):
     return layer.apply(params, state, x, train=train, key=key)
 
 
+def _with_batch_statistics(layers):
+    """The children's `Layer.with_batch_statistics` (a layer of the protocol without the
+    method has no BatchNorm): ``(new children, total count)``."""
+    pairs = [
+        layer.with_batch_statistics() if hasattr(layer, "with_batch_statistics") else (layer, 0)
+        for layer in layers
+    ]
+    return tuple(layer for layer, _ in pairs), sum(n for _, n in pairs)
+
+
 def _layer_objects(owner, layers):
     """``layers`` as a tuple, each checked to be a layer object (not a class) with init and apply."""
     for i, layer in enumerate(layers):
@@ -991,6 +1012,11 @@ class Sequential(Layer):
 
     def _names(self):
         return [f"{_kind(layer)}_{i}" for i, layer in enumerate(self.layers)]
+
+    def with_batch_statistics(self):
+        """See `Layer.with_batch_statistics`."""
+        layers, n = _with_batch_statistics(self.layers)
+        return type(self)(*layers), n
 
     def _init(self, key, input_shape):
         shape, params, state = tuple(input_shape), {}, {}
@@ -1038,6 +1064,11 @@ class Residual(Layer):
     def __post_init__(self):
         check_layer("Residual", "layer", self.layer)
 
+    def with_batch_statistics(self):
+        """See `Layer.with_batch_statistics`."""
+        (layer,), n = _with_batch_statistics((self.layer,))
+        return Residual(layer), n
+
     def _init(self, key, input_shape):
         shape, params, state = self.layer.init(key, input_shape)
         if tuple(shape) != tuple(input_shape):
@@ -1078,6 +1109,7 @@ class Add(Layer):
         object.__setattr__(self, "layers", _layer_objects("Add", layers))
 
     _names = Sequential._names
+    with_batch_statistics = Sequential.with_batch_statistics
 
     def _init(self, key, input_shape):
         params, state, shapes = {}, {}, {}
@@ -1285,9 +1317,9 @@ def from_flax(module, *, rngs=("dropout",)):
     import flax.linen as nn  # flax is needed only here
 
     if not isinstance(module, nn.Module):
-        from jaxdl.nnx import is_nnx_module
+        from flax import nnx  # imported here, not jaxdl.nnx: that module builds on this one
 
-        if is_nnx_module(module):
+        if isinstance(module, nnx.Module):
             raise TypeError(
                 f"from_flax: module must be a flax.linen.Module, got a flax.nnx.Module "
                 f"({type(module).__name__}); pass an nnx module to fit, evaluate or "

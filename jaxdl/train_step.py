@@ -16,8 +16,8 @@ is on the loss and the norms of the gradients and updates, so a norm beyond floa
 The data-parallel steps (`jaxdl.parallel.steps`: pmap, shard_map, and a scan-fused sharded loop)
 are built from the same pieces, which are public for that reason: `step_body` (the math of one
 step, the one body every step runs), `step_key`, `check_batch`, `check_state` and
-`accepts_train`. This module does not import `jaxdl.parallel`; `make_pmap_train_step` and
-`make_sharded_train_step` are still reachable here, loaded from there on first use.
+`accepts_train`. This module does not import `jaxdl.parallel` (the data-parallel steps import
+it), and knows models only through their ``init``/``apply`` protocol.
 
 Options of every train step and loop (`step_options`; off by default, and then the step is the
 float32 program above with no extra state):
@@ -367,24 +367,12 @@ def ema_update(ema_params, params, decay, count):
     return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, params)
 
 
-def _momentum_zero(model):
-    """``model`` with every `jaxdl.layers.BatchNorm` at momentum 0 (its state becomes the batch's
-    statistics), and the count of them."""
-    from jaxdl.layers import Add, BatchNorm, Residual, Sequential
-    from jaxdl.precision import PolicyModel
-
-    if isinstance(model, BatchNorm):
-        return dataclasses.replace(model, momentum=0.0), 1
-    if isinstance(model, (Sequential, Add)):
-        layers = [_momentum_zero(layer) for layer in model.layers]
-        return type(model)(*(layer for layer, _ in layers)), sum(n for _, n in layers)
-    if isinstance(model, Residual):
-        inner, n = _momentum_zero(model.layer)
-        return Residual(inner), n
-    if isinstance(model, PolicyModel):
-        inner, n = _momentum_zero(model.model)
-        return dataclasses.replace(model, model=inner), n
-    return model, 0
+def _with_batch_statistics(model):
+    """``model.with_batch_statistics()`` (the layer protocol's optional method: the model with
+    every BatchNorm at momentum 0, so that its new state is the batch's statistics, and the
+    count of them); ``(model, 0)`` for a model without the method."""
+    method = getattr(model, "with_batch_statistics", None)
+    return (model, 0) if method is None else method()
 
 
 def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
@@ -406,7 +394,7 @@ def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
     state; ``model_state`` gives its structure. A model without `jaxdl.layers.BatchNorm` is a
     ValueError (there is nothing to recalibrate).
     """
-    zero, count = _momentum_zero(model)
+    zero, count = _with_batch_statistics(model)
     if count == 0:
         raise ValueError(f"recalibrate_batchnorm: the model has no jaxdl.layers.BatchNorm, got {model!r}")
     key = jax.random.key(0) if key is None else key
@@ -554,12 +542,11 @@ def _state_to_keep(optimizer, grads, state: TrainState, opt_state):
     user and fuses into it, and the one feeding ``u`` fuses into ``u``'s kernel: one kernel per
     moment, as without the skip. Everything of the second trace that the state does not need
     (the update itself, e.g. sampled noise) is dead code, removed by XLA; a host callback in
-    ``update`` (``jax.debug.print``) would run twice. A `jaxdl.parallel.CrossDeviceTransformation`
+    ``update`` (``jax.debug.print``) would run twice. An optimizer that names an ``axis_name``
+    (`jaxdl.parallel.CrossDeviceTransformation`: its update runs collectives over that axis)
     keeps its one state: traced twice, its collectives would run twice.
     """
-    from jaxdl.parallel.onebit import CrossDeviceTransformation  # jaxdl.parallel imports us
-
-    if isinstance(optimizer, CrossDeviceTransformation):
+    if getattr(optimizer, "axis_name", None) is not None:  # its update runs collectives
         return opt_state
     grads, old_state, params = jax.lax.optimization_barrier((grads, state.opt_state, state.params))
     return optimizer.update(grads, old_state, params)[1]
@@ -723,13 +710,3 @@ def make_train_loop(
         return scan_steps(step, state, batches)
 
     return explain_batch_errors("train loop", "batches", jax.jit(loop, donate_argnums=(0,) if donate else ()))
-
-
-def __getattr__(name):
-    # The data-parallel steps moved to jaxdl.parallel.steps, which imports this module; loading
-    # them on first use keeps `jaxdl.train_step.make_sharded_train_step` working without a cycle.
-    if name in ("make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"):
-        from jaxdl.parallel import steps
-
-        return getattr(steps, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
