@@ -48,10 +48,10 @@ import optax
 
 from jaxdl import layers as L
 from jaxdl._checks import check_int, check_tree_match
-from jaxdl.diagnostics import initial_loss_check
+from jaxdl.diagnostics import initial_loss_check, lr_range_test
 from jaxdl.losses import binary_cross_entropy, mse
 from jaxdl.nnx import as_layer
-from jaxdl.train_step import supervised_loss
+from jaxdl.train_step import TrainState, accepts_train, supervised_loss
 
 __all__ = ["examine", "Report", "Finding", "CHECKS", "SEVERITIES", "THRESHOLDS", "estimate_learning_rate"]
 
@@ -351,17 +351,6 @@ def _make_scan(loss_fn, optimizer):
     return jax.jit(lambda carry, xs: jax.lax.scan(body, carry, xs))
 
 
-def _layer_outputs(model, params, model_state, x, key, train):
-    """Every layer's output of a `Sequential` model, keyed like its params (``dense_0``)."""
-    names = [f"{type(layer).__name__.lower()}_{i}" for i, layer in enumerate(model.layers)]
-    keys = [None] * len(names) if key is None else list(jax.random.split(key, len(names)))
-    out, h = {}, x
-    for name, layer, k in zip(names, model.layers, keys, strict=True):
-        h, _ = layer.apply(params.get(name, {}), model_state.get(name, {}), h, train=train, key=k)
-        out[name] = h
-    return out
-
-
 def _hist(v, bins=30):
     v = np.ravel(v).astype(np.float64)
     v = v[np.isfinite(v)]
@@ -380,7 +369,7 @@ def _make_inspect(model, loss_fn, sequential: bool):
             lambda p: loss_fn(p, model_state, (x, y), key, train=True), has_aux=True
         )(params)
         eval_loss = loss_fn(params, model_state, (x, y), None, train=False)[0]
-        acts = _layer_outputs(model, params, model_state, x, key, True) if sequential else {}
+        acts = model.intermediates(params, model_state, x, train=True, key=key) if sequential else {}
         return loss, eval_loss, grads, acts
 
     def inspect_fn(params, model_state, x, y, key):
@@ -424,6 +413,17 @@ def _np(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainKeyword:
+    """A loss that takes ``train=`` only through ``**kwargs``, with ``train`` named (the train
+    step passes ``train=True`` to a loss whose signature shows it)."""
+
+    inner: Any
+
+    def __call__(self, params, model_state, batch, key=None, train=True):
+        return self.inner(params, model_state, batch, key, train=train)
+
+
 class _Run:
     """Shared state of one `examine` call: data, the compiled functions, cached results."""
 
@@ -447,6 +447,7 @@ class _Run:
         model_state=None,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.step_loss = loss_fn if accepts_train(loss_fn) else _TrainKeyword(loss_fn)
         self.x, self.y = train
         self.validation = validation
         self.batch_size, self.seed, self.steps = batch_size, seed, steps
@@ -462,7 +463,7 @@ class _Run:
             self.params0, self.ms0 = params, model_state
         self.opt0, lr_hat = _cached("opt_setup", _make_opt_setup, optimizer)(self.params0)
         self.num_classes = int(out_shape[-1]) if len(out_shape) else 1
-        self.sequential = isinstance(getattr(model, "layers", None), tuple)
+        self.sequential = hasattr(model, "intermediates")
         self.learning_rate = float(learning_rate) if learning_rate is not None else float(lr_hat)
         self.lr_source = "given" if learning_rate is not None else "estimated"
         self.inspect_size = inspect_size
@@ -956,12 +957,34 @@ def _suggest(mult, losses):
     return float(mult[int(np.argmin(smooth))] / 10)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Multiplied:
+    """The range test's ``make_optimizer`` for a configured optimizer: its update times the
+    schedule's value (a multiple of its own rate, whatever the optimizer)."""
+
+    optimizer: Any
+
+    def __call__(self, schedule):
+        return optax.chain(self.optimizer, optax.scale_by_schedule(schedule))
+
+
 def _range_test(run: _Run, lo: float, hi: float):
+    """`jaxdl.diagnostics.lr_range_test` over the multiples ``lo..hi`` of the configured
+    optimizer's update, from the initialization, NaN/Inf steps skipped: ``(multiples, losses)``."""
     K = run.range_steps
-    mult = lo * (hi / lo) ** (np.arange(K) / (K - 1))
     idx = run.indices(K * run.batch_size).reshape(K, run.batch_size)
-    _, met = run.scan(run.params0, run.ms0, idx, mult, np.ones(K, bool))
-    return mult, met["loss"].astype(np.float64)
+    state = TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=run.params0,
+        model_state=run.ms0,
+        opt_state=run.opt0,
+        key=run.key,
+    )
+    batches = (jnp.asarray(run.x[idx]), jnp.asarray(run.y[idx]))
+    result = lr_range_test(
+        run.step_loss, _Multiplied(run.optimizer), state, batches, lo, hi, skip_nonfinite=True
+    )
+    return result.lrs, result.losses
 
 
 def _falls(losses) -> bool:

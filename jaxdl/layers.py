@@ -1035,14 +1035,40 @@ class Sequential(Layer):
                 state[name] = s
         return shape, params, state
 
-    def _apply(self, params, state, x, train, key):
+    def _walk(self, params, state, x, train, key):
+        """Yields ``(name, output, new_state)`` layer by layer: the one walk over the layers'
+        outputs, which `apply` and `intermediates` share."""
         keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
-        new_state = {}
         for name, layer, k in zip(self._names(), self.layers, keys):
             x, s = _run(layer, params.get(name, {}), state.get(name, {}), x, train, k)
+            yield name, x, s
+
+    def _apply(self, params, state, x, train, key):
+        y, new_state = x, {}
+        for name, y, s in self._walk(params, state, x, train, key):  # noqa: B007 (y: the last output)
             if s:
                 new_state[name] = s
-        return x, new_state
+        return y, new_state
+
+    def intermediates(self, params, state, x, *, train=False, key=None) -> dict:
+        """Every layer's output on the batch ``x``: ``{name: f_i(...f_1(x))}``, keyed like the
+        params (``dense_0``, ``relu_1``, ...), in layer order; the last value is ``apply``'s
+        output. Each layer runs as in ``apply`` (the same keys, ``train`` mode and state), so
+        these are the activations that training sees. `jaxdl.diagnostics.activation_stats` and
+        `jaxdl.doctor` read a model's layers through it (the per-layer statistics of Glorot &
+        Bengio 2010, "Understanding the difficulty of training deep feedforward neural
+        networks", sec. 3).
+
+        >>> import jax.numpy as jnp
+        >>> outs = Sequential(Relu(), Flatten()).intermediates({}, {}, jnp.array([[-1.0, 2.0]]))
+        >>> list(outs), outs["relu_0"]
+        (['relu_0', 'flatten_1'], Array([[0., 2.]], dtype=float32))
+        """
+        if not isinstance(x, jax.Array):
+            check_numeric("Sequential.intermediates", "x", x)
+        x = jnp.asarray(x)
+        _check_call(self, params, state, x)
+        return {name: y for name, y, _ in self._walk(params, state, x, train, key)}
 
 
 @_frozen

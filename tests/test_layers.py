@@ -444,6 +444,12 @@ def test_sequential_equals_composition_of_its_layers():
     x = _randn(4, 3)
     h, _ = a.apply(params["dense_0"], {}, x)
     np.testing.assert_allclose(model.apply(params, {}, x)[0], np.tanh(np.asarray(h)), rtol=1e-6)
+    # every layer's output, keyed like the params: numpy's forward pass
+    outs = model.intermediates(params, {}, x)
+    w, bias, xn = (np.asarray(v) for v in (params["dense_0"]["w"], params["dense_0"]["b"], x))
+    assert list(outs) == ["dense_0", "tanh_1"]
+    np.testing.assert_allclose(outs["dense_0"], xn @ w + bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs["tanh_1"], np.tanh(xn @ w + bias), rtol=1e-5, atol=1e-6)
 
 
 def test_sequential_works_under_jit_and_vmap_over_models():
