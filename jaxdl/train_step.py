@@ -465,7 +465,16 @@ def scan_steps(step, state: TrainState, batches):
 
 
 def step_body_with_norm(
-    loss_fn, optimizer, skip_nonfinite, state, batch, key, param_norm, reduce_grads=None, options=None
+    loss_fn,
+    optimizer,
+    skip_nonfinite,
+    state,
+    batch,
+    key,
+    param_norm,
+    reduce_grads=None,
+    options=None,
+    layer_metrics=None,
 ):
     """`step_body` for a loop that carries the parameter norm: ``(new_state, metrics, norm')``.
 
@@ -474,6 +483,9 @@ def step_body_with_norm(
     the update, for the next step. A norm of the old params taken after their in-place update
     would make XLA copy every parameter first. With ``param_norm=None`` the step computes it
     itself and ``norm'`` is None (that is `step_body`). `scan_steps` and the sharded loop carry it.
+    ``layer_metrics(params, grads, updates) -> dict``, when given, sees the step's parameters
+    before the update, its gradients (after ``reduce_grads``) and its updates; its entries join
+    the metrics (`jaxdl.doctor` reads per-layer norms through it).
     """
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
     _check_options_state(state, options)
@@ -521,6 +533,8 @@ def step_body_with_norm(
         "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
         **aux,
     }
+    if layer_metrics is not None:
+        metrics.update(layer_metrics(state.params, grads, updates))
     new_state = state.replace(
         step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )
