@@ -243,9 +243,12 @@ class Layer:
 
     def with_batch_statistics(self):
         """``(layer, n)``: this layer with each of its n `BatchNorm` layers at momentum 0, so
-        that a training-mode ``apply`` returns the batch's statistics as the new state (what
-        `jaxdl.recalibrate_batchnorm` averages). A layer without BatchNorm returns itself and 0;
-        combinators return a copy built from their children's."""
+        that a training-mode ``apply`` returns the batch's statistics as the new state
+        (``mean <- 0 * mean + 1 * mu``), what `jaxdl.recalibrate_batchnorm` averages (Izmailov
+        et al. 2018, "Averaging weights leads to wider optima and better generalization",
+        sec. 3.2). A layer without BatchNorm returns itself and 0; combinators return a copy
+        built from their children's. An optional method of the layer protocol: a model
+        without it counts as having no BatchNorm."""
         return self, 0
 
 

@@ -159,15 +159,25 @@ def _times(optimizer, multiple):
 
 
 def make_probe_scan(loss_fn, optimizer):
-    """Jitted ``run(state, xs) -> (state, metrics)``: a scan of the library's train step
-    (`jaxdl.train_step.step_body_with_norm`, NaN/Inf steps skipped) with the `layer_metrics`
-    hook, over ``xs = (x, y, multiple, active)`` stacked per step.
+    """A scan of the library's train step with the `layer_metrics` hook, jitted.
 
-    Step k multiplies the optimizer's update by ``multiple[k]`` (1 for the probe and overfit
-    runs), and a step with ``active[k]`` false (padding of the last chunk) changes nothing, the
-    step counter included, so runs of any length share one program. ``metrics``: ``loss``,
-    ``accuracy`` (NaN when the loss reports none), ``nonfinite``, and per layer
-    ``update_ratio`` and ``grad_norm``.
+    Step k is `jaxdl.train_step.step_body_with_norm` (NaN/Inf steps skipped) on batch
+    ``(x[k], y[k])`` with the optimizer's update multiplied by ``multiple[k]``,
+
+    .. math:: \\theta_{k+1} = \\theta_k + m_k\\, u_k
+
+    and a step with ``active[k]`` false (padding of a run's last chunk) changes nothing, its
+    step counter included, so runs of any length share one program.
+
+    Args:
+      loss_fn: the train step's loss (it takes ``train=``).
+      optimizer: the configured optimizer.
+
+    Returns:
+      ``run(state, xs) -> (state, metrics)`` for a `jaxdl.TrainState` and ``xs = (x, y,
+      multiple, active)`` stacked per step; ``metrics`` per step: ``loss``, ``accuracy`` (NaN
+      when the loss reports none), ``nonfinite``, and per layer ``update_ratio`` and
+      ``grad_norm`` (`layer_metrics`).
     """
 
     def body(state, xs):
