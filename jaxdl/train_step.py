@@ -548,7 +548,7 @@ def _state_to_keep(optimizer, grads, state: TrainState, opt_state):
     traced a second time, on the same values passed through ``lax.optimization_barrier`` so XLA
     does not merge the two (the numbers are the same).
 
-    Why (issue 14): the select's predicate depends on ``|u|``, which is computed from the new
+    Why: the select's predicate depends on ``|u|``, which is computed from the new
     moments, so XLA:CPU will not fuse the moments' update into the select (a producer of two
     inputs is fused only when it fuses "on all paths") and writes each moment twice: once
     updated, once selected, 4 extra passes per moment (+40 us of a 190 us tiny step, +4 ms of a

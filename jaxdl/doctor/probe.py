@@ -285,12 +285,13 @@ class _Multiplied:
         return optax.chain(self.optimizer, optax.scale_by_schedule(schedule))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class RunConfig:
     """What `jaxdl.doctor.examine` was asked to examine, its arguments checked: the model
     (a layer), the optimizer, the loss (``train=`` keyword), ``train = (x, y)`` and
     ``validation`` (numpy), and the sizes of the runs (see `examine` for each). ``params`` /
-    ``model_state``: a given starting point instead of ``model.init`` (None: initialize)."""
+    ``model_state``: a given starting point instead of ``model.init`` (None: initialize).
+    Built by keyword only."""
 
     model: Any
     optimizer: optax.GradientTransformation
