@@ -862,3 +862,17 @@ def test_every_layer_refuses_a_non_key_and_non_numeric_inputs_by_name(layer, sha
 def test_activation_and_bias_hyperparameters_are_checked_when_built(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_with_batch_statistics_sets_every_batchnorm_to_momentum_zero_through_wrappers():
+    from jaxdl.precision import PolicyModel, get_policy
+
+    model = L.Sequential(
+        L.Dense(3), L.Residual(L.BatchNorm(momentum=0.9)), L.Add(L.BatchNorm(momentum=0.5), L.Relu())
+    )
+    zero, n = PolicyModel(model, get_policy("bf16")).with_batch_statistics()
+    inner = zero.model
+    assert n == 2 and isinstance(zero, PolicyModel)
+    assert inner.layers[1].layer.momentum == 0.0 and inner.layers[2].layers[0].momentum == 0.0
+    assert model.layers[1].layer.momentum == 0.9  # the original is left as it was
+    assert L.Sequential(L.Dense(3), L.Relu()).with_batch_statistics()[1] == 0
