@@ -16,7 +16,7 @@ layer, the entry and the expected shape, instead of a JAX internal error later o
 Conventions: images are NHWC with HWIO kernels (as flax; PyTorch is NCHW/OIHW). Dense kernels
 are (in, out) (PyTorch's Linear stores (out, in)). Parameter names: ``w``, ``b`` (Dense, Conv,
 Maxout), ``alpha`` (PRelu), ``gamma``, ``beta`` and state ``mean``, ``var`` (BatchNorm),
-``gamma``, ``beta`` (LayerNorm, RMSNorm), ``w`` (Embedding), ``wq``, ``wk``, ``wv``, ``wo`` and
+``gamma``, ``beta`` (LayerNorm, RMSNorm), ``w`` (Embedding, PositionalEmbedding), ``wq``, ``wk``, ``wv``, ``wo`` and
 ``bq``, ``bk``, ``bv``, ``bo`` (MultiHeadAttention). `Residual` has its layer's params and state; `Add` keys its branches'
 as `Sequential` does.
 """
@@ -67,6 +67,7 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "Embedding",
+    "PositionalEmbedding",
     "MultiHeadAttention",
     "Sequential",
     "Residual",
@@ -870,6 +871,43 @@ class Embedding(Layer):
         n = self.num_embeddings
         y = jnp.take(params["w"], jnp.clip(x, 0, n - 1), axis=0)
         return jnp.where(((x >= 0) & (x < n))[..., None], y, jnp.nan), state
+
+
+@_frozen
+class PositionalEmbedding(Layer):
+    """A learned position embedding added to a sequence of vectors: y[b, t] = x[b, t] + P[t]
+    for x of shape (batch, seq, features), seq <= max_len; P has shape (max_len, features).
+
+    The learned variant of Vaswani et al. 2017 (sec. 3.5: "nearly identical results" to their
+    sinusoids), as GPT (Radford et al. 2018) and GPT-2 (Radford et al. 2019) use it: GPT-2's
+    ``wpe``, flax's lm1b ``AddPositionEmbs``. A sequence shorter than ``max_len`` uses the first
+    rows of P; a longer one is refused at ``init``. Default ``w_init=normal(0.01)``, GPT-2's.
+
+    Args:
+      max_len: the most positions, >= 1.
+      w_init: initializer of P.
+
+    Returns ``x + P[:seq]`` of the shape of ``x``; params ``w`` (max_len, features).
+    """
+
+    max_len: int
+    w_init: Initializer = initializers.normal(0.01)
+
+    def __post_init__(self):
+        check_positive_int("PositionalEmbedding", "max_len", self.max_len)
+        _callable("PositionalEmbedding", "w_init", self.w_init)
+
+    def _init(self, key, input_shape):
+        seq, features = _rank("PositionalEmbedding", input_shape, 2, "(seq, features)")
+        if seq > self.max_len:
+            raise ValueError(
+                f"PositionalEmbedding: input_shape {tuple(input_shape)} has {seq} positions, more "
+                f"than max_len={self.max_len}; expected seq <= max_len"
+            )
+        return (seq, features), {"w": self.w_init(key, (self.max_len, features))}, {}
+
+    def _apply(self, params, state, x, train, key):
+        return x + params["w"][: x.shape[1]].astype(x.dtype), state
 
 
 @_frozen
