@@ -16,9 +16,7 @@ set the targets of padding positions to -100 (e.g. ``y = np.where(y == pad_id, -
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "IGNORE_INDEX",
-    "softmax_cross_entropy", "binary_cross_entropy", "mse", "l2_penalty", "accuracy"]
+__all__ = ["IGNORE_INDEX", "softmax_cross_entropy", "binary_cross_entropy", "mse", "l2_penalty", "accuracy"]
 
 IGNORE_INDEX = -100  # a target left out of the loss and the accuracy (PyTorch's ignore_index)
 
