@@ -1407,24 +1407,42 @@ def from_flax(module, *, rngs=("dropout",)):
 # ----------------------------------------------------------------------------- BN folding
 
 
+def _fold_branches(model, params, state):
+    """`fold_batchnorm` inside each branch of an `Add` (keys keep their names: a folded branch
+    keeps its kind)."""
+    layers, new_params, new_state = [], {}, {}
+    for name, layer in zip(model._names(), model.layers):
+        layer, p, s = fold_batchnorm(layer, params.get(name, {}), state.get(name, {}))
+        layers.append(layer)
+        new_params.update({name: p} if p else {})
+        new_state.update({name: s} if s else {})
+    return Add(*layers), new_params, new_state
+
+
 def fold_batchnorm(model, params, state):
     """Fold each BatchNorm that directly follows a Dense or Conv into that layer (seed 001: at
     test time BN is the linear map y = a*z + c, a = gamma/sqrt(var + eps), c = beta - a*mean).
 
     The preceding layer's kernel becomes W * a (per output channel) and its bias a*b + c (c
-    alone without bias; the folded layer always has a bias). Works through nested Sequentials;
+    alone without bias; the folded layer always has a bias). Works through nested Sequentials,
+    inside `Residual` and inside each branch of `Add` (a `jaxdl.models.resnet` folds entirely);
     other layers, and BatchNorms not after a Dense/Conv, stay. Returns a new
-    ``(model, params, state)`` whose *evaluation* outputs equal the original's (keys are
-    renumbered, since the BatchNorms are gone). The folded model is for inference: training it
-    no longer normalizes. PyTorch's counterpart is ``torch.ao.quantization.fuse_modules``.
+    ``(model, params, state)`` whose *evaluation* outputs equal the original's (keys of a
+    Sequential are renumbered, since the BatchNorms are gone). The folded model is for
+    inference: training it no longer normalizes. PyTorch's counterpart is
+    ``torch.ao.quantization.fuse_modules``.
     """
+    if isinstance(model, Residual):
+        layer, params, state = fold_batchnorm(model.layer, params, state)
+        return Residual(layer), params, state
+    if isinstance(model, Add):
+        return _fold_branches(model, params, state)
     if not isinstance(model, Sequential):
         return model, params, state
     layers, new_params, new_state = [], [], []
     for name, layer in zip(model._names(), model.layers):
         p, s = params.get(name, {}), state.get(name, {})
-        if isinstance(layer, Sequential):
-            layer, p, s = fold_batchnorm(layer, p, s)
+        layer, p, s = fold_batchnorm(layer, p, s)
         prev = layers[-1] if layers else None
         if isinstance(layer, BatchNorm) and isinstance(prev, (Dense, Conv)):
             a = p["gamma"] * lax.rsqrt(s["var"] + layer.eps)
