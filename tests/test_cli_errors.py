@@ -280,3 +280,12 @@ def test_resume_refuses_a_broken_run_folder_and_leaves_it_as_it_was(tmp_path, ca
     code, out, err = run_main(capsys, "train", "--out", str(run), "--resume")
     assert_one_line_error(code, out, err, "train", message)
     assert snapshot(tmp_path) == before
+
+
+def test_resnet_refuses_the_mlp_options_instead_of_ignoring_them(tmp_path, capsys):
+    argv = ["--model", "resnet", "--depth", "3", "--batchnorm", "--out", str(tmp_path / "run")]
+    code, out, err = run_main(capsys, "train", *argv)
+    assert_one_line_error(
+        code, out, err, "train", "--model resnet does not take --depth 3, --batchnorm", "--blocks"
+    )
+    assert not (tmp_path / "run").exists()
