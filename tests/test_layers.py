@@ -787,6 +787,7 @@ ALL_LAYERS = [
     (L.RMSNorm(), (4,)),
     (L.Embedding(5, 3), (4,)),
     (L.MultiHeadAttention(2), (3, 4)),
+    (L.PositionalEmbedding(4), (3, 4)),
     (L.Residual(L.Dense(4)), (4,)),
     (L.Add(L.Dense(4), L.Relu()), (4,)),
     (L.GlobalAvgPool(), (4, 4, 1)),
