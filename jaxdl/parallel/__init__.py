@@ -7,7 +7,7 @@ would take on it. One module per concept:
 
 * `jaxdl.parallel.placement`: devices and where state and batches live -- the pmap layout
   (`replicate`, `unreplicate`, `shard_batch`) and the mesh layout (`data_mesh`, `put_state`,
-  `put_batch`, `state_specs`, `PerDevice`);
+  `put_batch`, `state_specs`, `PerDevice`), replicated or fully sharded (`fsdp_shardings`);
 * `jaxdl.parallel.steps`: `make_pmap_train_step`, `make_sharded_train_step` and the scan-fused
   `make_sharded_train_loop`, all around `jaxdl.train_step.step_body`;
 * `jaxdl.parallel.onebit`: `onebit_allreduce` (one bit per gradient element) and its packing;
@@ -26,8 +26,10 @@ from jaxdl.parallel.onebit import (
     unpack_signs,
 )
 from jaxdl.parallel.placement import (
+    FSDP_MIN_SIZE,
     PerDevice,
     data_mesh,
+    fsdp_shardings,
     local_devices,
     put_batch,
     put_state,
@@ -51,6 +53,8 @@ __all__ = [
     "put_state",
     "put_batch",
     "state_specs",
+    "fsdp_shardings",
+    "FSDP_MIN_SIZE",
     "PerDevice",
     "CrossDeviceTransformation",
     "OneBitState",

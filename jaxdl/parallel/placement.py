@@ -42,6 +42,9 @@ __all__ = [
     "put_state",
     "put_batch",
     "state_specs",
+    "fsdp_shardings",
+    "FSDP_MIN_SIZE",
+    "check_shard",
     "PerDevice",
     "pick_devices",
     "data_axis",
@@ -250,6 +253,79 @@ def state_specs(tree, axis_name: str):
     return jax.tree.map(spec, tree, is_leaf=is_per_device)
 
 
+FSDP_MIN_SIZE = 1 << 12
+"""Leaves with fewer elements than this stay replicated under `fsdp_shardings` (4096 elements,
+16 KiB in float32): splitting them saves little memory and costs a gather each step."""
+
+SHARD_MODES = ("replicate", "fsdp")
+
+
+def check_shard(owner: str, shard) -> str:
+    """``shard`` if it is ``"replicate"`` or ``"fsdp"``, else a ValueError naming ``owner``."""
+    if shard not in SHARD_MODES:
+        raise ValueError(f"{owner}: shard={shard!r}; expected one of {SHARD_MODES}")
+    return shard
+
+
+def _fsdp_spec(shape, n: int, axis: str, min_size: int) -> P:
+    """``P`` splitting the largest dimension of ``shape`` that ``n`` divides (the first of equal
+    ones), or ``P()`` for a leaf under ``min_size`` elements or without such a dimension."""
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % n == 0:
+            return P(*[None] * dim, axis)
+    return P()
+
+
+def fsdp_shardings(tree, mesh: Mesh, axis_name: str | None = None, *, min_size: int = FSDP_MIN_SIZE):
+    """The `NamedSharding` of every leaf of a state under fully sharded data parallelism (FSDP).
+
+    ZeRO stage 3 (Rajbhandari et al. 2020, "ZeRO: Memory optimizations toward training trillion
+    parameter models"): instead of a copy of every parameter, optimizer moment and EMA on each of
+    the D devices of the data axis, each device keeps 1/D of each. The rule, by shape alone (so
+    a parameter, its Adam moments and its EMA always get the same layout):
+
+    * a leaf of at least ``min_size`` elements (default `FSDP_MIN_SIZE`, 4096) is split along
+      its largest dimension that D divides (the first of equal sizes): ``P(None, .., axis)``;
+    * a smaller leaf, one with no dimension D divides, a scalar (step count, loss scale) or a
+      PRNG key stays replicated, ``P()``;
+    * a `PerDevice` leaf (one slice per device) is split along its leading axis, as in
+      `state_specs`.
+
+    Args:
+      tree: a `jaxdl.TrainState` or any pytree of arrays (or of ``jax.ShapeDtypeStruct``).
+      mesh: the `jax.sharding.Mesh` (e.g. `data_mesh`).
+      axis_name: the data axis (default: the mesh's only axis).
+      min_size: the smallest leaf, in elements, that is split.
+
+    Returns:
+      A pytree like ``tree`` whose leaves are `jax.sharding.NamedSharding` (usable as
+      ``jax.jit``'s ``in_shardings`` or with ``jax.device_put``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxdl.parallel import data_mesh, fsdp_shardings
+    >>> shardings = fsdp_shardings({"w": jnp.zeros((8192, 2))}, data_mesh(1))
+    >>> shardings["w"].spec
+    PartitionSpec()
+    """
+    axis = data_axis("fsdp_shardings", mesh, axis_name)
+    check_int("fsdp_shardings", "min_size", min_size, low=0)
+    n = mesh.shape[axis]
+
+    def one(x):
+        if is_key(x):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, _fsdp_spec(np.shape(x), n, axis, min_size))
+
+    def node(x):
+        if is_per_device(x):
+            return PerDevice(jax.tree.map(lambda _: NamedSharding(mesh, P(axis)), x.value))
+        return one(x)
+
+    return jax.tree.map(node, tree, is_leaf=is_per_device)
+
+
 def _global_array(x, sharding: NamedSharding, shape=None):
     """A global array of ``sharding`` from the host value ``x``, which every process holds."""
     if is_key(x):
@@ -265,15 +341,35 @@ def _global_array(x, sharding: NamedSharding, shape=None):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def put_state(tree, mesh: Mesh, axis_name: str | None = None):
+def put_state(
+    tree,
+    mesh: Mesh,
+    axis_name: str | None = None,
+    *,
+    shard: str = "replicate",
+    min_shard_size: int = FSDP_MIN_SIZE,
+):
     """Place a data-parallel state on ``mesh``: replicated leaves ``P()``, `PerDevice` leaves
     sharded ``P(axis_name)`` with one slice per device.
+
+    ``shard="fsdp"``: every leaf goes where `fsdp_shardings` says (large parameters, their
+    optimizer moments and their EMA split over the data axis), the layout of
+    ``make_sharded_train_step(..., shard="fsdp")`` (give both the same ``min_shard_size``, the
+    ``min_size`` of `fsdp_shardings`).
 
     A `PerDevice` leaf with a leading axis of 1 (fresh from ``init``) is broadcast to every
     device; one whose leading axis already equals the number of devices is split as it is.
     Every process of a multi-host run calls this with the same ``tree``.
     """
     axis = data_axis("put_state", mesh, axis_name)
+    if check_shard("put_state", shard) == "fsdp":
+        shardings = fsdp_shardings(tree, mesh, axis, min_size=min_shard_size)
+        return jax.tree.map(
+            lambda x, s: _global_array(x, s) if not is_per_device(x) else put_state(x, mesh, axis),
+            tree,
+            shardings,
+            is_leaf=is_per_device,
+        )
     n = mesh.shape[axis]
     replicated = NamedSharding(mesh, P())
     split = NamedSharding(mesh, P(axis))

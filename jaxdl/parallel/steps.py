@@ -20,6 +20,7 @@ statistics, so D devices take the single-device step on the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -27,19 +28,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdl._checks import explain_batch_errors
 from jaxdl.parallel.onebit import CrossDeviceTransformation
 from jaxdl.parallel.placement import (
+    FSDP_MIN_SIZE,
     batch_size_of,
     check_divisible,
+    check_shard,
     data_axis,
+    fsdp_shardings,
     is_per_device,
     pick_devices,
     state_specs,
 )
+from jaxdl.precision import with_policy
 from jaxdl.train_step import (
     TrainState,
     accepts_train,
@@ -228,71 +233,181 @@ def make_pmap_train_step(
     return explain_batch_errors(owner, "batch", step)
 
 
-def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, donate, stacked, options=None):
-    """`jax.jit(jax.shard_map(body))` over ``mesh``, with the checks both sharded makers share.
+def _data_parallel_loss(loss_fn, mesh: Mesh, axis: str, policy):
+    """``loss_fn`` on each device's shard of the batch, averaged over ``axis``: a loss of the
+    global batch for the FSDP step, whose gradient GSPMD and `jax.shard_map` take together.
 
-    ``stacked=False``: body = one step, batch sharded ``P(axis)``. ``stacked=True``: body =
-    `lax.scan` of that step over the leading axis of a block of K batches, sharded
-    ``P(None, axis)``; the per-step metrics come back stacked, ``(K,)``.
+    The params, model state and key enter replicated, ``P()`` (XLA gathers FSDP-split params
+    here), the batch ``P(axis)``; each device draws with ``fold_in(key, axis_index)`` as in the
+    replicated step, and the loss and inexact metrics are ``lax.pmean``-ed. Traced with
+    ``check_vma=True``, so the gradient of the replicated params is the psum of the devices'
+    cotangents, i.e. the gradient of the global mean loss. ``policy`` (a precision policy) runs
+    inside, on each device, as in the single-device step.
+    """
+    inner = with_policy(loss_fn, policy)
+    kwargs_ok = accepts_train(loss_fn)
+
+    def mean(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return lax.pmean(x, axis)
+        return lax.pmean(x.astype(jnp.float32), axis).astype(x.dtype)
+
+    def local(params, model_state, batch, key, train):
+        # Varying before the policy's cast: the gradients' psum (this cast's transpose) then
+        # sums the float32 gradients, as the replicated step's pmean does, not bfloat16 ones.
+        params = lax.pcast(params, axis, to="varying")
+        key = jax.random.fold_in(key, lax.axis_index(axis))
+        loss, (model_state, aux) = inner(params, model_state, batch, key, **train)
+        return mean(loss), (model_state, jax.tree.map(mean, aux))
+
+    def global_loss(params, model_state, batch, key, train=True):
+        train = {"train": train} if kwargs_ok else {}
+        f = jax.shard_map(
+            lambda p, m, b, k: local(p, m, b, k, train),
+            mesh=mesh,
+            in_specs=(P(), P(), P(axis), P()),
+            out_specs=P(),
+            check_vma=True,
+        )
+        return f(params, model_state, batch, key)
+
+    return global_loss
+
+
+def _fsdp_body(loss_fn, optimizer, mesh, axis, skip_nonfinite, options, shardings):
+    """The FSDP step's body under `jax.jit` (GSPMD partitions it): `step_body_with_norm` on the
+    global arrays with the data-parallel loss; the gradients are constrained to the params'
+    layout (an all-reduce and a slice, or one reduce-scatter) so that the optimizer update and
+    the EMA run on each device's part only."""
+    policy = None if options is None else options.policy
+    outer = None if options is None else dataclasses.replace(options, policy=None)
+    dp_loss = _data_parallel_loss(loss_fn, mesh, axis, policy)
+
+    def reduce_grads(args):
+        loss, grads, aux = args
+        return loss, lax.with_sharding_constraint(grads, shardings.params), aux
+
+    def one_step(state, batch, param_norm=None):
+        check_batch(state, batch)
+        check_state(state, loss_fn, optimizer)
+        new_state, metrics, norm = step_body_with_norm(
+            dp_loss, optimizer, skip_nonfinite, state, batch, step_key(state), param_norm, reduce_grads, outer
+        )
+        return lax.with_sharding_constraint(new_state, shardings), metrics, norm
+
+    return one_step
+
+
+def _check_call(owner, loss_fn, mesh, axis, state, batch, batch_axis, options, checked):
+    """The checks of a sharded step's call: the batch splits over the devices (and each shard
+    into micro-batches), `PerDevice` state is placed, the model state stays in sync."""
+    n = mesh.shape[axis]
+    size = batch_size_of(owner, batch, batch_axis)
+    check_divisible(owner, size, n)
+    k = 1 if options is None else options.micro_batches
+    if k > 1 and size // n % k:
+        raise ValueError(
+            f"{owner}: each of the {n} devices gets {size // n} examples, which micro_batches={k} does not divide"
+        )
+    for outer, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_device)[0]:
+        if is_per_device(node):
+            for path, x in jax.tree_util.tree_flatten_with_path(node.value)[0]:
+                if np.ndim(x) == 0 or np.shape(x)[0] != n:
+                    where = jax.tree_util.keystr((*outer, *path))
+                    raise ValueError(
+                        f"{owner}: per-device state leaf {where} has shape {np.shape(x)}; it "
+                        f"needs one slice per device along a leading axis of {n}. Place the "
+                        f"state first: state = jaxdl.parallel.put_state(state, mesh)."
+                    )
+    one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[batch_axis:], x.dtype), batch)
+    avals = (*_avals((state.params, state.model_state)), one_batch, _avals(state.key))
+    signature = jax.tree.structure(avals), tuple(jax.tree.leaves(avals))
+    if signature not in checked:
+        _check_synced_model_state(owner, loss_fn, mesh, axis, *avals)
+        checked.add(signature)
+
+
+def _make_sharded(
+    owner,
+    loss_fn,
+    optimizer,
+    mesh,
+    axis_name,
+    skip_nonfinite,
+    donate,
+    stacked,
+    options=None,
+    shard="replicate",
+    min_size=FSDP_MIN_SIZE,
+):
+    """`jax.jit` of the sharded step over ``mesh``, with the checks both sharded makers share.
+
+    ``shard="replicate"``: `jax.shard_map` of the per-device body, the state ``P()``.
+    ``shard="fsdp"``: `jax.jit` with `NamedSharding` in/out shardings from `fsdp_shardings`
+    around the global step body (`_fsdp_body`). ``stacked=False``: one step, batch sharded
+    ``P(axis)``. ``stacked=True``: `lax.scan` of that step over the leading axis of a block of
+    K batches, sharded ``P(None, axis)``; the per-step metrics come back stacked, ``(K,)``.
     """
     axis = data_axis(owner, mesh, axis_name)
     _check_exchange_axis(owner, optimizer, axis)
-    n = mesh.shape[axis]
+    fsdp = check_shard(owner, shard) == "fsdp"
+    if fsdp and isinstance(optimizer, CrossDeviceTransformation):
+        raise ValueError(
+            f"{owner}: shard='fsdp' cannot run a cross-device optimizer ({optimizer!r}, e.g. "
+            f"onebit_allreduce): it exchanges each device's local gradients itself, while under "
+            f"FSDP the optimizer runs on the devices' parts of the averaged gradients. Use "
+            f"shard='replicate' with it."
+        )
     batch_axis = 1 if stacked else 0
     batch_spec = P(None, axis) if stacked else P(axis)
     compiled, checked = {}, set()
-    placed_hint = "Place the state first: state = jaxdl.parallel.put_state(state, mesh)."
 
     def one_step(state, batch, param_norm=None):
         return _parallel_body(loss_fn, optimizer, skip_nonfinite, axis, state, batch, options, param_norm)
 
-    def scan(state, batches):
-        return scan_steps(one_step, state, batches)
-
-    def single(state, batch):
-        return one_step(state, batch)[:2]
-
-    body = scan if stacked else single
+    def wrap(step):
+        if stacked:
+            return lambda state, batches: scan_steps(step, state, batches)
+        return lambda state, batch: step(state, batch)[:2]
 
     def run(state: TrainState, batch):
-        check_divisible(owner, batch_size_of(owner, batch, batch_axis), n)
-        k = 1 if options is None else options.micro_batches
-        if k > 1 and batch_size_of(owner, batch, batch_axis) // n % k:
-            raise ValueError(
-                f"{owner}: each of the {n} devices gets "
-                f"{batch_size_of(owner, batch, batch_axis) // n} examples, which "
-                f"micro_batches={k} does not divide"
-            )
-        for outer, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_per_device)[0]:
-            if is_per_device(node):
-                for path, x in jax.tree_util.tree_flatten_with_path(node.value)[0]:
-                    if np.ndim(x) == 0 or np.shape(x)[0] != n:
-                        where = jax.tree_util.keystr((*outer, *path))
-                        raise ValueError(
-                            f"{owner}: per-device state leaf {where} has shape {np.shape(x)}; it "
-                            f"needs one slice per device along a leading axis of {n}. {placed_hint}"
-                        )
-        one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[batch_axis:], x.dtype), batch)
-        avals = (*_avals((state.params, state.model_state)), one_batch, _avals(state.key))
-        signature = jax.tree.structure(avals), tuple(jax.tree.leaves(avals))
-        if signature not in checked:
-            _check_synced_model_state(owner, loss_fn, mesh, axis, *avals)
-            checked.add(signature)
-        return program(state)(state, batch)
+        _check_call(owner, loss_fn, mesh, axis, state, batch, batch_axis, options, checked)
+        prog, shardings = program(state)
+        if shardings is not None and jax.process_count() == 1:
+            state = jax.device_put(state, shardings)  # a no-op for a placed state
+        return prog(state, batch)
 
     def program(state):
-        treedef = jax.tree.structure(state)
-        if treedef not in compiled:
-            specs = state_specs(state, axis)
-            compiled[treedef] = jax.jit(
-                jax.shard_map(
-                    body, mesh=mesh, in_specs=(specs, batch_spec), out_specs=(specs, P()), check_vma=False
-                ),
-                donate_argnums=(0,) if donate else (),
-            )
-        return compiled[treedef]
+        key = jax.tree.structure(state), tuple(np.shape(x) for x in jax.tree.leaves(state)) if fsdp else ()
+        if key not in compiled:
+            if fsdp:
+                shardings = fsdp_shardings(_avals(state), mesh, axis, min_size=min_size)
+                body = _fsdp_body(loss_fn, optimizer, mesh, axis, skip_nonfinite, options, shardings)
+                prog = jax.jit(
+                    wrap(body),
+                    in_shardings=(shardings, NamedSharding(mesh, batch_spec)),
+                    out_shardings=(shardings, NamedSharding(mesh, P())),
+                    donate_argnums=(0,) if donate else (),
+                )
+            else:
+                specs, shardings = state_specs(state, axis), None
+                prog = jax.jit(
+                    jax.shard_map(
+                        wrap(one_step),
+                        mesh=mesh,
+                        in_specs=(specs, batch_spec),
+                        out_specs=(specs, P()),
+                        check_vma=False,
+                    ),
+                    donate_argnums=(0,) if donate else (),
+                )
+            compiled[key] = prog, shardings
+        return compiled[key]
 
-    run.lower = lambda state, batch: program(state).lower(state, batch)
+    run.lower = lambda state, batch: program(state)[0].lower(state, batch)
+    run.shardings = lambda state: (
+        fsdp_shardings(_avals(state), mesh, axis, min_size=min_size) if fsdp else None
+    )
     return explain_batch_errors(owner, "batches" if stacked else "batch", run)
 
 
@@ -308,6 +423,8 @@ def make_sharded_train_step(
     micro_batches: int = 1,
     loss_scale=None,
     ema=None,
+    shard: str = "replicate",
+    min_shard_size: int = FSDP_MIN_SIZE,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The recommended data-parallel step: `jax.jit` of `jax.shard_map` over ``mesh``.
 
@@ -330,6 +447,18 @@ def make_sharded_train_step(
     ``micro_batches`` (per device: each device accumulates its shard's K micro-batches, then one
     all-reduce per optimizer step), ``loss_scale`` and ``ema`` as in
     `jaxdl.train_step.make_train_step`.
+
+    ``shard="fsdp"``: fully sharded data parallelism (ZeRO stage 3, Rajbhandari et al. 2020):
+    the state lives split over the data axis as `fsdp_shardings` says (``min_shard_size``: its
+    ``min_size``; place it with ``put_state(state, mesh, shard="fsdp")``, or let the first call
+    move it), and the step is `jax.jit` of the global step with `NamedSharding` in/out
+    shardings: GSPMD gathers the params for the forward and backward pass, which run per
+    device on the batch's shards (`jax.shard_map`, so BatchNorm with ``axis_name`` and dropout
+    behave as in the replicated step), reduces the gradients onto each device's part, and the
+    optimizer update and EMA run on the parts. The math is the replicated step's; with
+    ``micro_batches=K`` the K micro-batches are cut from the global batch (as on one device,
+    BatchNorm included) and each is split over the devices. A cross-device optimizer
+    (`onebit_allreduce`) is refused. ``step.shardings(state)`` gives the layout.
     """
     options = step_options("make_sharded_train_step", precision, micro_batches, loss_scale, ema)
     return _make_sharded(
@@ -342,6 +471,8 @@ def make_sharded_train_step(
         donate,
         stacked=False,
         options=options,
+        shard=shard,
+        min_size=min_shard_size,
     )
 
 
@@ -357,6 +488,8 @@ def make_sharded_train_loop(
     micro_batches: int = 1,
     loss_scale=None,
     ema=None,
+    shard: str = "replicate",
+    min_shard_size: int = FSDP_MIN_SIZE,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """K sharded steps in one program: ``loop(state, batches) -> (state, metrics)``.
 
@@ -375,7 +508,8 @@ def make_sharded_train_loop(
     an unplaced `PerDevice` state, or a model whose state would differ across devices (a
     `BatchNorm` without ``axis_name``) is an error. ``loop.lower(state, batches)`` gives the
     `jax.stages.Lowered` program; ``donate=True`` lets XLA reuse the old state's buffers.
-    ``precision``, ``micro_batches``, ``loss_scale`` and ``ema`` as in `make_sharded_train_step`.
+    ``precision``, ``micro_batches``, ``loss_scale``, ``ema``, ``shard`` and ``min_shard_size``
+    as in `make_sharded_train_step`.
     """
     options = step_options("make_sharded_train_loop", precision, micro_batches, loss_scale, ema)
     return _make_sharded(
@@ -388,4 +522,6 @@ def make_sharded_train_loop(
         donate,
         stacked=True,
         options=options,
+        shard=shard,
+        min_size=min_shard_size,
     )
