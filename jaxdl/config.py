@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "keep": 3,
     "block_size": None,
     "devices": None,
+    "shard": "replicate",
     "precision": "fp32",
     "accumulate": 1,
     "ema": None,
@@ -223,7 +224,7 @@ def build_optimizer(cfg: dict, lr, noise_key):
 
 
 # Options a config.json written before they existed lacks; such a run used their defaults.
-ADDED_LATER = ("precision", "accumulate", "ema", "blocks")
+ADDED_LATER = ("precision", "accumulate", "ema", "blocks", "shard")
 # The keys of a run's config.json: the options, and the data facts (input shape, classes, ...).
 RUN_FILE_KEYS = ("config", "data")
 
@@ -442,6 +443,8 @@ def setup(cfg: dict, ds: data.Dataset) -> Setup:
             raise ValueError(
                 f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}"
             )
+    if cfg.get("shard", "replicate") == "fsdp" and not cfg.get("devices"):
+        raise ValueError("--shard fsdp splits the state over devices; give --devices N as well")
     k = cfg.get("accumulate", 1)
     if cfg["batch_size"] % (k * (cfg.get("devices") or 1)):
         raise ValueError(

@@ -591,6 +591,9 @@ def _check_out_dir(out_dir: str, resume: bool) -> None:
         )
 
 
+_LAYOUT_KEYS = ("devices", "shard")  # where the state lives: a resumed run may change it
+
+
 def _check_same_config(out_dir: str, config: dict) -> None:
     path = os.path.join(out_dir, "fit_config.json")
     with open(path) as f:
@@ -598,7 +601,7 @@ def _check_same_config(out_dir: str, config: dict) -> None:
     differ = [
         f"{k}: {config.get(k)!r} (the run has {saved.get(k)!r})"
         for k in sorted(set(saved) | set(config))
-        if saved.get(k) != config.get(k)
+        if saved.get(k) != config.get(k) and k not in _LAYOUT_KEYS
     ]
     if differ:
         raise ValueError(
@@ -608,11 +611,12 @@ def _check_same_config(out_dir: str, config: dict) -> None:
         )
 
 
-def _make_loop(loss_fn, optimizer, devices, step_kwargs=None):
+def _make_loop(loss_fn, optimizer, devices, step_kwargs=None, shard="replicate"):
     """``(loop, place_state, block_sharding)``: the donated scan loop over a block of stacked
     batches, how to place a (fresh or restored) state, and where a block goes (None: default
     device). With ``devices`` the loop is the sharded scan loop over a `data_mesh` of them.
-    ``step_kwargs``: the loop's options (precision, micro_batches, loss_scale, ema)."""
+    ``step_kwargs``: the loop's options (precision, micro_batches, loss_scale, ema); ``shard``:
+    the layout of the state over the devices (``"replicate"`` or ``"fsdp"``)."""
     step_kwargs = step_kwargs or {}
     if not devices:
         loop = make_train_loop(loss_fn, optimizer, skip_nonfinite=True, donate=True, **step_kwargs)
@@ -621,10 +625,10 @@ def _make_loop(loss_fn, optimizer, devices, step_kwargs=None):
 
     mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
     loop = parallel.make_sharded_train_loop(
-        loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True, **step_kwargs
+        loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True, shard=shard, **step_kwargs
     )
     block_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
-    return loop, (lambda s: parallel.put_state(s, mesh)), block_sharding
+    return loop, (lambda s: parallel.put_state(s, mesh, shard=shard)), block_sharding
 
 
 # ----------------------------------------------------------------------------- fit
@@ -647,6 +651,7 @@ def fit(
     checkpoint_every: int | None = None,
     keep: int = 3,
     devices: int | None = None,
+    shard: str = "replicate",
     progress: bool = True,
     block_size: int | None = None,
     learning_rate=None,
@@ -697,7 +702,10 @@ def fit(
     - ``devices``: train data-parallel over that many local devices with the sharded scan loop;
       ``batch_size`` must be divisible by it and the model's BatchNorm layers need
       ``axis_name="batch"`` (`jaxdl.models.mlp(..., axis_name="batch")`). Same result as one
-      device up to float reduction order.
+      device up to float reduction order. ``shard``: ``"replicate"`` (every device holds the
+      whole state) or ``"fsdp"`` (large params, optimizer moments and EMA split over the
+      devices, `jaxdl.parallel.fsdp_shardings`; needs ``devices``). A run resumed with another
+      ``devices`` or ``shard`` restores its checkpoint onto the new layout.
     - ``initial_params``: start from these parameters (e.g. a pretrained body for transfer
       learning, seed 001) instead of the model's initialization; the same tree as
       ``model.init``'s. fit copies them (its state is donated to the compiled loop), so the
@@ -743,6 +751,10 @@ def fit(
     check_int("fit", "keep", keep, low=1)
     check_int("fit", "block_size", block_size, low=1, allow_none=True)
     check_int("fit", "devices", devices, low=1, allow_none=True)
+    if shard not in ("replicate", "fsdp"):
+        raise ValueError(f"fit: shard={shard!r}; expected 'replicate' or 'fsdp'")
+    if shard == "fsdp" and not devices:
+        raise ValueError("fit: shard='fsdp' splits the state over devices; pass devices=N as well")
     check_int("fit", "seed", seed, low=0)
     if early_stopping and val is None:
         raise ValueError(f"fit: early_stopping={early_stopping} needs validation data")
@@ -840,6 +852,7 @@ def fit(
         "keep": keep,
         "block_size": block_size,
         "devices": devices,
+        **({"shard": shard} if shard != "replicate" else {}),
     }
     config.update(
         {
@@ -875,7 +888,7 @@ def fit(
         progress,
         log,
         step_kwargs,
-        _make_loop(loss_fn, optimizer, devices, step_kwargs),
+        _make_loop(loss_fn, optimizer, devices, step_kwargs, shard),
     )
     try:  # what the train step refuses (a trace, nothing runs) is refused before out_dir is written
         engine.metrics_like(state)

@@ -4,15 +4,19 @@ Every compiled program is built once per module (fixtures) and every step's resu
 (`jax.block_until_ready`): on 2 cores an un-awaited collective program can miss XLA's rendezvous.
 """
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxdl as dl
 import jaxdl.layers as L
 import jaxdl.parallel as par
 import jaxdl.train_step as ts
+from jaxdl import checkpoint
 
 D = 4
 STEPS = 3
@@ -161,3 +165,56 @@ def test_fsdp_loop_equals_one_device_steps():
         np.testing.assert_allclose(np.asarray(metrics["loss"][i]), np.asarray(m_ref["loss"]), rtol=1e-5)
     assert state.params["dense_0"]["w"].sharding.spec == P(None, "batch")
     _assert_close(state, reference)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_a_4_device_fsdp_checkpoint_restores_bitwise_onto_2_devices_1_device_and_replicated(
+    adam_runs, tmp_path
+):
+    state = adam_runs["state"]
+    path = tmp_path / "fsdp4"
+    checkpoint.save_checkpoint(path, state)  # orbax writes each device's shard; nothing gathered
+    saved = [np.asarray(x) for x in _leaves(state)]
+    layouts = {
+        "fsdp, 2 devices": par.fsdp_shardings(state, par.data_mesh(2), min_size=0),
+        "1 device": jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[1]), state),
+        "replicated, 4 devices": jax.tree.map(lambda _: NamedSharding(adam_runs["mesh"], P()), state),
+    }
+    for name, shardings in layouts.items():
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        restored = checkpoint.restore_checkpoint(path, target)
+        w = restored.params["dense_0"]["w"]
+        assert w.sharding == shardings.params["dense_0"]["w"], name
+        for a, b in zip(_leaves(restored), saved):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def test_fit_with_fsdp_resumed_on_2_devices_ends_where_one_device_ends(tmp_path):
+    rng = np.random.RandomState(1)
+    x = rng.randn(128, 64).astype(np.float32)
+    y = np.argmax(x[:, :4], -1).astype(np.int32)
+
+    def model():  # its first kernel, 64 x 64 = 4096 elements, is split with the default min size
+        return L.Sequential(L.Dense(64), L.Tanh(), L.Dense(4))
+
+    def run(epochs, **kw):
+        return dl.fit(model(), dl.adam(1e-2), (x, y), epochs=epochs, batch_size=32, progress=False, **kw)
+
+    first = run(2, devices=4, shard="fsdp", out_dir=str(tmp_path))
+    assert first.state.params["dense_0"]["w"].sharding.spec == P("batch")
+    shutil.rmtree(tmp_path / "checkpoints" / "8")  # as if stopped after epoch 1 (step 4)
+    said = []
+    resumed = run(2, devices=2, shard="fsdp", out_dir=str(tmp_path), resume=True, log=said.append)
+    assert any("resumed from checkpoint step 4" in m for m in said), said
+    reference = run(2)
+    assert resumed.steps == reference.steps == 8
+    _assert_close(resumed.state, reference.state)
+    with pytest.raises(ValueError, match="shard='fsdp' splits the state over devices"):
+        run(1, shard="fsdp")
