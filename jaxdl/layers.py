@@ -72,6 +72,8 @@ __all__ = [
     "Sequential",
     "Residual",
     "Add",
+    "Remat",
+    "remat_layers",
     "FlaxModule",
     "fold_batchnorm",
     "from_flax",
@@ -1009,6 +1011,10 @@ class MultiHeadAttention(Layer):
 
 
 def _kind(layer):
+    """``dense``, ``batchnorm``, ...: the lowercased class name; a `Remat` is named after the
+    layer it wraps, so that wrapping layers keeps the params' names."""
+    while isinstance(layer, Remat):
+        layer = layer.layer
     return type(layer).__name__.lower()
 
 
@@ -1148,6 +1154,64 @@ class Residual(Layer):
     def _apply(self, params, state, x, train, key):
         y, state = _run(self.layer, params, state, x, train, key)
         return x + y, state
+
+
+@_frozen
+class Remat(Layer):
+    """``layer`` whose activations are recomputed in the backward pass instead of kept.
+
+    Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory cost"):
+    the forward pass keeps only the input of ``layer``; the backward pass runs ``layer``'s
+    forward again to get what its gradient needs (`jax.checkpoint`, JAX docs page "Gradient
+    checkpointing with jax.checkpoint"). The same numbers, fewer activations alive at once, one
+    more forward pass of the wrapped layers. Wrap blocks of a `Sequential`, e.g. two layers at a
+    time: ``Sequential(Remat(Sequential(Dense(512), Relu())), ...)``; `remat_layers` wraps each
+    layer of a Sequential.
+
+    Args:
+      layer: any layer of this protocol.
+
+    Returns ``layer``'s output and new state; its params and state are ``layer``'s own (not
+    nested under a key), and inside a Sequential it is named after ``layer`` (``dense_0``), so a
+    model keeps its params' tree when its layers are wrapped.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = Remat(Dense(3))
+    >>> _, params, state = layer.init(jax.random.key(0), (2,))
+    >>> sorted(params)
+    ['b', 'w']
+    """
+
+    layer: Any
+
+    def __post_init__(self):
+        check_layer("Remat", "layer", self.layer)
+
+    def with_batch_statistics(self):
+        """See `Layer.with_batch_statistics`."""
+        (layer,), n = _with_batch_statistics((self.layer,))
+        return Remat(layer), n
+
+    def _init(self, key, input_shape):
+        return self.layer.init(key, input_shape)
+
+    def _apply(self, params, state, x, train, key):
+        if key is None:
+            return jax.checkpoint(lambda p, s, x: _run(self.layer, p, s, x, train, None))(params, state, x)
+        return jax.checkpoint(lambda p, s, x, k: _run(self.layer, p, s, x, train, k))(params, state, x, key)
+
+
+def remat_layers(owner: str, model) -> "Sequential":
+    """``model`` (a `Sequential`) with each of its top-level layers wrapped in `Remat`: the
+    same params' tree and the same numbers, each layer's activations recomputed in the backward
+    pass. A model that is not a Sequential is a ValueError naming ``owner``."""
+    if not isinstance(model, Sequential):
+        raise ValueError(
+            f"{owner}: remat=True wraps each top-level layer of a jaxdl.layers.Sequential in "
+            f"Remat, but the model is a {type(model).__name__}; wrap its blocks in "
+            f"jaxdl.layers.Remat yourself"
+        )
+    return Sequential(*(layer if isinstance(layer, Remat) else Remat(layer) for layer in model.layers))
 
 
 @dataclasses.dataclass(frozen=True, init=False)

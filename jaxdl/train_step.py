@@ -56,6 +56,7 @@ from jaxdl._checks import (
     explain_batch_errors,
 )
 from jaxdl._tree import select as select_tree
+from jaxdl.layers import remat_layers
 from jaxdl.losses import accuracy, softmax_cross_entropy
 from jaxdl.nnx import as_layer
 from jaxdl.optimizers import apply_updates
@@ -83,6 +84,7 @@ __all__ = [
     "accumulate_gradients",
     "ema_update",
     "recalibrate_batchnorm",
+    "remat_loss",
 ]
 
 Batch = Any
@@ -181,6 +183,37 @@ def supervised_loss(
     if metrics is None:
         metrics = {"accuracy": accuracy} if loss is softmax_cross_entropy else {}
     return SupervisedLoss(model, loss, tuple(sorted(metrics.items())))
+
+
+def remat_loss(owner: str, loss_fn, remat: bool = True):
+    """``loss_fn`` whose model recomputes each top-level layer's activations in the backward pass.
+
+    Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory cost"):
+    a loss with a ``model`` field (`supervised_loss`) gets its `jaxdl.layers.Sequential` model's
+    layers wrapped in `jaxdl.layers.Remat` (`jaxdl.layers.remat_layers`); a loss wrapping
+    another in ``inner`` is changed inside. The params' tree and the numbers stay the same.
+    ``remat=False`` returns ``loss_fn``. The steps' ``remat=True`` calls this.
+
+    Args:
+      owner: the caller, named in errors.
+      loss_fn: the loss of the train step.
+      remat: whether to rematerialize.
+
+    Returns:
+      The loss to differentiate. A loss without a Sequential model is a ValueError.
+    """
+    if not isinstance(remat, (bool, np.bool_)):
+        raise TypeError(f"{owner}: remat must be a bool, got {remat!r}")
+    if not remat:
+        return loss_fn
+    if dataclasses.is_dataclass(loss_fn) and any(f.name == "model" for f in dataclasses.fields(loss_fn)):
+        return dataclasses.replace(loss_fn, model=remat_layers(owner, loss_fn.model))
+    if hasattr(loss_fn, "_replace") and hasattr(loss_fn, "inner"):
+        return loss_fn._replace(inner=remat_loss(owner, loss_fn.inner))
+    raise ValueError(
+        f"{owner}: remat=True needs a loss with a Sequential model (supervised_loss(model)), got "
+        f"{loss_fn!r}; in a loss of your own, wrap blocks of the model in jaxdl.layers.Remat"
+    )
 
 
 def accepts_train(loss_fn) -> bool:
@@ -628,6 +661,7 @@ def make_train_step(
     micro_batches: int = 1,
     loss_scale=None,
     ema=None,
+    remat: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """A jit-compiled ``step(state, batch) -> (state, metrics)``.
 
@@ -644,6 +678,7 @@ def make_train_step(
     """
     check_transform("make_train_step", "optimizer", optimizer)
     options = step_options("make_train_step", precision, micro_batches, loss_scale, ema)
+    loss_fn = remat_loss("make_train_step", loss_fn, remat)
 
     def step(state: TrainState, batch):
         check_batch(state, batch)
@@ -698,6 +733,7 @@ def make_train_loop(
     micro_batches: int = 1,
     loss_scale=None,
     ema=None,
+    remat: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """A jit-compiled ``loop(state, batches) -> (state, metrics)`` fusing K steps in one `lax.scan`.
 
@@ -707,10 +743,12 @@ def make_train_loop(
     single steps, with one dispatch instead of K (`scan_steps`; ``update_ratio``'s parameter norm
     is carried from one iteration to the next, so it equals the single steps' to rounding).
     ``donate=True`` lets XLA reuse the old state's buffers (what `jaxdl.fit` does: it owns the
-    state). What each metric and the skip cost per step: docs/design.md.
+    state); ``remat`` as in `make_train_step`. What each metric and the skip cost per step:
+    docs/design.md.
     """
     check_transform("make_train_loop", "optimizer", optimizer)
     options = step_options("make_train_loop", precision, micro_batches, loss_scale, ema)
+    loss_fn = remat_loss("make_train_loop", loss_fn, remat)
 
     def loop(state: TrainState, batches):
         check_batch(state, jax.tree.map(lambda b: b[0], batches))

@@ -591,7 +591,8 @@ def _check_out_dir(out_dir: str, resume: bool) -> None:
         )
 
 
-_LAYOUT_KEYS = ("devices", "shard")  # where the state lives: a resumed run may change it
+# Where the state lives and what is recomputed: a resumed run may change them (same numbers).
+_LAYOUT_KEYS = ("devices", "shard", "remat")
 
 
 def _check_same_config(out_dir: str, config: dict) -> None:
@@ -652,6 +653,7 @@ def fit(
     keep: int = 3,
     devices: int | None = None,
     shard: str = "replicate",
+    remat: bool = False,
     progress: bool = True,
     block_size: int | None = None,
     learning_rate=None,
@@ -706,6 +708,10 @@ def fit(
       whole state) or ``"fsdp"`` (large params, optimizer moments and EMA split over the
       devices, `jaxdl.parallel.fsdp_shardings`; needs ``devices``). A run resumed with another
       ``devices`` or ``shard`` restores its checkpoint onto the new layout.
+    - ``remat``: recompute each top-level layer's activations in the backward pass (the model
+      must be a `jaxdl.layers.Sequential`; `jaxdl.train_step.remat_loss`): less memory for
+      activations, one more forward pass, the same numbers. For blocks, wrap them in
+      `jaxdl.layers.Remat` instead.
     - ``initial_params``: start from these parameters (e.g. a pretrained body for transfer
       learning, seed 001) instead of the model's initialization; the same tree as
       ``model.init``'s. fit copies them (its state is donated to the compiled loop), so the
@@ -753,6 +759,8 @@ def fit(
     check_int("fit", "devices", devices, low=1, allow_none=True)
     if shard not in ("replicate", "fsdp"):
         raise ValueError(f"fit: shard={shard!r}; expected 'replicate' or 'fsdp'")
+    if not isinstance(remat, bool):
+        raise TypeError(f"fit: remat must be a bool, got {remat!r}")
     if shard == "fsdp" and not devices:
         raise ValueError("fit: shard='fsdp' splits the state over devices; pass devices=N as well")
     check_int("fit", "seed", seed, low=0)
@@ -790,6 +798,8 @@ def fit(
             "ema": options.ema,
         }
     )
+    if remat:
+        step_kwargs = {**step_kwargs, "remat": True}
     try:
         loss_fn = augmented_loss(loss_fn if loss_fn is not None else supervised_loss(model), augment)
     except (TypeError, ValueError) as err:

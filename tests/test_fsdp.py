@@ -196,7 +196,7 @@ def test_a_4_device_fsdp_checkpoint_restores_bitwise_onto_2_devices_1_device_and
 # ----------------------------------------------------------------------------- fit
 
 
-def test_fit_with_fsdp_resumed_on_2_devices_ends_where_one_device_ends(tmp_path):
+def test_fit_with_fsdp_resumed_on_2_devices_with_remat_ends_where_one_device_ends(tmp_path):
     rng = np.random.RandomState(1)
     x = rng.randn(128, 64).astype(np.float32)
     y = np.argmax(x[:, :4], -1).astype(np.int32)
@@ -211,10 +211,55 @@ def test_fit_with_fsdp_resumed_on_2_devices_ends_where_one_device_ends(tmp_path)
     assert first.state.params["dense_0"]["w"].sharding.spec == P("batch")
     shutil.rmtree(tmp_path / "checkpoints" / "8")  # as if stopped after epoch 1 (step 4)
     said = []
-    resumed = run(2, devices=2, shard="fsdp", out_dir=str(tmp_path), resume=True, log=said.append)
+    resumed = run(2, devices=2, shard="fsdp", out_dir=str(tmp_path), resume=True, log=said.append, remat=True)
     assert any("resumed from checkpoint step 4" in m for m in said), said
     reference = run(2)
     assert resumed.steps == reference.steps == 8
     _assert_close(resumed.state, reference.state)
     with pytest.raises(ValueError, match="shard='fsdp' splits the state over devices"):
         run(1, shard="fsdp")
+
+
+# ----------------------------------------------------------------------------- rematerialization
+
+
+def test_remat_recomputes_each_layer_and_takes_the_same_step():
+    model = L.Sequential(L.Dense(16), L.BatchNorm(), L.Relu(), L.Dropout(0.2), L.Dense(4))
+    tx = dl.sgd(0.1, momentum=0.9)
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
+    x, y = _data(1)
+    loss_fn = ts.supervised_loss(model)
+    remat_fn = ts.remat_loss("test", loss_fn)
+    assert jax.tree.structure(remat_fn.model.init(jax.random.key(0), (8,))[1]) == jax.tree.structure(
+        state.params
+    )
+    jaxpr = str(
+        jax.make_jaxpr(jax.grad(lambda p: remat_fn(p, state.model_state, (x[0], y[0]), state.key)[0]))(
+            state.params
+        )
+    )
+    assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= 5, "one jax.checkpoint per layer"
+    plain, _ = ts.make_train_step(loss_fn, tx)(state, (x[0], y[0]))
+    remat, _ = ts.make_train_step(loss_fn, tx, remat=True)(state, (x[0], y[0]))
+    _assert_close(remat, plain, tol=1e-6)
+    with pytest.raises(
+        ValueError, match="remat=True wraps each top-level layer of a jaxdl.layers.Sequential"
+    ):
+        ts.make_train_step(ts.supervised_loss(L.Dense(3)), tx, remat=True)
+
+
+def test_remat_blocks_give_the_gradients_of_the_unwrapped_blocks():
+    def block():
+        return L.Sequential(L.Dense(8), L.Tanh())
+
+    plain = L.Sequential(block(), block(), L.Dense(2))
+    wrapped = L.Sequential(L.Remat(block()), L.Remat(block()), L.Dense(2))
+    _, params, _ = plain.init(jax.random.key(0), (8,))
+    assert jax.tree.structure(wrapped.init(jax.random.key(0), (8,))[1]) == jax.tree.structure(params)
+    x = np.random.RandomState(0).randn(4, 8).astype(np.float32)
+
+    def grads(model):
+        return jax.grad(lambda p: model.apply(p, {}, x)[0].sum())(params)
+
+    for a, b in zip(jax.tree.leaves(grads(wrapped)), jax.tree.leaves(grads(plain))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

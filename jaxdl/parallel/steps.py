@@ -50,6 +50,7 @@ from jaxdl.train_step import (
     accepts_train,
     check_batch,
     check_state,
+    remat_loss,
     scan_steps,
     step_body_with_norm,
     step_key,
@@ -425,6 +426,7 @@ def make_sharded_train_step(
     ema=None,
     shard: str = "replicate",
     min_shard_size: int = FSDP_MIN_SIZE,
+    remat: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The recommended data-parallel step: `jax.jit` of `jax.shard_map` over ``mesh``.
 
@@ -459,11 +461,13 @@ def make_sharded_train_step(
     ``micro_batches=K`` the K micro-batches are cut from the global batch (as on one device,
     BatchNorm included) and each is split over the devices. A cross-device optimizer
     (`onebit_allreduce`) is refused. ``step.shardings(state)`` gives the layout.
+    ``remat=True``: each top-level layer's activations recomputed in the backward pass
+    (`jaxdl.train_step.remat_loss`).
     """
     options = step_options("make_sharded_train_step", precision, micro_batches, loss_scale, ema)
     return _make_sharded(
         "make_sharded_train_step",
-        loss_fn,
+        remat_loss("make_sharded_train_step", loss_fn, remat),
         optimizer,
         mesh,
         axis_name,
@@ -490,6 +494,7 @@ def make_sharded_train_loop(
     ema=None,
     shard: str = "replicate",
     min_shard_size: int = FSDP_MIN_SIZE,
+    remat: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """K sharded steps in one program: ``loop(state, batches) -> (state, metrics)``.
 
@@ -508,13 +513,13 @@ def make_sharded_train_loop(
     an unplaced `PerDevice` state, or a model whose state would differ across devices (a
     `BatchNorm` without ``axis_name``) is an error. ``loop.lower(state, batches)`` gives the
     `jax.stages.Lowered` program; ``donate=True`` lets XLA reuse the old state's buffers.
-    ``precision``, ``micro_batches``, ``loss_scale``, ``ema``, ``shard`` and ``min_shard_size``
-    as in `make_sharded_train_step`.
+    ``precision``, ``micro_batches``, ``loss_scale``, ``ema``, ``shard``, ``min_shard_size`` and
+    ``remat`` as in `make_sharded_train_step`.
     """
     options = step_options("make_sharded_train_loop", precision, micro_batches, loss_scale, ema)
     return _make_sharded(
         "make_sharded_train_loop",
-        loss_fn,
+        remat_loss("make_sharded_train_loop", loss_fn, remat),
         optimizer,
         mesh,
         axis_name,
