@@ -1050,12 +1050,23 @@ class Sequential(Layer):
     index = position: ``dense_0``, ``batchnorm_1``, ...), leaving out layers that have none.
     With a key, each layer gets its own ``jax.random.split(key, len(layers))[index]``.
     Any object with ``init``/``apply`` of this protocol can be a layer.
+
+    ``remat=True``: gradient checkpointing (Chen et al. 2016, "Training deep nets with
+    sublinear memory cost"): each layer, together with the parameter-free elementwise layers
+    that follow it (activation, Dropout), runs under `jax.checkpoint`, so the backward pass
+    recomputes the group's inner activations (a Dense's pre-activation) from the group's input
+    instead of keeping them. The same params, state and numbers. (Checkpointing each layer
+    alone would keep every layer's input, i.e. every activation: nothing saved.) For larger
+    blocks, wrap them in `Remat`.
     """
 
     layers: tuple
+    remat: bool = dataclasses.field(default=False, repr=False)
 
-    def __init__(self, *layers):
+    def __init__(self, *layers, remat: bool = False):
         object.__setattr__(self, "layers", _layer_objects("Sequential", layers))
+        _bool("Sequential", "remat", remat)
+        object.__setattr__(self, "remat", bool(remat))
 
     def _names(self):
         return [f"{_kind(layer)}_{i}" for i, layer in enumerate(self.layers)]
@@ -1063,7 +1074,40 @@ class Sequential(Layer):
     def with_batch_statistics(self):
         """See `Layer.with_batch_statistics`."""
         layers, n = _with_batch_statistics(self.layers)
-        return type(self)(*layers), n
+        return type(self)(*layers, remat=self.remat), n
+
+    def _groups(self):
+        """Index ranges of the layers `remat` checkpoints together: each layer with the
+        parameter-free elementwise layers after it (activations, Dropout)."""
+        starts = [
+            i for i, layer in enumerate(self.layers) if i == 0 or not isinstance(layer, (_Stateless, Dropout))
+        ]
+        return [range(a, b) for a, b in zip(starts, [*starts[1:], len(self.layers)])]
+
+    def _apply_remat(self, params, state, x, train, key):
+        """`_apply` with each of `_groups` under `jax.checkpoint` (Chen et al. 2016)."""
+        names = self._names()
+        keys = [None] * len(self.layers) if key is None else list(jax.random.split(key, len(self.layers)))
+        new_state = {}
+        for group in self._groups():
+
+            def run(params, state, x, keys, group=group):
+                out = {}
+                for i in group:
+                    x, s = _run(
+                        self.layers[i], params.get(names[i], {}), state.get(names[i], {}), x, train, keys[i]
+                    )
+                    if s:
+                        out[names[i]] = s
+                return x, out
+
+            mine = {names[i] for i in group}
+            sub = [{k: v for k, v in tree.items() if k in mine} for tree in (params, state)]
+            x, s = jax.checkpoint(run)(
+                *sub, x, [keys[i] if keys[i] is not None else None for i in range(len(keys))]
+            )
+            new_state.update(s)
+        return x, new_state
 
     def _init(self, key, input_shape):
         shape, params, state = tuple(input_shape), {}, {}
@@ -1091,6 +1135,8 @@ class Sequential(Layer):
             yield name, x, s
 
     def _apply(self, params, state, x, train, key):
+        if self.remat:
+            return self._apply_remat(params, state, x, train, key)
         y, new_state = x, {}
         for name, y, s in self._walk(params, state, x, train, key):  # noqa: B007 (y: the last output)
             if s:
@@ -1202,16 +1248,16 @@ class Remat(Layer):
 
 
 def remat_layers(owner: str, model) -> "Sequential":
-    """``model`` (a `Sequential`) with each of its top-level layers wrapped in `Remat`: the
-    same params' tree and the same numbers, each layer's activations recomputed in the backward
-    pass. A model that is not a Sequential is a ValueError naming ``owner``."""
+    """``model`` (a `Sequential`) with ``remat=True``: each top-level layer, with the activation
+    and Dropout after it, under `jax.checkpoint`; the same params' tree and the same numbers.
+    A model that is not a Sequential is a ValueError naming ``owner``."""
     if not isinstance(model, Sequential):
         raise ValueError(
             f"{owner}: remat=True wraps each top-level layer of a jaxdl.layers.Sequential in "
             f"Remat, but the model is a {type(model).__name__}; wrap its blocks in "
             f"jaxdl.layers.Remat yourself"
         )
-    return Sequential(*(layer if isinstance(layer, Remat) else Remat(layer) for layer in model.layers))
+    return Sequential(*model.layers, remat=True)
 
 
 @dataclasses.dataclass(frozen=True, init=False)

@@ -223,7 +223,7 @@ def test_fit_with_fsdp_resumed_on_2_devices_with_remat_ends_where_one_device_end
 # ----------------------------------------------------------------------------- rematerialization
 
 
-def test_remat_recomputes_each_layer_and_takes_the_same_step():
+def test_remat_checkpoints_each_layer_with_its_activation_and_takes_the_same_step():
     model = L.Sequential(L.Dense(16), L.BatchNorm(), L.Relu(), L.Dropout(0.2), L.Dense(4))
     tx = dl.sgd(0.1, momentum=0.9)
     state = ts.TrainState.create(model, tx, jax.random.key(0), (8,))
@@ -238,7 +238,8 @@ def test_remat_recomputes_each_layer_and_takes_the_same_step():
             state.params
         )
     )
-    assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= 5, "one jax.checkpoint per layer"
+    # One jax.checkpoint per layer with its activation and dropout: [Dense], [BN, Relu, Dropout], [Dense].
+    assert jaxpr.count("checkpoint[") + jaxpr.count("remat2[") == 3, jaxpr
     plain, _ = ts.make_train_step(loss_fn, tx)(state, (x[0], y[0]))
     remat, _ = ts.make_train_step(loss_fn, tx, remat=True)(state, (x[0], y[0]))
     _assert_close(remat, plain, tol=1e-6)

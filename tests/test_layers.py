@@ -791,6 +791,7 @@ ALL_LAYERS = [
     (L.Residual(L.Dense(4)), (4,)),
     (L.Add(L.Dense(4), L.Relu()), (4,)),
     (L.GlobalAvgPool(), (4, 4, 1)),
+    (L.Remat(L.Dense(3)), (4,)),
 ]
 
 
