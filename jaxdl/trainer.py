@@ -772,9 +772,9 @@ def fit(
             f"but training examples x {x.shape[1:]}, y {y.shape[1:]}"
         )
     if devices:
-        if devices > jax.local_device_count():
+        if devices > jax.device_count():  # every process's devices in a multi-process run
             raise ValueError(
-                f"fit: devices={devices}, but only {jax.local_device_count()} local devices "
+                f"fit: devices={devices}, but only {jax.device_count()} devices "
                 f"exist ({jax.default_backend()}); on a CPU set XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={devices} before jax is imported"
             )

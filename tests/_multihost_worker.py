@@ -7,8 +7,9 @@ the processes together hold 4 CPU devices; cross-process collectives go through 
 default ``jax_cpu_collectives_implementation`` on CPU). Every process builds the same state,
 feeds its own half of each global batch (`jaxdl.parallel.put_batch`) and runs the sharded step
 over the global mesh, then once more with all steps in one `make_sharded_train_loop` call on its
-half of the stacked block (``put_batch(..., batch_axis=1)``); process 0 writes the final states. `train` is also what the test runs in a
-single process with 4 devices, as the reference.
+half of the stacked block (``put_batch(..., batch_axis=1)``), and last trains with
+``fit(..., devices=4, shard="fsdp")`` (`fit_fsdp`); process 0 writes the final states. `train`
+and `fit_fsdp` are also what the test runs in a single process with 4 devices, as the reference.
 """
 
 from __future__ import annotations
@@ -68,6 +69,38 @@ def train(name: str, mesh, rows: slice, loop: bool = False) -> dict[str, np.ndar
     return out
 
 
+def fit_fsdp() -> dict[str, np.ndarray]:
+    """`jaxdl.fit` with ``shard="fsdp"`` over 4 devices (of all processes) on the whole data,
+    which every process passes (each places only its devices' part of every block); the final
+    params, optimizer state and one epoch's loss as arrays."""
+    from jax.experimental import multihost_utils
+
+    import jaxdl as dl
+    from jaxdl import layers as L
+
+    x, y = batches()
+    x, y = x.reshape(-1, FEATURES), y.reshape(-1)
+    model = L.Sequential(L.Dense(512), L.Tanh(), L.Dense(CLASSES))  # an 8 x 512 kernel: split
+    result = dl.fit(
+        model,
+        dl.adam(1e-2),
+        (x, y),
+        epochs=1,
+        batch_size=GLOBAL_BATCH,
+        devices=4,
+        shard="fsdp",
+        progress=False,
+    )
+    leaves = jax.tree_util.tree_flatten_with_path((result.state.params, result.state.opt_state))[0]
+    out = {
+        "fsdp/" + jax.tree_util.keystr(path): np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        for path, x in leaves
+    }
+    out["fsdp/sharded"] = np.asarray(not result.state.params["dense_0"]["w"].sharding.is_fully_replicated)
+    out["fsdp/train_loss"] = np.asarray(result.history[-1]["train_loss"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -92,6 +125,7 @@ def main() -> None:
     for name in optimizers():
         results.update({f"{name}/{k}": v for k, v in train(name, mesh, rows).items()})
         results.update({f"{name}+loop/{k}": v for k, v in train(name, mesh, rows, loop=True).items()})
+    results.update(fit_fsdp())
     if args.process_id == 0:
         np.savez(args.out, **results)
     jax.distributed.shutdown()

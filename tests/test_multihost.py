@@ -1,6 +1,6 @@
 """Two processes on 127.0.0.1, 2 CPU devices each, trained through `jax.distributed.initialize`
-(sharded steps, and one sharded loop over the stacked batches), end in the state a single process
-with 4 devices reaches on the same global batches."""
+(sharded steps, one sharded loop over the stacked batches, and `fit(..., shard="fsdp")`), end in
+the state a single process with 4 devices reaches on the same global batches."""
 
 import importlib.util
 import os
@@ -98,6 +98,8 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     for name in worker.optimizers():
         reference.update({f"{name}/{k}": v for k, v in worker.train(name, mesh, slice(None)).items()})
     loops = [k.replace("/", "+loop/", 1) for k in reference]
+    reference.update(worker.fit_fsdp())  # fit(devices=4, shard="fsdp") in this one process
+    assert bool(got["fsdp/sharded"]) and bool(reference["fsdp/sharded"])
     assert sorted(got) == sorted([*reference, *loops])
     # The one-bit residual is per device: (4, ...), rows 0-1 from process 0, rows 2-3 from process 1.
     assert any(k.startswith("onebit/") and "residual" in k and v.shape[0] == 4 for k, v in got.items())
