@@ -23,6 +23,14 @@ measures, each on the default device, reported with its name:
    (`jaxdl.sweep.sweep`) against one compiled run called 16 times. Goal: >= 8x.
 5. First call (trace + compile + one step) of the big MLP step, jaxdl against flax+optax
    (``step_overhead.bench_first``).
+6. FSDP: the MLP 4096-4096-4096-4096-10 with Adam over every visible device (`data_mesh()`):
+   bytes of params + optimizer state on the first device, replicated (`put_state`) against
+   FSDP (``put_state(..., shard="fsdp")``), and the step time of
+   ``make_sharded_train_step(..., shard="replicate" | "fsdp", donate=True)``. Goal: FSDP's
+   bytes <= 1/N + 5% of the replicated ones.
+7. Rematerialization: `jaxdl.models.mlp` depth 8, width 512, batch 2048: the compiled step's
+   ``memory_analysis().temp_size_in_bytes`` and step time with and without ``remat=True``.
+   Goal: <= 0.6 of the temporaries.
 
 Times are medians of ``--repeats`` calls after two warm-up calls, each call awaited.
 """
@@ -151,6 +159,61 @@ def sweep_speedup(runs, steps, repeats):
     return {"vmapped_s": tv, "sequential_s": ts_, "speedup": ts_ / tv}
 
 
+def _first_device_bytes(tree):
+    """Bytes of ``tree``'s leaves held by the first device of each leaf's sharding."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        first = leaf.sharding._device_assignment[0]
+        total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == first)
+    return total
+
+
+def fsdp_row(width, batch, repeats):
+    """Row 6: per-device bytes and step time, replicated against FSDP, over every device."""
+    from jaxdl import parallel
+
+    mesh = parallel.data_mesh()
+    model = dl.models.mlp(10, depth=3, width=width)
+    tx = dl.adam(1e-3)
+    host = jax.device_get(ts.TrainState.create(model, tx, jax.random.key(0), (width,)))
+    rng = np.random.RandomState(0)
+    data = (rng.randn(batch, width).astype(np.float32), rng.randint(0, 10, batch).astype(np.int32))
+    out = {"devices": mesh.size, "params": sum(x.size for x in jax.tree.leaves(host.params))}
+    for shard in ("replicate", "fsdp"):
+        state = parallel.put_state(host, mesh, shard=shard)
+        out[f"{shard}_MB"] = _first_device_bytes((state.params, state.opt_state)) / 1e6
+        step = parallel.make_sharded_train_step(ts.supervised_loss(model), tx, mesh, shard=shard, donate=True)
+        b = parallel.put_batch(data, mesh)
+        box = [state]
+
+        def run(step=step, box=box, b=b):
+            box[0], metrics = step(box[0], b)
+            jax.block_until_ready((box[0], metrics))
+
+        out[f"{shard}_ms"] = median_time(run, repeats) * 1e3
+        del box, state
+    out["ratio"] = out["fsdp_MB"] / out["replicate_MB"]
+    return out
+
+
+def remat_row(depth, width, batch, repeats):
+    """Row 7: temporaries and step time of the MLP step with and without ``remat=True``."""
+    model = dl.models.mlp(10, depth=depth, width=width)
+    tx = dl.sgd(0.01)
+    state = ts.TrainState.create(model, tx, jax.random.key(0), (width,))
+    rng = np.random.RandomState(0)
+    data = (rng.randn(batch, width).astype(np.float32), rng.randint(0, 10, batch).astype(np.int32))
+    out = {}
+    for name, remat in (("none", False), ("remat", True)):
+        step = ts.make_train_step(ts.supervised_loss(model), tx, remat=remat)
+        out[f"{name}_temp_MB"] = step.lower(state, data).compile().memory_analysis().temp_size_in_bytes / 1e6
+        out[f"{name}_ms"] = (
+            median_time(lambda step=step: jax.block_until_ready(step(state, data)), repeats) * 1e3
+        )
+    out["temp_ratio"] = out["remat_temp_MB"] / out["none_temp_MB"]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test on a CPU")
@@ -211,6 +274,20 @@ def main():
     )
 
     bench_first(2 if quick else 5)  # prints its own lines (5.)
+
+    r = res["fsdp"] = fsdp_row(256 if quick else 4096, 64 if quick else 256, max(args.repeats // 4, 3))
+    print(
+        f"6. FSDP over {r['devices']} devices, {r['params'] / 1e6:.1f}M params: {r['fsdp_MB']:.1f} MB of "
+        f"{r['replicate_MB']:.1f} MB replicated per device ({r['ratio']:.3f}; goal <= "
+        f"{1 / r['devices'] + 0.05:.3f}); step {r['fsdp_ms']:.1f} ms against {r['replicate_ms']:.1f} ms",
+        flush=True,
+    )
+    r = res["remat"] = remat_row(8, 512, 256 if quick else 2048, max(args.repeats // 4, 3))
+    print(
+        f"7. remat, MLP depth 8: temporaries {r['remat_temp_MB']:.1f} MB of {r['none_temp_MB']:.1f} MB "
+        f"({r['temp_ratio']:.2f}; goal <= 0.6); step {r['remat_ms']:.1f} ms against {r['none_ms']:.1f} ms",
+        flush=True,
+    )
 
     if args.out:
         with open(args.out, "w") as f:
