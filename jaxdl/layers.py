@@ -1074,7 +1074,9 @@ class Sequential(Layer):
     def with_batch_statistics(self):
         """See `Layer.with_batch_statistics`."""
         layers, n = _with_batch_statistics(self.layers)
-        return type(self)(*layers, remat=self.remat), n
+        if getattr(self, "remat", False):  # `Add` shares this method and has no remat
+            return type(self)(*layers, remat=True), n
+        return type(self)(*layers), n
 
     def _groups(self):
         """Index ranges of the layers `remat` checkpoints together: each layer with the
