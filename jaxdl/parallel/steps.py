@@ -278,8 +278,8 @@ def _data_parallel_loss(loss_fn, mesh: Mesh, axis: str, policy):
 def _fsdp_body(loss_fn, optimizer, mesh, axis, skip_nonfinite, options, shardings):
     """The FSDP step's body under `jax.jit` (GSPMD partitions it): `step_body_with_norm` on the
     global arrays with the data-parallel loss; the gradients are constrained to the params'
-    layout (an all-reduce and a slice, or one reduce-scatter) so that the optimizer update and
-    the EMA run on each device's part only."""
+    layout (on XLA:CPU an all-reduce and a slice; a reduce-scatter where XLA fuses the two) so
+    that the optimizer update and the EMA run on each device's part only."""
     policy = None if options is None else options.policy
     outer = None if options is None else dataclasses.replace(options, policy=None)
     dp_loss = _data_parallel_loss(loss_fn, mesh, axis, policy)
