@@ -218,6 +218,11 @@ def test_fit_with_fsdp_resumed_on_2_devices_with_remat_ends_where_the_uninterrup
     assert resumed.steps == first.steps == 8
     assert resumed.state.params["dense_0"]["w"].sharding.mesh.size == 2
     _assert_close(resumed.state, first.state)
+    # The model the 2-device run saved reads back onto one device, as `jaxdl evaluate` reads it.
+    _, params, model_state = model().init(jax.random.key(0), (64,))
+    saved = checkpoint.restore_checkpoint(tmp_path / "model", {"params": params, "model_state": model_state})
+    for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(resumed.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="shard='fsdp' splits the state over devices"):
         run(1, shard="fsdp")
 
