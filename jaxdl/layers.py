@@ -1255,9 +1255,9 @@ def remat_layers(owner: str, model) -> "Sequential":
     A model that is not a Sequential is a ValueError naming ``owner``."""
     if not isinstance(model, Sequential):
         raise ValueError(
-            f"{owner}: remat=True wraps each top-level layer of a jaxdl.layers.Sequential in "
-            f"Remat, but the model is a {type(model).__name__}; wrap its blocks in "
-            f"jaxdl.layers.Remat yourself"
+            f"{owner}: remat=True checkpoints each top-level layer of a jaxdl.layers.Sequential "
+            f"(Sequential(..., remat=True)), but the model is a {type(model).__name__}; wrap "
+            f"its blocks in jaxdl.layers.Remat yourself"
         )
     return Sequential(*model.layers, remat=True)
 

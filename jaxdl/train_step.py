@@ -189,9 +189,9 @@ def remat_loss(owner: str, loss_fn, remat: bool = True):
     """``loss_fn`` whose model recomputes each top-level layer's activations in the backward pass.
 
     Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory cost"):
-    a loss with a ``model`` field (`supervised_loss`) gets its `jaxdl.layers.Sequential` model's
-    layers wrapped in `jaxdl.layers.Remat` (`jaxdl.layers.remat_layers`); a loss wrapping
-    another in ``inner`` is changed inside. The params' tree and the numbers stay the same.
+    a loss with a ``model`` field (`supervised_loss`) gets its `jaxdl.layers.Sequential` model
+    with ``remat=True`` (`jaxdl.layers.remat_layers`: each layer with its activation and Dropout
+    under `jax.checkpoint`); a loss wrapping another in ``inner`` is changed inside. The params' tree and the numbers stay the same.
     ``remat=False`` returns ``loss_fn``. The steps' ``remat=True`` calls this.
 
     Args:

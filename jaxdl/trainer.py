@@ -701,14 +701,16 @@ def fit(
     - ``out_dir``/``resume``/``checkpoint_every`` (steps; default every epoch)/``keep``: see the
       module docstring. ``resume=True`` with an ``out_dir`` that holds no checkpoint starts from
       the beginning; one that holds a run of another configuration is refused.
-    - ``devices``: train data-parallel over that many local devices with the sharded scan loop;
+    - ``devices``: train data-parallel over that many devices with the sharded scan loop (in a
+      run of several processes joined by `jax.distributed.initialize`, the devices of all of
+      them: every process passes the same data and places its own devices' part of each block);
       ``batch_size`` must be divisible by it and the model's BatchNorm layers need
       ``axis_name="batch"`` (`jaxdl.models.mlp(..., axis_name="batch")`). Same result as one
       device up to float reduction order. ``shard``: ``"replicate"`` (every device holds the
       whole state) or ``"fsdp"`` (large params, optimizer moments and EMA split over the
       devices, `jaxdl.parallel.fsdp_shardings`; needs ``devices``). A run resumed with another
       ``devices`` or ``shard`` restores its checkpoint onto the new layout.
-    - ``remat``: recompute each top-level layer's activations in the backward pass (the model
+    - ``remat``: each top-level layer with its activation under `jax.checkpoint` (the model
       must be a `jaxdl.layers.Sequential`; `jaxdl.train_step.remat_loss`): less memory for
       activations, one more forward pass, the same numbers. For blocks, wrap them in
       `jaxdl.layers.Remat` instead.

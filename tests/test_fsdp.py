@@ -251,7 +251,7 @@ def test_remat_checkpoints_each_layer_with_its_activation_and_takes_the_same_ste
     remat, _ = ts.make_train_step(loss_fn, tx, remat=True)(state, (x[0], y[0]))
     _assert_close(remat, plain, tol=1e-6)
     with pytest.raises(
-        ValueError, match="remat=True wraps each top-level layer of a jaxdl.layers.Sequential"
+        ValueError, match="remat=True checkpoints each top-level layer of a jaxdl.layers.Sequential"
     ):
         ts.make_train_step(ts.supervised_loss(L.Dense(3)), tx, remat=True)
 

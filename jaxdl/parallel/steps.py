@@ -461,7 +461,7 @@ def make_sharded_train_step(
     ``micro_batches=K`` the K micro-batches are cut from the global batch (as on one device,
     BatchNorm included) and each is split over the devices. A cross-device optimizer
     (`onebit_allreduce`) is refused. ``step.shardings(state)`` gives the layout.
-    ``remat=True``: each top-level layer's activations recomputed in the backward pass
+    ``remat=True``: each layer's inner activations recomputed in the backward pass
     (`jaxdl.train_step.remat_loss`).
     """
     options = step_options("make_sharded_train_step", precision, micro_batches, loss_scale, ema)
