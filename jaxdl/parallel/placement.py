@@ -305,9 +305,10 @@ def fsdp_shardings(tree, mesh: Mesh, axis_name: str | None = None, *, min_size: 
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxdl.parallel import data_mesh, fsdp_shardings
-    >>> shardings = fsdp_shardings({"w": jnp.zeros((8192, 2))}, data_mesh(1))
-    >>> shardings["w"].spec
-    PartitionSpec()
+    >>> mesh = data_mesh(1)  # with D devices, "w" would be split along its 8192 rows
+    >>> shardings = fsdp_shardings({"w": jnp.zeros((8192, 2)), "b": jnp.zeros(2)}, mesh)
+    >>> shardings["b"].spec == jax.sharding.PartitionSpec()
+    True
     """
     axis = data_axis("fsdp_shardings", mesh, axis_name)
     check_int("fsdp_shardings", "min_size", min_size, low=0)
