@@ -69,6 +69,7 @@ from jaxdl.parallel import (
 from jaxdl.precision import DynamicLossScale, LossScale, Policy
 from jaxdl.sweep import coarse_to_fine, grid, scale_init
 from jaxdl.train_step import (
+    StepOptions,
     TrainState,
     make_eval_step,
     make_train_loop,

@@ -54,11 +54,12 @@ from jaxdl._checks import (
 from jaxdl.nnx import as_layer
 from jaxdl.precision import get_policy
 from jaxdl.train_step import (
+    StepOptions,
     SupervisedLoss,
     TrainState,
     make_eval_step,
     make_train_loop,
-    step_options,
+    resolve_options,
     supervised_loss,
 )
 
@@ -591,21 +592,17 @@ def _check_same_config(out_dir: str, config: dict) -> None:
         )
 
 
-def _make_loop(loss_fn, optimizer, devices, step_kwargs=None):
-    """``(loop, place_state, block_sharding)``: the donated scan loop over a block of stacked
-    batches, how to place a (fresh or restored) state, and where a block goes (None: default
-    device). With ``devices`` the loop is the sharded scan loop over a `data_mesh` of them.
-    ``step_kwargs``: the loop's options (precision, micro_batches, loss_scale, ema)."""
-    step_kwargs = step_kwargs or {}
+def _make_loop(loss_fn, optimizer, devices, options: StepOptions):
+    """``(loop, place_state, block_sharding)``: the scan loop over a block of stacked batches
+    with ``options`` (fit's: NaN/Inf steps skipped, the state donated), how to place a (fresh or
+    restored) state, and where a block goes (None: default device). With ``devices`` the loop is
+    the sharded scan loop over a `data_mesh` of them."""
     if not devices:
-        loop = make_train_loop(loss_fn, optimizer, skip_nonfinite=True, donate=True, **step_kwargs)
-        return loop, (lambda s: s), None
+        return make_train_loop(loss_fn, optimizer, options=options), (lambda s: s), None
     from jaxdl import parallel
 
     mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
-    loop = parallel.make_sharded_train_loop(
-        loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True, **step_kwargs
-    )
+    loop = parallel.make_sharded_train_loop(loss_fn, optimizer, mesh, options=options)
     block_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
     return loop, (lambda s: parallel.put_state(s, mesh)), block_sharding
 
@@ -727,7 +724,14 @@ def fit(
             raise ValueError(f"fit: batch_size={batch_size} is not divisible by devices={devices}")
     if (resume or checkpoint_every) and out_dir is None:
         raise ValueError("fit: resume and checkpoint_every need out_dir")
-    options = step_options("fit", precision, micro_batches, loss_scale, ema)
+    options = resolve_options(
+        "fit",
+        donate=True,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+    )
     if batch_size % ((devices or 1) * micro_batches):
         raise ValueError(
             f"fit: batch_size={batch_size} is not divisible by micro_batches={micro_batches}"
@@ -735,7 +739,7 @@ def fit(
         )
     step_kwargs = (
         {}
-        if options is None
+        if options.plain
         else {
             "precision": options.policy,
             "micro_batches": options.micro_batches,
@@ -756,14 +760,7 @@ def fit(
         _compile_cache.enable(compile_cache if isinstance(compile_cache, str) else None)
     model_key, data_key, _ = run_keys(seed)
     input_shape = x.shape[1:]
-    state = TrainState.create(
-        model,
-        optimizer,
-        model_key,
-        input_shape,
-        ema=step_kwargs.get("ema"),
-        loss_scale=step_kwargs.get("loss_scale"),
-    )
+    state = TrainState.create(model, optimizer, model_key, input_shape, options=options)
     if initial_params is not None:
         check_tree_match(
             "fit",
@@ -840,7 +837,7 @@ def fit(
         progress,
         log,
         step_kwargs,
-        _make_loop(loss_fn, optimizer, devices, step_kwargs),
+        _make_loop(loss_fn, optimizer, devices, options),
     )
     try:  # what the train step refuses (a trace, nothing runs) is refused before out_dir is written
         engine.metrics_like(state)
