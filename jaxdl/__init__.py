@@ -5,6 +5,7 @@ optimizer state, a PRNG key, a step counter); docs/design.md has the layout, the
 """
 
 from jaxdl import (
+    callbacks,
     compile_cache,
     data,
     diagnostics,
@@ -23,6 +24,7 @@ from jaxdl import (
     trainer,
     transforms,
 )
+from jaxdl.callbacks import Callback, EarlyStopping
 from jaxdl.layers import (
     Add,
     AvgPool,
@@ -77,7 +79,7 @@ from jaxdl.train_step import (
     recalibrate_batchnorm,
     supervised_loss,
 )
-from jaxdl.trainer import FitResult, evaluate, fit
+from jaxdl.trainer import FitConfig, FitResult, evaluate, fit
 from jaxdl.transforms import (
     add_noise,
     add_weight_decay,
