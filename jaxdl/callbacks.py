@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -309,10 +310,29 @@ class ProgressBar(Callback):
 
 class MetricsFile(Callback):
     """Append each epoch's record to ``path`` as one JSON line (``metrics.jsonl``; read it with
-    `jaxdl.trainer.read_metrics`)."""
+    `jaxdl.trainer.read_metrics`). The file's one writer: at the start of a resumed run it keeps
+    only the records of the epochs complete (``loop.epoch``; the run writes the rest again) and
+    a last line cut short by a kill."""
 
     def __init__(self, path: str):
         self.path = path
+
+    def on_train_begin(self, loop):
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the last line of a killed run (read_metrics refuses any other)
+            if record["epoch"] <= loop.epoch:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def on_epoch_end(self, epoch, logs, loop):
         with open(self.path, "a") as f:

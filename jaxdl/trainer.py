@@ -80,7 +80,7 @@ __all__ = [
     "evaluate",
     "FitConfig",
     "FitResult",
-    "fit_summary",
+    "write_summary",
     "AugmentedLoss",
     "augmented_loss",
     "run_keys",
@@ -381,16 +381,6 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def _truncate_metrics(path: str, epochs: int) -> list[dict]:
-    """Keep only the records of the first ``epochs`` epochs (a resumed run rewrites the rest)."""
-    kept = [r for r in read_metrics(path) if r["epoch"] <= epochs]
-    if os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
-    return kept
-
-
 def plot_curves(records: list[dict], path: str) -> None:
     """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend)."""
     import matplotlib
@@ -682,7 +672,7 @@ def _check_config(owner: str, c: dict) -> None:
     if devices:
         if devices > jax.local_device_count():
             raise ValueError(
-                f"{owner}: devices={devices}, but only {jax.local_device_count()} local devices "
+                f"{owner}: devices={devices}: only {jax.local_device_count()} local devices "
                 f"exist ({jax.default_backend()}); on a CPU set XLA_FLAGS="
                 f"--xla_force_host_platform_device_count={devices} before jax is imported"
             )
@@ -991,14 +981,16 @@ def _run_in_folder(engine: "_Engine", state, record: dict, first: list, rest: li
     best = {"params": result.state.params, "model_state": result.state.model_state}
     save_checkpoint(os.path.join(out_dir, "model"), best, overwrite=True)
     plot_curves(result.history, os.path.join(out_dir, "curves.png"))
-    write_json(os.path.join(out_dir, "summary.json"), fit_summary(result))
+    write_summary(out_dir, result)
     return result
 
 
-def fit_summary(result: FitResult) -> dict:
-    """The training part of a run's ``summary.json``: steps, epochs completed, whether it
-    stopped early, the best epoch, the resumption step, the training time, the final record."""
-    return {
+def write_summary(out_dir: str, result: FitResult, **extra) -> dict:
+    """Write (atomically) and return a run's ``summary.json``: steps, epochs completed, whether
+    it stopped early, the best epoch, the resumption step, the training time, the final record,
+    then ``extra`` (what a caller adds, e.g. the command's test accuracy). The one writer of the
+    file: `fit` writes it, and the ``jaxdl train`` command writes it again with its ``extra``."""
+    summary = {
         "steps": result.steps,
         "epochs_completed": len(result.history),
         "stopped_early": result.stopped_early,
@@ -1006,7 +998,10 @@ def fit_summary(result: FitResult) -> dict:
         "resumed_from_step": result.resumed_from_step,
         "train_time_s": result.train_time_s,
         "final": result.history[-1] if result.history else None,
+        **extra,
     }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
 
 
 class _Outputs(NamedTuple):
@@ -1068,7 +1063,7 @@ class _Engine(NamedTuple):
                 self.log(
                     f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})"
                 )
-            history = _truncate_metrics(outputs.metrics_path, step // S)
+            history = [r for r in read_metrics(outputs.metrics_path) if r["epoch"] <= step // S]
         return run._replace(state=self.loop_parts[1](run.state)), resumed, history
 
     def _epoch(self, run: Run, step: int, hooks: CallbackList, resumed):

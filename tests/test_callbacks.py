@@ -173,7 +173,7 @@ def test_resume_restores_a_callbacks_state_and_ends_bitwise_equal(tmp_path):
         (dict(epochs=0), ValueError, r"FitConfig: epochs=0 is out of range; expected an integer >= 1"),
         (dict(resume=True), ValueError, r"FitConfig: resume and checkpoint_every need out_dir"),
         (dict(micro_batches=3), ValueError, r"FitConfig: batch_size=8 is not divisible by micro_batches=3"),
-        (dict(devices=64), ValueError, r"FitConfig: devices=64, but only \d+ local devices"),
+        (dict(devices=64), ValueError, r"FitConfig: devices=64: only \d+ local devices"),
         (dict(ema=1.5), ValueError, r"FitConfig: ema=1.5 is out of range"),
         (dict(augment=-1), ValueError, r"FitConfig: augment=-1 is out of range"),
         (dict(keep=0), ValueError, r"FitConfig: keep=0 is out of range"),
