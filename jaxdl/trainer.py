@@ -15,6 +15,11 @@ What one `fit` call does (docs/design.md has the path of one batch):
 - After each epoch: validation loss and accuracy in eval mode (running statistics, no dropout),
   one record in ``history``; early stopping (seed 000: "stop training when validation error
   starts to rise") keeps the parameters of the epoch with the lowest validation loss.
+- Everything around the loop is a callback (`jaxdl.callbacks`): the progress bar, metrics.jsonl,
+  TensorBoard, early stopping (`jaxdl.callbacks.EarlyStopping`), checkpoints, and the user's
+  own (``callbacks=[...]``); a hook returning True stops the run. `fit` itself is a short
+  sequence of named parts: `FitConfig` (the options, checked once), `_initial_state`,
+  `_make_engine`, `_Engine.run` (the loop).
 - With ``out_dir``: ``metrics.jsonl`` (one record per epoch), ``curves.png``, ``checkpoints/``
   (`jaxdl.checkpoint.CheckpointManager`, sha256 manifests: every ``checkpoint_every`` steps and at
   each epoch end, the last ``keep``), ``model/`` (the final or best ``{"params",
