@@ -143,6 +143,16 @@ _positive_float, _nonneg_float = _number(float, low=0, low_open=True), _number(f
 _rate = _number(float, low=0, high=1, high_open=True)
 
 
+def _fit_option(group: str, name: str, text: str, **kwargs) -> tuple:
+    """The `OPTIONS` row of `fit`'s option ``name``, generated from its `jaxdl.FitConfig` field:
+    the flag (the configuration's key: `jaxdl.config.COMMAND_NAMES`, else fit's name) and, for a
+    count, the type that parses it with the field's bound (the bound `FitConfig` checks)."""
+    field = {f.name: f for f in dataclasses.fields(trainer.FitConfig)}[name]
+    if "low" in field.metadata:
+        kwargs = {"type": _number(int, low=field.metadata["low"]), **kwargs}
+    return group, "--" + config.COMMAND_NAMES.get(name, name).replace("_", "-"), text, kwargs
+
+
 _LR = ", ".join(f"{v:g} for {k}" for k, v in OPTIMIZER_LR.items())
 _UNIT = _number(float, low=0, high=1, high_open=True)
 # The options of `jaxdl train` and `jaxdl doctor`: (group, flag, help, argparse keywords). docs/cli.md
@@ -171,23 +181,23 @@ OPTIONS = [
     ("optimization", "--step-factor", "step: factor of each drop", dict(type=_number(float, low=0, high=1, low_open=True))),
     ("optimization", "--decay-rate", "inverse-time: decay per step", dict(type=_nonneg_float)),
     ("optimization", "--precision", "bf16/fp16 compute, float32 master weights", dict(choices=("fp32", "bf16", "fp16"))),
-    ("optimization", "--accumulate", "gradient accumulation over K micro-batches", dict(type=_positive_int, metavar="K")),
+    _fit_option("optimization", "micro_batches", "gradient accumulation over K micro-batches", metavar="K"),
     ("optimization", "--ema", "moving average of the weights (default: off)", dict(type=_rate, metavar="DECAY")),
     ("optimization", "--clip", "elementwise clipping (default: off)", dict(type=_positive_float, metavar="MAX_ABS")),
     ("optimization", "--clip-norm", "global-norm clipping (default: off)", dict(type=_positive_float, metavar="MAX_NORM")),
     ("optimization", "--noise-eta", "annealed gradient noise N(0, eta/(1+t)^gamma)", dict(type=_nonneg_float)),
     ("optimization", "--noise-gamma", "", dict(type=_nonneg_float)),
     ("optimization", "--weight-decay", "L2 decay (default: 0.01 for adamw, else 0)", dict(type=_nonneg_float)),
-    ("training", "--epochs", "", dict(type=_positive_int)),
-    ("training", "--batch-size", "", dict(type=_positive_int)),
-    ("training", "--early-stopping", "patience in epochs (default: off)", dict(type=_positive_int, metavar="PATIENCE")),
-    ("training", "--seed", "of init, data order, dropout, augmentation, noise", dict(type=_nonneg_int)),
-    ("training", "--block-size", "steps per compiled scan (default: near 16)", dict(type=_positive_int, metavar="STEPS")),
-    ("training", "--devices", "data parallel over N local devices (default: one)", dict(type=_positive_int, metavar="N")),
+    _fit_option("training", "epochs", ""),
+    _fit_option("training", "batch_size", ""),
+    _fit_option("training", "early_stopping", "patience in epochs (default: off)", metavar="PATIENCE"),
+    _fit_option("training", "seed", "of init, data order, dropout, augmentation, noise"),
+    _fit_option("training", "block_size", "steps per compiled scan (default: near 16)", metavar="STEPS"),
+    _fit_option("training", "devices", "data parallel over N local devices (default: one)", metavar="N"),
     ("output", "--config", "start from a run's config.json; options given override it", dict(metavar="JSON")),
-    ("output", "--out", "run directory (default: runs/<time>-<model>-<dataset>)", dict(metavar="DIR")),
-    ("output", "--checkpoint-every", "steps (default: every epoch)", dict(type=_positive_int, metavar="STEPS")),
-    ("output", "--keep", "checkpoints kept", dict(type=_positive_int, metavar="K")),
+    _fit_option("output", "out_dir", "run directory (default: runs/<time>-<model>-<dataset>)", metavar="DIR"),
+    _fit_option("output", "checkpoint_every", "steps (default: every epoch)", metavar="STEPS"),
+    _fit_option("output", "keep", "checkpoints kept", metavar="K"),
     ("output", "--resume", "continue the run in --out from its newest good checkpoint", dict(action="store_true")),
     ("output", "--quiet", "no progress bar, no per-epoch lines", dict(action="store_true")),
     ("output", "--no-compile-cache", "no persistent compilation cache", dict(action="store_true")),
@@ -197,7 +207,7 @@ OPTIONS = [
 _LIMIT_TRAIN = dict(type=_positive_int, help=argparse.SUPPRESS)  # --limit-train: a testing aid
 # `fit`'s names of the options the command first spelled otherwise; both spellings work, the
 # configuration (config.json) keeps the first one's key.
-FIT_NAMES = {"--accumulate": "--micro-batches", "--out": "--out-dir"}
+FIT_NAMES = {f"--{old}": "--" + new.replace("_", "-") for new, old in config.COMMAND_NAMES.items()}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:

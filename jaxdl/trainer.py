@@ -585,6 +585,12 @@ def _make_loop(loss_fn, optimizer, devices, options: StepOptions):
 # ----------------------------------------------------------------------------- the configuration
 
 
+def _count(low: int = 1, **kwargs):
+    """A `FitConfig` field holding an integer ``>= low`` (None where its default is None): the
+    bound `_check_config` checks, and the ``jaxdl train`` option of the field parses by."""
+    return dataclasses.field(metadata={"low": low}, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FitConfig:
     """The options of one `fit` run, checked once, frozen (``fit(..., config=FitConfig(...))``;
@@ -607,21 +613,21 @@ class FitConfig:
     2
     """
 
-    epochs: int
-    batch_size: int
-    seed: int = 0
+    epochs: int = _count()
+    batch_size: int = _count()
+    seed: int = _count(low=0, default=0)
     augment: Any = None
-    early_stopping: int | None = None
+    early_stopping: int | None = _count(default=None)
     out_dir: str | None = None
     resume: bool = False
-    checkpoint_every: int | None = None
-    keep: int = 3
-    devices: int | None = None
+    checkpoint_every: int | None = _count(default=None)
+    keep: int = _count(default=3)
+    devices: int | None = _count(default=None)
     progress: bool = True
-    block_size: int | None = None
+    block_size: int | None = _count(default=None)
     learning_rate: Any = None
     precision: Any = None
-    micro_batches: int = 1
+    micro_batches: int = _count(default=1)
     loss_scale: Any = None
     ema: Any = None
     compile_cache: bool | str = True
@@ -667,12 +673,11 @@ class FitConfig:
 
 def _check_config(owner: str, c: dict) -> None:
     """The checks of `FitConfig`, with errors naming ``owner`` (``fit`` or ``FitConfig``)."""
-    check_int(owner, "epochs", c["epochs"], low=1)
-    check_int(owner, "batch_size", c["batch_size"], low=1)
-    for name in ("early_stopping", "checkpoint_every", "block_size", "devices"):
-        check_int(owner, name, c[name], low=1, allow_none=True)
-    check_int(owner, "keep", c["keep"], low=1)
-    check_int(owner, "seed", c["seed"], low=0)
+    for field in dataclasses.fields(FitConfig):
+        if "low" in field.metadata:
+            check_int(
+                owner, field.name, c[field.name], low=field.metadata["low"], allow_none=field.default is None
+            )
     devices, batch_size = c["devices"], c["batch_size"]
     if devices:
         if devices > jax.local_device_count():
