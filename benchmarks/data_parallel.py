@@ -203,7 +203,7 @@ def main():
     cases.append(Case("single device (jit)", 1, single, state0, (jax.numpy.asarray(x), jax.numpy.asarray(y))))
 
     loss_fn = ts.supervised_loss(model("batch"))
-    pmap_step = ts.make_pmap_train_step(loss_fn, tx, devices=n_dev)
+    pmap_step = par.make_pmap_train_step(loss_fn, tx, devices=n_dev)
     pmap_mesh = jax.sharding.Mesh(np.array(par.local_devices(n_dev)), ("batch",))
     pmap_batch = jax.device_put(par.shard_batch((x, y), n_dev), NamedSharding(pmap_mesh, P("batch")))
     pstate = par.replicate(state0, n_dev)
@@ -229,7 +229,7 @@ def main():
         ),
     ):
         state = par.put_state(ts.TrainState.create(model(None), opt, jax.random.key(0), (784,)), mesh)
-        step = ts.make_sharded_train_step(loss_fn, opt, mesh)
+        step = par.make_sharded_train_step(loss_fn, opt, mesh)
         cases.append(Case(label, n_dev, step, state, batch, par.collective_bytes(step.lower(state, batch))))
 
     interleaved(cases, repeats)

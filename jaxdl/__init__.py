@@ -42,6 +42,7 @@ from jaxdl.layers import (
     Maxout,
     MaxPool,
     MultiHeadAttention,
+    PositionalEmbedding,
     PRelu,
     Relu,
     Residual,
@@ -52,7 +53,7 @@ from jaxdl.layers import (
     fold_batchnorm,
     from_flax,
 )
-from jaxdl.losses import accuracy, binary_cross_entropy, l2_penalty, mse, softmax_cross_entropy
+from jaxdl.losses import IGNORE_INDEX, accuracy, binary_cross_entropy, l2_penalty, mse, softmax_cross_entropy
 from jaxdl.nnx import from_nnx, update_module
 from jaxdl.optimizers import adagrad, adam, adamw, apply_updates, rmsprop, sgd, signsgd
 from jaxdl.parallel import (

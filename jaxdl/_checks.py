@@ -301,23 +301,37 @@ def as_key(owner: str, name: str, key: Any, *, allow_int: bool = True) -> jax.Ar
     raise TypeError(f"{owner}: {name} must be {kind}, got {key!r} of type {type(key).__name__}")
 
 
-def check_labels(labels: Any, num_classes: int, owner: str | None = None, name: str = "labels") -> None:
-    """Raise ValueError if any integer label lies outside ``[0, num_classes)``.
+def check_labels(
+    labels: Any,
+    num_classes: int,
+    owner: str | None = None,
+    name: str = "labels",
+    *,
+    ignore_index: int | None = None,
+) -> None:
+    """Raise ValueError if any integer label lies outside ``[0, num_classes)`` and is not
+    ``ignore_index``.
 
-    Runs on the host, on concrete labels (`jaxdl.fit`, `jaxdl.evaluate`, the data loaders).
-    Inside compiled code label values cannot be checked; there `softmax_cross_entropy` gives a
-    NaN loss for such a label (so the train step skips the step and counts it in ``nonfinite``)
-    and `accuracy` counts it as wrong. The message names the labels, e.g. ``fit: train
-    labels=[-1, 10] is out of range; expected integer class indices in [0, 10) ...``.
+    ``labels`` has any shape: (N,) class labels, or (N, T) token targets of a sequence model.
+    ``ignore_index`` (e.g. `jaxdl.losses.IGNORE_INDEX`, -100: padding that the loss leaves out)
+    is accepted wherever it appears. Runs on the host, on concrete labels (`jaxdl.fit`,
+    `jaxdl.evaluate`, the data loaders). Inside compiled code label values cannot be checked;
+    there `softmax_cross_entropy` gives a NaN loss for such a label (so the train step skips the
+    step and counts it in ``nonfinite``) and `accuracy` counts it as wrong. The message names the
+    labels, e.g. ``fit: train labels=[-1, 10] is out of range; expected integer class indices in
+    [0, 10) ...``.
     """
     labels = np.asarray(labels)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)]
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bad.any():
         prefix = f"{owner}: " if owner else ""
+        ignored = "" if ignore_index is None else f" (or {ignore_index}: a target left out)"
         raise ValueError(
-            f"{prefix}{name}={_shown(bad)} is out of range; expected integer class indices in "
-            f"[0, {num_classes}) for {num_classes} classes ({bad.size} of {labels.size} labels "
-            f"out of range)"
+            f"{prefix}{name}={_shown(labels[bad])} is out of range; expected integer class indices in "
+            f"[0, {num_classes}) for {num_classes} classes{ignored} ({int(bad.sum())} of "
+            f"{labels.size} labels out of range)"
         )
 
 

@@ -104,8 +104,24 @@ OPTIMIZER_LR = {
 }
 
 
+def _check_model_options(cfg: dict) -> None:
+    """Refuse the options that ``cfg``'s model does not take, instead of ignoring them: the
+    resnet has no hidden Dense layers (``depth``, ``width``), no dropout, and BatchNorm always."""
+    if cfg["model"] != "resnet":
+        return
+    given = [f"--{name} {cfg[name]}" for name in ("depth", "width", "dropout") if cfg[name] is not None]
+    given += ["--batchnorm"] if cfg["batchnorm"] else []
+    if given:
+        raise ValueError(
+            f"--model resnet does not take {', '.join(given)}: it has no hidden Dense layers and no "
+            "dropout, and BatchNorm after every convolution; set its size with --channels and --blocks"
+        )
+
+
 def resolve_defaults(cfg: dict) -> dict:
-    """Fill in the defaults that depend on the model or on other options."""
+    """Fill in the defaults that depend on the model or on other options; refuse options the
+    model does not take (`_check_model_options`)."""
+    _check_model_options(cfg)
     cfg = dict(cfg)
     for name, value in MODEL_DEFAULTS[cfg["model"]].items():
         if cfg[name] is None:

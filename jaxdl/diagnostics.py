@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdl.train_step import TrainState, make_train_loop, step_key
+from jaxdl.train_step import TrainState, check_batch, make_train_loop, step_body_with_norm, step_key
 
 __all__ = [
     "leaf_norms",
@@ -77,23 +77,20 @@ def activation_stats(model, params, model_state, x, *, train: bool = False, key=
     tanh; y < 0.01 or y > 0.99 for sigmoid; NaN for other layers) and a histogram
     (``hist_counts``, ``hist_edges`` over the layer's own range). Seed 004: plot these for all
     layers; seed 003 / Glorot & Bengio 2010: with a bad scale they collapse to 0 or saturate.
+    The outputs are those of `jaxdl.layers.Sequential.intermediates`.
     """
-    layers = getattr(model, "layers", None)
-    if layers is None:
+    walk = getattr(model, "intermediates", None)
+    if walk is None:
         raise TypeError(f"activation_stats: model must be a Sequential (with .layers), got {model!r}")
-    keys = [None] * len(layers) if key is None else list(jax.random.split(key, len(layers)))
     out = {}
-    h = jnp.asarray(x)
-    for i, (layer, k) in enumerate(zip(layers, keys)):
-        name = f"{type(layer).__name__.lower()}_{i}"
-        h, _ = layer.apply(params.get(name, {}), model_state.get(name, {}), h, train=train, key=k)
+    for name, h in walk(params, model_state, x, train=train, key=key).items():
         hf = h.astype(jnp.float32)
         counts, edges = jnp.histogram(hf, bins=bins)
         out[name] = {
             "mean": jnp.mean(hf),
             "std": jnp.std(hf),
             "frac_zero": jnp.mean(hf == 0),
-            "frac_saturated": _saturation(type(layer).__name__.lower(), hf),
+            "frac_saturated": _saturation(name.rsplit("_", 1)[0], hf),
             "hist_counts": counts,
             "hist_edges": edges,
         }
@@ -119,7 +116,7 @@ def layer_report(
     model = getattr(loss_fn, "model", None)
     report["activations"] = (
         activation_stats(model, state.params, state.model_state, batch[0], train=True, key=key, bins=bins)
-        if hasattr(model, "layers")
+        if hasattr(model, "intermediates")
         else {}
     )
     return report
@@ -230,26 +227,80 @@ def lr_range_test(
     batches,
     min_lr: float = 1e-6,
     max_lr: float = 1.0,
+    *,
+    skip_nonfinite: bool = False,
 ) -> LRRangeResult:
-    """Learning-rate range test (Smith 2017): one short run with the rate growing exponentially.
+    """Learning-rate range test (Smith 2017, "Cyclical learning rates for training neural
+    networks", sec. 3.3): one short run with the rate growing exponentially.
 
-    Step k of K uses ``lr_k = min_lr (max_lr / min_lr)^(k / (K - 1))``; ``batches`` stacks the K
-    batches (leading axis K). Returns the rates, the losses and a suggestion: the rate where the
-    smoothed loss falls fastest before reaching its minimum. Seed 004: too low, the loss does not go down; too high, it
-    explodes. ``make_optimizer`` takes a schedule, e.g. ``lambda lr: dl.sgd(lr, momentum=0.9)``;
-    the optimizer state starts fresh from ``state.params``.
+    Step k of K uses
+
+    .. math:: \\eta_k = \\eta_{min} (\\eta_{max} / \\eta_{min})^{k / (K - 1)}
+
+    on batch k of ``batches`` (K batches stacked on a leading axis), with the library's train
+    step (`jaxdl.train_step.step_body_with_norm`). Seed 004: too low, the loss does not go down;
+    too high, it explodes.
+
+    Args:
+      loss_fn: the train step's loss, e.g. ``supervised_loss(model)``.
+      make_optimizer: takes a schedule and returns the optimizer, e.g.
+        ``lambda lr: dl.sgd(lr, momentum=0.9)``; step k's optimizer gets the constant schedule
+        ``eta_k``, so the rate is that of the step's position even when a step is skipped. Its
+        state starts fresh from ``state.params``.
+      state: the `TrainState` to start from (its key draws the steps' keys).
+      batches: K >= 2 batches stacked on a leading axis.
+      min_lr, max_lr: the range, 0 < min_lr < max_lr.
+      skip_nonfinite: skip a step whose loss, gradient or update is NaN/Inf (the train step's
+        rule); off by default, so that a divergence shows in every later loss.
+
+    Returns:
+      `LRRangeResult`: the rates, the losses (float64) and `suggest_lr`'s suggestion. The
+      compiled run is reused for the same ``loss_fn``, ``make_optimizer`` and shapes, whatever
+      the range.
     """
     if not (0 < min_lr < max_lr):
         raise ValueError(f"lr_range_test: need 0 < min_lr < max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
     k = jax.tree.leaves(batches)[0].shape[0]
     if k < 2:
         raise ValueError(f"lr_range_test: batches must stack at least 2 batches, got {k}")
-    ratio = max_lr / min_lr
-    schedule = lambda step: min_lr * ratio ** (jnp.asarray(step, jnp.float32) / (k - 1))  # noqa: E731
-    tx = make_optimizer(schedule)
-    state = state.replace(opt_state=tx.init(state.params))
-    _, metrics = make_train_loop(loss_fn, tx, skip_nonfinite=False)(state, batches)
-    lrs = min_lr * ratio ** (np.arange(k) / (k - 1))
-    losses = np.asarray(metrics["loss"], np.float64)
-    suggested = suggest_lr(lrs, losses)
-    return LRRangeResult(lrs, losses, suggested)
+    lrs = min_lr * (max_lr / min_lr) ** (np.arange(k) / (k - 1))
+    run = _cached_program(_range_program, loss_fn, make_optimizer, bool(skip_nonfinite))
+    losses = np.asarray(run(state, batches, jnp.asarray(lrs, jnp.float32)), np.float64)
+    return LRRangeResult(lrs, losses, suggest_lr(lrs, losses))
+
+
+_PROGRAMS: dict = {}
+
+
+def _cached_program(make: Callable, *key):
+    """``make(*key)``, kept for the 16 latest hashable keys (an unhashable one is built anew)."""
+    try:
+        hash(key)
+    except TypeError:
+        return make(*key)
+    k = (make, *key)
+    if k not in _PROGRAMS:
+        if len(_PROGRAMS) >= 16:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[k] = make(*key)
+    return _PROGRAMS[k]
+
+
+def _range_program(loss_fn, make_optimizer, skip_nonfinite):
+    """Jitted ``run(state, batches, lrs) -> losses``: the range test's scan, the rates as data."""
+
+    def run(state, batches, lrs):
+        state = state.replace(opt_state=make_optimizer(lambda count: lrs[0]).init(state.params))
+        check_batch(state, jax.tree.map(lambda b: b[0], batches))
+
+        def body(state, xs):
+            batch, lr = xs
+            tx = make_optimizer(lambda count: lr)
+            state, metrics, _ = step_body_with_norm(
+                loss_fn, tx, skip_nonfinite, state, batch, step_key(state), None
+            )
+            return state, metrics["loss"]
+
+        return jax.lax.scan(body, state, (batches, lrs))[1]
+
+    return jax.jit(run)

@@ -16,7 +16,7 @@ layer, the entry and the expected shape, instead of a JAX internal error later o
 Conventions: images are NHWC with HWIO kernels (as flax; PyTorch is NCHW/OIHW). Dense kernels
 are (in, out) (PyTorch's Linear stores (out, in)). Parameter names: ``w``, ``b`` (Dense, Conv,
 Maxout), ``alpha`` (PRelu), ``gamma``, ``beta`` and state ``mean``, ``var`` (BatchNorm),
-``gamma``, ``beta`` (LayerNorm, RMSNorm), ``w`` (Embedding), ``wq``, ``wk``, ``wv``, ``wo`` and
+``gamma``, ``beta`` (LayerNorm, RMSNorm), ``w`` (Embedding, PositionalEmbedding), ``wq``, ``wk``, ``wv``, ``wo`` and
 ``bq``, ``bk``, ``bv``, ``bo`` (MultiHeadAttention). `Residual` has its layer's params and state; `Add` keys its branches'
 as `Sequential` does.
 """
@@ -67,6 +67,7 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "Embedding",
+    "PositionalEmbedding",
     "MultiHeadAttention",
     "Sequential",
     "Residual",
@@ -240,6 +241,16 @@ class Layer:
         x = jnp.asarray(x)
         _check_call(self, params, state, x)
         return self._apply(params, state, x, train, key)
+
+    def with_batch_statistics(self):
+        """``(layer, n)``: this layer with each of its n `BatchNorm` layers at momentum 0, so
+        that a training-mode ``apply`` returns the batch's statistics as the new state
+        (``mean <- 0 * mean + 1 * mu``), what `jaxdl.recalibrate_batchnorm` averages (Izmailov
+        et al. 2018, "Averaging weights leads to wider optima and better generalization",
+        sec. 3.2). A layer without BatchNorm returns itself and 0; combinators return a copy
+        built from their children's. An optional method of the layer protocol: a model
+        without it counts as having no BatchNorm."""
+        return self, 0
 
 
 class _Stateless(Layer):
@@ -683,6 +694,10 @@ class BatchNorm(Layer):
         _check_real("BatchNorm", "momentum", self.momentum, low=0.0, high=1.0)  # weight of the old value
         _check_real("BatchNorm", "eps", self.eps, low=0.0, low_open=True)
 
+    def with_batch_statistics(self):
+        """``(BatchNorm at momentum 0, 1)``: its running statistics become the batch's."""
+        return dataclasses.replace(self, momentum=0.0), 1
+
     def _init(self, key, input_shape):
         shape = _rank("BatchNorm", input_shape, None, "")
         c = shape[-1]
@@ -859,6 +874,43 @@ class Embedding(Layer):
 
 
 @_frozen
+class PositionalEmbedding(Layer):
+    """A learned position embedding added to a sequence of vectors: y[b, t] = x[b, t] + P[t]
+    for x of shape (batch, seq, features), seq <= max_len; P has shape (max_len, features).
+
+    The learned variant of Vaswani et al. 2017 (sec. 3.5: "nearly identical results" to their
+    sinusoids), as GPT (Radford et al. 2018) and GPT-2 (Radford et al. 2019) use it: GPT-2's
+    ``wpe``, flax's lm1b ``AddPositionEmbs``. A sequence shorter than ``max_len`` uses the first
+    rows of P; a longer one is refused at ``init``. Default ``w_init=normal(0.01)``, GPT-2's.
+
+    Args:
+      max_len: the most positions, >= 1.
+      w_init: initializer of P.
+
+    Returns ``x + P[:seq]`` of the shape of ``x``; params ``w`` (max_len, features).
+    """
+
+    max_len: int
+    w_init: Initializer = initializers.normal(0.01)
+
+    def __post_init__(self):
+        check_positive_int("PositionalEmbedding", "max_len", self.max_len)
+        _callable("PositionalEmbedding", "w_init", self.w_init)
+
+    def _init(self, key, input_shape):
+        seq, features = _rank("PositionalEmbedding", input_shape, 2, "(seq, features)")
+        if seq > self.max_len:
+            raise ValueError(
+                f"PositionalEmbedding: input_shape {tuple(input_shape)} has {seq} positions, more "
+                f"than max_len={self.max_len}; expected seq <= max_len"
+            )
+        return (seq, features), {"w": self.w_init(key, (self.max_len, features))}, {}
+
+    def _apply(self, params, state, x, train, key):
+        return x + params["w"][: x.shape[1]].astype(x.dtype), state
+
+
+@_frozen
 class MultiHeadAttention(Layer):
     """Multi-head scaled dot-product self-attention (Vaswani et al. 2017) over inputs of shape
     (batch, seq, features):
@@ -967,6 +1019,16 @@ def _run(layer, params, state, x, train, key):
     return layer.apply(params, state, x, train=train, key=key)
 
 
+def _with_batch_statistics(layers):
+    """The children's `Layer.with_batch_statistics` (a layer of the protocol without the
+    method has no BatchNorm): ``(new children, total count)``."""
+    pairs = [
+        layer.with_batch_statistics() if hasattr(layer, "with_batch_statistics") else (layer, 0)
+        for layer in layers
+    ]
+    return tuple(layer for layer, _ in pairs), sum(n for _, n in pairs)
+
+
 def _layer_objects(owner, layers):
     """``layers`` as a tuple, each checked to be a layer object (not a class) with init and apply."""
     for i, layer in enumerate(layers):
@@ -992,6 +1054,11 @@ class Sequential(Layer):
     def _names(self):
         return [f"{_kind(layer)}_{i}" for i, layer in enumerate(self.layers)]
 
+    def with_batch_statistics(self):
+        """See `Layer.with_batch_statistics`."""
+        layers, n = _with_batch_statistics(self.layers)
+        return type(self)(*layers), n
+
     def _init(self, key, input_shape):
         shape, params, state = tuple(input_shape), {}, {}
         keys = jax.random.split(key, max(len(self.layers), 1))
@@ -1009,14 +1076,40 @@ class Sequential(Layer):
                 state[name] = s
         return shape, params, state
 
-    def _apply(self, params, state, x, train, key):
+    def _walk(self, params, state, x, train, key):
+        """Yields ``(name, output, new_state)`` layer by layer: the one walk over the layers'
+        outputs, which `apply` and `intermediates` share."""
         keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
-        new_state = {}
         for name, layer, k in zip(self._names(), self.layers, keys):
             x, s = _run(layer, params.get(name, {}), state.get(name, {}), x, train, k)
+            yield name, x, s
+
+    def _apply(self, params, state, x, train, key):
+        y, new_state = x, {}
+        for name, y, s in self._walk(params, state, x, train, key):  # noqa: B007 (y: the last output)
             if s:
                 new_state[name] = s
-        return x, new_state
+        return y, new_state
+
+    def intermediates(self, params, state, x, *, train=False, key=None) -> dict:
+        """Every layer's output on the batch ``x``: ``{name: f_i(...f_1(x))}``, keyed like the
+        params (``dense_0``, ``relu_1``, ...), in layer order; the last value is ``apply``'s
+        output. Each layer runs as in ``apply`` (the same keys, ``train`` mode and state), so
+        these are the activations that training sees. `jaxdl.diagnostics.activation_stats` and
+        `jaxdl.doctor` read a model's layers through it (the per-layer statistics of Glorot &
+        Bengio 2010, "Understanding the difficulty of training deep feedforward neural
+        networks", sec. 3).
+
+        >>> import jax.numpy as jnp
+        >>> outs = Sequential(Relu(), Flatten()).intermediates({}, {}, jnp.array([[-1.0, 2.0]]))
+        >>> list(outs), outs["relu_0"]
+        (['relu_0', 'flatten_1'], Array([[0., 2.]], dtype=float32))
+        """
+        if not isinstance(x, jax.Array):
+            check_numeric("Sequential.intermediates", "x", x)
+        x = jnp.asarray(x)
+        _check_call(self, params, state, x)
+        return {name: y for name, y, _ in self._walk(params, state, x, train, key)}
 
 
 @_frozen
@@ -1037,6 +1130,11 @@ class Residual(Layer):
 
     def __post_init__(self):
         check_layer("Residual", "layer", self.layer)
+
+    def with_batch_statistics(self):
+        """See `Layer.with_batch_statistics`."""
+        (layer,), n = _with_batch_statistics((self.layer,))
+        return Residual(layer), n
 
     def _init(self, key, input_shape):
         shape, params, state = self.layer.init(key, input_shape)
@@ -1078,6 +1176,7 @@ class Add(Layer):
         object.__setattr__(self, "layers", _layer_objects("Add", layers))
 
     _names = Sequential._names
+    with_batch_statistics = Sequential.with_batch_statistics
 
     def _init(self, key, input_shape):
         params, state, shapes = {}, {}, {}
@@ -1285,9 +1384,9 @@ def from_flax(module, *, rngs=("dropout",)):
     import flax.linen as nn  # flax is needed only here
 
     if not isinstance(module, nn.Module):
-        from jaxdl.nnx import is_nnx_module
+        from flax import nnx  # imported here, not jaxdl.nnx: that module builds on this one
 
-        if is_nnx_module(module):
+        if isinstance(module, nnx.Module):
             raise TypeError(
                 f"from_flax: module must be a flax.linen.Module, got a flax.nnx.Module "
                 f"({type(module).__name__}); pass an nnx module to fit, evaluate or "
@@ -1308,24 +1407,42 @@ def from_flax(module, *, rngs=("dropout",)):
 # ----------------------------------------------------------------------------- BN folding
 
 
+def _fold_branches(model, params, state):
+    """`fold_batchnorm` inside each branch of an `Add` (keys keep their names: a folded branch
+    keeps its kind)."""
+    layers, new_params, new_state = [], {}, {}
+    for name, layer in zip(model._names(), model.layers):
+        layer, p, s = fold_batchnorm(layer, params.get(name, {}), state.get(name, {}))
+        layers.append(layer)
+        new_params.update({name: p} if p else {})
+        new_state.update({name: s} if s else {})
+    return Add(*layers), new_params, new_state
+
+
 def fold_batchnorm(model, params, state):
     """Fold each BatchNorm that directly follows a Dense or Conv into that layer (seed 001: at
     test time BN is the linear map y = a*z + c, a = gamma/sqrt(var + eps), c = beta - a*mean).
 
     The preceding layer's kernel becomes W * a (per output channel) and its bias a*b + c (c
-    alone without bias; the folded layer always has a bias). Works through nested Sequentials;
+    alone without bias; the folded layer always has a bias). Works through nested Sequentials,
+    inside `Residual` and inside each branch of `Add` (a `jaxdl.models.resnet` folds entirely);
     other layers, and BatchNorms not after a Dense/Conv, stay. Returns a new
-    ``(model, params, state)`` whose *evaluation* outputs equal the original's (keys are
-    renumbered, since the BatchNorms are gone). The folded model is for inference: training it
-    no longer normalizes. PyTorch's counterpart is ``torch.ao.quantization.fuse_modules``.
+    ``(model, params, state)`` whose *evaluation* outputs equal the original's (keys of a
+    Sequential are renumbered, since the BatchNorms are gone). The folded model is for
+    inference: training it no longer normalizes. PyTorch's counterpart is
+    ``torch.ao.quantization.fuse_modules``.
     """
+    if isinstance(model, Residual):
+        layer, params, state = fold_batchnorm(model.layer, params, state)
+        return Residual(layer), params, state
+    if isinstance(model, Add):
+        return _fold_branches(model, params, state)
     if not isinstance(model, Sequential):
         return model, params, state
     layers, new_params, new_state = [], [], []
     for name, layer in zip(model._names(), model.layers):
         p, s = params.get(name, {}), state.get(name, {})
-        if isinstance(layer, Sequential):
-            layer, p, s = fold_batchnorm(layer, p, s)
+        layer, p, s = fold_batchnorm(layer, p, s)
         prev = layers[-1] if layers else None
         if isinstance(layer, BatchNorm) and isinstance(prev, (Dense, Conv)):
             a = p["gamma"] * lax.rsqrt(s["var"] + layer.eps)

@@ -6,12 +6,19 @@ included) is not an error here but cannot go unnoticed: `softmax_cross_entropy` 
 train step then skips the step and counts it in ``nonfinite``) and `accuracy` counts it as
 wrong. Where labels are host arrays (`jaxdl.fit`, `jaxdl.evaluate`, the data loaders) they are
 checked before anything runs (`jaxdl.train_step.check_labels`).
+
+Padding: `softmax_cross_entropy` and `accuracy` leave out every target equal to
+``ignore_index`` (default `IGNORE_INDEX` = -100, PyTorch's ``F.cross_entropy`` rule) and average
+over the others, so sequences of different lengths padded to one length T train as if unpadded:
+set the targets of padding positions to -100 (e.g. ``y = np.where(y == pad_id, -100, y)``).
 """
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["softmax_cross_entropy", "binary_cross_entropy", "mse", "l2_penalty", "accuracy"]
+__all__ = ["IGNORE_INDEX", "softmax_cross_entropy", "binary_cross_entropy", "mse", "l2_penalty", "accuracy"]
+
+IGNORE_INDEX = -100  # a target left out of the loss and the accuracy (PyTorch's ignore_index)
 
 
 def _check_class_labels(fn, logits, labels):
@@ -28,25 +35,37 @@ def _check_class_labels(fn, logits, labels):
         )
 
 
-def softmax_cross_entropy(logits, labels):
-    """Mean negative log-likelihood of integer labels under softmax(logits).
+def _counted(labels, ignore_index):
+    """The targets that count (not ``ignore_index``) and their number, at least 1."""
+    counted = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    return counted, jnp.maximum(jnp.sum(counted), 1)
 
-    L = mean_i [ -log softmax(z_i)[y_i] ] = mean_i [ logsumexp(z_i) - z_i[y_i] ].
 
-    logits: (..., C) floats; labels: (...) integers in [0, C). A label outside [0, C), negative
-    included, makes L NaN (numpy indexing would read class C-1 for label -1 and train on it
-    silently; optax gives no error either), so the train step skips such a step and counts it
-    in ``nonfinite``, as PyTorch's ``F.cross_entropy`` raises on it. At initialization a C-class
-    classifier with small weights gives L ~ ln C (seed 004's sanity check). Equals
-    `optax.softmax_cross_entropy_with_integer_labels(...).mean()` and PyTorch's
-    `F.cross_entropy` (reduction='mean') for valid labels.
+def softmax_cross_entropy(logits, labels, *, ignore_index=IGNORE_INDEX):
+    """Mean negative log-likelihood of integer labels under softmax(logits), over the labels
+    that are not ``ignore_index``.
+
+    L = sum_{i: y_i != ignore} [ logsumexp(z_i) - z_i[y_i] ] / #{i: y_i != ignore}.
+
+    logits: (..., C) floats; labels: (...) integers in [0, C), or ``ignore_index`` (default
+    -100) for a target to leave out (padding of token sequences: logits (B, T, V), labels
+    (B, T)); ``ignore_index=None`` counts every label. A batch whose labels are all ignored gives
+    L = 0 and no gradient (PyTorch gives NaN). A label outside [0, C) that is not ignored,
+    negative included, makes L NaN (numpy indexing would read class C-1 for label -1 and train
+    on it silently; optax gives no error either), so the train step skips such a step and counts
+    it in ``nonfinite``, as PyTorch's ``F.cross_entropy`` raises on it. At initialization a
+    C-class classifier with small weights gives L ~ ln C (seed 004's sanity check). Equals
+    `optax.softmax_cross_entropy_with_integer_labels` averaged over the counted labels and
+    PyTorch's ``F.cross_entropy(reduction='mean', ignore_index=-100)`` for valid labels.
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_class_labels("softmax_cross_entropy", logits, labels)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     valid = (labels >= 0) & (labels < logits.shape[-1])
-    return -jnp.mean(jnp.where(valid, picked, jnp.nan))
+    picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    counted, n = _counted(labels, ignore_index)
+    nll = jnp.where(counted, jnp.where(valid, -picked, jnp.nan), 0.0)
+    return jnp.sum(nll) / n.astype(nll.dtype)
 
 
 def binary_cross_entropy(logits, labels):
@@ -93,12 +112,15 @@ def l2_penalty(params):
     return 0.5 * sum(jnp.sum(jnp.square(w)) for w in leaves)
 
 
-def accuracy(logits, labels):
-    """Fraction of examples whose arg-max logit is the label: mean(argmax(z_i) == y_i).
+def accuracy(logits, labels, *, ignore_index=IGNORE_INDEX):
+    """Fraction of the counted labels (those not ``ignore_index``, default -100) whose arg-max
+    logit is the label: sum_{i: y_i != ignore} [argmax(z_i) == y_i] / #{i: y_i != ignore}.
 
-    A label outside [0, C), negative included, never equals an arg-max, so it counts as wrong
-    (numpy-style wrapping of -1 to the last class never happens here).
+    Per token for sequences (logits (B, T, V), labels (B, T)); 0 when every label is ignored.
+    A label outside [0, C) that is not ignored, negative included, never equals an arg-max, so
+    it counts as wrong (numpy-style wrapping of -1 to the last class never happens here).
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_class_labels("accuracy", logits, labels)
-    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    counted, n = _counted(labels, ignore_index)
+    return jnp.sum(counted & (jnp.argmax(logits, axis=-1) == labels)) / n

@@ -10,6 +10,8 @@ one definition of each:
   the mlp's layers on the flattened features.
 - `resnet`: a 3x3 convolution, then ``blocks`` residual blocks per entry of ``channels`` (He et
   al. 2016's small ResNet for 32 px images), global average pooling and ``Dense(classes)``.
+- `transformer_lm`: a decoder-only language model (GPT-2's pre-LayerNorm blocks of causal
+  attention and a GELU MLP), integer tokens (B, T) to next-token logits (B, T, V).
 
 ``activation`` and ``init`` accept a name (the CLI's choices: `ACTIVATIONS`, `INITS`) or the
 layer class / initializer itself. ``axis_name`` is given to every BatchNorm: data-parallel
@@ -23,7 +25,7 @@ from typing import Any, Callable, Sequence
 from jaxdl import init, layers
 from jaxdl._checks import check_number, check_positive_int
 
-__all__ = ["mlp", "cnn", "resnet", "ACTIVATIONS", "INITS"]
+__all__ = ["mlp", "cnn", "resnet", "transformer_lm", "ACTIVATIONS", "INITS"]
 
 ACTIVATIONS: dict[str, type] = {
     "relu": layers.Relu,
@@ -218,4 +220,87 @@ def resnet(
             stack.append(act())
             width = c
     stack += [layers.GlobalAvgPool(), layers.Dense(num_classes, w_init=w_init)]
+    return layers.Sequential(*stack)
+
+
+def transformer_lm(
+    vocab_size: int,
+    *,
+    seq_len: int,
+    depth: int,
+    width: int,
+    heads: int,
+    mlp_ratio: int = 4,
+    dropout: float = 0.0,
+) -> layers.Sequential:
+    """A decoder-only transformer language model: tokens (B, T) -> next-token logits (B, T, V).
+
+    The decoder of Vaswani et al. 2017 without cross-attention, with GPT-2's pre-LayerNorm
+    blocks (Radford et al. 2019, sec. 2.3: LayerNorm at the input of each sub-block and after
+    the last block)::
+
+        h = Embedding(V, width)(tokens) + P[:T]                # PositionalEmbedding(seq_len)
+        h = Dropout(h)
+        depth x:
+            h = h + Dropout(MultiHeadAttention(heads, causal)(LayerNorm(h)))
+            h = h + Dropout(Dense(width)(Gelu(Dense(mlp_ratio * width)(LayerNorm(h)))))
+        logits = Dense(V)(LayerNorm(h))
+
+    Position t attends to positions <= t only, so the logits at t depend on tokens 0..t alone:
+    train with ``y[:, t] = x[:, t + 1]`` (the next token) and the default per-token
+    cross-entropy of `jaxdl.fit` (targets -100 are padding, left out). The block is
+    ``torch.nn.TransformerEncoderLayer(width, heads, mlp_ratio * width, norm_first=True,
+    activation='gelu', batch_first=True)`` run with a causal mask (exact GELU, LayerNorm eps
+    1e-5). ``dropout`` is also the attention weights' dropout. Initialization: token and position
+    embeddings N(0, 0.02^2) and N(0, 0.01^2) (GPT-2's), the Dense and attention kernels jaxdl's
+    default (Xavier normal); GPT-2 draws every kernel from N(0, 0.02^2) and scales the residual
+    projections by 1/sqrt(2 depth), and ties the head to the token embedding (here it is a
+    separate Dense).
+
+    Sources: A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017 (arXiv:1706.03762);
+    A. Radford, J. Wu, R. Child, D. Luan, D. Amodei, I. Sutskever, "Language Models are
+    Unsupervised Multitask Learners" (GPT-2), OpenAI 2019.
+
+    Args:
+      vocab_size: V, the number of token ids (inputs in [0, V)) and of logits.
+      seq_len: the longest sequence (positions of the position embedding); inputs may be shorter.
+      depth: number of blocks, >= 1.
+      width: the model's width (features of every position), divisible by ``heads``.
+      heads: attention heads, >= 1.
+      mlp_ratio: hidden width of the MLP over ``width``, >= 1.
+      dropout: drop probability, in [0, 1) (0 leaves Dropout out).
+
+    Returns:
+      A `jaxdl.layers.Sequential`: ``Embedding, PositionalEmbedding, (Dropout)``, ``depth`` pairs
+      of `jaxdl.layers.Residual` blocks, ``LayerNorm, Dense(vocab_size)``.
+
+    >>> import jax
+    >>> lm = transformer_lm(50, seq_len=16, depth=1, width=32, heads=4)
+    >>> lm.init(jax.random.key(0), (16,))[0]
+    (16, 50)
+    """
+    owner = "transformer_lm"
+    check_positive_int(owner, "vocab_size", vocab_size)
+    check_positive_int(owner, "seq_len", seq_len)
+    check_positive_int(owner, "depth", depth)
+    check_positive_int(owner, "width", width)
+    check_positive_int(owner, "heads", heads)
+    check_positive_int(owner, "mlp_ratio", mlp_ratio)
+    check_number(owner, "dropout", dropout, low=0.0, high=1.0, high_open=True)
+    if width % heads:
+        raise ValueError(
+            f"{owner}: width={width} is not divisible by heads={heads}; expected a multiple of heads"
+        )
+    drop = [layers.Dropout(dropout)] if dropout else []
+    stack = [
+        layers.Embedding(vocab_size, width, w_init=init.normal(0.02)),
+        layers.PositionalEmbedding(seq_len, w_init=init.normal(0.01)),
+        *drop,
+    ]
+    for _ in range(depth):
+        attention = layers.MultiHeadAttention(heads, causal=True, dropout=dropout)
+        mlp_ = [layers.Dense(mlp_ratio * width), layers.Gelu(), layers.Dense(width)]
+        stack.append(layers.Residual(layers.Sequential(layers.LayerNorm(), attention, *drop)))
+        stack.append(layers.Residual(layers.Sequential(layers.LayerNorm(), *mlp_, *drop)))
+    stack += [layers.LayerNorm(), layers.Dense(vocab_size)]
     return layers.Sequential(*stack)

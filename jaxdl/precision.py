@@ -142,6 +142,15 @@ class PolicyModel:
         """The wrapped model's ``init``."""
         return self.model.init(key, input_shape)
 
+    def with_batch_statistics(self):
+        """The wrapped model's ``with_batch_statistics`` (see `jaxdl.layers.Layer`), kept under
+        the policy; ``(self, 0)`` for a model without the method."""
+        method = getattr(self.model, "with_batch_statistics", None)
+        if method is None:
+            return self, 0
+        model, n = method()
+        return dataclasses.replace(self, model=model), n
+
     def apply(self, params, state, x, *, train=False, key=None):
         """``cast_to_output(model.apply(cast_to_compute(params), state, cast_to_compute(x)))``."""
         p = self.policy

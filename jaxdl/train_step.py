@@ -16,8 +16,8 @@ is on the loss and the norms of the gradients and updates, so a norm beyond floa
 The data-parallel steps (`jaxdl.parallel.steps`: pmap, shard_map, and a scan-fused sharded loop)
 are built from the same pieces, which are public for that reason: `step_body` (the math of one
 step, the one body every step runs), `step_key`, `check_batch`, `check_state` and
-`accepts_train`. This module does not import `jaxdl.parallel`; `make_pmap_train_step` and
-`make_sharded_train_step` are still reachable here, loaded from there on first use.
+`accepts_train`. This module does not import `jaxdl.parallel` (the data-parallel steps import
+it), and knows models only through their ``init``/``apply`` protocol.
 
 Options of every train step and loop, one frozen `StepOptions` (``options=StepOptions(...)``;
 the builders' keywords of the same names are sugar for it). Besides ``skip_nonfinite`` (the skip
@@ -474,24 +474,12 @@ def ema_update(ema_params, params, decay, count):
     return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, params)
 
 
-def _momentum_zero(model):
-    """``model`` with every `jaxdl.layers.BatchNorm` at momentum 0 (its state becomes the batch's
-    statistics), and the count of them."""
-    from jaxdl.layers import Add, BatchNorm, Residual, Sequential
-    from jaxdl.precision import PolicyModel
-
-    if isinstance(model, BatchNorm):
-        return dataclasses.replace(model, momentum=0.0), 1
-    if isinstance(model, (Sequential, Add)):
-        layers = [_momentum_zero(layer) for layer in model.layers]
-        return type(model)(*(layer for layer, _ in layers)), sum(n for _, n in layers)
-    if isinstance(model, Residual):
-        inner, n = _momentum_zero(model.layer)
-        return Residual(inner), n
-    if isinstance(model, PolicyModel):
-        inner, n = _momentum_zero(model.model)
-        return dataclasses.replace(model, model=inner), n
-    return model, 0
+def _with_batch_statistics(model):
+    """``model.with_batch_statistics()`` (the layer protocol's optional method: the model with
+    every BatchNorm at momentum 0, so that its new state is the batch's statistics, and the
+    count of them); ``(model, 0)`` for a model without the method."""
+    method = getattr(model, "with_batch_statistics", None)
+    return (model, 0) if method is None else method()
 
 
 def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
@@ -513,7 +501,7 @@ def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
     state; ``model_state`` gives its structure. A model without `jaxdl.layers.BatchNorm` is a
     ValueError (there is nothing to recalibrate).
     """
-    zero, count = _momentum_zero(model)
+    zero, count = _with_batch_statistics(model)
     if count == 0:
         raise ValueError(f"recalibrate_batchnorm: the model has no jaxdl.layers.BatchNorm, got {model!r}")
     key = jax.random.key(0) if key is None else key
@@ -584,7 +572,16 @@ def scan_steps(step, state: TrainState, batches):
 
 
 def step_body_with_norm(
-    loss_fn, optimizer, skip_nonfinite, state, batch, key, param_norm, reduce_grads=None, options=None
+    loss_fn,
+    optimizer,
+    skip_nonfinite,
+    state,
+    batch,
+    key,
+    param_norm,
+    reduce_grads=None,
+    options=None,
+    layer_metrics=None,
 ):
     """`step_body` for a loop that carries the parameter norm: ``(new_state, metrics, norm')``.
 
@@ -593,6 +590,9 @@ def step_body_with_norm(
     the update, for the next step. A norm of the old params taken after their in-place update
     would make XLA copy every parameter first. With ``param_norm=None`` the step computes it
     itself and ``norm'`` is None (that is `step_body`). `scan_steps` and the sharded loop carry it.
+    ``layer_metrics(params, grads, updates) -> dict``, when given, sees the step's parameters
+    before the update, its gradients (after ``reduce_grads``) and its updates; its entries join
+    the metrics (`jaxdl.doctor` reads per-layer norms through it).
     """
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
     options = _math_options(options)
@@ -641,6 +641,8 @@ def step_body_with_norm(
         "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
         **aux,
     }
+    if layer_metrics is not None:
+        metrics.update(layer_metrics(state.params, grads, updates))
     new_state = state.replace(
         step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )
@@ -654,7 +656,7 @@ def _state_to_keep(optimizer, grads, state: TrainState, opt_state):
     traced a second time, on the same values passed through ``lax.optimization_barrier`` so XLA
     does not merge the two (the numbers are the same).
 
-    Why (issue 14): the select's predicate depends on ``|u|``, which is computed from the new
+    Why: the select's predicate depends on ``|u|``, which is computed from the new
     moments, so XLA:CPU will not fuse the moments' update into the select (a producer of two
     inputs is fused only when it fuses "on all paths") and writes each moment twice: once
     updated, once selected, 4 extra passes per moment (+40 us of a 190 us tiny step, +4 ms of a
@@ -662,12 +664,11 @@ def _state_to_keep(optimizer, grads, state: TrainState, opt_state):
     user and fuses into it, and the one feeding ``u`` fuses into ``u``'s kernel: one kernel per
     moment, as without the skip. Everything of the second trace that the state does not need
     (the update itself, e.g. sampled noise) is dead code, removed by XLA; a host callback in
-    ``update`` (``jax.debug.print``) would run twice. A `jaxdl.parallel.CrossDeviceTransformation`
+    ``update`` (``jax.debug.print``) would run twice. An optimizer that names an ``axis_name``
+    (`jaxdl.parallel.CrossDeviceTransformation`: its update runs collectives over that axis)
     keeps its one state: traced twice, its collectives would run twice.
     """
-    from jaxdl.parallel.onebit import CrossDeviceTransformation  # jaxdl.parallel imports us
-
-    if isinstance(optimizer, CrossDeviceTransformation):
+    if getattr(optimizer, "axis_name", None) is not None:  # its update runs collectives
         return opt_state
     grads, old_state, params = jax.lax.optimization_barrier((grads, state.opt_state, state.params))
     return optimizer.update(grads, old_state, params)[1]
@@ -856,13 +857,3 @@ def make_train_loop(
 
     donate_argnums = (0,) if options.donate else ()
     return explain_batch_errors("train loop", "batches", jax.jit(loop, donate_argnums=donate_argnums))
-
-
-def __getattr__(name):
-    # The data-parallel steps moved to jaxdl.parallel.steps, which imports this module; loading
-    # them on first use keeps `jaxdl.train_step.make_sharded_train_step` working without a cycle.
-    if name in ("make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"):
-        from jaxdl.parallel import steps
-
-        return getattr(steps, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,6 +68,7 @@ from jaxdl.callbacks import (
     check_callbacks,
 )
 from jaxdl.callbacks import tensorboard_writer as _tensorboard_writer  # noqa: F401  (its old name)
+from jaxdl.losses import IGNORE_INDEX
 from jaxdl.nnx import as_layer
 from jaxdl.precision import get_policy
 from jaxdl.train_step import (
@@ -245,8 +246,9 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
 
     The eval step is traced (`jax.eval_shape`: nothing compiles or runs) on the first batch, so
     the loss's and the model's own checks speak now, e.g. float labels given to
-    `softmax_cross_entropy`; then integer class labels of a classifier (outputs (C,)) are
-    checked on the host to lie in ``[0, C)`` (`check_labels`).
+    `softmax_cross_entropy`; then integer labels of a classifier (outputs (C,), labels (N,))
+    or of a sequence model (outputs (T, C), targets (N, T)) are checked on the host to lie in
+    ``[0, C)`` or be the ignored target `IGNORE_INDEX` (`check_labels`).
     """
     try:
         jax.eval_shape(eval_step, _eval_state(state), (x[:EVAL_BATCH], y[:EVAL_BATCH]))
@@ -260,8 +262,8 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
         if type(err) not in (TypeError, ValueError):
             raise
         raise type(err)(f"{owner}: {name}: {err}") from None
-    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(out.shape) == 2:
-        check_labels(y, out.shape[1], owner, f"{name} labels")
+    if np.issubdtype(y.dtype, np.integer) and len(out.shape) >= 2 and y.shape[1:] == out.shape[1:-1]:
+        check_labels(y, out.shape[-1], owner, f"{name} labels", ignore_index=IGNORE_INDEX)
 
 
 def _eval_state(state: TrainState) -> TrainState:
@@ -311,15 +313,27 @@ def _eval_step(loss_fn, use_ema=False, precision=None):
     return step
 
 
+def _weight(y) -> int:
+    """How much a batch of targets ``y`` weighs in a mean over batches: its examples, or for
+    integer targets those not equal to `IGNORE_INDEX` (each token of a sequence counts once)."""
+    if np.issubdtype(y.dtype, np.integer):
+        return int(np.count_nonzero(y != IGNORE_INDEX))
+    return len(y)
+
+
 def _evaluate_arrays(eval_step, state: TrainState, x, y, batch_size: int) -> dict:
-    """Weighted means of the eval metrics over all of ``(x, y)`` in batches of ``batch_size``."""
+    """Weighted means of the eval metrics over all of ``(x, y)`` in batches of ``batch_size``,
+    each batch weighted by `_weight` (the mean over every counted target of the data)."""
     totals: dict = {}
+    weight = 0
     for start in range(0, len(y), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         metrics = jax.device_get(eval_step(state, (xb, yb)))
+        w = _weight(yb)
+        weight += w
         for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + len(yb) * float(value)
-    return {name: total / len(y) for name, total in totals.items()}
+            totals[name] = totals.get(name, 0.0) + w * float(value)
+    return {name: total / max(weight, 1) for name, total in totals.items()}
 
 
 def evaluate(
@@ -338,8 +352,11 @@ def evaluate(
     BatchNorm ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
     y)`` arrays or a `jaxdl.data.Split`, scored in batches of ``batch_size``; the result is the
     mean over examples, each batch weighted by its size, so a last partial batch counts exactly
-    as much as its examples. Returns ``{"loss": ..., "accuracy": ...}`` (and any other metric the
-    loss reports; ``loss_fn`` default ``supervised_loss(model)``: softmax cross-entropy).
+    as much as its examples; for integer targets each batch weighs as many as its targets not
+    equal to `jaxdl.losses.IGNORE_INDEX` (-100), so token targets (N, T) with padding give the
+    mean over every non-padding token. Returns ``{"loss": ..., "accuracy": ...}`` (and any other
+    metric the loss reports; ``loss_fn`` default ``supervised_loss(model)``: softmax
+    cross-entropy; the ``loss_fn`` contract is `fit`'s).
     ``use_ema=True`` scores ``state.ema_params`` (the moving average of `fit`'s ``ema=``);
     ``precision`` runs the model under that policy (as `fit` trained it). Data the model or loss
     cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
@@ -871,7 +888,25 @@ def fit(
     - ``model``: a jaxdl layer (e.g. `jaxdl.models.mlp`, `jaxdl.layers.Sequential`) or
       `jaxdl.layers.from_flax`; ``optimizer``: any jaxdl or optax ``GradientTransformation``.
     - ``train``, ``validation``: ``(x, y)`` arrays (numpy or jax) or `jaxdl.data.Split`.
+      Sequences: integer tokens ``x`` (N, T) and targets ``y`` (N, T) for a model giving logits
+      (N, T, V) (`jaxdl.models.transformer_lm`); the default loss is then per token, and a
+      target equal to `jaxdl.losses.IGNORE_INDEX` (-100, PyTorch's ``ignore_index`` rule) is
+      padding: left out of the loss (the mean over the other tokens of the batch), of the
+      accuracy and of validation's weights. Integer targets outside [0, V) that are not -100 are
+      refused before training.
     - ``loss_fn``: default ``supervised_loss(model)`` (softmax cross-entropy, reports accuracy).
+      The contract of a custom one: ``loss_fn(params, model_state, batch, key, train=True) ->
+      (loss, (model_state, aux))``. fit passes the trainable ``params`` (the tree
+      ``model.init`` returns), the ``model_state`` (e.g. BatchNorm statistics; ``{}`` if
+      none), ``batch = (x, y)``: one batch of the data (``x[B, ...]``, ``y[B, ...]``; a
+      micro-batch with ``micro_batches``; augmented when ``augment`` is set), ``key``: the
+      step's PRNG key (`jaxdl.train_step.step_key`: ``fold_in(state.key, step)``; None in
+      evaluation) and ``train``: True in training, False in validation and `evaluate` (a
+      ``train=`` keyword is required: validation calls it with ``train=False``). It returns a
+      scalar ``loss`` (float; its gradient trains ``params``), the new ``model_state`` (the
+      input one where nothing changes) and ``aux``: a dict of scalar metrics (e.g.
+      ``{"accuracy": ...}``) that the history reports as ``train_NAME`` and ``val_NAME``. It
+      is traced once per shape under `jax.jit`, so it must be a pure function of its inputs.
     - ``augment``: an int ``s`` (random translation by up to ``s`` pixels, zero fill; images
       NHWC) or ``augment(key, x) -> x``, applied to training batches inside the compiled step.
     - ``early_stopping``: patience in epochs: stop after that many epochs without a lower

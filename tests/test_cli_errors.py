@@ -296,3 +296,12 @@ def test_fits_names_are_the_commands_too_and_its_refusals_speak_the_commands_wor
         config.command_words("FitConfig: batch_size=32 is not divisible by micro_batches=3 times devices=2")
         == "--batch-size 32 is not divisible by --accumulate 3 times --devices 2"
     )
+
+
+def test_resnet_refuses_the_mlp_options_instead_of_ignoring_them(tmp_path, capsys):
+    argv = ["--model", "resnet", "--depth", "3", "--batchnorm", "--out", str(tmp_path / "run")]
+    code, out, err = run_main(capsys, "train", *argv)
+    assert_one_line_error(
+        code, out, err, "train", "--model resnet does not take --depth 3, --batchnorm", "--blocks"
+    )
+    assert not (tmp_path / "run").exists()

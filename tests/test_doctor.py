@@ -19,6 +19,7 @@ import jaxdl as dl
 from jaxdl import data, doctor
 from jaxdl import init as I
 from jaxdl import layers as L
+from jaxdl.doctor import checks, probe
 
 # One xdist worker runs the whole file (pyproject: --dist loadgroup): the panel's reports are made
 # once in _REPORTS and read by several tests.
@@ -342,9 +343,16 @@ def test_scan_update_ratio_is_the_norm_ratio_of_one_sgd_step():
     )
     loss_fn = dl.supervised_loss(model)
     tx = dl.sgd(0.1)
-    scan = doctor._make_scan(loss_fn, tx)
-    carry = (params, state, tx.init(params), jax.random.key(0), jnp.zeros([], jnp.int32))
-    (new, *_), met = scan(carry, (x, y, jnp.ones(1), jnp.ones(1, bool)))
+    scan = probe.make_probe_scan(loss_fn, tx)
+    start = dl.TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        model_state=state,
+        opt_state=tx.init(params),
+        key=jax.random.key(0),
+    )
+    end, met = scan(start, (x, y, jnp.ones(1), jnp.ones(1, bool)))
+    new = end.params
     g = jax.jit(jax.grad(lambda p: loss_fn(p, state, (x[0], y[0]), None, train=True)[0]))(params)
     for name in ("dense_0", "dense_2"):
         gn = np.sqrt(sum(float(jnp.sum(v**2)) for v in g[name].values()))
@@ -352,33 +360,34 @@ def test_scan_update_ratio_is_the_norm_ratio_of_one_sgd_step():
         assert float(met["update_ratio"][name][0]) == pytest.approx(0.1 * gn / pn, rel=1e-5)
         np.testing.assert_allclose(new[name]["w"], params[name]["w"] - 0.1 * g[name]["w"], rtol=1e-6)
     # an inactive (padding) step changes nothing
-    (same, *_), _ = scan(carry, (x, y, jnp.ones(1), jnp.zeros(1, bool)))
-    np.testing.assert_array_equal(same["dense_0"]["w"], params["dense_0"]["w"])
+    same, _ = scan(start, (x, y, jnp.ones(1), jnp.zeros(1, bool)))
+    np.testing.assert_array_equal(same.params["dense_0"]["w"], params["dense_0"]["w"])
+    assert int(same.step) == 0 and int(end.step) == 1
 
 
 def test_divergence_and_suggestion_on_a_known_curve():
     m = 10.0 ** np.linspace(-3, 3, 61)
     # a loss that falls until m = 50 and explodes beyond
     loss = 2.0 - np.tanh(2 * (np.log10(m) + 1)) + np.where(m > 50, (m / 50) ** 3, 0.0)
-    div = doctor._divergence_index(loss)
+    div = checks._divergence_index(loss)
     # the raw loss passes 4 x its minimum (1.0) at 1 + (m/50)^3 = 4, m = 50 * 3^(1/3) = 72.1; the
     # 3-step mean gets there within one grid step (a factor 10^0.1) of it
     assert 72.1 / 10**0.1 <= m[div] <= 72.1 * 10**0.1
     # a convex bowl in log m with its minimum at m = 1: the suggestion is a tenth of it
     bowl = 10.0 ** np.linspace(-3, 2, 51)
-    assert doctor._suggest(bowl, 1 + np.log10(bowl) ** 2) == pytest.approx(0.1, rel=1e-9)
-    assert doctor._divergence_index(np.r_[2.0, 1.0, np.nan, 1.0]) == 2
-    assert doctor._divergence_index(np.full(20, 2.0)) is None and not doctor._falls(np.full(20, 2.0))
+    assert checks._suggest(bowl, 1 + np.log10(bowl) ** 2) == pytest.approx(0.1, rel=1e-9)
+    assert checks._divergence_index(np.r_[2.0, 1.0, np.nan, 1.0]) == 2
+    assert checks._divergence_index(np.full(20, 2.0)) is None and not checks._falls(np.full(20, 2.0))
 
 
 def test_clone_fraction_counts_units_with_an_identical_twin():
     rng = np.random.default_rng(0)
     cols = rng.normal(size=(10, 6))
-    assert doctor._clone_fraction(cols, 1e-3) == 0.0
+    assert checks._clone_fraction(cols, 1e-3) == 0.0
     cols[:, 1] = cols[:, 0]
     cols[:, 4] = cols[:, 0] * (1 + 1e-5)
-    assert doctor._clone_fraction(cols, 1e-3) == pytest.approx(3 / 6)
-    assert doctor._clone_fraction(np.zeros((10, 6)), 1e-3) == 1.0
+    assert checks._clone_fraction(cols, 1e-3) == pytest.approx(3 / 6)
+    assert checks._clone_fraction(np.zeros((10, 6)), 1e-3) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -444,6 +444,12 @@ def test_sequential_equals_composition_of_its_layers():
     x = _randn(4, 3)
     h, _ = a.apply(params["dense_0"], {}, x)
     np.testing.assert_allclose(model.apply(params, {}, x)[0], np.tanh(np.asarray(h)), rtol=1e-6)
+    # every layer's output, keyed like the params: numpy's forward pass
+    outs = model.intermediates(params, {}, x)
+    w, bias, xn = (np.asarray(v) for v in (params["dense_0"]["w"], params["dense_0"]["b"], x))
+    assert list(outs) == ["dense_0", "tanh_1"]
+    np.testing.assert_allclose(outs["dense_0"], xn @ w + bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs["tanh_1"], np.tanh(xn @ w + bias), rtol=1e-5, atol=1e-6)
 
 
 def test_sequential_works_under_jit_and_vmap_over_models():
@@ -781,6 +787,7 @@ ALL_LAYERS = [
     (L.RMSNorm(), (4,)),
     (L.Embedding(5, 3), (4,)),
     (L.MultiHeadAttention(2), (3, 4)),
+    (L.PositionalEmbedding(4), (3, 4)),
     (L.Residual(L.Dense(4)), (4,)),
     (L.Add(L.Dense(4), L.Relu()), (4,)),
     (L.GlobalAvgPool(), (4, 4, 1)),
@@ -856,3 +863,17 @@ def test_every_layer_refuses_a_non_key_and_non_numeric_inputs_by_name(layer, sha
 def test_activation_and_bias_hyperparameters_are_checked_when_built(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_with_batch_statistics_sets_every_batchnorm_to_momentum_zero_through_wrappers():
+    from jaxdl.precision import PolicyModel, get_policy
+
+    model = L.Sequential(
+        L.Dense(3), L.Residual(L.BatchNorm(momentum=0.9)), L.Add(L.BatchNorm(momentum=0.5), L.Relu())
+    )
+    zero, n = PolicyModel(model, get_policy("bf16")).with_batch_statistics()
+    inner = zero.model
+    assert n == 2 and isinstance(zero, PolicyModel)
+    assert inner.layers[1].layer.momentum == 0.0 and inner.layers[2].layers[0].momentum == 0.0
+    assert model.layers[1].layer.momentum == 0.9  # the original is left as it was
+    assert L.Sequential(L.Dense(3), L.Relu()).with_batch_statistics()[1] == 0

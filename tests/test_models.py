@@ -100,6 +100,23 @@ def test_recalibrate_batchnorm_reaches_the_batchnorms_inside_the_blocks(tiny):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
 
 
+def _kinds(layer):
+    inner = getattr(layer, "layers", None) or ([layer.layer] if isinstance(layer, L.Residual) else [])
+    return [type(layer).__name__] + [k for child in inner for k in _kinds(child)]
+
+
+def test_fold_batchnorm_folds_every_batchnorm_of_the_resnet_and_keeps_its_eval_outputs(tiny):
+    """Inside Residual and inside both branches of Add; running statistics made non-trivial."""
+    net, params, state, x = tiny
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: s + rng.uniform(0.2, 0.8, s.shape).astype(np.float32), state)
+    folded, fparams, fstate = L.fold_batchnorm(net, params, state)
+    assert "BatchNorm" in _kinds(net) and "BatchNorm" not in _kinds(folded) and fstate == {}
+    want = jax.jit(lambda p, s, x: net.apply(p, s, x)[0])(params, state, x)
+    got = jax.jit(lambda p, x: folded.apply(p, {}, x)[0])(fparams, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
 def test_resnet_axis_name_reaches_every_batchnorm():
     net = models.resnet(10, channels=(8, 16), blocks=2, axis_name="data")
     bns = []

@@ -622,30 +622,10 @@ def test_sharded_loop_lowers_to_one_program_whose_collectives_are_the_steps():
 # ----------------------------------------------------------------------------- module layout
 
 
-def test_train_step_does_not_import_parallel_and_the_old_names_still_resolve():
-    import ast
-    import pathlib
-
-    root = pathlib.Path(dl.__file__).parent
-    tree = ast.parse((root / "train_step.py").read_text())
-    imported = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)] + [
-        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
-    ]
-    assert not [m for m in imported if m and m.startswith("jaxdl.parallel")]
-    assert not any(
-        isinstance(node, ast.ImportFrom)
-        and node.module == "jaxdl"
-        and any(a.name == "parallel" for a in node.names)
-        for node in tree.body
-    )
-    # No module of jaxdl.parallel reaches into another module's private helpers.
-    for path in (root / "parallel").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxdl"):
-                assert not [a.name for a in node.names if a.name.startswith("_")], path
+def test_parallel_steps_are_its_public_names_and_are_documented():
+    # The direction of imports (train_step never imports parallel): tests/test_imports.py.
     for name in ("make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"):
-        assert getattr(ts, name) is getattr(par, name) is getattr(par.steps, name)
-    assert dl.make_sharded_train_loop is par.make_sharded_train_loop
+        assert getattr(dl, name) is getattr(par, name) is getattr(par.steps, name)
     for name in par.__all__:
         assert getattr(par, name).__doc__, name
 
