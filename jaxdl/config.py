@@ -1,5 +1,6 @@
 """Configurations of ``jaxdl train``: its options as one dict, their defaults, and the model,
-learning-rate schedule and optimizer a configuration builds.
+learning-rate schedule, optimizer and `jaxdl.FitConfig` a configuration builds (`setup`; fit's
+own checks, their refusals in the command's words).
 
 A configuration is plain JSON data (``config.json`` of a run records it), so a run can be
 repeated (``jaxdl train --config``), resumed and examined (``jaxdl doctor``) from it alone.
