@@ -487,10 +487,25 @@ def _restore_latest(manager, run: Run, log) -> tuple[Run, Any]:
         return run, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tree = manager.restore(run.tree())  # CorruptCheckpointError (a ValueError) when none is good
+        try:
+            tree = manager.restore(run.tree())  # CorruptCheckpointError (a ValueError) when none is good
+        except ValueError as err:
+            if "['progress']['stopped']" not in str(err) or run.callbacks.keys() - {"EarlyStopping_0"}:
+                raise
+            tree = _restore_before_callbacks(manager, run)
     for w in caught:
         log(f"warning: {w.message}")
     return Run.from_tree(tree), manager.restored_step
+
+
+def _restore_before_callbacks(manager, run: Run) -> dict:
+    """A checkpoint written before fit had callbacks (no stop flag, no callbacks' states),
+    restored; its ``callbacks`` are None (`_Engine._start` rebuilds them)."""
+    tree = run.tree()
+    del tree["progress"]["stopped"]
+    tree.pop("callbacks", None)
+    tree = manager.restore(tree)
+    return {**tree, "progress": {**tree["progress"], "stopped": np.array(0, np.int64)}, "callbacks": None}
 
 
 def _host_copy(tree):
@@ -997,7 +1012,7 @@ def fit(
     engine = _make_engine(model, optimizer, loss_fn, x, y, val, state, config, data_key, log)
     own = [ProgressBar()] if config.progress else []
     stopping = [EarlyStopping(config.early_stopping)] if config.early_stopping else []
-    stateful = list(CallbackList(own + stopping + users).states())
+    stateful = list(CallbackList(own + stopping + users).states())[len(stopping) :]  # the user's
     record = _fit_record(engine, model, optimizer, state, initial_params, stateful)
     if config.out_dir is None:
         return engine.run(state, own + stopping + users, None)
@@ -1101,15 +1116,33 @@ class _Engine(NamedTuple):
         if outputs is not None:
             progress = Progress.fresh(self.metrics_like(state))
             run, resumed = _restore_latest(outputs.manager, run._replace(progress=progress), self.log)
+            step, S = int(run.state.step), self.steps_per_epoch
+            if run.callbacks is None:
+                run = self._states_before_callbacks(run, step)
             hooks.load_states(run.callbacks)
             hooks.stop = bool(run.progress.stopped)
-            step, S = int(run.state.step), self.steps_per_epoch
             if resumed is not None:
                 self.log(
                     f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})"
                 )
             history = [r for r in read_metrics(outputs.metrics_path) if r["epoch"] <= step // S]
         return run._replace(state=self.loop_parts[1](run.state)), resumed, history
+
+    def _states_before_callbacks(self, run: Run, step: int) -> Run:
+        """A checkpoint from before fit had callbacks: fit's early stopping kept its record in
+        the progress (best validation loss and epoch; stop when ``epochs - best_epoch >=
+        patience`` at an epoch's end). Rebuild `EarlyStopping`'s state and the stop flag from it."""
+        if not self.config.early_stopping:
+            return run._replace(callbacks={})
+        epoch, best_epoch = step // self.steps_per_epoch, int(run.progress.best_epoch)
+        state = {
+            "best_metric": np.array(run.progress.best_val_loss, np.float64),
+            "best_epoch": np.array(best_epoch, np.int64),
+            "patience_count": np.array(epoch - best_epoch, np.int64),
+        }
+        stop = step % self.steps_per_epoch == 0 and epoch - best_epoch >= self.config.early_stopping
+        progress = run.progress._replace(stopped=np.array(int(stop), np.int64))
+        return run._replace(progress=progress, callbacks={"EarlyStopping_0": state})
 
     def _epoch(self, run: Run, step: int, hooks: CallbackList, resumed):
         """The rest of the epoch at ``step``, block by block, then its record: ``(run, step,
