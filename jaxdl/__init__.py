@@ -5,6 +5,7 @@ optimizer state, a PRNG key, a step counter); docs/design.md has the layout, the
 """
 
 from jaxdl import (
+    callbacks,
     compile_cache,
     data,
     diagnostics,
@@ -23,6 +24,7 @@ from jaxdl import (
     trainer,
     transforms,
 )
+from jaxdl.callbacks import Callback, EarlyStopping
 from jaxdl.layers import (
     Add,
     AvgPool,
@@ -70,6 +72,7 @@ from jaxdl.parallel import (
 from jaxdl.precision import DynamicLossScale, LossScale, Policy
 from jaxdl.sweep import coarse_to_fine, grid, scale_init
 from jaxdl.train_step import (
+    StepOptions,
     TrainState,
     make_eval_step,
     make_train_loop,
@@ -77,7 +80,7 @@ from jaxdl.train_step import (
     recalibrate_batchnorm,
     supervised_loss,
 )
-from jaxdl.trainer import FitResult, evaluate, fit
+from jaxdl.trainer import FitConfig, FitResult, evaluate, fit
 from jaxdl.transforms import (
     add_noise,
     add_weight_decay,

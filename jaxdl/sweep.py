@@ -46,8 +46,7 @@ import numpy as np
 
 from jaxdl._checks import check_int, check_number
 from jaxdl.nnx import as_layer
-from jaxdl.precision import get_loss_scale, get_policy
-from jaxdl.train_step import TrainState, make_eval_step, make_train_loop, step_options
+from jaxdl.train_step import StepOptions, TrainState, make_eval_step, make_train_loop, resolve_options
 
 __all__ = ["sweep", "grid", "scale_init", "coarse_to_fine", "SearchResult", "INIT_SCALE", "EMA", "LOSS_SCALE"]
 
@@ -175,11 +174,7 @@ def _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values,
         "names",
         "chunk_size",
         "return_state",
-        "skip_nonfinite",
-        "precision",
-        "micro_batches",
-        "loss_scale",
-        "ema",
+        "options",
     ),
 )
 def _run(
@@ -195,13 +190,10 @@ def _run(
     names,
     chunk_size,
     return_state,
-    skip_nonfinite,
-    precision,
-    micro_batches,
-    loss_scale,
-    ema,
+    options,
 ):
     pass_key = _accepts_key(make_optimizer)
+    precision, loss_scale, ema = options.precision, options.loss_scale, options.ema
     evaluate = None if eval_batch is None else make_eval_step(loss_fn, precision=precision)
     evaluate_ema = (
         None
@@ -214,15 +206,7 @@ def _run(
         tx, state, decay = _init_run(
             model, input_shape, make_optimizer, pass_key, names, seed, values, ema, loss_scale
         )
-        loop = make_train_loop(
-            loss_fn,
-            tx,
-            skip_nonfinite=skip_nonfinite,
-            precision=precision,
-            micro_batches=micro_batches,
-            loss_scale=loss_scale,
-            ema=decay,
-        )
+        loop = make_train_loop(loss_fn, tx, options=options.replace(ema=decay))
         state, metrics = loop(state, batches)
         out = dict(metrics)
         out.update({f"final_{k}": v[-1] for k, v in metrics.items()})
@@ -251,6 +235,7 @@ def sweep(
     eval_batch=None,
     chunk_size: int | None = None,
     return_state: bool = False,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     precision=None,
     micro_batches: int = 1,
@@ -269,9 +254,9 @@ def sweep(
     `grid` builds products); ``init_scale`` is reserved: it multiplies the initial kernels
     (`scale_init`) instead of going to ``make_optimizer``; ``ema`` sweeps the EMA decay and
     ``loss_scale`` the initial loss scale (one compilation for every value). ``seeds``: an int or
-    S ints. ``precision``, ``micro_batches``, ``loss_scale`` (needed to sweep its initial value)
-    and ``ema`` are the train loop's options (`jaxdl.train_step.make_train_loop`), the same for
-    every run.
+    S ints. ``skip_nonfinite``, ``precision``, ``micro_batches``, ``loss_scale`` (needed to sweep
+    its initial value) and ``ema`` are the train loop's options (`jaxdl.train_step.make_train_loop`),
+    the same for every run; ``options=StepOptions(...)`` gives them as one object.
 
     Runs are seeds x settings, seed major (run ``r = s*H + h``), R = S*H. Returns a dict of
     numpy arrays with a leading run axis:
@@ -303,11 +288,23 @@ def sweep(
         raise TypeError(
             f"sweep: make_optimizer must be callable (**hparams) -> optimizer, got {make_optimizer!r}"
         )
-    step_options("sweep", precision, micro_batches, loss_scale, ema)  # refuse bad options here
+    options = resolve_options(
+        "sweep",
+        options,
+        skip_nonfinite=skip_nonfinite,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+    )
+    if options.donate:
+        raise ValueError("sweep: options.donate=True, but a sweep builds its states itself and keeps none")
+    if options.ema is not None:
+        options = options.replace(ema=float(options.ema))  # a static argument: hashable
     if EMA in names:
         check_number("sweep", "hparams['ema']", table[:, names.index(EMA)], low=0, high=1, high_open=True)
     if LOSS_SCALE in names:
-        if loss_scale is None:
+        if options.loss_scale is None:
             raise ValueError(
                 "sweep: hparams['loss_scale'] sweeps the initial loss scale; pass "
                 "loss_scale='dynamic' or a number to choose the rule"
@@ -327,11 +324,7 @@ def sweep(
         names=names,
         chunk_size=min(chunk_size or s * h, s * h),
         return_state=bool(return_state),
-        skip_nonfinite=bool(skip_nonfinite),
-        precision=get_policy(precision, "sweep"),
-        micro_batches=micro_batches,
-        loss_scale=get_loss_scale(loss_scale, "sweep"),
-        ema=None if ema is None else float(ema),
+        options=options,
     )
     state = out.pop("state", None)
     result = {"seed": run_seeds}

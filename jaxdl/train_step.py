@@ -19,8 +19,10 @@ step, the one body every step runs), `step_key`, `check_batch`, `check_state` an
 `accepts_train`. This module does not import `jaxdl.parallel` (the data-parallel steps import
 it), and knows models only through their ``init``/``apply`` protocol.
 
-Options of every train step and loop (`step_options`; off by default, and then the step is the
-float32 program above with no extra state):
+Options of every train step and loop, one frozen `StepOptions` (``options=StepOptions(...)``;
+the builders' keywords of the same names are sugar for it). Besides ``skip_nonfinite`` (the skip
+above, on by default) and ``donate`` (let XLA reuse the state's buffers), four change the math;
+off by default, and then the step is the float32 program above with no extra state:
 
 - ``precision``: a `jaxdl.precision.Policy` or ``"bf16"``/``"fp16"``: float32 master weights and
   optimizer state, forward and backward in the compute dtype (Micikevicius et al. 2018);
@@ -59,7 +61,7 @@ from jaxdl._tree import select as select_tree
 from jaxdl.losses import accuracy, softmax_cross_entropy
 from jaxdl.nnx import as_layer
 from jaxdl.optimizers import apply_updates
-from jaxdl.precision import LossScale, Policy, get_loss_scale, get_policy, with_policy
+from jaxdl.precision import Policy, get_loss_scale, get_policy, with_policy
 from jaxdl.transforms import global_norm
 
 __all__ = [
@@ -79,6 +81,7 @@ __all__ = [
     "check_state",
     "accepts_train",
     "StepOptions",
+    "resolve_options",
     "step_options",
     "accumulate_gradients",
     "ema_update",
@@ -117,14 +120,16 @@ class TrainState(struct.PyTreeNode):
         key: jax.Array,
         input_shape,
         *,
+        options: "StepOptions | None" = None,
         ema=None,
         loss_scale=None,
     ) -> "TrainState":
         """Initialize ``model`` for ``input_shape`` (one example) and ``optimizer`` for its params.
 
         ``key`` (a ``jax.random.key`` or an int seed) is split in two: one half initializes the
-        model, the other seeds training. Pass the steps' ``ema`` and ``loss_scale`` here too:
-        ``ema`` (a decay, not None) starts ``ema_params`` as a copy of the params;
+        model, the other seeds training. Pass the steps' `StepOptions` here too (``options=``,
+        or its ``ema`` and ``loss_scale`` as keywords): ``ema`` (a decay, not None) starts
+        ``ema_params`` as a copy of the params;
         ``loss_scale`` (``"dynamic"``, a number, a `jaxdl.precision.LossScale`) starts
         ``loss_scale`` at its initial scale. A model without ``init``/``apply``, an optimizer
         that is not a ``GradientTransformation`` (e.g. ``dl.adam`` not called), a bad key or an
@@ -136,6 +141,9 @@ class TrainState(struct.PyTreeNode):
         check_transform(owner, "optimizer", optimizer)
         key = as_key(owner, "key", key)
         input_shape = check_shape(owner, "input_shape", input_shape)
+        if options is not None:
+            resolve_options(owner, options, ema=ema, loss_scale=loss_scale)  # one way, not both
+            ema, loss_scale = options.ema, options.loss_scale
         init_key, train_key = jax.random.split(key)
         _, params, model_state = model.init(init_key, input_shape)
         scaler = get_loss_scale(loss_scale, "TrainState.create")
@@ -229,38 +237,137 @@ def check_state(state: TrainState, loss_fn, optimizer) -> None:
     check_tree_match("train step", expected, state.opt_state, "state.opt_state (against the optimizer)", hint)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-    """The optional parts of a train step, checked and fixed when the step is built (static).
-
-    ``policy``: a `jaxdl.precision.Policy` or None; ``micro_batches``: K >= 1; ``loss_scale``: a
-    `jaxdl.precision.LossScale` or None; ``ema``: the decay in [0, 1) or None (may be traced, so
-    that a vmapped sweep over decays compiles once). Build it with `step_options`.
-    """
-
-    policy: Policy | None = None
-    micro_batches: int = 1
-    loss_scale: LossScale | None = None
-    ema: Any = None
+_OPTION_DEFAULTS = {
+    "skip_nonfinite": True,
+    "donate": False,
+    "precision": None,
+    "micro_batches": 1,
+    "loss_scale": None,
+    "ema": None,
+}
 
 
-def step_options(owner: str, precision=None, micro_batches: int = 1, loss_scale=None, ema=None):
-    """Check the steps' optional arguments and bundle them in a `StepOptions`; None when every
-    option is off (then the step is the plain float32 program, with no extra state or ops).
-
-    Refused here, naming the argument: an unknown ``precision``, ``micro_batches`` not an int
-    >= 1, a ``loss_scale`` other than None/"dynamic"/a number > 0, ``ema`` outside [0, 1).
-    """
-    policy = get_policy(precision, owner)
-    check_positive_int(owner, "micro_batches", micro_batches)
-    scaler = get_loss_scale(loss_scale, owner)
+def _check_options(owner: str, values: dict) -> dict:
+    """The six step options checked and normalized (a `Policy` or None, an int, a `LossScale` or
+    None); the error names ``owner``, the argument and the value."""
+    for name in ("skip_nonfinite", "donate"):
+        if not isinstance(values[name], (bool, np.bool_)):
+            raise TypeError(f"{owner}: {name} must be True or False, got {values[name]!r}")
+    ema = values["ema"]
     if ema is not None:
         if isinstance(ema, bool):
             raise TypeError(f"{owner}: ema must be a decay in [0, 1) or None, got {ema!r}")
         check_number(owner, "ema", ema, low=0, high=1, high_open=True)
-    if policy is None and micro_batches == 1 and scaler is None and ema is None:
-        return None
-    return StepOptions(policy, int(micro_batches), scaler, ema)
+    return {
+        "skip_nonfinite": bool(values["skip_nonfinite"]),
+        "donate": bool(values["donate"]),
+        "precision": get_policy(values["precision"], owner),
+        "micro_batches": check_positive_int(owner, "micro_batches", values["micro_batches"]),
+        "loss_scale": get_loss_scale(values["loss_scale"], owner),
+        "ema": ema,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The six options of every train step and loop, as one frozen object checked once.
+
+    Every step builder (`make_train_step`, `make_train_loop`, the data-parallel steps of
+    `jaxdl.parallel`, `jaxdl.sweep.sweep`) and `TrainState.create` take ``options=StepOptions(...)``;
+    their keywords of the same names are sugar for it. Off by default, and then the step is the
+    plain float32 program (module docstring):
+
+    - ``skip_nonfinite``: a step whose loss, gradient norm or update norm is NaN/Inf keeps the
+      params, model state and optimizer state (only ``step`` advances);
+    - ``donate``: let XLA reuse the old state's buffers (the caller gives up the state it passes);
+    - ``precision``: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a `jaxdl.precision.Policy`, stored as
+      the `Policy` (None for float32; Micikevicius et al. 2018);
+    - ``micro_batches``: K >= 1, gradient accumulation over K micro-batches (`accumulate_gradients`);
+    - ``loss_scale``: ``"dynamic"``, a number > 0 or a `jaxdl.precision.LossScale`, stored as the
+      `LossScale`;
+    - ``ema``: an EMA decay in [0, 1) (Polyak & Juditsky 1992), or None; it may be traced, so that
+      a vmapped sweep over decays compiles once.
+
+    A bad value is refused at construction, naming the argument (``StepOptions: micro_batches=0
+    is out of range ...``). ``policy`` is ``precision`` under the name the step bodies read;
+    ``replace(**changes)`` returns a checked copy.
+
+    >>> StepOptions(micro_batches=2).micro_batches
+    2
+    """
+
+    skip_nonfinite: bool = True
+    donate: bool = False
+    precision: Any = None
+    micro_batches: int = 1
+    loss_scale: Any = None
+    ema: Any = None
+
+    def __post_init__(self):
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in _check_options("StepOptions", values).items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def policy(self) -> Policy | None:
+        """The precision `Policy` (None: float32)."""
+        return self.precision
+
+    @property
+    def plain(self) -> bool:
+        """True when no option changes the math of the float32 step (precision, micro-batches,
+        loss scale and EMA all off)."""
+        return (
+            self.precision is None
+            and self.micro_batches == 1
+            and self.loss_scale is None
+            and self.ema is None
+        )
+
+    def replace(self, **changes) -> "StepOptions":
+        """A copy with ``changes``, checked as a new `StepOptions`."""
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_options(owner: str, options: StepOptions | None = None, **keywords) -> StepOptions:
+    """The `StepOptions` of a builder called with ``options=`` or with the option keywords (sugar).
+
+    ``keywords``: the builder's option keywords as given (any of the six names); with
+    ``options`` they must all be at their defaults, else a TypeError names them (one way per
+    call). Without ``options`` they are checked here, the errors naming ``owner``.
+    """
+    unknown = sorted(set(keywords) - set(_OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{owner}: unknown step option {unknown[0]!r}")
+    if options is None:
+        return StepOptions(**_check_options(owner, {**_OPTION_DEFAULTS, **keywords}))
+    if not isinstance(options, StepOptions):
+        raise TypeError(f"{owner}: options must be a jaxdl.StepOptions or None, got {type(options).__name__}")
+    given = [name for name, value in keywords.items() if value is not _OPTION_DEFAULTS[name]]
+    if given:
+        raise TypeError(
+            f"{owner}: pass the step options either as options= or as keywords, not both "
+            f"(got options= and {', '.join(f'{n}={keywords[n]!r}' for n in given)})"
+        )
+    return options
+
+
+def step_options(owner: str, precision=None, micro_batches: int = 1, loss_scale=None, ema=None):
+    """Check the options that change the step's math and bundle them in a `StepOptions`; None
+    when every one is off (then the step is the plain float32 program, with no extra state or ops).
+
+    Refused here, naming the argument: an unknown ``precision``, ``micro_batches`` not an int
+    >= 1, a ``loss_scale`` other than None/"dynamic"/a number > 0, ``ema`` outside [0, 1).
+    """
+    options = resolve_options(
+        owner, precision=precision, micro_batches=micro_batches, loss_scale=loss_scale, ema=ema
+    )
+    return None if options.plain else options
+
+
+def _math_options(options: StepOptions | None) -> StepOptions | None:
+    """``options`` for a step body: None when they leave the float32 step as it is."""
+    return None if options is None or options.plain else options
 
 
 def _check_options_state(state, options) -> None:
@@ -488,6 +595,7 @@ def step_body_with_norm(
     the metrics (`jaxdl.doctor` reads per-layer norms through it).
     """
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
+    options = _math_options(options)
     _check_options_state(state, options)
     if options is None:
         grad_fn = jax.value_and_grad(
@@ -622,6 +730,7 @@ def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -637,21 +746,32 @@ def make_train_step(
     returns in ``aux``. The step compiles once per batch shape; schedules run on the traced step
     count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers.
 
-    Options (module docstring; build the state with ``TrainState.create(..., ema=ema,
-    loss_scale=loss_scale)``): ``precision`` (``"bf16"``, ``"fp16"``, a `Policy`),
-    ``micro_batches`` (gradient accumulation over K micro-batches), ``loss_scale``
-    (``"dynamic"`` or a number; reports ``loss_scale``), ``ema`` (a decay in [0, 1)).
+    Options: ``options=StepOptions(...)`` (build the state with ``TrainState.create(...,
+    options=options)``), or its six keywords as sugar (module docstring): ``skip_nonfinite``,
+    ``donate``, ``precision`` (``"bf16"``, ``"fp16"``, a `Policy`), ``micro_batches`` (gradient
+    accumulation over K micro-batches), ``loss_scale`` (``"dynamic"`` or a number; reports
+    ``loss_scale``), ``ema`` (a decay in [0, 1)).
     """
     check_transform("make_train_step", "optimizer", optimizer)
-    options = step_options("make_train_step", precision, micro_batches, loss_scale, ema)
+    options = resolve_options(
+        "make_train_step",
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+    )
 
     def step(state: TrainState, batch):
         check_batch(state, batch)
         check_state(state, loss_fn, optimizer)
         key = step_key(state)
-        return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, options=options)
+        return step_body(loss_fn, optimizer, options.skip_nonfinite, state, batch, key, options=options)
 
-    return explain_batch_errors("train step", "batch", jax.jit(step, donate_argnums=(0,) if donate else ()))
+    donate_argnums = (0,) if options.donate else ()
+    return explain_batch_errors("train step", "batch", jax.jit(step, donate_argnums=donate_argnums))
 
 
 def make_eval_step(
@@ -692,6 +812,7 @@ def make_train_loop(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -707,10 +828,21 @@ def make_train_loop(
     single steps, with one dispatch instead of K (`scan_steps`; ``update_ratio``'s parameter norm
     is carried from one iteration to the next, so it equals the single steps' to rounding).
     ``donate=True`` lets XLA reuse the old state's buffers (what `jaxdl.fit` does: it owns the
-    state). What each metric and the skip cost per step: docs/design.md.
+    state). ``options=StepOptions(...)`` or its keywords, as in `make_train_step`. What each
+    metric and the skip cost per step: docs/design.md.
     """
     check_transform("make_train_loop", "optimizer", optimizer)
-    options = step_options("make_train_loop", precision, micro_batches, loss_scale, ema)
+    options = resolve_options(
+        "make_train_loop",
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+    )
+    skip = options.skip_nonfinite
 
     def loop(state: TrainState, batches):
         check_batch(state, jax.tree.map(lambda b: b[0], batches))
@@ -718,9 +850,10 @@ def make_train_loop(
 
         def step(state, batch, param_norm):
             return step_body_with_norm(
-                loss_fn, optimizer, skip_nonfinite, state, batch, step_key(state), param_norm, options=options
+                loss_fn, optimizer, skip, state, batch, step_key(state), param_norm, options=options
             )
 
         return scan_steps(step, state, batches)
 
-    return explain_batch_errors("train loop", "batches", jax.jit(loop, donate_argnums=(0,) if donate else ()))
+    donate_argnums = (0,) if options.donate else ()
+    return explain_batch_errors("train loop", "batches", jax.jit(loop, donate_argnums=donate_argnums))

@@ -41,14 +41,15 @@ from jaxdl.parallel.placement import (
     state_specs,
 )
 from jaxdl.train_step import (
+    StepOptions,
     TrainState,
     accepts_train,
     check_batch,
     check_state,
+    resolve_options,
     scan_steps,
     step_body_with_norm,
     step_key,
-    step_options,
 )
 
 __all__ = ["make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"]
@@ -159,6 +160,7 @@ def make_pmap_train_step(
     axis_name: str = "batch",
     *,
     devices=None,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     precision=None,
     micro_batches: int = 1,
@@ -184,10 +186,22 @@ def make_pmap_train_step(
     leading device axis (equal values); ``step.lower(state, batch)`` gives the lowered program.
     `jax.pmap` is in maintenance mode since JAX 0.8: prefer `make_sharded_train_step`.
     ``precision``, ``micro_batches`` (per device: each shard is cut into K micro-batches),
-    ``loss_scale`` and ``ema`` as in `jaxdl.train_step.make_train_step`.
+    ``loss_scale`` and ``ema`` as in `jaxdl.train_step.make_train_step` (or ``options=
+    StepOptions(...)``; the pmap step does not donate, so ``donate=True`` there is refused).
     """
     owner = "make_pmap_train_step"
-    options = step_options(owner, precision, micro_batches, loss_scale, ema)
+    options = resolve_options(
+        owner,
+        options,
+        skip_nonfinite=skip_nonfinite,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+    )
+    if options.donate:
+        raise ValueError(f"{owner}: options.donate=True, but the pmap step does not donate its state")
+    skip_nonfinite = options.skip_nonfinite
     _check_exchange_axis(owner, optimizer, axis_name)
     devs = pick_devices(owner, devices, jax.local_devices())
     n = len(devs)
@@ -228,13 +242,14 @@ def make_pmap_train_step(
     return explain_batch_errors(owner, "batch", step)
 
 
-def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, donate, stacked, options=None):
+def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, stacked, options: StepOptions):
     """`jax.jit(jax.shard_map(body))` over ``mesh``, with the checks both sharded makers share.
 
     ``stacked=False``: body = one step, batch sharded ``P(axis)``. ``stacked=True``: body =
     `lax.scan` of that step over the leading axis of a block of K batches, sharded
     ``P(None, axis)``; the per-step metrics come back stacked, ``(K,)``.
     """
+    skip_nonfinite, donate = options.skip_nonfinite, options.donate
     axis = data_axis(owner, mesh, axis_name)
     _check_exchange_axis(owner, optimizer, axis)
     n = mesh.shape[axis]
@@ -256,7 +271,7 @@ def _make_sharded(owner, loss_fn, optimizer, mesh, axis_name, skip_nonfinite, do
 
     def run(state: TrainState, batch):
         check_divisible(owner, batch_size_of(owner, batch, batch_axis), n)
-        k = 1 if options is None else options.micro_batches
+        k = options.micro_batches
         if k > 1 and batch_size_of(owner, batch, batch_axis) // n % k:
             raise ValueError(
                 f"{owner}: each of the {n} devices gets "
@@ -302,6 +317,7 @@ def make_sharded_train_step(
     mesh: Mesh,
     *,
     axis_name: str | None = None,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -329,20 +345,19 @@ def make_sharded_train_step(
     the `jax.stages.Lowered` program (e.g. for `collective_bytes`). ``precision``,
     ``micro_batches`` (per device: each device accumulates its shard's K micro-batches, then one
     all-reduce per optimizer step), ``loss_scale`` and ``ema`` as in
-    `jaxdl.train_step.make_train_step`.
+    `jaxdl.train_step.make_train_step`, as keywords or as ``options=StepOptions(...)``.
     """
-    options = step_options("make_sharded_train_step", precision, micro_batches, loss_scale, ema)
-    return _make_sharded(
+    options = resolve_options(
         "make_sharded_train_step",
-        loss_fn,
-        optimizer,
-        mesh,
-        axis_name,
-        skip_nonfinite,
-        donate,
-        stacked=False,
-        options=options,
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
     )
+    return _make_sharded("make_sharded_train_step", loss_fn, optimizer, mesh, axis_name, False, options)
 
 
 def make_sharded_train_loop(
@@ -351,6 +366,7 @@ def make_sharded_train_loop(
     mesh: Mesh,
     *,
     axis_name: str | None = None,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -375,17 +391,17 @@ def make_sharded_train_loop(
     an unplaced `PerDevice` state, or a model whose state would differ across devices (a
     `BatchNorm` without ``axis_name``) is an error. ``loop.lower(state, batches)`` gives the
     `jax.stages.Lowered` program; ``donate=True`` lets XLA reuse the old state's buffers.
-    ``precision``, ``micro_batches``, ``loss_scale`` and ``ema`` as in `make_sharded_train_step`.
+    ``precision``, ``micro_batches``, ``loss_scale`` and ``ema`` (or ``options=StepOptions(...)``) as in
+    `make_sharded_train_step`.
     """
-    options = step_options("make_sharded_train_loop", precision, micro_batches, loss_scale, ema)
-    return _make_sharded(
+    options = resolve_options(
         "make_sharded_train_loop",
-        loss_fn,
-        optimizer,
-        mesh,
-        axis_name,
-        skip_nonfinite,
-        donate,
-        stacked=True,
-        options=options,
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
     )
+    return _make_sharded("make_sharded_train_loop", loss_fn, optimizer, mesh, axis_name, True, options)
