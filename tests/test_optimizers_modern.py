@@ -204,16 +204,8 @@ def _mlp():
 
 
 def test_fit_validates_schedule_free_at_its_evaluation_params():
-    val = _data(16, seed=1)
-    result = dl.fit(
-        _mlp(),
-        dl.schedule_free_adamw(0.05),
-        _data(64, seed=0),
-        validation=val,
-        epochs=2,
-        batch_size=16,
-        progress=False,
-    )
+    val, train, tx = _data(16, seed=1), _data(64, seed=0), dl.schedule_free_adamw(0.05)
+    result = dl.fit(_mlp(), tx, train, validation=val, epochs=2, batch_size=16, progress=False)
     is_sf = lambda s: isinstance(s, T.ScheduleFreeState)  # noqa: E731
     sf = [s for s in jax.tree.leaves(result.state.opt_state, is_leaf=is_sf) if is_sf(s)]
     y = jax.tree.map(np.asarray, result.state.params)
@@ -222,6 +214,15 @@ def test_fit_validates_schedule_free_at_its_evaluation_params():
     assert abs(_forward_loss(y, *val) - want) > 1e-4  # the test can tell x from y
     assert result.history[-1]["val_loss"] == pytest.approx(want, rel=1e-5)
     assert dl.evaluate(_mlp(), result.state, val)["loss"] == pytest.approx(want, rel=1e-5)
+
+    # early stopping returns the best epoch's evaluation params, in a state that evaluates to them
+    best = dl.fit(
+        _mlp(), tx, train, validation=val, epochs=2, batch_size=16, early_stopping=2, progress=False
+    )
+    assert best.best_epoch == 2  # the same run: its last epoch is the best
+    for leaf, ref in zip(jax.tree.leaves(best.state.params), jax.tree.leaves(x)):
+        np.testing.assert_allclose(np.asarray(leaf), ref, rtol=1e-6)
+    assert dl.evaluate(_mlp(), best.state, val)["loss"] == pytest.approx(want, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- parameter groups
