@@ -681,8 +681,9 @@ def orthogonalize(
     iteration commutes with the transpose). With ``(a, b, c) = (3.4445, -4.7750, 2.0315)``,
     coefficients tuned by Keller Jordan to maximize the slope at zero (github.com/KellerJordan/Muon,
     ``zeropower_via_newtonschulz5``; also ``torch.optim.Muon``'s and ``optax.contrib.muon``'s),
-    five steps map every singular value of ``g`` into about [0.7, 1.2] instead of exactly 1:
-    ``U S' V^T`` for ``g = U S V^T``.
+    five steps map each singular value of ``g / |g|_F`` of at least 0.002 into [0.68, 1.14]
+    (in exact arithmetic; the iteration is the odd polynomial ``a s + b s^3 + c s^5`` on each
+    one): ``U S' V^T`` for ``g = U S V^T``, not exactly ``U V^T``.
 
     The iterates are stored in ``ns_dtype`` (bfloat16 by default, as ``torch.optim.Muon`` and
     the reference code do), each product accumulated in float32 and rounded once, as
