@@ -1,9 +1,11 @@
 """Ready optimizers: each is a `chain` of transforms from `jaxdl.transforms`, so the optimizer
 *is* its composition and can be read off its body.
 
-Every optimizer matches the PyTorch optimizer of the same name step for step with the same
-hyperparameters (tests check 100+ steps of each against ``torch.optim``). Hyperparameters may be
-floats, concrete arrays or traced arrays (for vmapped sweeps); ``lr`` may also be a schedule.
+Every optimizer matches its reference step for step with the same hyperparameters: the PyTorch
+optimizer of the same name (tests check 100+ steps of each against ``torch.optim``; `muon`
+against ``torch.optim.Muon``), and for the schedule-free ones ``optax.contrib``'s.
+Hyperparameters may be floats, concrete arrays or traced arrays (for vmapped sweeps); ``lr`` may
+also be a schedule.
 
 Refused when the optimizer is built, naming it: a negative or non-finite ``lr``, a schedule
 whose value at step 0 (or, for jaxdl's schedules, at its end) is so, out-of-range
@@ -236,8 +238,8 @@ def muon(
     adjust_lr_fn)`` step for step (the Newton-Schulz iteration in bfloat16 as there; a test
     checks it). Every other leaf (biases, norm scales and offsets, conv kernels) goes to
     ``others``, default ``adamw(lr, weight_decay=None)``: ``torch.optim.Muon`` refuses such
-    leaves and its documentation sends them to AdamW; ``optax.contrib.muon`` does the same with
-    the same default. To send 2-D leaves elsewhere too (Jordan keeps the embedding and the
+    leaves and its documentation sends them to AdamW; ``optax.contrib.muon`` sends them to AdamW
+    too (with Nesterov momentum, without decay). To send 2-D leaves elsewhere too (Jordan keeps the embedding and the
     output layer on AdamW), build the groups with `jaxdl.transforms.partition` and
     `jaxdl.transforms.scale_by_muon`.
 
