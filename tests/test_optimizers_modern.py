@@ -228,11 +228,32 @@ def test_fit_validates_schedule_free_at_its_evaluation_params():
 # ----------------------------------------------------------------------------- parameter groups
 
 
+def _torch_adamw(init, x, yl, lr, epochs, groups):
+    """torch.optim.AdamW on Dense-Tanh-Dense, full batch, with ``groups`` (leaf names -> decay)."""
+    t = {
+        f"{layer}/{k}": torch.tensor(v, requires_grad=True) for layer, d in init.items() for k, v in d.items()
+    }
+    opt = torch.optim.AdamW(
+        [{"params": [t[n] for n in names], "weight_decay": wd} for names, wd in groups], lr=lr
+    )
+    for _ in range(epochs):
+        opt.zero_grad()
+        h = torch.tanh(torch.tensor(x) @ t["dense_0/w"] + t["dense_0/b"])
+        logits = h @ t["dense_2/w"] + t["dense_2/b"]
+        torch.nn.functional.cross_entropy(logits, torch.tensor(yl).long()).backward()
+        opt.step()
+    return {n: v.detach().numpy() for n, v in t.items()}
+
+
 @pytest.mark.torch
 def test_fit_with_adamw_groups_without_decay_on_biases_matches_torch_param_groups():
     x, yl = _data(32, seed=2)
-    init = dl.fit(_mlp(), dl.sgd(0.0), (x, yl), epochs=1, batch_size=32, progress=False).state.params
-    init = jax.tree.map(np.asarray, init)
+    rng = np.random.default_rng(3)
+    init = {
+        "dense_0": {"w": rng.normal(0, 0.5, (6, 8)), "b": rng.normal(0, 0.1, 8)},
+        "dense_2": {"w": rng.normal(0, 0.5, (8, 3)), "b": rng.normal(0, 0.1, 3)},
+    }
+    init = jax.tree.map(lambda a: a.astype(np.float32), init)
     lr, wd, epochs = 0.05, 0.3, 4
     labels = lambda p: jax.tree.map(lambda d: "decay" if d else "no_decay", dl.decay_mask(p))  # noqa: E731
     tx = dl.partition(
@@ -240,42 +261,15 @@ def test_fit_with_adamw_groups_without_decay_on_biases_matches_torch_param_group
     )
     # one full batch per epoch: the order of the examples is irrelevant, so torch sees the same steps
     got = dl.fit(_mlp(), tx, (x, yl), epochs=epochs, batch_size=32, initial_params=init, progress=False)
-
-    t = {
-        f"{layer}/{k}": torch.tensor(v, requires_grad=True) for layer, d in init.items() for k, v in d.items()
-    }
-    opt = torch.optim.AdamW(
-        [
-            {"params": [t["dense_0/w"], t["dense_2/w"]], "weight_decay": wd},
-            {"params": [t["dense_0/b"], t["dense_2/b"]], "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
-    for _ in range(epochs):
-        opt.zero_grad()
-        h = torch.tanh(torch.tensor(x) @ t["dense_0/w"] + t["dense_0/b"])
-        torch.nn.functional.cross_entropy(
-            h @ t["dense_2/w"] + t["dense_2/b"], torch.tensor(yl).long()
-        ).backward()
-        opt.step()
-    for name, v in t.items():
+    kernels, biases = ["dense_0/w", "dense_2/w"], ["dense_0/b", "dense_2/b"]
+    want = _torch_adamw(init, x, yl, lr, epochs, [(kernels, wd), (biases, 0.0)])
+    every = _torch_adamw(init, x, yl, lr, epochs, [(kernels + biases, wd)])  # decay on the biases too
+    for name, v in want.items():
         layer, k = name.split("/")
-        np.testing.assert_allclose(
-            np.asarray(got.state.params[layer][k]), v.detach().numpy(), rtol=1e-5, atol=1e-5
-        )
-    # the biases were not decayed: AdamW with decay on every leaf ends elsewhere
-    every = dl.fit(
-        _mlp(),
-        dl.adamw(lr, weight_decay=wd),
-        (x, yl),
-        epochs=epochs,
-        batch_size=32,
-        initial_params=init,
-        progress=False,
-    )
-    assert (
-        np.abs(np.asarray(every.state.params["dense_0"]["b"]) - t["dense_0/b"].detach().numpy()).max() > 1e-5
-    )
+        mine = np.asarray(got.state.params[layer][k])
+        np.testing.assert_allclose(mine, v, rtol=1e-5, atol=1e-5, err_msg=name)
+        if name in biases:
+            assert np.abs(mine - every[name]).max() > 1e-4  # the test tells the groups apart
 
 
 def test_partition_names_a_label_it_has_no_transform_for():
@@ -350,8 +344,9 @@ def test_inject_hyperparams_gives_the_optimizers_own_updates_with_and_without_pa
 
 def test_sgd_and_adamw_leave_weight_decay_out_unless_set():
     params = {"w": jnp.ones(2)}
-    assert len(dl.sgd(0.1).init(params)) == 1  # only the learning rate: no decay, no momentum
-    assert len(dl.sgd(0.1, weight_decay=1e-4).init(params)) == 2
-    assert len(dl.adamw(0.1, weight_decay=None).init(params)) == 2
+    assert len(jax.eval_shape(dl.sgd(0.1).init, params)) == 1  # only the learning rate
+    assert len(jax.eval_shape(dl.sgd(0.1, weight_decay=1e-4).init, params)) == 2
+    assert len(jax.eval_shape(dl.adamw(0.1, weight_decay=None).init, params)) == 2
+    tx = dl.adamw(0.1)
     with pytest.raises(ValueError, match="add_weight_decay: update needs params"):
-        dl.adamw(0.1).update(params, dl.adamw(0.1).init(params))
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p)), params)
