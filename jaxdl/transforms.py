@@ -819,9 +819,10 @@ def decay_mask(params) -> Any:
 
     Biases, BatchNorm/LayerNorm/RMSNorm scales and offsets (``gamma``, ``beta``, flax's
     ``scale``, ``bias``) and PReLU slopes are 1-D, so they get no decay; kernels and embeddings
-    (2-D and up) do. This is the usual rule (Loshchilov & Hutter 2019 decay the weights, not the
-    biases; the GPT-2/nanoGPT and timm recipes exclude every parameter of fewer than 2
-    dimensions), the one PyTorch users write as two ``param_groups``.
+    (2-D and up) do. This is the usual rule, the one PyTorch users write as two
+    ``param_groups``: Karpathy's nanoGPT (``configure_optimizers``: "any parameters that is 2D
+    will be weight decayed, otherwise no") and timm's ``param_groups_weight_decay`` (no decay for
+    ``ndim <= 1``) use it.
 
     Args:
       params: a pytree of arrays (or of ``jax.ShapeDtypeStruct``).
