@@ -55,7 +55,18 @@ from jaxdl.layers import (
 )
 from jaxdl.losses import IGNORE_INDEX, accuracy, binary_cross_entropy, l2_penalty, mse, softmax_cross_entropy
 from jaxdl.nnx import from_nnx, update_module
-from jaxdl.optimizers import adagrad, adam, adamw, apply_updates, rmsprop, sgd, signsgd
+from jaxdl.optimizers import (
+    adagrad,
+    adam,
+    adamw,
+    apply_updates,
+    muon,
+    rmsprop,
+    schedule_free_adamw,
+    schedule_free_sgd,
+    sgd,
+    signsgd,
+)
 from jaxdl.parallel import (
     collective_bytes,
     data_mesh,
@@ -87,16 +98,22 @@ from jaxdl.transforms import (
     chain,
     clip,
     clip_by_global_norm,
+    decay_mask,
     freeze,
     identity,
     masked,
     momentum,
     nesterov,
+    orthogonalize,
+    partition,
     scale,
     scale_by_adagrad,
     scale_by_adam,
     scale_by_learning_rate,
+    scale_by_muon,
     scale_by_rms,
+    schedule_free,
+    schedule_free_eval_params,
     sign,
     sign_with_error_feedback,
     skip_nonfinite,

@@ -1,9 +1,11 @@
 """Ready optimizers: each is a `chain` of transforms from `jaxdl.transforms`, so the optimizer
 *is* its composition and can be read off its body.
 
-Every optimizer matches the PyTorch optimizer of the same name step for step with the same
-hyperparameters (tests check 100+ steps of each against ``torch.optim``). Hyperparameters may be
-floats, concrete arrays or traced arrays (for vmapped sweeps); ``lr`` may also be a schedule.
+Every optimizer matches its reference step for step with the same hyperparameters: the PyTorch
+optimizer of the same name (tests check 100+ steps of each against ``torch.optim``; `muon`
+against ``torch.optim.Muon``), and for the schedule-free ones ``optax.contrib``'s.
+Hyperparameters may be floats, concrete arrays or traced arrays (for vmapped sweeps); ``lr`` may
+also be a schedule.
 
 Refused when the optimizer is built, naming it: a negative or non-finite ``lr``, a schedule
 whose value at step 0 (or, for jaxdl's schedules, at its end) is so, out-of-range
@@ -14,13 +16,32 @@ such leaf and its dtype), which an update cast back to the parameter's dtype wou
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from jaxdl import transforms as T
-from jaxdl._checks import check_float_params, check_number, check_scalar, check_schedule, check_tree_match
+from jaxdl._checks import (
+    check_float_params,
+    check_number,
+    check_scalar,
+    check_schedule,
+    check_transform,
+    check_tree_match,
+)
 from jaxdl.transforms import GradientTransformation, Mask, ScalarOrSchedule
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "signsgd", "apply_updates"]
+__all__ = [
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "adam",
+    "adamw",
+    "signsgd",
+    "muon",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+    "apply_updates",
+]
 
 
 def _descend(owner: str, lr: ScalarOrSchedule) -> GradientTransformation:
@@ -66,7 +87,7 @@ def sgd(
     lr: ScalarOrSchedule,
     momentum: float = 0.0,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
 ) -> GradientTransformation:
     """Minibatch SGD with optional (Nesterov) momentum and L2 weight decay (seeds 001, 004).
 
@@ -74,12 +95,14 @@ def sgd(
               \\theta \\leftarrow \\theta - \\epsilon_t v \\;(\\text{or } \\epsilon_t(g' + \\mu v))
 
     ``chain(add_weight_decay(wd), momentum(mu, nesterov), scale_by_learning_rate(lr))``; equals
-    ``torch.optim.SGD(lr, momentum, nesterov=nesterov, weight_decay=wd)``.
+    ``torch.optim.SGD(lr, momentum, nesterov=nesterov, weight_decay=wd)``. ``weight_decay=None``
+    (the default) or ``0`` leaves the decay out of the chain, so ``update`` needs no params, also
+    under ``optax.inject_hyperparams`` (which turns a number into an array of unknown value).
     """
     if nesterov and _maybe_zero(momentum):
         raise ValueError("sgd: nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
     parts = []
-    if not _maybe_zero(weight_decay):
+    if weight_decay is not None and not _maybe_zero(weight_decay):
         parts.append(T.add_weight_decay(weight_decay))
     if not _maybe_zero(momentum):
         parts.append(T.momentum(momentum, nesterov=nesterov))
@@ -153,7 +176,7 @@ def adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: float | None = 1e-2,
     mask: Mask | None = None,
     *,
     mu_dtype=None,
@@ -165,15 +188,16 @@ def adamw(
 
     ``chain(scale_by_adam, add_weight_decay(weight_decay, mask), scale_by_learning_rate(lr))``;
     equals ``torch.optim.AdamW`` and ``optax.adamw`` (both default ``weight_decay`` to 1e-2 too,
-    PyTorch's since 2.x; optax's is 1e-4). ``mask`` limits the decay to some leaves.
-    ``mu_dtype`` / ``nu_dtype`` as in `adam`.
+    PyTorch's since 2.x; optax's is 1e-4). ``mask`` limits the decay to some leaves, e.g.
+    ``mask=decay_mask`` leaves biases and norm scales alone (`jaxdl.transforms.decay_mask`).
+    ``weight_decay=None`` leaves the decay out (then ``update`` needs no params; ``0.0`` keeps it
+    as a zero term, so an injected or swept value can change it). ``mu_dtype`` / ``nu_dtype`` as
+    in `adam`.
     """
-    return _optimizer(
-        "adamw",
-        T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-        T.add_weight_decay(weight_decay, mask),
-        _descend("adamw", lr),
-    )
+    parts = [T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)]
+    if weight_decay is not None:
+        parts.append(T.add_weight_decay(weight_decay, mask))
+    return _optimizer("adamw", *parts, _descend("adamw", lr))
 
 
 def signsgd(lr: ScalarOrSchedule, error_feedback: bool = False) -> GradientTransformation:
@@ -187,6 +211,141 @@ def signsgd(lr: ScalarOrSchedule, error_feedback: bool = False) -> GradientTrans
         raise TypeError(f"signsgd: error_feedback must be a bool, got {error_feedback!r}")
     first = T.sign_with_error_feedback() if error_feedback else T.sign()
     return _optimizer("signsgd", first, _descend("signsgd", lr))
+
+
+def muon(
+    lr: ScalarOrSchedule,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    weight_decay: float | None = 0.1,
+    *,
+    ns_coefficients: tuple = T.MUON_NS_COEFFICIENTS,
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    adjust_lr: str = "original",
+    ns_dtype: str = "bfloat16",
+    others: GradientTransformation | None = None,
+) -> GradientTransformation:
+    """Muon, MomentUm Orthogonalized by Newton-schulz (Jordan et al. 2024, "Muon: An optimizer
+    for hidden layers in neural networks"), for the 2-D weights; ``others`` for the rest.
+
+    .. math:: \\theta \\leftarrow \\theta - \\alpha_t\\,(s\\,\\mathrm{NS}(\\tilde B) + \\lambda\\theta)
+              \\quad \\text{(2-D leaves; } \\tilde B, s, \\mathrm{NS} \\text{ as in } \\texttt{scale\\_by\\_muon})
+
+    2-D leaves (Dense kernels, embeddings): ``chain(scale_by_muon(momentum, nesterov, ...),
+    add_weight_decay(weight_decay), scale_by_learning_rate(lr))``, which is
+    ``torch.optim.Muon(lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps,
+    adjust_lr_fn)`` step for step (the Newton-Schulz iteration in bfloat16 as there; a test
+    checks it). Every other leaf (biases, norm scales and offsets, conv kernels) goes to
+    ``others``, default ``adamw(lr, weight_decay=None)``: ``torch.optim.Muon`` refuses such
+    leaves and its documentation sends them to AdamW; ``optax.contrib.muon`` sends them to AdamW
+    too (with Nesterov momentum, without decay). To send 2-D leaves elsewhere too (Jordan keeps the embedding and the
+    output layer on AdamW), build the groups with `jaxdl.transforms.partition` and
+    `jaxdl.transforms.scale_by_muon`.
+
+    Args:
+      lr: learning rate or schedule (torch's default is 1e-3; Jordan uses 0.02).
+      momentum, nesterov: see `jaxdl.transforms.scale_by_muon` (defaults torch's).
+      weight_decay: decoupled decay of the 2-D leaves, multiplied by ``lr`` (torch's default
+        0.1); None leaves it out.
+      ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr: see `jaxdl.transforms.scale_by_muon`.
+      others: the transform of the leaves that are not 2-D.
+
+    Returns:
+      A ``GradientTransformation`` (a `jaxdl.transforms.partition` with labels ``"muon"`` and
+      ``"others"``).
+    """
+    parts = [
+        T.scale_by_muon(
+            momentum,
+            nesterov,
+            ns_coefficients=ns_coefficients,
+            ns_steps=ns_steps,
+            eps=eps,
+            adjust_lr=adjust_lr,
+            ns_dtype=ns_dtype,
+        )
+    ]
+    if weight_decay is not None:
+        parts.append(T.add_weight_decay(weight_decay))
+    parts.append(_descend("muon", lr))
+    if others is None:
+        others = adamw(lr, weight_decay=None)
+    check_transform("muon", "others", others)
+    labels = lambda params: jax.tree.map(lambda p: "muon" if len(p.shape) == 2 else "others", params)  # noqa: E731
+    return _optimizer("muon", T.partition({"muon": T.chain(*parts), "others": others}, labels))
+
+
+def _schedule_free(owner, base_parts, lr, b1, weight_decay, weight_lr_power):
+    """`jaxdl.transforms.schedule_free` over ``chain(*base_parts, [add_weight_decay], lr)``."""
+    parts = list(base_parts)
+    if weight_decay is not None:
+        parts.append(T.add_weight_decay(weight_decay))
+    parts.append(_descend(owner, lr))
+    return _optimizer(owner, T.schedule_free(T.chain(*parts), lr, b1, weight_lr_power))
+
+
+def schedule_free_adamw(
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float | None = None,
+    weight_lr_power: float = 2.0,
+) -> GradientTransformation:
+    """Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled").
+
+    .. math:: z \\leftarrow z - \\gamma_t\\,\\bigl(g / (\\sqrt{\\hat v} + \\epsilon) + \\lambda y\\bigr),
+              \\quad x, y \\text{ as in } \\texttt{schedule\\_free}
+
+    `jaxdl.transforms.schedule_free` (interpolation ``b1``, averaging weights ``lr^p``) over
+    ``chain(scale_by_rms with bias correction, add_weight_decay(weight_decay),
+    scale_by_learning_rate(lr))``: Adam with ``b1 = 0``, the decay taken at ``y``. Same numbers as
+    ``optax.contrib.schedule_free_adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=...)`` (a test
+    checks them); optax's ``warmup_steps`` is ``lr=optax.warmup_constant_schedule(0, lr, n)``
+    here. Evaluate at `jaxdl.transforms.schedule_free_eval_params` (`jaxdl.fit`,
+    `jaxdl.evaluate` and the doctor do). ``update`` needs params.
+
+    Args:
+      lr: learning rate or schedule (warm up; no decay needed).
+      b1: interpolation ``beta_1`` in (0, 1].
+      b2, eps: Adam's second-moment decay and epsilon (outside the root).
+      weight_decay: decay rate, or None to leave it out.
+      weight_lr_power: the averaging weight is ``max lr ** weight_lr_power``.
+
+    Returns:
+      A ``GradientTransformation`` with a `jaxdl.transforms.ScheduleFreeState`.
+    """
+    T.scale_by_adam(0.0, b2, eps)  # validates b2 and eps with their names
+    rms = optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True)
+    return _schedule_free("schedule_free_adamw", [rms], lr, b1, weight_decay, weight_lr_power)
+
+
+def schedule_free_sgd(
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    weight_decay: float | None = None,
+    weight_lr_power: float = 2.0,
+) -> GradientTransformation:
+    """Schedule-free SGD (Defazio et al. 2024, "The Road Less Scheduled").
+
+    .. math:: y_t = (1-\\beta_1) z_t + \\beta_1 x_t, \\quad z_{t+1} = z_t - \\gamma_t (g + \\lambda y_t),
+              \\quad x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}
+
+    `jaxdl.transforms.schedule_free` over ``chain(add_weight_decay(weight_decay),
+    scale_by_learning_rate(lr))``. Same numbers as ``optax.contrib.schedule_free_sgd(lr, b1=b1,
+    weight_decay=...)`` (a test checks them). ``update`` needs params.
+
+    Args:
+      lr: learning rate or schedule.
+      b1: interpolation ``beta_1`` in (0, 1].
+      weight_decay: L2 rate added to the gradient (at ``y``), or None.
+      weight_lr_power: the averaging weight is ``max lr ** weight_lr_power``.
+
+    Returns:
+      A ``GradientTransformation`` with a `jaxdl.transforms.ScheduleFreeState`.
+    """
+    return _schedule_free("schedule_free_sgd", [], lr, b1, weight_decay, weight_lr_power)
 
 
 def apply_updates(params, updates):

@@ -80,6 +80,7 @@ from jaxdl.train_step import (
     resolve_options,
     supervised_loss,
 )
+from jaxdl.transforms import schedule_free_eval_params, schedule_free_restart
 
 __all__ = [
     "fit",
@@ -267,7 +268,9 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
 
 
 def _eval_state(state: TrainState) -> TrainState:
-    return state.replace(opt_state=())
+    """``state`` as the eval step takes it: no optimizer state, and the params a schedule-free
+    optimizer is evaluated at (`jaxdl.transforms.schedule_free_eval_params`; others unchanged)."""
+    return state.replace(params=schedule_free_eval_params(state.opt_state, state.params), opt_state=())
 
 
 _EVAL_STEPS: dict = {}  # loss -> compiled eval step; the last few, so evaluate() compiles once
@@ -1108,7 +1111,7 @@ class _Engine(NamedTuple):
         """``(run, resumed_from_step, history)``: a fresh `Run`, or with ``outputs`` the newest good
         checkpoint's (the callbacks' states loaded, metrics.jsonl cut to its epochs)."""
         best = (
-            _host_copy({"params": state.params, "model_state": state.model_state})
+            _host_copy({"params": _eval_state(state).params, "model_state": state.model_state})
             if self.config.early_stopping
             else None
         )
@@ -1207,10 +1210,12 @@ class _Engine(NamedTuple):
     def _result(self, run: Run, history: list, step: int, stop: bool, resumed) -> FitResult:
         """The `FitResult`; with early stopping, the best epoch's params and model state."""
         final = run.state
-        if run.best is not None:
+        if run.best is not None:  # the scored (evaluation) params; a schedule-free run restarts there
+            best_params = jax.tree.map(jnp.asarray, run.best["params"])
             final = final.replace(
-                params=jax.tree.map(jnp.asarray, run.best["params"]),
+                params=best_params,
                 model_state=jax.tree.map(jnp.asarray, run.best["model_state"]),
+                opt_state=schedule_free_restart(final.opt_state, best_params),
             )
         best_epoch = int(run.progress.best_epoch) if self.val is not None and history else None
         stopped_early = bool(stop) and step < self.config.epochs * self.steps_per_epoch
@@ -1251,5 +1256,7 @@ class _Engine(NamedTuple):
                 best_val_loss=np.array(val_loss), best_epoch=np.array(epoch, np.int64)
             )
             if best is not None:
-                best = _host_copy({"params": run.state.params, "model_state": run.state.model_state})
+                best = _host_copy(
+                    {"params": _eval_state(run.state).params, "model_state": run.state.model_state}
+                )
         return run._replace(progress=progress, best=best)

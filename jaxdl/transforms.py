@@ -18,11 +18,13 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxdl._checks import (
     as_key,
     check_float_params,
+    check_int,
     check_number,
     check_scalar,
     check_schedule,
@@ -51,6 +53,16 @@ __all__ = [
     "masked",
     "freeze",
     "global_norm",
+    "orthogonalize",
+    "scale_by_muon",
+    "decay_mask",
+    "partition",
+    "schedule_free",
+    "schedule_free_eval_params",
+    "schedule_free_restart",
+    "MUON_NS_COEFFICIENTS",
+    "MuonState",
+    "ScheduleFreeState",
     "MomentumState",
     "AdagradState",
     "RmsState",
@@ -625,3 +637,413 @@ def freeze(mask: Mask) -> GradientTransformation:
         return jax.tree.map(lambda f, g: jax.tree.map(jnp.zeros_like, g) if f else g, m, updates), state
 
     return GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+# ----------------------------------------------------------------------------- Muon
+
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+class MuonState(NamedTuple):
+    momentum_buffer: Any
+
+
+def _check_ns(owner: str, coefficients, steps, eps, dtype):
+    """Validate the Newton-Schulz settings; return the storage dtype of the iteration."""
+    if not (isinstance(coefficients, (tuple, list)) and len(coefficients) == 3):
+        raise ValueError(
+            f"{owner}: ns_coefficients={coefficients!r} is not allowed; expected a tuple (a, b, c) of 3 numbers"
+        )
+    for name, value in zip("abc", coefficients):
+        check_number(owner, f"ns_coefficients[{name}]", value)
+    if isinstance(steps, (int, np.integer)) or not hasattr(steps, "dtype"):
+        check_int(owner, "ns_steps", steps, low=1, high=99)
+    elif not (jnp.issubdtype(steps.dtype, jnp.integer) and np.shape(steps) == ()):
+        raise TypeError(f"{owner}: ns_steps must be an int, got an array of shape {np.shape(steps)}")
+    check_number(owner, "eps", eps, low=0.0, low_open=True)
+    return _check_dtype(owner, "ns_dtype", dtype)
+
+
+def orthogonalize(
+    g: jax.Array,
+    ns_coefficients: tuple = MUON_NS_COEFFICIENTS,
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    ns_dtype: Any = "bfloat16",
+) -> jax.Array:
+    """The nearest semi-orthogonal matrix to ``g``, approximately: a quintic Newton-Schulz
+    iteration (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks").
+
+    .. math:: X_0 = G / \\max(\\lVert G \\rVert_F, \\epsilon), \\quad A_k = X_k X_k^\\top, \\quad
+              X_{k+1} = a X_k + (b A_k + c A_k^2) X_k
+
+    run on the wide orientation of ``g`` (``g^T`` when it has more rows than columns; the
+    iteration commutes with the transpose). With ``(a, b, c) = (3.4445, -4.7750, 2.0315)``,
+    coefficients tuned by Keller Jordan to maximize the slope at zero (github.com/KellerJordan/Muon,
+    ``zeropower_via_newtonschulz5``; also ``torch.optim.Muon``'s and ``optax.contrib.muon``'s),
+    five steps map each singular value of ``g / |g|_F`` of at least 0.002 into [0.68, 1.14]
+    (in exact arithmetic; the iteration is the odd polynomial ``a s + b s^3 + c s^5`` on each
+    one): ``U S' V^T`` for ``g = U S V^T``, not exactly ``U V^T``.
+
+    The iterates are stored in ``ns_dtype`` (bfloat16 by default, as ``torch.optim.Muon`` and
+    the reference code do), each product accumulated in float32 and rounded once, as
+    ``torch.addmm`` does; pass ``ns_dtype="float32"`` for an iteration in float32 (as
+    ``optax.contrib.muon``, whose ``eps`` is added to the norm instead: ``1e-8``).
+
+    Args:
+      g: a 2-D array.
+      ns_coefficients: ``(a, b, c)``.
+      ns_steps: number of iterations (an int, or an integer array under
+        ``optax.inject_hyperparams``).
+      eps: floor of the Frobenius norm.
+      ns_dtype: dtype the iterates are stored in.
+
+    Returns:
+      An array of ``g``'s shape, in ``ns_dtype``.
+    """
+    dtype = _check_ns("orthogonalize", ns_coefficients, ns_steps, eps, ns_dtype)
+    if g.ndim != 2:
+        raise ValueError(f"orthogonalize: g must be a 2-D array, got shape {g.shape}")
+    a, b, c = ns_coefficients
+    f32 = jnp.float32
+    x = g.astype(dtype)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)))).astype(dtype)
+    x = (x.astype(f32) / jnp.maximum(norm, jnp.asarray(eps, dtype)).astype(f32)).astype(dtype)
+
+    def mm(p, q):
+        return jnp.matmul(p, q, preferred_element_type=f32)
+
+    def step(_, x):
+        gram = mm(x, x.T).astype(dtype)
+        poly = (b * gram.astype(f32) + c * mm(gram, gram)).astype(dtype)
+        return (a * x.astype(f32) + mm(poly, x)).astype(dtype)
+
+    if isinstance(ns_steps, (int, np.integer)):
+        for i in range(int(ns_steps)):
+            x = step(i, x)
+    else:  # a traced count (optax.inject_hyperparams): a loop XLA runs, not unrolled
+        x = jax.lax.fori_loop(0, ns_steps, step, x)
+    return x.T if tall else x
+
+
+def scale_by_muon(
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    *,
+    ns_coefficients: tuple = MUON_NS_COEFFICIENTS,
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    adjust_lr: str = "original",
+    ns_dtype: Any = "bfloat16",
+) -> GradientTransformation:
+    """Muon's direction for 2-D weights: momentum, then `orthogonalize` (Jordan et al. 2024,
+    "Muon: An optimizer for hidden layers in neural networks"), then a shape factor.
+
+    .. math::
+        B \\leftarrow \\mu B + (1-\\mu) G, \\quad \\tilde B = (1-\\mu) G + \\mu B \\;
+        (\\text{nesterov}) \\text{ or } B, \\quad U = s \\cdot \\mathrm{NS}(\\tilde B)
+
+    with ``s = sqrt(max(1, fan_out / fan_in))`` (``adjust_lr="original"``, Jordan's) or ``0.2
+    sqrt(max(fan_in, fan_out))`` (``"match_rms_adamw"``, Liu et al. 2025, "Muon is Scalable for
+    LLM Training": an update of AdamW's RMS, so AdamW's lr and decay carry over). jaxdl kernels
+    are (fan_in, fan_out) (PyTorch's Linear weight is (out, in)); the factor is the same.
+    Followed by ``add_weight_decay`` and ``scale_by_learning_rate`` this is ``torch.optim.Muon``
+    step for step (its momentum buffer is this EMA, not SGD's sum). ``optax.contrib.scale_by_muon``
+    differs: it bias-corrects the momentum and iterates in float32.
+
+    Every leaf must be 2-D: ``init`` refuses others, naming the leaf (``torch.optim.Muon`` refuses
+    them too). Give biases, norm scales and conv kernels their own transform with `partition`,
+    as `jaxdl.optimizers.muon` does.
+
+    Args:
+      momentum: ``mu`` in [0, 1).
+      nesterov: use the Nesterov combination ``(1-mu) G + mu B``.
+      ns_coefficients, ns_steps, eps, ns_dtype: see `orthogonalize`.
+      adjust_lr: ``"original"`` or ``"match_rms_adamw"``.
+
+    Returns:
+      A ``GradientTransformation`` with state ``MuonState(momentum_buffer)``.
+    """
+    owner = "scale_by_muon"
+    check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"{owner}: nesterov must be a bool, got {nesterov!r}")
+    _check_ns(owner, ns_coefficients, ns_steps, eps, ns_dtype)
+    if adjust_lr not in ("original", "match_rms_adamw"):
+        raise ValueError(
+            f"{owner}: adjust_lr={adjust_lr!r} is not allowed; expected 'original' or 'match_rms_adamw'"
+        )
+
+    def init(params):
+        check_float_params(owner, params)
+        _check_real(owner, params, "Muon orthogonalizes real matrices (torch.optim.Muon refuses complex too)")
+        for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if p.ndim != 2:
+                raise ValueError(
+                    f"{owner}: leaf {jax.tree_util.keystr(path) or '<root>'} has shape {p.shape}; Muon "
+                    "takes 2-D weights only. Give the other leaves their own transform with "
+                    "jaxdl.partition (jaxdl.muon does: AdamW)"
+                )
+        return MuonState(momentum_buffer=_zeros_like(params))
+
+    def shape_factor(shape):
+        fan_in, fan_out = shape
+        if adjust_lr == "original":
+            return max(1.0, fan_out / fan_in) ** 0.5
+        return 0.2 * max(fan_in, fan_out) ** 0.5
+
+    def leaf(g, buf):
+        buf = (buf + (1.0 - momentum) * (g - buf)).astype(buf.dtype)
+        direction = buf - (buf - g) * (1.0 - momentum) if nesterov else buf
+        o = orthogonalize(direction, ns_coefficients, ns_steps, eps, ns_dtype)
+        return (shape_factor(g.shape) * o.astype(jnp.float32)).astype(g.dtype), buf
+
+    def update(updates, state, params=None):
+        del params
+        check_tree_match(owner, state.momentum_buffer, updates)
+        out, buf = _map_unzip(leaf, 2, updates, state.momentum_buffer)
+        return out, MuonState(momentum_buffer=buf)
+
+    return GradientTransformation(init, update)
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+
+def decay_mask(params) -> Any:
+    """``True`` for the leaves weight decay should reach, ``False`` for 1-D and 0-D leaves.
+
+    .. math:: \\text{mask}(\\theta) = (\\operatorname{ndim}\\theta \\ge 2)
+
+    Biases, BatchNorm/LayerNorm/RMSNorm scales and offsets (``gamma``, ``beta``, flax's
+    ``scale``, ``bias``) and PReLU slopes are 1-D, so they get no decay; kernels and embeddings
+    (2-D and up) do. This is the usual rule, the one PyTorch users write as two
+    ``param_groups``: Karpathy's nanoGPT (``configure_optimizers``: "any parameters that is 2D
+    will be weight decayed, otherwise no") and timm's ``param_groups_weight_decay`` (no decay for
+    ``ndim <= 1``) use it.
+
+    Args:
+      params: a pytree of arrays (or of ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      A pytree of bools of the same structure: the ``mask`` of `adamw`, `add_weight_decay`,
+      `masked`, or a labelling for `partition`.
+
+    >>> import jax.numpy as jnp
+    >>> decay_mask({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+    {'b': False, 'w': True}
+    """
+    return jax.tree.map(lambda p: len(p.shape) >= 2, params)
+
+
+def partition(transforms: dict, labels: Mask) -> GradientTransformation:
+    """Parameter groups: each leaf gets the transform its label names (``optax.partition``).
+
+    .. math:: u_i = T_{\\ell(i)}(g_i), \\quad \\ell(i) = \\text{labels}[i]
+
+    ``labels`` is a pytree like the params whose leaves are keys of ``transforms`` (or a prefix
+    of one, or a callable of the params returning one). Each transform sees only its own leaves
+    and keeps state for those only; so a group can have its own learning rate, weight decay or
+    optimizer, as ``torch.optim``'s ``param_groups`` (Paszke et al. 2019) do. E.g. AdamW without
+    decay on biases and norm scales::
+
+        partition({"decay": adamw(1e-3, weight_decay=0.1), "no_decay": adamw(1e-3, weight_decay=None)},
+                  lambda p: jax.tree.map(lambda d: "decay" if d else "no_decay", decay_mask(p)))
+
+    (for that case alone ``adamw(1e-3, mask=decay_mask)`` is shorter and keeps one state).
+
+    Args:
+      transforms: ``{label: GradientTransformation}``.
+      labels: a pytree of labels, or a callable ``params -> labels``.
+
+    Returns:
+      A ``GradientTransformation``; ``init`` refuses a label missing from ``transforms``,
+      naming it and the leaf.
+    """
+    if not isinstance(transforms, dict) or not transforms:
+        raise TypeError(
+            f"partition: transforms must be a non-empty dict of label -> transform, got {transforms!r}"
+        )
+    for name, tx in transforms.items():
+        check_transform("partition", f"transforms[{name!r}]", tx)
+    if labels is None:
+        raise TypeError("partition: labels must be a pytree of labels or a callable of the params, got None")
+    tx = optax.partition(transforms, labels)
+
+    def init(params):
+        resolved = labels(params) if callable(labels) else labels
+        for path, label in jax.tree_util.tree_flatten_with_path(resolved)[0]:
+            if label not in transforms:
+                raise ValueError(
+                    f"partition: label {label!r} at {jax.tree_util.keystr(path) or '<root>'} is not a key "
+                    f"of transforms; expected one of {sorted(map(str, transforms))}"
+                )
+        return tx.init(params)
+
+    return GradientTransformation(init, tx.update)
+
+
+# ----------------------------------------------------------------------------- schedule-free
+
+
+class ScheduleFreeState(NamedTuple):
+    """The state of `schedule_free`; its fields are ``optax.contrib.ScheduleFreeState``'s."""
+
+    b1: jax.Array
+    weight_sum: jax.Array  # sum of the averaging weights so far
+    step_count: jax.Array  # t + 1
+    max_lr: jax.Array
+    base_optimizer_state: Any
+    z: Any  # the base optimizer's iterate
+
+
+def schedule_free(
+    base: GradientTransformation,
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    weight_lr_power: float = 2.0,
+) -> GradientTransformation:
+    """Schedule-free learning (Defazio et al. 2024, "The Road Less Scheduled"): the base
+    optimizer's momentum replaced by interpolation and averaging, no decaying schedule needed.
+
+    .. math::
+        z_{t+1} = z_t + \\mathrm{base}(\\nabla f(y_t)), \\quad
+        c_{t+1} = \\frac{\\gamma_{\\max}^{p}}{\\sum_{i \\le t} \\gamma_{\\max,i}^{p}}, \\quad
+        x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}, \\quad
+        y_{t+1} = (1-\\beta_1) z_{t+1} + \\beta_1 x_{t+1}
+
+    The params the step sees and returns are ``y`` (where gradients are taken); the state holds
+    ``z``; ``x``, the average to evaluate, is ``(y - (1-b1) z) / b1``
+    (`schedule_free_eval_params`; `jaxdl.fit`, `jaxdl.evaluate` and the doctor use it
+    automatically). ``gamma_max`` is the largest ``lr`` so far; with a schedule the weight uses
+    ``lr(t + 1)`` while ``base``'s own ``scale_by_learning_rate`` uses ``lr(t)``, as
+    ``optax.contrib.schedule_free`` does (the authors' code uses one value for both). ``base``
+    must hold no momentum (e.g. AdamW with ``b1=0``). Same numbers as ``optax.contrib.schedule_free``.
+
+    Args:
+      base: the transform whose output steps ``z`` (its learning rate included).
+      lr: the learning rate or schedule, for the averaging weights.
+      b1: interpolation ``beta_1`` in (0, 1].
+      weight_lr_power: ``p`` >= 0.
+
+    Returns:
+      A ``GradientTransformation`` with `ScheduleFreeState`; ``update`` needs params.
+    """
+    owner = "schedule_free"
+    check_transform(owner, "base", base)
+    if callable(lr):
+        check_schedule(owner, "lr", lr)
+    else:
+        check_scalar(owner, "lr", lr)
+        check_number(owner, "lr", lr, low=0.0)
+    check_number(owner, "b1", b1, low=0.0, high=1.0, low_open=True)
+    check_number(owner, "weight_lr_power", weight_lr_power, low=0.0)
+
+    def init(params):
+        check_float_params(owner, params)
+        # the scalars in float32 at least: a bfloat16 sum of weights would stop growing after a
+        # few hundred steps (optax.contrib uses the params' lowest dtype, and fails on mixed trees)
+        dtype = jnp.result_type(jnp.float32, *(p.dtype for p in jax.tree.leaves(params)))
+        return ScheduleFreeState(
+            b1=jnp.asarray(b1, dtype=dtype),
+            weight_sum=jnp.zeros([], dtype),
+            step_count=jnp.ones([], jnp.int32),
+            max_lr=jnp.zeros([], dtype),
+            base_optimizer_state=base.init(params),
+            z=jax.tree.map(jnp.copy, params),
+        )
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{owner}: update needs params; call update(grads, state, params)")
+        check_tree_match(owner, params, updates, what="updates (against params)")
+        rate = jnp.asarray(lr(state.step_count) if callable(lr) else lr, state.max_lr.dtype)
+        max_lr = jnp.maximum(state.max_lr, rate)
+        weight = max_lr**weight_lr_power
+        weight_sum = state.weight_sum + weight
+        ck = jnp.where(
+            jnp.isnan(weight) | jnp.isnan(weight_sum),
+            jnp.nan,
+            jnp.nan_to_num(weight / weight_sum, nan=0.0, posinf=jnp.inf),
+        )
+        steps, base_state = base.update(updates, state.base_optimizer_state, params)
+        z = jax.tree.map(lambda zi, si: (zi + si).astype(zi.dtype), state.z, steps)
+
+        def leaf(y, z_old, z_new):
+            x = (y - (1.0 - b1) * z_old) / b1
+            x = (1.0 - ck) * x + ck * z_new
+            return (b1 * x + (1.0 - b1) * z_new - y).astype(y.dtype)
+
+        out = jax.tree.map(leaf, params, state.z, z)
+        new = ScheduleFreeState(
+            state.b1, weight_sum, optax.safe_increment(state.step_count), max_lr, base_state, z
+        )
+        return out, new
+
+    return GradientTransformation(init, update)
+
+
+def _is_schedule_free(s) -> bool:
+    """jaxdl's or optax's schedule-free state (both NamedTuples with fields ``b1`` and ``z``)."""
+    return type(s).__name__ == "ScheduleFreeState" and hasattr(s, "_fields") and {"b1", "z"} <= set(s._fields)
+
+
+def schedule_free_eval_params(opt_state, params):
+    """The params to evaluate a schedule-free run at, ``x = (y - (1 - b1) z) / b1``
+    (Defazio et al. 2024, "The Road Less Scheduled"), or ``params`` unchanged when
+    ``opt_state`` holds no schedule-free state.
+
+    ``opt_state`` may hold the state anywhere (inside `chain`, `skip_nonfinite`,
+    ``optax.inject_hyperparams``), jaxdl's `schedule_free` or ``optax.contrib.schedule_free``.
+    Same numbers as ``optax.contrib.schedule_free_eval_params``.
+
+    Args:
+      opt_state: an optimizer state.
+      params: the params of the run (``y``).
+
+    Returns:
+      A pytree like ``params``.
+    """
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_free) if _is_schedule_free(s)]
+    if not found:
+        return params
+    if len(found) > 1:
+        raise ValueError(
+            f"schedule_free_eval_params: opt_state holds {len(found)} schedule-free states; expected one"
+        )
+    b1, z = found[0].b1, found[0].z
+    check_tree_match(
+        "schedule_free_eval_params",
+        z,
+        params,
+        what="params (against the schedule-free state's z)",
+        hint="Schedule-free must run on all the params (not inside partition or masked).",
+    )
+    return jax.tree.map(lambda y, zi: ((y - (1.0 - b1) * zi) / b1).astype(y.dtype), params, z)
+
+
+def schedule_free_restart(opt_state, params):
+    """``opt_state`` with its schedule-free ``z`` set to ``params``, so the run continues from
+    ``x = y = z = params`` (as `schedule_free`'s ``init`` starts), keeping the base optimizer's
+    state and the averaging weights; ``opt_state`` unchanged when it holds no schedule-free
+    state. `jaxdl.fit` uses it to return the best epoch's evaluation params with a state whose
+    `schedule_free_eval_params` are those params.
+
+    Args:
+      opt_state: an optimizer state.
+      params: the params to restart at (a tree like the state's ``z``).
+
+    Returns:
+      An optimizer state of the same structure.
+    """
+    return jax.tree.map(
+        lambda s: (
+            s._replace(z=jax.tree.map(lambda p, z: jnp.asarray(p, z.dtype), params, s.z))
+            if _is_schedule_free(s)
+            else s
+        ),
+        opt_state,
+        is_leaf=_is_schedule_free,
+    )

@@ -20,6 +20,7 @@ from jaxdl.diagnostics import initial_loss_check
 from jaxdl.doctor.probe import Run, cached, layer_groups, path_name, to_numpy
 from jaxdl.doctor.report import THRESHOLDS, Finding, layer_kind
 from jaxdl.losses import binary_cross_entropy, mse
+from jaxdl.transforms import schedule_free_eval_params
 
 __all__ = ["RUNNERS"]
 
@@ -369,7 +370,8 @@ def _check_overfit(run: Run) -> Finding:
     accs = []
 
     def done(state):
-        accs.append(float(predict(state.params, state.model_state, xs, ys)))
+        params = schedule_free_eval_params(state.opt_state, state.params)
+        accs.append(float(predict(params, state.model_state, xs, ys)))
         return accs[-1] >= t["overfit_ok"]
 
     _, met = run.train(idx, stop=done)
