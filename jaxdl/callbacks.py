@@ -378,8 +378,9 @@ class TensorBoard(Callback):
     def on_epoch_end(self, epoch, logs, loop):
         if self.writer is not None:
             for name, value in logs.items():
-                if name not in ("epoch", "step"):
-                    self.writer.add_scalar(name, value, logs["step"])
+                if name not in ("epoch", "step"):  # a 0-d array: tensorboardX turns a Python
+                    # float into a 1-element array and then warns converting it back
+                    self.writer.add_scalar(name, np.asarray(value, np.float64), logs["step"])
             self.writer.flush()
 
     def on_train_end(self, loop):
