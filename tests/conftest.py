@@ -61,6 +61,10 @@ os.environ["XLA_FLAGS"] = (
 # the end of collection is frozen (never walked again): 0.45 s in 23 collections. Cyclic garbage
 # is still collected, only later.
 gc.set_threshold(20_000, 20, 50)
+# The processes the suite starts get the same threshold from tests/_site/sitecustomize.py.
+_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
+if _SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SITE, os.environ.get("PYTHONPATH")) if p)
 
 
 def pytest_collection_finish(session):
