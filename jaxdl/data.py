@@ -11,9 +11,9 @@ int32. Four datasets, all read from local files (nothing is downloaded):
 
 Preprocessing is fitted on the training split only: ``fit_*`` returns the statistics (numpy,
 float64 accumulation), the matching apply function is pure and jit-able. Augmentation takes a
-PRNG key and a batch, and works under `jax.jit` and `jax.vmap`. Sources: seed 001 (mean
+PRNG key and a batch, and works under `jax.jit` and `jax.vmap`. Sources: CSE 176 Lecture 11 (mean
 subtraction, per-channel standardization, PCA/whitening; data loading must not bottleneck
-training), seed 000 (augmentation: shift, flip, crop).
+training), Tips and Tricks notes (augmentation: shift, flip, crop).
 """
 
 import collections
@@ -463,7 +463,7 @@ def prefetch_to_device(iterator, size: int = 2, device=None) -> Iterator:
     """Yield the iterator's pytrees after `jax.device_put`, keeping ``size`` of them in flight.
 
     `jax.device_put` returns at once and copies in the background, so batch i+1 and i+2 travel
-    to the device while step i runs (seed 001: do not let data loading bottleneck training).
+    to the device while step i runs (CSE 176 Lecture 11: do not let data loading bottleneck training).
     ``device`` is a device or a sharding (None: the default device).
     """
     check_int("prefetch_to_device", "size", size)
@@ -503,17 +503,17 @@ class PCAWhitening(NamedTuple):
 
 
 def fit_mean_image(x_train) -> np.ndarray:
-    """The mean image over the training examples, shape (H, W, C) (seed 001; AlexNet)."""
+    """The mean image over the training examples, shape (H, W, C) (CSE 176 Lecture 11; AlexNet)."""
     return np.asarray(x_train, np.float64).mean(axis=0).astype(np.float32)
 
 
 def subtract_mean_image(x, mean_image):
-    """x - mean_image, broadcast over the batch (seed 001: "center only" for images)."""
+    """x - mean_image, broadcast over the batch (CSE 176 Lecture 11: "center only" for images)."""
     return jnp.asarray(x) - jnp.asarray(mean_image)
 
 
 def fit_standardization(x_train, eps: float = 1e-8) -> Standardization:
-    """Per-channel mean and std over every axis but the last (seed 001; VGG/ResNet).
+    """Per-channel mean and std over every axis but the last (CSE 176 Lecture 11; VGG/ResNet).
 
     mu_c = mean of x[..., c], sigma_c = max(std of x[..., c], eps) (population std, ddof=0;
     eps only guards a constant channel).
@@ -526,12 +526,12 @@ def fit_standardization(x_train, eps: float = 1e-8) -> Standardization:
 
 
 def standardize(x, stats: Standardization):
-    """x_hat = (x - mu_c) / sigma_c per channel (seed 001)."""
+    """x_hat = (x - mu_c) / sigma_c per channel (CSE 176 Lecture 11)."""
     return (jnp.asarray(x) - stats.mean) / stats.std
 
 
 def fit_pca_whitening(x_train, eps: float = 1e-5, num_components=None) -> PCAWhitening:
-    """PCA whitening statistics from the training data (seed 001; CS231n "Data Preprocessing").
+    """PCA whitening statistics from the training data (CSE 176 Lecture 11; CS231n "Data Preprocessing").
 
     X (N x D, one flattened example a row) is centred, cov = X^T X / N, cov = U diag(lambda) U^T
     (eigendecomposition, eigenvalues decreasing), and `pca_whiten` maps x to
@@ -573,7 +573,7 @@ def _check_images(images) -> None:
 
 
 def random_flip(key, images, prob: float = 0.5):
-    """Flip each image left-right (axis W) with probability ``prob`` (seed 000).
+    """Flip each image left-right (axis W) with probability ``prob`` (Tips and Tricks notes).
 
     Mind the data: a mirrored digit is often another symbol; flips suit natural images.
     """
@@ -600,7 +600,7 @@ def _pad_and_crop(key, images, pad_y: int, pad_x: int, mode: str):
 def random_shift(key, images, max_shift=2):
     """Translate each image by a random (dy, dx), |dy|, |dx| <= max_shift, filling with zeros.
 
-    ``max_shift`` is an int or a (max_dy, max_dx) pair. Seed 000's "shift"; the same as
+    ``max_shift`` is an int or a (max_dy, max_dx) pair. the Tips and Tricks notes' "shift"; the same as
     `random_crop` with zero padding, seen as a translation.
     """
     _check_images(images)
@@ -611,7 +611,7 @@ def random_shift(key, images, max_shift=2):
 
 
 def random_crop(key, images, padding: int = 4, pad_mode: str = "constant"):
-    """Pad each side by ``padding``, then crop a random window of the original size (seed 000).
+    """Pad each side by ``padding``, then crop a random window of the original size (Tips and Tricks notes).
 
     ``pad_mode`` is a `jnp.pad` mode: "constant" (zeros), "edge" or "reflect". The usual
     CIFAR recipe is padding=4.
