@@ -1,4 +1,4 @@
-"""Training-health checks of seed 004, as functions.
+"""Training-health checks (Sarkar, CS60010, Training), as functions.
 
 - Sanity-check the initial loss: about ln C for C classes (`initial_loss_check`).
 - Make sure the model can overfit a very small part of the training data (`overfit_check`).
@@ -46,7 +46,7 @@ def leaf_norms(tree) -> Any:
 
 
 def update_ratios(params, updates) -> Any:
-    """``||u|| / ||theta||`` per leaf, keyed like the params (seed 004: want about 1e-3).
+    """``||u|| / ||theta||`` per leaf, keyed like the params (Sarkar, CS60010: want about 1e-3).
 
     Much below 1e-3 the layer learns slowly (learning rate too low); much above, it is being
     rewritten every step (too high).
@@ -75,8 +75,8 @@ def activation_stats(model, params, model_state, x, *, train: bool = False, key=
     Per layer (keyed ``f"{kind}_{index}"`` like `Sequential`): ``mean``, ``std``,
     ``frac_zero`` (fraction of exact zeros: dead ReLUs), ``frac_saturated`` (|y| > 0.99 for
     tanh; y < 0.01 or y > 0.99 for sigmoid; NaN for other layers) and a histogram
-    (``hist_counts``, ``hist_edges`` over the layer's own range). Seed 004: plot these for all
-    layers; seed 003 / Glorot & Bengio 2010: with a bad scale they collapse to 0 or saturate.
+    (``hist_counts``, ``hist_edges`` over the layer's own range). Sarkar, CS60010: plot these for all
+    layers; Kira, CS 7643 / Glorot & Bengio 2010: with a bad scale they collapse to 0 or saturate.
     The outputs are those of `jaxdl.layers.Sequential.intermediates`.
     """
     walk = getattr(model, "intermediates", None)
@@ -130,7 +130,7 @@ class InitialLossReport(NamedTuple):
 
 
 def initial_loss_check(loss: float, num_classes: int, rtol: float = 0.25) -> InitialLossReport:
-    """Compare the first loss of a softmax classifier with chance level, ``ln C`` (seed 004).
+    """Compare the first loss of a softmax classifier with chance level, ``ln C`` (Sarkar, CS60010).
 
     With small random weights every class gets probability about 1/C, so the cross-entropy is
     about ln C. Much higher means over-confident wrong outputs (weights too large, inputs not
@@ -179,7 +179,7 @@ def overfit_check(
 ) -> OverfitReport:
     """Train on one small batch for ``steps`` steps and report whether the loss gets near zero.
 
-    Seed 004: a model that cannot overfit ~20 examples has a bug (or far too little capacity),
+    Sarkar, CS60010: a model that cannot overfit ~20 examples has a bug (or far too little capacity),
     and no hyperparameter search will fix it. Runs as one scan-fused call.
     """
     if steps < 1:
@@ -238,7 +238,7 @@ def lr_range_test(
     .. math:: \\eta_k = \\eta_{min} (\\eta_{max} / \\eta_{min})^{k / (K - 1)}
 
     on batch k of ``batches`` (K batches stacked on a leading axis), with the library's train
-    step (`jaxdl.train_step.step_body_with_norm`). Seed 004: too low, the loss does not go down;
+    step (`jaxdl.train_step.step_body_with_norm`). Sarkar, CS60010: too low, the loss does not go down;
     too high, it explodes.
 
     Args:
