@@ -272,7 +272,7 @@ class _Stateless(Layer):
 class Dense(Layer):
     """Fully connected: y = x W + b over the last axis; W has shape (in, features).
 
-    Defaults: ``w_init=xavier_normal`` (seed 000; Glorot & Bengio 2010), ``b_init=zeros``.
+    Defaults: ``w_init=xavier_normal`` (Tips and Tricks notes; Glorot & Bengio 2010), ``b_init=zeros``.
     Differs from flax (lecun_normal, truncated) and PyTorch (U(+-1/sqrt(in)) for W and b, and
     W stored as (out, in)).
     """
@@ -349,8 +349,8 @@ class Conv(Layer):
     kh*kw <= 9*sh*sw (every 1x1 and 3x3 convolution), or the input is shallow, kh*kw*I <= 27 (a
     3x3 RGB input layer), else 'xla'. Reason: XLA:CPU's convolution *gradients* (dilated
     convolutions) are slow: the default CNN of ``jaxdl train`` (3x3 convolutions with 1 and 32
-    input channels) trains 7.4x faster with im2col than with XLA's convolution for both layers
-    (benchmarks/RESULTS.md). This is the one rule for the algorithm; `jaxdl.models.cnn` and the
+    input channels) trains several times faster with im2col than with XLA's convolution for both
+    layers (figures in benchmarks/RESULTS.md). This is the one rule for the algorithm; `jaxdl.models.cnn` and the
     CLI use it.
     """
 
@@ -411,7 +411,7 @@ class Conv(Layer):
 
 @_frozen
 class Maxout(Layer):
-    """Maxout (Goodfellow et al. 2013; seed 001): y = max_k (x W_k + b_k), k = 1..pieces.
+    """Maxout (Goodfellow et al. 2013; CSE 176 Lecture 11): y = max_k (x W_k + b_k), k = 1..pieces.
 
     ``pieces`` separate affine maps of the last axis, each initialized like a Dense layer
     (``w_init=xavier_normal`` with fans (in, features)); params ``w`` (pieces, in, features)
@@ -538,7 +538,10 @@ class Flatten(Layer):
 
 @_frozen
 class Relu(_Stateless):
-    """ReLU: y = max(0, x) (seed 001, 003; Krizhevsky et al. 2012). Gradient 0 at x = 0."""
+    """ReLU: y = max(0, x); gradient 0 at x = 0.
+
+    Source: CSE 176 Lecture 11; Kira, CS 7643; Krizhevsky et al. 2012.
+    """
 
     def _fn(self, x):
         return jax.nn.relu(x)
@@ -546,7 +549,7 @@ class Relu(_Stateless):
 
 @_frozen
 class LeakyRelu(_Stateless):
-    """Leaky ReLU: y = x for x > 0, alpha*x otherwise (seed 001; Maas et al. 2013)."""
+    """Leaky ReLU: y = x for x > 0, alpha*x otherwise (CSE 176 Lecture 11; Maas et al. 2013)."""
 
     alpha: float = 0.01
 
@@ -559,7 +562,7 @@ class LeakyRelu(_Stateless):
 
 @_frozen
 class PRelu(Layer):
-    """Parametric ReLU: y = x for x > 0, alpha*x otherwise, alpha learned (seed 001; He et al.
+    """Parametric ReLU: y = x for x > 0, alpha*x otherwise, alpha learned (CSE 176 Lecture 11; He et al.
     2015); one scalar ``alpha`` shared by all channels (PyTorch's default num_parameters=1),
     initialized to ``alpha_init`` = 0.25 as in the paper and PyTorch.
     """
@@ -578,7 +581,7 @@ class PRelu(Layer):
 
 @_frozen
 class Sigmoid(_Stateless):
-    """Logistic sigmoid: y = 1 / (1 + exp(-x)) (seed 001, 003)."""
+    """Logistic sigmoid: y = 1 / (1 + exp(-x)) (CSE 176 Lecture 11; Kira, CS 7643)."""
 
     def _fn(self, x):
         return jax.nn.sigmoid(x)
@@ -586,7 +589,7 @@ class Sigmoid(_Stateless):
 
 @_frozen
 class Tanh(_Stateless):
-    """Hyperbolic tangent: y = tanh(x) (seed 001, 003; LeCun et al. 1991)."""
+    """Hyperbolic tangent: y = tanh(x) (CSE 176 Lecture 11; Kira, CS 7643; LeCun et al. 1991)."""
 
     def _fn(self, x):
         return jnp.tanh(x)
@@ -633,11 +636,11 @@ class Gelu(_Stateless):
 
 @_frozen
 class Dropout(Layer):
-    """Inverted dropout (Srivastava et al. 2014; seed 000): in training each unit is dropped
+    """Inverted dropout (Srivastava et al. 2014; Tips and Tricks notes): in training each unit is dropped
     with probability ``rate`` and the kept ones are scaled by 1/(1-rate), so E[y] = x; in
     evaluation y = x. Training needs ``key`` (a different key gives a different mask).
 
-    ``rate`` is the probability of *dropping*, as in PyTorch and flax; seed 000 writes p for the
+    ``rate`` is the probability of *dropping*, as in PyTorch and flax; Tips and Tricks notes writes p for the
     keep probability and rescales at test time instead, and stax's ``Dropout(rate)`` keeps with
     probability ``rate``.
     """
@@ -664,7 +667,7 @@ class Dropout(Layer):
 
 @_frozen
 class BatchNorm(Layer):
-    """Batch normalization (Ioffe & Szegedy 2015; seed 001) over every axis but the last.
+    """Batch normalization (Ioffe & Szegedy 2015; CSE 176 Lecture 11) over every axis but the last.
 
     Training: mu, s2 = mean and (biased) variance of the batch over all axes but the last;
     y = gamma * (x - mu) / sqrt(s2 + eps) + beta, and the running statistics become
@@ -1420,7 +1423,7 @@ def _fold_branches(model, params, state):
 
 
 def fold_batchnorm(model, params, state):
-    """Fold each BatchNorm that directly follows a Dense or Conv into that layer (seed 001: at
+    """Fold each BatchNorm that directly follows a Dense or Conv into that layer (CSE 176 Lecture 11: at
     test time BN is the linear map y = a*z + c, a = gamma/sqrt(var + eps), c = beta - a*mean).
 
     The preceding layer's kernel becomes W * a (per output channel) and its bias a*b + c (c
