@@ -54,7 +54,7 @@ def softmax_cross_entropy(logits, labels, *, ignore_index=IGNORE_INDEX):
     negative included, makes L NaN (numpy indexing would read class C-1 for label -1 and train
     on it silently; optax gives no error either), so the train step skips such a step and counts
     it in ``nonfinite``, as PyTorch's ``F.cross_entropy`` raises on it. At initialization a
-    C-class classifier with small weights gives L ~ ln C (seed 004's sanity check). Equals
+    C-class classifier with small weights gives L ~ ln C (the sanity check of Sarkar, CS60010). Equals
     `optax.softmax_cross_entropy_with_integer_labels` averaged over the counted labels and
     PyTorch's ``F.cross_entropy(reduction='mean', ignore_index=-100)`` for valid labels.
     """
@@ -98,7 +98,7 @@ def mse(pred, target):
 
 
 def l2_penalty(params):
-    """Half the squared L2 norm of every leaf: 0.5 * sum_w w^2 (seed 000's weight decay).
+    """Half the squared L2 norm of every leaf: 0.5 * sum_w w^2 (the Tips and Tricks notes' weight decay).
 
     With the factor 1/2 the gradient is the parameters themselves, so adding
     ``rate * l2_penalty(params)`` to the loss gives the same gradient as the
