@@ -4,8 +4,8 @@ The CLI, the notebooks, the doctor and the benchmarks build their classifiers he
 one definition of each:
 
 - `mlp`: ``Flatten, depth x [Dense(width), (BatchNorm), activation, (Dropout)], Dense(classes)``
-  (seed 000's fully connected network; seed 001's BatchNorm after the affine layer, whose bias
-  it makes redundant, so the bias is dropped).
+  (the Tips and Tricks notes' fully connected network; CSE 176 Lecture 11's BatchNorm after the
+  affine layer, whose bias it makes redundant, so the bias is dropped).
 - `cnn`: for each entry of ``channels`` ``[Conv 3x3, (BatchNorm), activation, MaxPool 2]``, then
   the mlp's layers on the flattened features.
 - `resnet`: a 3x3 convolution, then ``blocks`` residual blocks per entry of ``channels`` (He et
@@ -84,7 +84,7 @@ def mlp(
 ) -> layers.Sequential:
     """``Flatten, depth x [Dense(width), (BatchNorm), activation, (Dropout(dropout))], Dense(num_classes)``.
 
-    Every Dense layer's kernel is drawn from ``init`` (default He normal, seed 003:
+    Every Dense layer's kernel is drawn from ``init`` (default He normal, Kira, CS 7643:
     ``N(0, 1) * sqrt(2 / n_in)``); with ``batchnorm`` the hidden Dense layers have no bias.
     ``dropout`` is the drop probability after each hidden activation (0 leaves Dropout out).
     The CLI's default MLP is ``mlp(10, dropout=0.2)``.
