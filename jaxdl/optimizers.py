@@ -89,7 +89,9 @@ def sgd(
     nesterov: bool = False,
     weight_decay: float | None = None,
 ) -> GradientTransformation:
-    """Minibatch SGD with optional (Nesterov) momentum and L2 weight decay (seeds 001, 004).
+    """Minibatch SGD with optional (Nesterov) momentum and L2 weight decay.
+
+    Source: CSE 176 Lecture 11; Sarkar, CS60010.
 
     .. math:: g' = g + \\lambda\\theta, \\quad v \\leftarrow \\mu v + g', \\quad
               \\theta \\leftarrow \\theta - \\epsilon_t v \\;(\\text{or } \\epsilon_t(g' + \\mu v))
@@ -113,7 +115,7 @@ def sgd(
 
 
 def adagrad(lr: ScalarOrSchedule, eps: float = 1e-7) -> GradientTransformation:
-    """AdaGrad (seed 001): ``r <- r + g^2; theta <- theta - eps_t g / (delta + sqrt(r))``.
+    """AdaGrad (CSE 176 Lecture 11): ``r <- r + g^2; theta <- theta - eps_t g / (delta + sqrt(r))``.
 
     ``chain(scale_by_adagrad(eps), scale_by_learning_rate(lr))``; equals
     ``torch.optim.Adagrad(lr, eps=eps)`` (PyTorch's default eps is 1e-10). optax's ``adagrad``
@@ -129,7 +131,7 @@ def rmsprop(
     centered: bool = False,
     momentum: float = 0.0,
 ) -> GradientTransformation:
-    """RMSProp (seed 004), optionally centered and with momentum on the rescaled gradient.
+    """RMSProp (Sarkar, CS60010), optionally centered and with momentum on the rescaled gradient.
 
     .. math:: s \\leftarrow \\rho s + (1-\\rho)g^2, \\quad b \\leftarrow \\mu b + g/(\\sqrt{s}+\\epsilon),
               \\quad \\theta \\leftarrow \\theta - \\epsilon_t b
@@ -156,8 +158,9 @@ def adam(
     mu_dtype=None,
     nu_dtype=None,
 ) -> GradientTransformation:
-    """Adam (Kingma & Ba 2015; seeds 000, 004): ``chain(scale_by_adam(b1, b2, eps, mu_dtype=...,
-    nu_dtype=...), scale_by_learning_rate(lr))``.
+    """Adam: ``chain(scale_by_adam(b1, b2, eps, mu_dtype=..., nu_dtype=...), scale_by_learning_rate(lr))``.
+
+    Source: Kingma & Ba 2015; Tips and Tricks notes; Sarkar, CS60010.
 
     .. math:: \\theta \\leftarrow \\theta - \\alpha_t \\hat m / (\\sqrt{\\hat v} + \\epsilon)
 
@@ -201,7 +204,7 @@ def adamw(
 
 
 def signsgd(lr: ScalarOrSchedule, error_feedback: bool = False) -> GradientTransformation:
-    """signSGD: one-bit steps ``theta <- theta - eps_t sign(g)`` (seed 004; Bernstein et al. 2018).
+    """signSGD: one-bit steps ``theta <- theta - eps_t sign(g)`` (Sarkar, CS60010; Bernstein et al. 2018).
 
     With ``error_feedback`` each leaf steps by ``mean|p| sign(p)`` with ``p = g + e`` and keeps the
     residual ``e`` (EF-signSGD, Karimireddy et al. 2019; Seide et al. 2014), which converges
