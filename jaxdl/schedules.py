@@ -66,7 +66,7 @@ def constant(value: float) -> Schedule:
 
 
 def linear_decay(init: float, final: float, tau: int) -> Schedule:
-    """Linear decay to step ``tau``, constant after (seed 001, "Learning Rate Decay").
+    """Linear decay to step ``tau``, constant after (CSE 176 Lecture 11, "Learning Rate Decay").
 
     .. math:: \\epsilon_k = (1 - \\alpha)\\epsilon_0 + \\alpha\\epsilon_\\tau,
               \\quad \\alpha = \\min(k / \\tau, 1)
@@ -83,7 +83,7 @@ def linear_decay(init: float, final: float, tau: int) -> Schedule:
 
 
 def inverse_time_decay(init: float, decay: float) -> Schedule:
-    """``eps_k = init / (1 + decay * k)``: the Keras ``SGD(decay=...)`` of seed 001."""
+    """``eps_k = init / (1 + decay * k)``: the Keras ``SGD(decay=...)`` of CSE 176 Lecture 11."""
     check_number("inverse_time_decay", "init", init)
     check_number("inverse_time_decay", "decay", decay, low=0.0)
     end = init if _is_zero(decay) else 0.0
@@ -91,7 +91,7 @@ def inverse_time_decay(init: float, decay: float) -> Schedule:
 
 
 def inverse_sqrt_decay(init: float) -> Schedule:
-    """``eps_k = init / sqrt(1 + k)`` (seed 000: step sizes that shrink like 1/sqrt(t))."""
+    """``eps_k = init / sqrt(1 + k)`` (Tips and Tricks notes: step sizes that shrink like 1/sqrt(t))."""
     check_number("inverse_sqrt_decay", "init", init)
     return _with_end(lambda k: init / jnp.sqrt(1.0 + _step(k)), "inverse_sqrt_decay", None, 0.0)
 
