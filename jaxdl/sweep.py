@@ -1,4 +1,4 @@
-"""Vmapped seed and hyperparameter sweeps, and seed 004's coarse-to-fine search.
+"""Vmapped seed and hyperparameter sweeps, and coarse-to-fine search (Sarkar, CS60010).
 
 `sweep` trains R runs of one model in one compiled call: ``jax.vmap`` over the runs of a
 ``lax.scan`` over the training batches (`jaxdl.train_step.make_train_loop`). A run is a pair
@@ -64,7 +64,7 @@ def scale_init(params, scale):
     .. math:: W_0 \\leftarrow s \\, W_0
 
     With a layer initialized by ``normal(1.0)`` this draws ``N(0, s^2)``; with ``s = 0`` it is
-    zero init (seed 003's degenerate constant init). Biases, BatchNorm's gamma/beta and PReLU's
+    zero init (Kira, CS 7643's degenerate constant init). Biases, BatchNorm's gamma/beta and PReLU's
     alpha are left alone. ``scale`` may be traced, which is how a sweep varies the init scale
     without recompiling (an initializer's ``stddev`` is a Python number fixed at trace time).
     """
@@ -395,7 +395,7 @@ def coarse_to_fine(
     key: int = 0,
     chunk_size: int | None = None,
 ) -> SearchResult:
-    """Coarse-to-fine random search (seed 004; Bergstra & Bengio 2012 for random over grid).
+    """Coarse-to-fine random search (Sarkar, CS60010; Bergstra & Bengio 2012 for random over grid).
 
     Stage 1 samples ``num_samples`` settings, each hyperparameter independently and
     log-uniformly from its range, ``x = exp(U(ln low, ln high))`` (``(low, high, "linear")``:
@@ -404,7 +404,7 @@ def coarse_to_fine(
     else ``final_loss``; lower is better unless ``maximize``; NaN ranks last); the best
     ``ceil(keep * num_samples)`` are kept, and each range narrows to the span of the kept values.
     Repeat for ``stages`` stages. ``batches`` is the stacked training block of every stage, or a
-    callable ``stage -> batches`` (seed 004: a few epochs first, longer runs later). ``fixed``
+    callable ``stage -> batches`` (Sarkar, CS60010: a few epochs first, longer runs later). ``fixed``
     hyperparameters are passed unchanged to every run. Stages of equal shapes share one
     compilation. Sampling uses ``numpy.random.default_rng(key)``.
     """
