@@ -8,10 +8,10 @@ One training step (docs/design.md, "The path of one batch"):
 
 Everything the step needs is in its arguments: the `TrainState` (a pytree) and the batch. The PRNG
 key of step t is ``fold_in(state.key, t)`` (`step_key`), so dropout masks never repeat. A step
-whose loss, gradients or updates hold a NaN or Inf leaves params, model state and optimizer
-state as they were (seed 004: divergence is worse than a lost step) and reports ``nonfinite = 1``; the check
-is on the loss and the norms of the gradients and updates, so a norm beyond float32's range
-(about 1.8e38) counts as non-finite too.
+whose loss, gradients or updates hold a NaN or Inf leaves params, model state and optimizer state
+as they were (Sarkar, CS60010: divergence is worse than a lost step) and reports
+``nonfinite = 1``; the check is on the loss and the norms of the gradients and updates, so a norm beyond
+float32's range (about 1.8e38) counts as non-finite too.
 
 The data-parallel steps (`jaxdl.parallel.steps`: pmap, shard_map, and a scan-fused sharded loop)
 are built from the same pieces, which are public for that reason: `step_body` (the math of one
@@ -537,14 +537,14 @@ def step_body(
     ``params' = params + u``, ``step' = step + 1``. ``reduce_grads((loss, g, aux))``, when given,
     runs between the gradient and the update: the data-parallel steps average over devices there
     (``lax.pmean``). Returns ``(new_state, metrics)`` with ``loss``, ``grad_norm`` = ``|g|``,
-    ``update_ratio`` = ``|u| / |params|`` (seed 004), ``nonfinite`` and ``aux``; with
+    ``update_ratio`` = ``|u| / |params|`` (Sarkar, CS60010), ``nonfinite`` and ``aux``; with
     ``skip_nonfinite``, a step whose loss, ``|g|`` or ``|u|`` is NaN/Inf keeps params, model
     state and optimizer state (only ``step`` advances). ``options`` (`step_options`): the
     precision policy, micro-batches and loss scale act on the gradient (`accumulate_gradients`),
     the EMA and the loss scale's update follow the step (`_finish_options`); with a loss scale an
     overflowing step is always skipped. `scan_steps` runs it K times in a `lax.scan`.
     The skip's select costs no kernel of its own: the kept optimizer state is a second trace of
-    the update (`_state_to_keep`), so XLA fuses it into the moments' update (issue 14).
+    the update (`_state_to_keep`), so XLA fuses it into the moments' update.
     """
     new_state, metrics, _ = step_body_with_norm(
         loss_fn, optimizer, skip_nonfinite, state, batch, key, None, reduce_grads, options
@@ -659,8 +659,7 @@ def _state_to_keep(optimizer, grads, state: TrainState, opt_state):
     Why: the select's predicate depends on ``|u|``, which is computed from the new
     moments, so XLA:CPU will not fuse the moments' update into the select (a producer of two
     inputs is fused only when it fuses "on all paths") and writes each moment twice: once
-    updated, once selected, 4 extra passes per moment (+40 us of a 190 us tiny step, +4 ms of a
-    30 ms big-MLP step). Traced again, the update feeding the select has the select as its only
+    updated, once selected, 4 extra passes per moment (figures in benchmarks/RESULTS.md). Traced again, the update feeding the select has the select as its only
     user and fuses into it, and the one feeding ``u`` fuses into ``u``'s kernel: one kernel per
     moment, as without the skip. Everything of the second trace that the state does not need
     (the update itself, e.g. sampled noise) is dead code, removed by XLA; a host callback in
@@ -693,7 +692,7 @@ _SMALL_LEAF = 1 << 14
 
 def tree_norm(tree) -> jax.Array:
     """``sqrt(sum over leaves of sum |x|^2)``, accumulated in float32 at least: the value of
-    `jaxdl.transforms.global_norm`, in fewer kernels (issue 14).
+    `jaxdl.transforms.global_norm`, in fewer kernels.
 
     Each leaf of more than 2^14 elements is one dot product ``x . x``; the smaller leaves are
     concatenated into one vector and take one dot product. On XLA:CPU a per-leaf ``sum(x * x)``
@@ -741,7 +740,7 @@ def make_train_step(
     """A jit-compiled ``step(state, batch) -> (state, metrics)``.
 
     ``metrics``: ``loss``, ``grad_norm`` (of the raw gradients), ``update_ratio`` (norm of the
-    update over norm of the params, seed 004's ~1e-3 rule), ``nonfinite`` (1 when the step was
+    update over norm of the params, the ~1e-3 rule of Sarkar, CS60010), ``nonfinite`` (1 when the step was
     skipped for a NaN/Inf; ``skip_nonfinite=False`` applies such steps anyway) and what the loss
     returns in ``aux``. The step compiles once per batch shape; schedules run on the traced step
     count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers.
