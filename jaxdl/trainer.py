@@ -13,7 +13,7 @@ What one `fit` call does (docs/design.md has the path of one batch):
 - The `TrainState` is donated to the compiled loop (fit owns it), so XLA updates the
   parameters and optimizer state in place; metrics come back to the host once per block.
 - After each epoch: validation loss and accuracy in eval mode (running statistics, no dropout),
-  one record in ``history``; early stopping (seed 000: "stop training when validation error
+  one record in ``history``; early stopping (Tips and Tricks notes: "stop training when validation error
   starts to rise") keeps the parameters of the epoch with the lowest validation loss.
 - Everything around the loop is a callback (`jaxdl.callbacks`): the progress bar, metrics.jsonl,
   TensorBoard, early stopping (`jaxdl.callbacks.EarlyStopping`), checkpoints, and the user's
@@ -141,7 +141,7 @@ class AugmentedLoss(NamedTuple):
 
     ``augment(key, x) -> x`` draws from the step's key (`jaxdl.train_step.step_key`), so
     augmentation is reproducible from the `TrainState` (bitwise resume) and costs no host work.
-    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, seed 000's translation
+    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, the Tips and Tricks notes' translation
     augmentation) or from a callable.
     """
 
@@ -351,7 +351,7 @@ def evaluate(
 ) -> dict:
     """Loss and accuracy of ``state``'s parameters on ``data_`` in eval mode.
 
-    Eval mode: BatchNorm uses its running statistics, Dropout is off (seed 001: "at test time
+    Eval mode: BatchNorm uses its running statistics, Dropout is off (CSE 176 Lecture 11: "at test time
     BatchNorm ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
     y)`` arrays or a `jaxdl.data.Split`, scored in batches of ``batch_size``; the result is the
     mean over examples, each batch weighted by its size, so a last partial batch counts exactly
@@ -898,7 +898,7 @@ def fit(
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
 
-    Minibatch SGD (seed 001): each epoch visits the ``n // batch_size`` batches of a fresh random
+    Minibatch SGD (CSE 176 Lecture 11): each epoch visits the ``n // batch_size`` batches of a fresh random
     order (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer
     step each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
     gradient or update is skipped and counted (``nonfinite_steps``).
@@ -937,7 +937,7 @@ def fit(
       ``axis_name="batch"`` (`jaxdl.models.mlp(..., axis_name="batch")`). Same result as one
       device up to float reduction order.
     - ``initial_params``: start from these parameters (e.g. a pretrained body for transfer
-      learning, seed 001) instead of the model's initialization; the same tree as
+      learning, CSE 176 Lecture 11) instead of the model's initialization; the same tree as
       ``model.init``'s. fit copies them (its state is donated to the compiled loop), so the
       caller's arrays stay valid.
     - ``progress``: a `tqdm.auto` bar (a widget in notebooks) and one line per epoch on stderr;
@@ -972,7 +972,7 @@ def fit(
 
     ``history`` entries: ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``val_loss``,
     ``val_accuracy`` (with validation), ``lr``, ``update_ratio`` (mean over the epoch's steps of
-    ||update|| / ||params||; seed 004 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
+    ||update|| / ||params||; Sarkar, CS60010 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
     ``seconds``, ``examples_per_s``. Bad arguments are refused with a ValueError or TypeError
     naming the argument and the value before anything is trained or written.
     """
