@@ -255,11 +255,13 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
 
 
 def momentum(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
-    """Heavy-ball momentum (seed 001), or Nesterov's in its standard reformulation (seed 004).
+    """Heavy-ball momentum, or Nesterov's in its standard reformulation.
+
+    Source: CSE 176 Lecture 11 (heavy ball); Sarkar, CS60010 (Nesterov).
 
     .. math:: v \\leftarrow \\mu v + g, \\qquad u = v \\;\\text{or}\\; u = g + \\mu v
 
-    Followed by ``scale_by_learning_rate(lr)`` this is seed 001's ``v <- a v - eps g,
+    Followed by ``scale_by_learning_rate(lr)`` this is CSE 176 Lecture 11's ``v <- a v - eps g,
     theta <- theta + v`` with v rescaled by 1/eps, and exactly ``torch.optim.SGD(momentum=mu,
     nesterov=...)`` (dampening 0). Equals ``optax.trace(decay, nesterov)``, complex leaves included.
     """
@@ -287,7 +289,7 @@ def momentum(decay: float = 0.9, nesterov: bool = False) -> GradientTransformati
 def nesterov(decay: float = 0.9) -> GradientTransformation:
     """Nesterov momentum: ``momentum(decay, nesterov=True)``.
 
-    Seed 004 evaluates the gradient at the look-ahead point ``theta + a v``; with the change of
+    Sarkar, CS60010 evaluates the gradient at the look-ahead point ``theta + a v``; with the change of
     variable ``theta' = theta + a v`` (Sutskever et al. 2013; Bengio et al. 2013) that becomes
     ``v <- a v + g, u = g + a v``, which needs only the gradient at the current parameters.
     """
@@ -295,12 +297,12 @@ def nesterov(decay: float = 0.9) -> GradientTransformation:
 
 
 def scale_by_adagrad(eps: float = 1e-7, initial_accumulator: float = 0.0) -> GradientTransformation:
-    """AdaGrad (Duchi et al. 2011) in seed 001's form, delta outside the root.
+    """AdaGrad (Duchi et al. 2011) in CSE 176 Lecture 11's form, delta outside the root.
 
     .. math:: r \\leftarrow r + g \\odot g, \\qquad u = g / (\\delta + \\sqrt{r})
 
     Same as ``torch.optim.Adagrad`` (whose ``eps`` also sits outside the root; its default is
-    1e-10, ours is seed 001's 1e-7). optax's ``adagrad`` starts ``r`` at 0.1 and puts eps inside
+    1e-10, ours is CSE 176 Lecture 11's 1e-7). optax's ``adagrad`` starts ``r`` at 0.1 and puts eps inside
     the root; ours starts at ``initial_accumulator`` = 0.
 
     Complex parameters: ``g * g`` is ``|g|^2 = g * conj(g)``, real, and ``r`` is stored in the
@@ -329,7 +331,7 @@ def scale_by_adagrad(eps: float = 1e-7, initial_accumulator: float = 0.0) -> Gra
 
 
 def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) -> GradientTransformation:
-    """RMSProp (Tieleman & Hinton 2012; seed 004), eps outside the root as in PyTorch.
+    """RMSProp (Tieleman & Hinton 2012; Sarkar, CS60010), eps outside the root as in PyTorch.
 
     .. math:: s \\leftarrow \\rho s + (1-\\rho) g^2, \\qquad u = g / (\\sqrt{s} + \\epsilon)
 
@@ -375,7 +377,7 @@ def scale_by_adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> GradientTransformation:
-    """Adam (Kingma & Ba 2015; seeds 000 and 004).
+    """Adam (Kingma & Ba 2015; Tips and Tricks notes; Sarkar, CS60010).
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g, \\quad v \\leftarrow \\beta_2 v + (1-\\beta_2) |g|^2,
@@ -393,8 +395,8 @@ def scale_by_adam(
     ``optax.scale_by_adam(mu_dtype=...)`` has the same state, but computes ``b1 * m`` in the
     storage dtype before promoting, so its numbers differ from ours by bfloat16 rounding (ours
     are nearer the float32 run); optax has no ``nu_dtype`` (its ``nu`` follows the params).
-    bfloat16 storage saves memory, not time, on XLA:CPU: the update on a ResNet-50-sized tree ran
-    2.3x slower than with float32 moments (element-wise converts; benchmarks/RESULTS.md).
+    bfloat16 storage saves memory, not time, on XLA:CPU: the update is slower than with float32
+    moments (element-wise converts; figures in benchmarks/RESULTS.md).
 
     Complex parameters follow optax (``torch.optim.Adam`` instead treats the real and imaginary
     parts as separate parameters): ``|g|^2 = g * conj(g)``, so ``v`` is real and stored in the
@@ -441,7 +443,7 @@ def scale_by_adam(
 
 
 def clip(max_abs: float) -> GradientTransformation:
-    """Elementwise clipping (seed 004): ``u = min(g_max, max(-g_max, g))``, so ``|u| <= g_max``.
+    """Elementwise clipping (Sarkar, CS60010): ``u = min(g_max, max(-g_max, g))``, so ``|u| <= g_max``.
 
     Equals ``optax.clip(max_abs)``. Complex updates are refused (ValueError naming the leaf, at
     trace time): complex numbers have no order, and optax's ``clip`` fails on them too; use
@@ -482,7 +484,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
 
 def sign(scale: float = 1.0) -> GradientTransformation:
-    """One-bit gradients, "extreme clipping" (seed 004; Seide et al. 2014; Bernstein et al. 2018).
+    """One-bit gradients, "extreme clipping" (Sarkar, CS60010; Seide et al. 2014; Bernstein et al. 2018).
 
     .. math:: u = s \\cdot \\operatorname{sign}(g)
 
@@ -527,7 +529,7 @@ def sign_with_error_feedback() -> GradientTransformation:
 
 
 def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -> GradientTransformation:
-    """Annealed Gaussian gradient noise (Neelakantan et al. 2016; seed 004).
+    """Annealed Gaussian gradient noise (Neelakantan et al. 2016; Sarkar, CS60010).
 
     .. math:: u = g + N(0, \\sigma_t^2), \\qquad \\sigma_t^2 = \\eta / (1 + t)^\\gamma
 
@@ -558,7 +560,7 @@ def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -
 
 
 def add_weight_decay(rate: float, mask: Mask | None = None) -> GradientTransformation:
-    """L2 weight decay added to the gradient: ``u = g + rate * params`` (seed 000).
+    """L2 weight decay added to the gradient: ``u = g + rate * params`` (Tips and Tricks notes).
 
     ``mask`` (a pytree of bools like the params, or a callable of the params) limits the decay to
     the leaves where it is true, e.g. ``lambda p: jax.tree.map(lambda w: w.ndim > 1, p)`` to
@@ -622,7 +624,7 @@ def freeze(mask: Mask) -> GradientTransformation:
     """Freeze the leaves where ``mask`` is true: ``u = 0`` there, ``u = g`` elsewhere; no state.
 
     To train only part of a model with an optimizer that keeps no state for frozen leaves
-    (transfer learning, seed 001), put the optimizer under `masked` with the opposite mask::
+    (transfer learning, CSE 176 Lecture 11), put the optimizer under `masked` with the opposite mask::
 
         tx = chain(freeze(body), masked(adam(1e-3), head))
 
