@@ -187,7 +187,21 @@ def global_norm(tree) -> jax.Array:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` left to right; the state is the tuple of their states.
 
-    Accepts jaxdl and optax transforms alike (it is ``optax.chain`` after a type check).
+    ``u = t_n(...t_2(t_1(g)))``. Accepts jaxdl and optax transforms alike (it is
+    ``optax.chain`` after a type check).
+
+    Args:
+      *transforms: ``GradientTransformation`` s, applied in order.
+
+    Returns:
+      One ``GradientTransformation``.
+
+    >>> import jax.numpy as jnp
+    >>> opt = chain(clip(1.0), scale_by_learning_rate(0.1))  # clip elementwise, then -0.1 g
+    >>> g = {"w": jnp.array([3.0, -0.5])}
+    >>> updates, state = opt.update(g, opt.init(g))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [-0.1, 0.05]
     """
     for i, tx in enumerate(transforms):
         check_transform("chain", f"argument {i}", tx)
