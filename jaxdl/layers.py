@@ -270,11 +270,29 @@ class _Stateless(Layer):
 
 @_frozen
 class Dense(Layer):
-    """Fully connected: y = x W + b over the last axis; W has shape (in, features).
+    """Fully connected layer over the last axis.
 
-    Defaults: ``w_init=xavier_normal`` (Tips and Tricks notes; Glorot & Bengio 2010), ``b_init=zeros``.
+    y = x W + b, W of shape (in, features). Defaults: ``w_init=xavier_normal``, ``b_init=zeros``.
     Differs from flax (lecun_normal, truncated) and PyTorch (U(+-1/sqrt(in)) for W and b, and
     W stored as (out, in)).
+
+    Args:
+      features: the output size.
+      w_init, b_init: initializers ``(key, shape) -> array`` (`jaxdl.init`).
+      use_bias: False leaves ``b`` out (e.g. before BatchNorm).
+
+    Returns (``init``): ``(output_shape, {"w": (in, features), "b": (features,)}, {})``;
+    (``apply``): ``(y, state)``.
+
+    Source: Tips and Tricks notes (Xavier initialization); Glorot & Bengio 2010.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = Dense(3)
+    >>> shape, params, state = layer.init(jax.random.key(0), (2,))
+    >>> shape, params["w"].shape, params["b"].shape
+    ((3,), (2, 3), (3,))
+    >>> layer.apply(params, state, jnp.zeros((5, 2)))[0].shape
+    (5, 3)
     """
 
     features: int
@@ -1041,12 +1059,27 @@ def _layer_objects(owner, layers):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Sequential(Layer):
-    """Layers applied one after the other: y = f_n(...f_2(f_1(x))).
+    """Layers applied one after the other.
 
-    Params and state are dicts keyed ``f"{kind}_{index}"`` (kind = lowercased class name,
-    index = position: ``dense_0``, ``batchnorm_1``, ...), leaving out layers that have none.
-    With a key, each layer gets its own ``jax.random.split(key, len(layers))[index]``.
-    Any object with ``init``/``apply`` of this protocol can be a layer.
+    y = f_n(...f_2(f_1(x))). Params and state are dicts keyed ``f"{kind}_{index}"`` (kind =
+    lowercased class name, index = position: ``dense_0``, ``batchnorm_1``, ...), leaving out
+    layers that have none. With a key, each layer gets its own
+    ``jax.random.split(key, len(layers))[index]``. Any object with ``init``/``apply`` of this
+    protocol can be a layer.
+
+    Args:
+      *layers: the layers, first applied first.
+
+    Returns (``init``): ``(output_shape, params, state)``, dicts keyed by layer name;
+    (``apply``): ``(y, state)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = Sequential(Dense(4), Relu(), Dense(2))
+    >>> shape, params, state = model.init(jax.random.key(0), (3,))
+    >>> shape, sorted(params)
+    ((2,), ['dense_0', 'dense_2'])
+    >>> model.apply(params, state, jnp.ones((5, 3)))[0].shape
+    (5, 2)
     """
 
     layers: tuple
