@@ -135,6 +135,22 @@ class TrainState(struct.PyTreeNode):
         that is not a ``GradientTransformation`` (e.g. ``dl.adam`` not called), a bad key or an
         ``input_shape`` that is not a tuple of sizes >= 1 is refused by name before anything is
         built.
+
+        Args:
+          model: a jaxdl layer (``init``/``apply``).
+          optimizer: an optax ``GradientTransformation``.
+          key: a ``jax.random.key`` or an int seed.
+          input_shape: the shape of one example (no batch axis).
+          options: the steps' `StepOptions` (or ``ema`` and ``loss_scale`` as keywords).
+
+        Returns:
+          A `TrainState` at step 0.
+
+        >>> import jax
+        >>> import jaxdl as dl
+        >>> state = TrainState.create(dl.layers.Dense(2), dl.sgd(0.1), jax.random.key(0), (3,))
+        >>> int(state.step), state.params["w"].shape, state.input_shape
+        (0, (3, 2), (3,))
         """
         owner = "TrainState.create"
         model = as_layer(owner, model)
@@ -743,13 +759,32 @@ def make_train_step(
     update over norm of the params, the ~1e-3 rule of Sarkar, CS60010), ``nonfinite`` (1 when the step was
     skipped for a NaN/Inf; ``skip_nonfinite=False`` applies such steps anyway) and what the loss
     returns in ``aux``. The step compiles once per batch shape; schedules run on the traced step
-    count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers.
+    count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers. A step is
+    ``theta <- theta + optimizer.update(grad_theta L(theta; batch))``.
 
     Options: ``options=StepOptions(...)`` (build the state with ``TrainState.create(...,
     options=options)``), or its six keywords as sugar (module docstring): ``skip_nonfinite``,
     ``donate``, ``precision`` (``"bf16"``, ``"fp16"``, a `Policy`), ``micro_batches`` (gradient
     accumulation over K micro-batches), ``loss_scale`` (``"dynamic"`` or a number; reports
     ``loss_scale``), ``ema`` (a decay in [0, 1)).
+
+    Args:
+      loss_fn: ``loss_fn(params, model_state, batch, key, train=True) -> (loss, (model_state,
+        aux))``, e.g. `supervised_loss` (the contract is `jaxdl.fit`'s).
+      optimizer: an optax ``GradientTransformation``.
+      options: a `StepOptions`, or its keywords.
+
+    Returns:
+      The jitted ``step(state, batch) -> (state, metrics)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> state = TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+    >>> step = make_train_step(supervised_loss(model), dl.sgd(0.1))
+    >>> state, metrics = step(state, (jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])))
+    >>> int(state.step), sorted(metrics)
+    (1, ['accuracy', 'grad_norm', 'loss', 'nonfinite', 'update_ratio'])
     """
     check_transform("make_train_step", "optimizer", optimizer)
     options = resolve_options(
@@ -829,6 +864,22 @@ def make_train_loop(
     ``donate=True`` lets XLA reuse the old state's buffers (what `jaxdl.fit` does: it owns the
     state). ``options=StepOptions(...)`` or its keywords, as in `make_train_step`. What each
     metric and the skip cost per step: docs/design.md.
+
+    Args:
+      loss_fn, optimizer, options: as in `make_train_step`.
+
+    Returns:
+      The jitted ``loop(state, batches) -> (state, metrics)``, metrics stacked per step.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> state = TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+    >>> loop = make_train_loop(supervised_loss(model), dl.sgd(0.1))
+    >>> batches = (jnp.ones((5, 4, 3)), jnp.zeros((5, 4), jnp.int32))  # K = 5 batches of 4
+    >>> state, metrics = loop(state, batches)
+    >>> int(state.step), metrics["loss"].shape
+    (5, (5,))
     """
     check_transform("make_train_loop", "optimizer", optimizer)
     options = resolve_options(
