@@ -351,8 +351,8 @@ def evaluate(
 ) -> dict:
     """Loss and accuracy of ``state``'s parameters on ``data_`` in eval mode.
 
-    Eval mode: BatchNorm uses its running statistics, Dropout is off (CSE 176 Lecture 11: "at test time
-    BatchNorm ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
+    Eval mode: BatchNorm uses its running statistics, Dropout is off ("at test time BatchNorm
+    ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
     y)`` arrays or a `jaxdl.data.Split`, scored in batches of ``batch_size``; the result is the
     mean over examples, each batch weighted by its size, so a last partial batch counts exactly
     as much as its examples; for integer targets each batch weighs as many as its targets not
@@ -364,6 +364,26 @@ def evaluate(
     ``precision`` runs the model under that policy (as `fit` trained it). Data the model or loss
     cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
     for a model of C outputs) is refused by name before anything runs, as in `fit`.
+
+    Args:
+      model: the model that ``state`` holds the parameters of.
+      state: a `TrainState` (e.g. ``fit(...).state``).
+      data_: ``(x, y)`` arrays or a `jaxdl.data.Split`.
+      batch_size: examples per compiled evaluation call.
+      loss_fn, use_ema, precision: as in `fit`.
+
+    Returns:
+      A dict of float metrics: ``loss``, ``accuracy`` and any other metric of the loss.
+
+    Source: CSE 176 Lecture 11 (BatchNorm at test time).
+
+    >>> import jax, numpy as np
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> state = dl.TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+    >>> x, y = np.ones((10, 3), np.float32), np.zeros(10, np.int32)
+    >>> sorted(evaluate(model, state, (x, y)))
+    ['accuracy', 'loss']
     """
     model = as_layer("evaluate", model)
     x, y = _arrays("data", data_, "evaluate")
@@ -898,10 +918,12 @@ def fit(
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
 
-    Minibatch SGD (CSE 176 Lecture 11): each epoch visits the ``n // batch_size`` batches of a fresh random
-    order (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer
-    step each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
+    Minibatch SGD: each epoch visits the ``n // batch_size`` batches of a fresh random order
+    (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer step
+    each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
     gradient or update is skipped and counted (``nonfinite_steps``).
+
+    Args:
 
     - ``model``: a jaxdl layer (e.g. `jaxdl.models.mlp`, `jaxdl.layers.Sequential`) or
       `jaxdl.layers.from_flax`; ``optimizer``: any jaxdl or optax ``GradientTransformation``.
@@ -975,6 +997,23 @@ def fit(
     ||update|| / ||params||; Sarkar, CS60010 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
     ``seconds``, ``examples_per_s``. Bad arguments are refused with a ValueError or TypeError
     naming the argument and the value before anything is trained or written.
+
+    Returns:
+      A `FitResult`: the final ``state``, the ``history``, ``best_epoch``, ``steps``,
+      ``stopped_early``, ``resumed_from_step``, ``train_time_s``.
+
+    Source: CSE 176 Lecture 11 (minibatch SGD); Tips and Tricks notes and Prechelt 1998 (early
+    stopping).
+
+    >>> import numpy as np
+    >>> import jaxdl as dl
+    >>> x = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> result = dl.fit(dl.layers.Dense(2), dl.sgd(0.1), (x, y), epochs=2, batch_size=8, progress=False)
+    >>> [r["epoch"] for r in result.history], result.steps
+    ([1, 2], 8)
+    >>> result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    True
     """
 
     config = _fit_config(
