@@ -274,8 +274,30 @@ def sweep(
     (loss, ``make_optimizer`` object, model, names, R, K and batch shapes) changes, never for
     new hyperparameter values or seeds; ``loss_fn``, ``make_optimizer`` and ``model`` are
     static, so they must be hashable (jaxdl layers and `supervised_loss` are), and a new
-    ``lambda`` per call is a new configuration: define ``make_optimizer`` once. Run r equals the single run spelled out in the module
-    docstring to float rounding.
+    ``lambda`` per call is a new configuration: define ``make_optimizer`` once. Run r equals the
+    single run spelled out in the module docstring to float rounding.
+
+    Args:
+      loss_fn: the train step's loss.
+      make_optimizer: ``(**setting[, key]) -> GradientTransformation``.
+      model, input_shape: build each run's `TrainState`.
+      batches: the K stacked training batches.
+      seeds: an int or S ints.
+      hparams: names -> scalars or 1-D arrays of one length H.
+      eval_batch, chunk_size, return_state, options: as above.
+
+    Returns:
+      A dict of numpy arrays with a leading run axis R = S*H (above).
+
+    >>> import jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> batches = (jnp.ones((3, 4, 2)), jnp.zeros((3, 4), jnp.int32))  # K = 3 batches of 4
+    >>> make_sgd = lambda lr: dl.sgd(lr)
+    >>> out = sweep(dl.supervised_loss(model), make_sgd, model, (2,), batches,
+    ...             seeds=(0, 1), hparams={"lr": [0.01, 0.1]})
+    >>> out["seed"].tolist(), out["lr"].astype(float).round(4).tolist(), out["loss"].shape
+    ([0, 0, 1, 1], [0.01, 0.1, 0.01, 0.1], (4, 3))
     """
     model = as_layer("sweep", model)
     names, table = _settings(hparams)
