@@ -281,10 +281,35 @@ def examine(
     Thresholds: `THRESHOLDS`; each one's source and reason: docs/doctor.md. Every run starts from
     the same initialization (``seed``) with a fresh optimizer state.
 
-    Example::
+    Args:
+      model, optimizer: what `jaxdl.fit` would train.
+      train, validation: ``(x, y)`` arrays (``validation`` optional).
+      loss_fn, learning_rate, checks, params, model_state: above.
+      batch_size, seed, steps, overfit_size, overfit_steps, range_steps, range_multipliers,
+        inspect_size: the sizes of the probe runs (above).
+
+    Returns:
+      A `Report`: ``report.ok``, ``report[check]`` (a `Finding`), ``report.summary()``,
+      ``report.write(folder)``.
+
+    Source: Sarkar, CS60010 (Training); CSE 176 Lecture 11; Kira, CS 7643; Tips and Tricks
+    notes; Smith 2017 (the range test).
+
+    The whole recipe on a real model::
 
         report = jaxdl.doctor.examine(jaxdl.models.mlp(10), jaxdl.adam(1e-3), (x, y))
         print(report.summary()); report.write("runs/doctor")
+
+    Two cheap checks on a toy problem:
+
+    >>> import numpy as np
+    >>> import jaxdl as dl
+    >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> model = dl.layers.Dense(2, w_init=dl.init.normal(0.01))  # small weights: loss ~ ln 2
+    >>> report = examine(model, dl.sgd(0.1), (x, y), batch_size=16, checks=("data", "initial_loss"))
+    >>> [(f.check, f.severity) for f in report.findings]
+    [('data', 'ok'), ('initial_loss', 'ok')]
     """
     t0, c0 = time.perf_counter(), time.process_time()
     checks = tuple(checks)
