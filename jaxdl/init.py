@@ -50,13 +50,31 @@ _vs = jax.nn.initializers.variance_scaling
 
 
 def zeros(key, shape, dtype=jnp.float32):
-    """All zeros (biases, BatchNorm offset). The key is unused."""
+    """All zeros (biases, BatchNorm offset). The key is unused.
+
+    Args:
+      key: unused.
+      shape: the array's shape.
+      dtype: its dtype (default float32).
+
+    Returns:
+      An array of zeros.
+    """
     del key
     return jnp.zeros(shape, dtype)
 
 
 def ones(key, shape, dtype=jnp.float32):
-    """All ones (BatchNorm scale). The key is unused."""
+    """All ones (BatchNorm scale). The key is unused.
+
+    Args:
+      key: unused.
+      shape: the array's shape.
+      dtype: its dtype (default float32).
+
+    Returns:
+      An array of ones.
+    """
     del key
     return jnp.ones(shape, dtype)
 
@@ -64,8 +82,16 @@ def ones(key, shape, dtype=jnp.float32):
 def constant(c):
     """Factory: every entry equals ``c``.
 
-    Kira, CS 7643 warns that constant *weights* are degenerate (all units get the same gradient and
+    The lecture warns that constant *weights* are degenerate (all units get the same gradient and
     stay equal); use it for biases or scales.
+
+    Args:
+      c: the value.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array``.
+
+    Source: Kira, CS 7643 (constant initialization).
     """
     check_number("constant", "c", c)
 
@@ -77,7 +103,21 @@ def constant(c):
 
 
 def normal(stddev=0.01):
-    """Factory: w ~ N(0, stddev^2), untruncated; Kira, CS 7643's "small random numbers", N(0, 0.01)."""
+    """Factory: w ~ N(0, stddev^2), untruncated; e.g. the "small random numbers" N(0, 0.01).
+
+    Args:
+      stddev: the standard deviation.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array``.
+
+    Source: Kira, CS 7643 (small random numbers).
+
+    >>> import jax
+    >>> w = normal(0.01)(jax.random.key(0), (256, 256))
+    >>> w.shape, round(float(w.std()), 3)
+    ((256, 256), 0.01)
+    """
     check_number("normal", "stddev", stddev, low=0.0, low_open=True)
     return jax.nn.initializers.normal(stddev)
 
@@ -86,6 +126,12 @@ def uniform(scale):
     """Factory: w ~ U(-scale, +scale).
 
     Differs from `jax.nn.initializers.uniform(scale)`, which samples U[0, scale).
+
+    Args:
+      scale: the half-width of the interval.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array``.
     """
     check_number("uniform", "scale", scale, low=0.0, low_open=True)
 
@@ -185,12 +231,20 @@ glorot_uniform = xavier_uniform
 
 
 def orthogonal(gain=1.0):
-    """Factory: a (semi-)orthogonal matrix times ``gain`` (Saxe et al. 2014).
+    """Factory: a (semi-)orthogonal matrix times ``gain``.
 
     The kernel is viewed as a matrix of shape (prod(shape[:-1]), shape[-1]) (all leading axes
     are rows, so HWIO conv kernels work); its columns are orthonormal when there are at least
     as many rows as columns, else its rows are: W^T W = gain^2 I or W W^T = gain^2 I. Uses
     `jax.nn.initializers.orthogonal` (a Haar-random Q from a QR decomposition).
+
+    Args:
+      gain: the scale of the (semi-)orthogonal matrix.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array`` for shapes of rank >= 2.
+
+    Source: Saxe et al. 2014.
     """
     check_number("orthogonal", "gain", gain, low=0.0, low_open=True)
     inner = jax.nn.initializers.orthogonal(gain)

@@ -31,6 +31,7 @@ MODULES = [
 EXAMPLES = {
     "jaxdl.callbacks",
     "jaxdl.doctor",
+    "jaxdl.init",
     "jaxdl.layers",
     "jaxdl.losses",
     "jaxdl.models",
