@@ -30,6 +30,7 @@ MODULES = [
 # Modules whose docstrings must hold at least one example.
 EXAMPLES = {
     "jaxdl.callbacks",
+    "jaxdl.data",
     "jaxdl.doctor",
     "jaxdl.init",
     "jaxdl.layers",
