@@ -31,6 +31,7 @@ MODULES = [
 EXAMPLES = {
     "jaxdl.callbacks",
     "jaxdl.data",
+    "jaxdl.diagnostics",
     "jaxdl.doctor",
     "jaxdl.init",
     "jaxdl.layers",
