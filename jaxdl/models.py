@@ -226,7 +226,7 @@ def resnet(
       ``act``, ``GlobalAvgPool, Dense``.
 
     >>> import jax
-    >>> net = resnet(10, channels=(8, 16))
+    >>> net = resnet(10, channels=(8, 16), blocks=1)
     >>> net.init(jax.random.key(0), (8, 8, 1))[0]
     (10,)
     """

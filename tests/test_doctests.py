@@ -8,25 +8,16 @@ Examples are tiny (a few compiles each): this file should take a few seconds.
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 
-MODULES = [
-    "jaxdl.callbacks",
-    "jaxdl.data",
-    "jaxdl.diagnostics",
-    "jaxdl.doctor",
-    "jaxdl.init",
-    "jaxdl.layers",
-    "jaxdl.losses",
-    "jaxdl.models",
-    "jaxdl.optimizers",
-    "jaxdl.schedules",
-    "jaxdl.sweep",
-    "jaxdl.train_step",
-    "jaxdl.trainer",
-    "jaxdl.transforms",
-]
+import jaxdl
+
+# Every module of the package (examples anywhere run); __main__ would run the command.
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages(jaxdl.__path__, "jaxdl.") if not m.name.endswith("__main__")
+)
 # Modules whose docstrings must hold at least one example.
 EXAMPLES = {
     "jaxdl.callbacks",
