@@ -64,9 +64,23 @@ def scale_init(params, scale):
     .. math:: W_0 \\leftarrow s \\, W_0
 
     With a layer initialized by ``normal(1.0)`` this draws ``N(0, s^2)``; with ``s = 0`` it is
-    zero init (Kira, CS 7643's degenerate constant init). Biases, BatchNorm's gamma/beta and PReLU's
+    zero init (the degenerate constant init). Biases, BatchNorm's gamma/beta and PReLU's
     alpha are left alone. ``scale`` may be traced, which is how a sweep varies the init scale
     without recompiling (an initializer's ``stddev`` is a Python number fixed at trace time).
+
+    Args:
+      params: the model's parameters.
+      scale: ``s``, a number or a traced scalar.
+
+    Returns:
+      The parameters with every leaf of ``ndim >= 2`` scaled.
+
+    Source: Kira, CS 7643 (initialization).
+
+    >>> import jax.numpy as jnp
+    >>> p = scale_init({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, 0.5)
+    >>> p["w"].tolist(), p["b"].tolist()
+    ([[0.5, 0.5], [0.5, 0.5]], [1.0, 1.0])
     """
     return jax.tree.map(lambda p: (p * scale).astype(p.dtype) if jnp.ndim(p) >= 2 else p, params)
 
@@ -77,6 +91,15 @@ def grid(**axes) -> dict[str, np.ndarray]:
     ``grid(lr=[0.1, 0.01], momentum=[0.0, 0.9])`` gives ``{"lr": [0.1, 0.1, 0.01, 0.01],
     "momentum": [0.0, 0.9, 0.0, 0.9]}``: the first axis varies slowest (``np.meshgrid`` with
     ``indexing="ij"``).
+
+    Args:
+      **axes: name -> a 1-D sequence of values.
+
+    Returns:
+      A dict name -> 1-D numpy array, all of length ``prod(len(axis))``.
+
+    >>> {k: v.tolist() for k, v in grid(lr=[0.1, 0.01], momentum=[0.0, 0.9]).items()}
+    {'lr': [0.1, 0.1, 0.01, 0.01], 'momentum': [0.0, 0.9, 0.0, 0.9]}
     """
     if not axes:
         raise ValueError("grid: give at least one axis, e.g. grid(lr=[1e-3, 1e-2])")
@@ -417,7 +440,7 @@ def coarse_to_fine(
     key: int = 0,
     chunk_size: int | None = None,
 ) -> SearchResult:
-    """Coarse-to-fine random search (Sarkar, CS60010; Bergstra & Bengio 2012 for random over grid).
+    """Coarse-to-fine random search: sample, keep the best, narrow the ranges, repeat.
 
     Stage 1 samples ``num_samples`` settings, each hyperparameter independently and
     log-uniformly from its range, ``x = exp(U(ln low, ln high))`` (``(low, high, "linear")``:
@@ -429,6 +452,20 @@ def coarse_to_fine(
     callable ``stage -> batches`` (Sarkar, CS60010: a few epochs first, longer runs later). ``fixed``
     hyperparameters are passed unchanged to every run. Stages of equal shapes share one
     compilation. Sampling uses ``numpy.random.default_rng(key)``.
+
+    Args:
+      loss_fn, make_optimizer, model, input_shape, batches, seeds, eval_batch, chunk_size: as in
+        `sweep`.
+      ranges: name -> ``(low, high)`` or ``(low, high, "linear")``.
+      stages, num_samples, keep: the search's shape (above).
+      fixed: hyperparameters passed unchanged.
+      score, maximize: the ranking (above).
+      key: the sampling key.
+
+    Returns:
+      A `SearchResult` ``(stages, ranges, best)``.
+
+    Source: Sarkar, CS60010 (coarse-to-fine cross-validation); Bergstra & Bengio 2012.
     """
     spec = _parse_ranges(ranges)
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
