@@ -200,6 +200,23 @@ def supervised_loss(
 
     ``metrics`` maps names to ``fn(outputs, y)``; by default ``{"accuracy": accuracy}`` when
     ``loss`` is `softmax_cross_entropy`, else none.
+
+    Args:
+      model: a jaxdl layer.
+      loss: ``loss(outputs, y) -> scalar`` (default `jaxdl.losses.softmax_cross_entropy`).
+      metrics: name -> ``fn(outputs, y)``.
+
+    Returns:
+      A `SupervisedLoss` (hashable: a step built from it compiles once).
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2, w_init=dl.init.zeros)
+    >>> params = model.init(jax.random.key(0), (3,))[1]
+    >>> batch = (jnp.ones((4, 3)), jnp.zeros(4, int))
+    >>> loss, (state, aux) = supervised_loss(model)(params, {}, batch, None)
+    >>> round(float(loss), 4), sorted(aux)  # ln 2: zero weights give equal probabilities
+    (0.6931, ['accuracy'])
     """
     model = as_layer("supervised_loss", model)
     if metrics is None:
@@ -209,7 +226,14 @@ def supervised_loss(
 
 def accepts_train(loss_fn) -> bool:
     """Whether ``loss_fn`` takes a ``train=`` keyword (then the steps call it with ``train=True``
-    and `make_eval_step` with ``train=False``); False when its signature cannot be read."""
+    and `make_eval_step` with ``train=False``); False when its signature cannot be read.
+
+    Args:
+      loss_fn: a loss function.
+
+    Returns:
+      A bool.
+    """
     try:
         return "train" in inspect.signature(loss_fn).parameters
     except (TypeError, ValueError):
@@ -430,6 +454,16 @@ def accumulate_gradients(
     ``fold_in(key, k)`` (K = 1: ``key`` itself). ``scale`` (a loss scale S): differentiate
     ``S * L`` and divide the gradient by S (Micikevicius et al. 2018). ``aux`` is the mean over
     micro-batches. A batch whose size K does not divide is a ValueError.
+
+    Args:
+      loss_fn: the step's loss.
+      params, model_state, batch, key: its arguments.
+      micro_batches: K, which must divide the batch.
+      scale: the loss scale S (None: none).
+      kwargs: a dict of keywords passed on to ``loss_fn`` (e.g. ``{"train": True}``).
+
+    Returns:
+      ``((loss, (model_state', aux)), g)``, as ``jax.value_and_grad(..., has_aux=True)``.
     """
     kwargs = kwargs or {}
 
@@ -484,6 +518,17 @@ def ema_update(ema_params, params, decay, count):
     ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(d))``, whose decay is
     d from the first update, and from ``optax.ema(debias=True)``, which starts at zero and divides
     by 1 - d^t. Leaves keep their dtype.
+
+    Args:
+      ema_params: the average so far.
+      params: the new parameters.
+      decay: ``d`` in [0, 1).
+      count: ``t``, the steps taken.
+
+    Returns:
+      The new average, in the dtypes of ``ema_params``.
+
+    Source: Polyak & Juditsky 1992.
     """
     t = jnp.asarray(count, jnp.float32)
     d = jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + t) / (10.0 + t))
@@ -516,6 +561,18 @@ def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
     ``key(0)``) as in training, like ``update_bn`` in ``model.train()``. Returns the new model
     state; ``model_state`` gives its structure. A model without `jaxdl.layers.BatchNorm` is a
     ValueError (there is nothing to recalibrate).
+
+    Args:
+      model: the model.
+      params: the parameters to compute the statistics for.
+      model_state: the state holding the BatchNorm statistics.
+      batches: an iterable of ``x`` or ``(x, ...)`` batches.
+      key: the PRNG key for dropout (None: ``key(0)``).
+
+    Returns:
+      The new ``model_state``.
+
+    Source: Izmailov et al. 2018.
     """
     zero, count = _with_batch_statistics(model)
     if count == 0:
@@ -715,6 +772,12 @@ def tree_norm(tree) -> jax.Array:
     is two or three kernels for a small leaf and a reduction about half as fast as the dot for
     a large one; the train step takes three such norms per step. Complex trees go to
     `global_norm` (``|x|^2 = x conj(x)``). Only the rounding differs from `global_norm`.
+
+    Args:
+      tree: a pytree of arrays.
+
+    Returns:
+      The scalar norm, float32 or wider.
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
@@ -737,6 +800,12 @@ def step_key(state: TrainState) -> jax.Array:
     and the step counter, so the state's key itself never changes. It is a counter-based split:
     XLA drops it entirely when the loss draws no random numbers, where splitting and carrying a
     new key would cost a hash every step.
+
+    Args:
+      state: a `TrainState`.
+
+    Returns:
+      The step's PRNG key.
     """
     return jax.random.fold_in(state.key, state.step)
 
@@ -819,6 +888,14 @@ def make_eval_step(
     ``state.params``, with the same running statistics (those of the raw weights; see
     `jaxdl.recalibrate_batchnorm` for BatchNorm); ``precision`` runs the model as the train
     step's policy does.
+
+    Args:
+      loss_fn: the loss (it must accept ``train=``).
+      use_ema: evaluate ``state.ema_params``.
+      precision: the policy to run the model under.
+
+    Returns:
+      The jitted ``evaluate(state, batch) -> metrics``.
     """
     if not accepts_train(loss_fn):
         raise TypeError("make_eval_step: loss_fn must accept a train= keyword to run in eval mode")
