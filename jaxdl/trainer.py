@@ -131,6 +131,12 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     `fit` initializes the model (and seeds dropout, augmentation) from ``model_key`` and orders
     the data with ``data_key``; ``extra_key`` is free for the caller (the CLI seeds
     `jaxdl.transforms.add_noise` with it).
+
+    Args:
+      seed: an int >= 0.
+
+    Returns:
+      ``(model_key, data_key, extra_key)``.
     """
     model_key, data_key, extra_key = jax.random.split(jax.random.key(seed), 3)
     return model_key, data_key, extra_key
@@ -141,8 +147,8 @@ class AugmentedLoss(NamedTuple):
 
     ``augment(key, x) -> x`` draws from the step's key (`jaxdl.train_step.step_key`), so
     augmentation is reproducible from the `TrainState` (bitwise resume) and costs no host work.
-    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, the Tips and Tricks notes' translation
-    augmentation) or from a callable.
+    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, translation augmentation)
+    or from a callable.
     """
 
     inner: Any
@@ -172,7 +178,17 @@ class _Shift(NamedTuple):
 def augmented_loss(loss_fn, augment):
     """``loss_fn`` with its training inputs augmented (an `AugmentedLoss`), or ``loss_fn`` itself
     when ``augment`` is None or 0. ``augment``: an int ``s``, a random translation of every image
-    by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``."""
+    by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``.
+
+    Args:
+      loss_fn: the train step's loss.
+      augment: None, an int shift or ``augment(key, x) -> x``.
+
+    Returns:
+      An `AugmentedLoss` or ``loss_fn``.
+
+    Source: Tips and Tricks notes (data augmentation).
+    """
     if isinstance(augment, bool) or not (
         augment is None or callable(augment) or isinstance(augment, (int, np.integer))
     ):
@@ -186,7 +202,18 @@ def augmented_loss(loss_fn, augment):
 
 def default_block_size(steps_per_epoch: int, target: int = 16) -> int:
     """A divisor of ``steps_per_epoch`` near ``target``, so that every block of an epoch has the
-    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target]."""
+    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target].
+
+    Args:
+      steps_per_epoch: the epoch's optimizer steps.
+      target: the preferred block length.
+
+    Returns:
+      The block size, an int.
+
+    >>> default_block_size(100), default_block_size(7)
+    (20, 7)
+    """
     near = [d for d in range(target // 2, 2 * target + 1) if steps_per_epoch % d == 0]
     return min(near, key=lambda d: (abs(d - target), d)) if near else min(target, steps_per_epoch)
 
@@ -401,7 +428,12 @@ def evaluate(
 
 
 def write_json(path: str, obj) -> None:
-    """Write JSON atomically (temp file, rename)."""
+    """Write JSON atomically (temp file, rename).
+
+    Args:
+      path: the file.
+      obj: a JSON-serializable object.
+    """
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -411,7 +443,14 @@ def write_json(path: str, obj) -> None:
 
 def read_metrics(path: str) -> list[dict]:
     """The epoch records of a ``metrics.jsonl`` (none if it does not exist). A last line cut
-    short by a kill is dropped; the resumed run writes that epoch again."""
+    short by a kill is dropped; the resumed run writes that epoch again.
+
+    Args:
+      path: the ``metrics.jsonl`` file.
+
+    Returns:
+      A list of dicts, one per epoch.
+    """
     if not os.path.isfile(path):
         return []
     with open(path) as f:
@@ -427,7 +466,12 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_curves(records: list[dict], path: str) -> None:
-    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend)."""
+    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend).
+
+    Args:
+      records: `fit`'s history (or `read_metrics`' records).
+      path: the PNG file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1091,7 +1135,16 @@ def write_summary(out_dir: str, result: FitResult, **extra) -> dict:
     """Write (atomically) and return a run's ``summary.json``: steps, epochs completed, whether
     it stopped early, the best epoch, the resumption step, the training time, the final record,
     then ``extra`` (what a caller adds, e.g. the command's test accuracy). The one writer of the
-    file: `fit` writes it, and the ``jaxdl train`` command writes it again with its ``extra``."""
+    file: `fit` writes it, and the ``jaxdl train`` command writes it again with its ``extra``.
+
+    Args:
+      out_dir: the run's folder.
+      result: `fit`'s `FitResult`.
+      **extra: entries added at the end.
+
+    Returns:
+      The summary, a dict.
+    """
     summary = {
         "steps": result.steps,
         "epochs_completed": len(result.history),
