@@ -81,7 +81,15 @@ _ACTIVATION_KINDS = ("relu", "sigmoid", "tanh", "leakyrelu", "prelu", "elu", "ma
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One check's verdict: ``severity`` ("ok", "warn", "fail"), what was measured (``message``),
-    what to change (``advice``) and the numbers behind it (``evidence``, JSON-able)."""
+    what to change (``advice``) and the numbers behind it (``evidence``, JSON-able).
+
+    Args:
+      check: one of `CHECKS`.
+      severity: ``"ok"``, ``"warn"`` or ``"fail"``.
+      message: what was measured.
+      advice: what to change (empty when ok).
+      evidence: the numbers, JSON-able.
+    """
 
     check: str
     severity: str
