@@ -152,7 +152,7 @@ def _check_initial_loss(run: Run) -> Finding:
     )
     if ratio > 1:
         advice = (
-            "the initial outputs are confidently wrong: scale the initial weights down (Xavier/He, "
+            "the initial outputs are confidently wrong: scale the initial weights down (Xavier/He; "
             "Kira, CS 7643) or normalize the inputs (CSE 176 Lecture 11)"
         )
     else:
@@ -346,7 +346,7 @@ def _check_symmetry(run: Run) -> Finding:
             "units start identical in "
             + ", ".join(noisy)
             + "; only noise (e.g. dropout) told them apart during the probe run",
-            "initialize the weights randomly (He/Xavier, Kira, CS 7643)",
+            "initialize the weights randomly (He/Xavier; Kira, CS 7643)",
             ev,
         )
     return Finding(
@@ -666,7 +666,7 @@ def _check_gradients(run: Run) -> Finding:
             f"non-finite gradients: {ev['nonfinite_at_init']} NaN/Inf entries at "
             f"init, {skipped} of {run.steps} probe steps with a NaN/Inf loss or gradient",
             "find the first NaN: the inputs, a log/sqrt/division without a guard, or a "
-            "divergent learning rate (gradient clipping bounds the step, Sarkar, CS60010)",
+            "divergent learning rate (gradient clipping bounds the step; Sarkar, CS60010)",
             ev,
         )
     names = list(rms)
@@ -717,9 +717,9 @@ def _check_batchnorm(run: Run) -> Finding:
     advice = (
         (
             "the running statistics do not describe the activations the model was trained on "
-            "(CSE 176 Lecture 11: at test time BatchNorm uses running averages): check BatchNorm's momentum (weight of the old "
-            "value, e.g. 0.9; 1.0 never updates), use larger batches, or train longer before "
-            "evaluating"
+            "(CSE 176 Lecture 11: at test time BatchNorm uses running averages): check BatchNorm's "
+            "momentum (weight of the old value, e.g. 0.9; 1.0 never updates), use larger batches, "
+            "or train longer before evaluating"
         )
         if sev != "ok"
         else ""
