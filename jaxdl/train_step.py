@@ -245,6 +245,10 @@ def check_batch(state: TrainState, batch) -> None:
 
     For a batch ``(x, ...)`` and a state with ``input_shape``: ``x.shape[1:]`` must equal
     ``state.input_shape``, else a ValueError gives both shapes. Other batches pass unchecked.
+
+    Args:
+      state: a `TrainState`.
+      batch: the step's batch.
     """
     x = batch[0] if isinstance(batch, (tuple, list)) else None
     if x is None or not state.input_shape:
@@ -263,6 +267,11 @@ def check_state(state: TrainState, loss_fn, optimizer) -> None:
     what ``loss_fn.model.init`` builds (when the loss has a ``model``), and ``state.opt_state``
     with ``optimizer.init(state.params)``; a mismatch is a ValueError naming the first differing
     path.
+
+    Args:
+      state: a `TrainState`.
+      loss_fn: the step's loss.
+      optimizer: the step's optimizer.
     """
     model = getattr(loss_fn, "model", None)
     if model is not None and state.input_shape:
@@ -375,6 +384,14 @@ def resolve_options(owner: str, options: StepOptions | None = None, **keywords) 
     ``keywords``: the builder's option keywords as given (any of the six names); with
     ``options`` they must all be at their defaults, else a TypeError names them (one way per
     call). Without ``options`` they are checked here, the errors naming ``owner``.
+
+    Args:
+      owner: the builder's name, for the error messages.
+      options: a `StepOptions`, or None.
+      **keywords: the builder's option keywords.
+
+    Returns:
+      A `StepOptions`.
     """
     unknown = sorted(set(keywords) - set(_OPTION_DEFAULTS))
     if unknown:
@@ -398,6 +415,13 @@ def step_options(owner: str, precision=None, micro_batches: int = 1, loss_scale=
 
     Refused here, naming the argument: an unknown ``precision``, ``micro_batches`` not an int
     >= 1, a ``loss_scale`` other than None/"dynamic"/a number > 0, ``ema`` outside [0, 1).
+
+    Args:
+      owner: the caller's name, for the error messages.
+      precision, micro_batches, loss_scale, ema: as in `make_train_step`.
+
+    Returns:
+      A `StepOptions`, or None.
     """
     options = resolve_options(
         owner, precision=precision, micro_batches=micro_batches, loss_scale=loss_scale, ema=ema
@@ -618,6 +642,18 @@ def step_body(
     overflowing step is always skipped. `scan_steps` runs it K times in a `lax.scan`.
     The skip's select costs no kernel of its own: the kept optimizer state is a second trace of
     the update (`_state_to_keep`), so XLA fuses it into the moments' update.
+
+    Args:
+      loss_fn, optimizer: as in `make_train_step`.
+      skip_nonfinite: skip a step with a NaN/Inf.
+      state: the `TrainState`.
+      batch: the step's batch.
+      key: the step's PRNG key (`step_key`).
+      reduce_grads: ``(loss, g, aux) -> (loss, g, aux)``, e.g. a ``lax.pmean``.
+      options: a `StepOptions`, or None.
+
+    Returns:
+      ``(new_state, metrics)``.
     """
     new_state, metrics, _ = step_body_with_norm(
         loss_fn, optimizer, skip_nonfinite, state, batch, key, None, reduce_grads, options
@@ -634,6 +670,14 @@ def scan_steps(step, state: TrainState, batches):
     parameters before it, is the norm step t-1 computed after its update, so the old parameters
     need not outlive their in-place update. Only the first comes from the state the scan starts
     from. `make_train_loop` and the sharded loop both run it.
+
+    Args:
+      step: ``step(state, batch, param_norm) -> (state, metrics, param_norm')``.
+      state: the `TrainState`.
+      batches: K batches stacked on a leading axis.
+
+    Returns:
+      ``(state, metrics)``, the metrics stacked per step.
     """
 
     def body(carry, batch):
@@ -666,6 +710,15 @@ def step_body_with_norm(
     ``layer_metrics(params, grads, updates) -> dict``, when given, sees the step's parameters
     before the update, its gradients (after ``reduce_grads``) and its updates; its entries join
     the metrics (`jaxdl.doctor` reads per-layer norms through it).
+
+    Args:
+      loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options: as in
+        `step_body`.
+      param_norm: ``tree_norm(state.params)``, or None.
+      layer_metrics: ``(params, grads, updates) -> dict``, or None.
+
+    Returns:
+      ``(new_state, metrics, norm')``.
     """
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
     options = _math_options(options)
