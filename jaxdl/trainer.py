@@ -229,6 +229,19 @@ def chunk_bounds(
     lengths at most (one when ``block_size`` divides the segments), and the cuts depend on the
     global step alone: a run resumed from a checkpoint runs exactly the blocks that the
     uninterrupted run ran from there on.
+
+    Args:
+      epoch: the epoch (from 0).
+      steps_per_epoch: its optimizer steps.
+      block_size: steps per scan call.
+      checkpoint_every: the checkpoint interval in global steps.
+      start: the first position to run (a resumed epoch's).
+
+    Returns:
+      A list of ``(a, b)`` pairs.
+
+    >>> chunk_bounds(0, steps_per_epoch=10, block_size=4, checkpoint_every=100)
+    [(0, 4), (4, 8), (8, 9), (9, 10)]
     """
     first = epoch * steps_per_epoch
     anchors = sorted(
