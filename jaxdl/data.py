@@ -135,7 +135,7 @@ def read_idx(path: str) -> np.ndarray:
     Returns:
       The array, of the file's dtype and shape.
 
-    Source: LeCun et al., "The MNIST database of handwritten digits" (the IDX format).
+    Source: LeCun et al., "THE MNIST DATABASE" (the IDX format).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"IDX file not found: {path}")
