@@ -122,6 +122,9 @@ class CallbackList:
 
     ``states()``/``load_states(tree)``: the states of the callbacks that have one, keyed by
     ``"<class name>_<index among them>"`` (what a checkpoint holds).
+
+    Args:
+      callbacks: the `Callback` s, called in this order.
     """
 
     def __init__(self, callbacks):
@@ -150,7 +153,15 @@ class CallbackList:
 
 
 def check_callbacks(owner: str, callbacks) -> list:
-    """``callbacks`` as a list, each checked to be a `Callback` (or to have its four hooks)."""
+    """``callbacks`` as a list, each checked to be a `Callback` (or to have its four hooks).
+
+    Args:
+      owner: the caller's name, for the error messages.
+      callbacks: None, a `Callback` or a sequence of them.
+
+    Returns:
+      A list of the callbacks (TypeError naming a bad one).
+    """
     if callbacks is None:
         return []
     if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
@@ -176,11 +187,10 @@ def check_callbacks(owner: str, callbacks) -> list:
 
 
 class EarlyStopping(Callback):
-    """Stop when a monitored value has not improved for ``patience`` epochs (flax's
-    ``flax.training.early_stopping.EarlyStopping`` as a callback).
+    """Stop when a monitored value has not improved for ``patience`` epochs.
 
-    Prechelt 1998, "Early stopping - but when?": stop training when the validation error starts
-    to rise. After each epoch, with ``v = logs[monitor]`` (negated for ``mode="max"``):
+    flax's ``flax.training.early_stopping.EarlyStopping`` as a callback: stop training when the
+    validation error starts to rise. After each epoch, with ``v = logs[monitor]`` (negated for ``mode="max"``):
 
     .. math:: \\text{improved} = v_{best} - v > \\delta, \\qquad
               c \\leftarrow 0 \\text{ if improved, else } c + 1, \\qquad \\text{stop iff } c \\ge p
@@ -195,6 +205,8 @@ class EarlyStopping(Callback):
       monitor: the key of the epoch's logs to watch (default ``"val_loss"``).
       min_delta: the improvement ``delta >= 0`` that counts.
       mode: ``"min"`` (lower is better) or ``"max"``.
+
+    Source: Prechelt 1998, "Early stopping - but when?"; Tips and Tricks notes.
 
     >>> stop = EarlyStopping(patience=2)
     >>> [stop.on_epoch_end(e, {"val_loss": v}, None) for e, v in enumerate([3.0, 2.0, 2.5, 2.1], 1)]
@@ -249,7 +261,15 @@ class EarlyStopping(Callback):
 
 def epoch_line(record: dict, epochs: int) -> str:
     """One epoch's record as the line the progress bar prints: ``epoch 3/10: train loss 0.1234
-    acc 0.9612 | val ... | lr 0.001 | update/weight 1.00e-03``."""
+    acc 0.9612 | val ... | lr 0.001 | update/weight 1.00e-03``.
+
+    Args:
+      record: one entry of `fit`'s history.
+      epochs: the run's number of epochs.
+
+    Returns:
+      The line, a str.
+    """
     parts = [f"epoch {record['epoch']}/{epochs}:"]
     for split in ("train", "val"):
         found = [
@@ -271,7 +291,11 @@ def epoch_line(record: dict, epochs: int) -> str:
 class ProgressBar(Callback):
     """A `tqdm.auto` bar over the run's steps (a widget in notebooks) with the epoch's running
     loss and accuracy and the examples per second, and one line per epoch (`epoch_line`), on
-    ``file`` (default stderr)."""
+    ``file`` (default stderr).
+
+    Args:
+      file: where the bar and the lines go (default stderr).
+    """
 
     def __init__(self, file=None):
         self.file, self.bar = file, None
@@ -312,7 +336,11 @@ class MetricsFile(Callback):
     """Append each epoch's record to ``path`` as one JSON line (``metrics.jsonl``; read it with
     `jaxdl.trainer.read_metrics`). The file's one writer: at the start of a resumed run it keeps
     only the records of the epochs complete (``loop.epoch``; the run writes the rest again) and
-    a last line cut short by a kill."""
+    a last line cut short by a kill.
+
+    Args:
+      path: the ``metrics.jsonl`` file.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -348,6 +376,12 @@ def tensorboard_writer(out_dir: str):
     tensorboardX is imported (``sys.modules["torch"] = None``, Python's documented way to block
     an import); the writer then falls back to numpy's ndarray, and torch stays importable after.
     A tensorboardX that cannot load without torch is imported again, with it.
+
+    Args:
+      out_dir: the event files' folder.
+
+    Returns:
+      A ``tensorboardX.SummaryWriter``, or None.
     """
     block = "torch" not in sys.modules and "tensorboardX" not in sys.modules
     for blocked in (True, False) if block else (False,):
@@ -367,7 +401,11 @@ def tensorboard_writer(out_dir: str):
 
 class TensorBoard(Callback):
     """Each epoch's numbers as TensorBoard scalars at the epoch's last step, in an event file in
-    ``out_dir`` (nothing when tensorboardX is not installed; `tensorboard_writer`)."""
+    ``out_dir`` (nothing when tensorboardX is not installed; `tensorboard_writer`).
+
+    Args:
+      out_dir: the event files' folder.
+    """
 
     def __init__(self, out_dir: str):
         self.out_dir, self.writer = out_dir, None
@@ -391,7 +429,11 @@ class TensorBoard(Callback):
 class Checkpointing(Callback):
     """Save ``loop.checkpoint()`` with a `jaxdl.checkpoint.CheckpointManager`: inside an epoch
     where the manager's ``save_interval_steps`` says so, and at every epoch end. `fit` puts it
-    last, so a checkpoint holds what the callbacks before it did (their states, a stop)."""
+    last, so a checkpoint holds what the callbacks before it did (their states, a stop).
+
+    Args:
+      manager: a `jaxdl.checkpoint.CheckpointManager`.
+    """
 
     def __init__(self, manager):
         self.manager = manager

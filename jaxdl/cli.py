@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         help="examine a training setup, say what is wrong",
         argument_default=argparse.SUPPRESS,
-        description="Run seed 004's recipe on the model, optimizer and data that "
+        description="Run the training recipe of Sarkar, CS60010 (Training) on the model, optimizer and data that "
         "jaxdl train would use with the same options (see docs/doctor.md); print "
         "the report, write it to --out, exit 0 when no check fails, else 1.",
     )

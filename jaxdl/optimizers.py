@@ -89,7 +89,7 @@ def sgd(
     nesterov: bool = False,
     weight_decay: float | None = None,
 ) -> GradientTransformation:
-    """Minibatch SGD with optional (Nesterov) momentum and L2 weight decay (seeds 001, 004).
+    """Minibatch SGD with optional (Nesterov) momentum and L2 weight decay.
 
     .. math:: g' = g + \\lambda\\theta, \\quad v \\leftarrow \\mu v + g', \\quad
               \\theta \\leftarrow \\theta - \\epsilon_t v \\;(\\text{or } \\epsilon_t(g' + \\mu v))
@@ -98,6 +98,24 @@ def sgd(
     ``torch.optim.SGD(lr, momentum, nesterov=nesterov, weight_decay=wd)``. ``weight_decay=None``
     (the default) or ``0`` leaves the decay out of the chain, so ``update`` needs no params, also
     under ``optax.inject_hyperparams`` (which turns a number into an array of unknown value).
+
+    Args:
+      lr: learning rate ``eps_t``, a number or a schedule (`jaxdl.schedules`).
+      momentum: ``mu`` in [0, 1); 0 leaves momentum out.
+      nesterov: Nesterov momentum (needs ``momentum > 0``).
+      weight_decay: ``lambda``, L2 decay added to the gradient; None or 0 leaves it out.
+
+    Returns:
+      An optax ``GradientTransformation``.
+
+    Source: CSE 176 Lecture 11 (SGD, momentum); Sarkar, CS60010 (Nesterov momentum).
+
+    >>> import jax.numpy as jnp
+    >>> opt = sgd(0.1)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, state = opt.update({"w": jnp.array([0.5, -0.5])}, opt.init(params), params)
+    >>> [round(v, 4) for v in apply_updates(params, updates)["w"].tolist()]  # theta - 0.1 g
+    [0.95, -1.95]
     """
     if nesterov and _maybe_zero(momentum):
         raise ValueError("sgd: nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
@@ -113,11 +131,29 @@ def sgd(
 
 
 def adagrad(lr: ScalarOrSchedule, eps: float = 1e-7) -> GradientTransformation:
-    """AdaGrad (seed 001): ``r <- r + g^2; theta <- theta - eps_t g / (delta + sqrt(r))``.
+    """AdaGrad: per-coordinate steps scaled by the root of the summed squared gradients.
+
+    ``r <- r + g^2; theta <- theta - eps_t g / (delta + sqrt(r))``.
 
     ``chain(scale_by_adagrad(eps), scale_by_learning_rate(lr))``; equals
     ``torch.optim.Adagrad(lr, eps=eps)`` (PyTorch's default eps is 1e-10). optax's ``adagrad``
     differs: its accumulator starts at 0.1 and its eps sits inside the root.
+
+    Args:
+      lr: learning rate ``eps_t``, a number or a schedule.
+      eps: ``delta``, outside the root.
+
+    Returns:
+      An optax ``GradientTransformation``.
+
+    Source: Duchi et al. 2011; CSE 176 Lecture 11.
+
+    >>> import jax.numpy as jnp
+    >>> opt = adagrad(0.1)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, state = opt.update({"w": jnp.array([0.5, -0.5])}, opt.init(params), params)
+    >>> [round(v, 4) for v in apply_updates(params, updates)["w"].tolist()]  # the first step is lr * sign(g)
+    [0.9, -1.9]
     """
     return _optimizer("adagrad", T.scale_by_adagrad(eps), _descend("adagrad", lr))
 
@@ -129,7 +165,7 @@ def rmsprop(
     centered: bool = False,
     momentum: float = 0.0,
 ) -> GradientTransformation:
-    """RMSProp (seed 004), optionally centered and with momentum on the rescaled gradient.
+    """RMSProp, optionally centered and with momentum on the rescaled gradient.
 
     .. math:: s \\leftarrow \\rho s + (1-\\rho)g^2, \\quad b \\leftarrow \\mu b + g/(\\sqrt{s}+\\epsilon),
               \\quad \\theta \\leftarrow \\theta - \\epsilon_t b
@@ -137,6 +173,25 @@ def rmsprop(
     Equals ``torch.optim.RMSprop(lr, alpha=decay, eps, centered=..., momentum=...)``; note PyTorch's
     default ``alpha`` is 0.99 and ours ``decay`` is 0.9 (Hinton's lecture value). optax's
     ``rmsprop`` puts eps inside the root.
+
+    Args:
+      lr: learning rate ``eps_t``, a number or a schedule.
+      decay: ``rho``, the decay of the squared-gradient average.
+      eps: ``epsilon``, outside the root.
+      centered: divide by the root of the variance estimate ``s - mean(g)^2`` instead.
+      momentum: ``mu``; 0 leaves momentum out.
+
+    Returns:
+      An optax ``GradientTransformation``.
+
+    Source: Tieleman & Hinton 2012; Graves 2013 (centered); Sarkar, CS60010.
+
+    >>> import jax.numpy as jnp
+    >>> opt = rmsprop(0.01)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, state = opt.update({"w": jnp.array([0.5, -0.5])}, opt.init(params), params)
+    >>> [round(v, 4) for v in apply_updates(params, updates)["w"].tolist()]
+    [0.9684, -1.9684]
     """
     parts = [T.scale_by_rms(decay, eps, centered)]
     if not _maybe_zero(momentum):
@@ -156,15 +211,33 @@ def adam(
     mu_dtype=None,
     nu_dtype=None,
 ) -> GradientTransformation:
-    """Adam (Kingma & Ba 2015; seeds 000, 004): ``chain(scale_by_adam(b1, b2, eps, mu_dtype=...,
-    nu_dtype=...), scale_by_learning_rate(lr))``.
+    """Adam: steps by bias-corrected first and second moment estimates of the gradient.
 
     .. math:: \\theta \\leftarrow \\theta - \\alpha_t \\hat m / (\\sqrt{\\hat v} + \\epsilon)
 
     Equals ``torch.optim.Adam`` and ``optax.adam`` with the same hyperparameters. ``mu_dtype`` /
     ``nu_dtype`` store the moments in another dtype (e.g. ``jnp.bfloat16``; arithmetic stays in
     float32), see `jaxdl.transforms.scale_by_adam`, which also says how complex parameters are
-    handled (as optax does; PyTorch differs).
+    handled (as optax does; PyTorch differs). It is ``chain(scale_by_adam(b1, b2, eps,
+    mu_dtype=..., nu_dtype=...), scale_by_learning_rate(lr))``.
+
+    Args:
+      lr: learning rate ``alpha_t``, a number or a schedule.
+      b1, b2: decays of the first and second moments.
+      eps: ``epsilon``, outside the root.
+      mu_dtype, nu_dtype: storage dtypes of the moments (None: the params').
+
+    Returns:
+      An optax ``GradientTransformation``.
+
+    Source: Kingma & Ba 2015; Tips and Tricks notes; Sarkar, CS60010.
+
+    >>> import jax.numpy as jnp
+    >>> opt = adam(0.1)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, state = opt.update({"w": jnp.array([0.5, -0.5])}, opt.init(params), params)
+    >>> [round(v, 4) for v in apply_updates(params, updates)["w"].tolist()]  # the first step is lr * sign(g)
+    [0.9, -1.9]
     """
     return _optimizer(
         "adam", T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype), _descend("adam", lr)
@@ -182,7 +255,7 @@ def adamw(
     mu_dtype=None,
     nu_dtype=None,
 ) -> GradientTransformation:
-    """AdamW, Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+    """AdamW: Adam with decoupled weight decay.
 
     .. math:: \\theta \\leftarrow \\theta - \\alpha_t\\,(\\hat m / (\\sqrt{\\hat v} + \\epsilon) + \\lambda\\theta)
 
@@ -193,6 +266,24 @@ def adamw(
     ``weight_decay=None`` leaves the decay out (then ``update`` needs no params; ``0.0`` keeps it
     as a zero term, so an injected or swept value can change it). ``mu_dtype`` / ``nu_dtype`` as
     in `adam`.
+
+    Args:
+      lr, b1, b2, eps, mu_dtype, nu_dtype: as in `adam`.
+      weight_decay: ``lambda``, multiplied by the learning rate; None leaves it out.
+      mask: a pytree of bools like the params, or a callable ``params -> mask`` (e.g.
+        `jaxdl.transforms.decay_mask`): which leaves decay.
+
+    Returns:
+      An optax ``GradientTransformation``.
+
+    Source: Loshchilov & Hutter 2019.
+
+    >>> import jax.numpy as jnp
+    >>> opt = adamw(0.1, weight_decay=0.5)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, state = opt.update({"w": jnp.array([0.5, -0.5])}, opt.init(params), params)
+    >>> [round(v, 4) for v in apply_updates(params, updates)["w"].tolist()]  # Adam's step, then - 0.1 * 0.5 theta
+    [0.85, -1.8]
     """
     parts = [T.scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype)]
     if weight_decay is not None:
@@ -201,11 +292,27 @@ def adamw(
 
 
 def signsgd(lr: ScalarOrSchedule, error_feedback: bool = False) -> GradientTransformation:
-    """signSGD: one-bit steps ``theta <- theta - eps_t sign(g)`` (seed 004; Bernstein et al. 2018).
+    """signSGD: one-bit steps ``theta <- theta - eps_t sign(g)``.
 
     With ``error_feedback`` each leaf steps by ``mean|p| sign(p)`` with ``p = g + e`` and keeps the
     residual ``e`` (EF-signSGD, Karimireddy et al. 2019; Seide et al. 2014), which converges
     where plain signSGD with a fixed step oscillates.
+
+    Args:
+      lr: learning rate ``eps_t``, a number or a schedule.
+      error_feedback: keep the residual of each one-bit step and add it to the next gradient.
+
+    Returns:
+      An optax ``GradientTransformation``.
+
+    Source: Bernstein et al. 2018; Sarkar, CS60010 (one-bit gradients).
+
+    >>> import jax.numpy as jnp
+    >>> opt = signsgd(0.1)
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, state = opt.update({"w": jnp.array([0.5, -0.5])}, opt.init(params), params)
+    >>> [round(v, 4) for v in apply_updates(params, updates)["w"].tolist()]
+    [0.9, -1.9]
     """
     if not isinstance(error_feedback, bool):
         raise TypeError(f"signsgd: error_feedback must be a bool, got {error_feedback!r}")
@@ -226,8 +333,7 @@ def muon(
     ns_dtype: str = "bfloat16",
     others: GradientTransformation | None = None,
 ) -> GradientTransformation:
-    """Muon, MomentUm Orthogonalized by Newton-schulz (Jordan et al. 2024, "Muon: An optimizer
-    for hidden layers in neural networks"), for the 2-D weights; ``others`` for the rest.
+    """Muon (MomentUm Orthogonalized by Newton-Schulz) for the 2-D weights; ``others`` for the rest.
 
     .. math:: \\theta \\leftarrow \\theta - \\alpha_t\\,(s\\,\\mathrm{NS}(\\tilde B) + \\lambda\\theta)
               \\quad \\text{(2-D leaves; } \\tilde B, s, \\mathrm{NS} \\text{ as in } \\texttt{scale\\_by\\_muon})
@@ -254,6 +360,8 @@ def muon(
     Returns:
       A ``GradientTransformation`` (a `jaxdl.transforms.partition` with labels ``"muon"`` and
       ``"others"``).
+
+    Source: Jordan et al. 2024; Liu et al. 2025 (``adjust_lr="match_rms_adamw"``).
     """
     parts = [
         T.scale_by_muon(
@@ -293,7 +401,7 @@ def schedule_free_adamw(
     weight_decay: float | None = None,
     weight_lr_power: float = 2.0,
 ) -> GradientTransformation:
-    """Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled").
+    """Schedule-free AdamW: Adam's steps on ``z``, evaluated at an average ``x``, no decay schedule.
 
     .. math:: z \\leftarrow z - \\gamma_t\\,\\bigl(g / (\\sqrt{\\hat v} + \\epsilon) + \\lambda y\\bigr),
               \\quad x, y \\text{ as in } \\texttt{schedule\\_free}
@@ -315,6 +423,8 @@ def schedule_free_adamw(
 
     Returns:
       A ``GradientTransformation`` with a `jaxdl.transforms.ScheduleFreeState`.
+
+    Source: Defazio et al. 2024, "The Road Less Scheduled".
     """
     T.scale_by_adam(0.0, b2, eps)  # validates b2 and eps with their names
     rms = optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True)
@@ -327,7 +437,7 @@ def schedule_free_sgd(
     weight_decay: float | None = None,
     weight_lr_power: float = 2.0,
 ) -> GradientTransformation:
-    """Schedule-free SGD (Defazio et al. 2024, "The Road Less Scheduled").
+    """Schedule-free SGD: SGD steps on ``z``, evaluated at an average ``x``, no decay schedule.
 
     .. math:: y_t = (1-\\beta_1) z_t + \\beta_1 x_t, \\quad z_{t+1} = z_t - \\gamma_t (g + \\lambda y_t),
               \\quad x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}
@@ -344,6 +454,8 @@ def schedule_free_sgd(
 
     Returns:
       A ``GradientTransformation`` with a `jaxdl.transforms.ScheduleFreeState`.
+
+    Source: Defazio et al. 2024, "The Road Less Scheduled".
     """
     return _schedule_free("schedule_free_sgd", [], lr, b1, weight_decay, weight_lr_power)
 
@@ -351,7 +463,13 @@ def schedule_free_sgd(
 def apply_updates(params, updates):
     """``theta <- theta + u`` leaf by leaf, keeping each parameter's dtype (``optax.apply_updates``).
 
-    Raises ValueError naming the first differing path when the trees do not match.
+    Args:
+      params: the parameter pytree ``theta``.
+      updates: the optimizer's updates ``u``, a tree of the same structure.
+
+    Returns:
+      The new parameters. Raises ValueError naming the first differing path when the trees do
+      not match.
     """
     check_tree_match("apply_updates", params, updates, what="updates (against params)")
     return optax.apply_updates(params, updates)

@@ -13,7 +13,7 @@ What one `fit` call does (docs/design.md has the path of one batch):
 - The `TrainState` is donated to the compiled loop (fit owns it), so XLA updates the
   parameters and optimizer state in place; metrics come back to the host once per block.
 - After each epoch: validation loss and accuracy in eval mode (running statistics, no dropout),
-  one record in ``history``; early stopping (seed 000: "stop training when validation error
+  one record in ``history``; early stopping (Tips and Tricks notes: "stop training when validation error
   starts to rise") keeps the parameters of the epoch with the lowest validation loss.
 - Everything around the loop is a callback (`jaxdl.callbacks`): the progress bar, metrics.jsonl,
   TensorBoard, early stopping (`jaxdl.callbacks.EarlyStopping`), checkpoints, and the user's
@@ -131,6 +131,12 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     `fit` initializes the model (and seeds dropout, augmentation) from ``model_key`` and orders
     the data with ``data_key``; ``extra_key`` is free for the caller (the CLI seeds
     `jaxdl.transforms.add_noise` with it).
+
+    Args:
+      seed: an int >= 0.
+
+    Returns:
+      ``(model_key, data_key, extra_key)``.
     """
     model_key, data_key, extra_key = jax.random.split(jax.random.key(seed), 3)
     return model_key, data_key, extra_key
@@ -141,8 +147,8 @@ class AugmentedLoss(NamedTuple):
 
     ``augment(key, x) -> x`` draws from the step's key (`jaxdl.train_step.step_key`), so
     augmentation is reproducible from the `TrainState` (bitwise resume) and costs no host work.
-    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, seed 000's translation
-    augmentation) or from a callable.
+    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, translation augmentation)
+    or from a callable.
     """
 
     inner: Any
@@ -172,7 +178,17 @@ class _Shift(NamedTuple):
 def augmented_loss(loss_fn, augment):
     """``loss_fn`` with its training inputs augmented (an `AugmentedLoss`), or ``loss_fn`` itself
     when ``augment`` is None or 0. ``augment``: an int ``s``, a random translation of every image
-    by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``."""
+    by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``.
+
+    Args:
+      loss_fn: the train step's loss.
+      augment: None, an int shift or ``augment(key, x) -> x``.
+
+    Returns:
+      An `AugmentedLoss` or ``loss_fn``.
+
+    Source: Tips and Tricks notes (data augmentation).
+    """
     if isinstance(augment, bool) or not (
         augment is None or callable(augment) or isinstance(augment, (int, np.integer))
     ):
@@ -186,7 +202,18 @@ def augmented_loss(loss_fn, augment):
 
 def default_block_size(steps_per_epoch: int, target: int = 16) -> int:
     """A divisor of ``steps_per_epoch`` near ``target``, so that every block of an epoch has the
-    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target]."""
+    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target].
+
+    Args:
+      steps_per_epoch: the epoch's optimizer steps.
+      target: the preferred block length.
+
+    Returns:
+      The block size, an int.
+
+    >>> default_block_size(100), default_block_size(7)
+    (20, 7)
+    """
     near = [d for d in range(target // 2, 2 * target + 1) if steps_per_epoch % d == 0]
     return min(near, key=lambda d: (abs(d - target), d)) if near else min(target, steps_per_epoch)
 
@@ -202,6 +229,19 @@ def chunk_bounds(
     lengths at most (one when ``block_size`` divides the segments), and the cuts depend on the
     global step alone: a run resumed from a checkpoint runs exactly the blocks that the
     uninterrupted run ran from there on.
+
+    Args:
+      epoch: the epoch (from 0).
+      steps_per_epoch: its optimizer steps.
+      block_size: steps per scan call.
+      checkpoint_every: the checkpoint interval in global steps.
+      start: the first position to run (a resumed epoch's).
+
+    Returns:
+      A list of ``(a, b)`` pairs.
+
+    >>> chunk_bounds(0, steps_per_epoch=10, block_size=4, checkpoint_every=100)
+    [(0, 4), (4, 8), (8, 9), (9, 10)]
     """
     first = epoch * steps_per_epoch
     anchors = sorted(
@@ -351,8 +391,8 @@ def evaluate(
 ) -> dict:
     """Loss and accuracy of ``state``'s parameters on ``data_`` in eval mode.
 
-    Eval mode: BatchNorm uses its running statistics, Dropout is off (seed 001: "at test time
-    BatchNorm ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
+    Eval mode: BatchNorm uses its running statistics, Dropout is off ("at test time BatchNorm
+    ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
     y)`` arrays or a `jaxdl.data.Split`, scored in batches of ``batch_size``; the result is the
     mean over examples, each batch weighted by its size, so a last partial batch counts exactly
     as much as its examples; for integer targets each batch weighs as many as its targets not
@@ -364,6 +404,26 @@ def evaluate(
     ``precision`` runs the model under that policy (as `fit` trained it). Data the model or loss
     cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
     for a model of C outputs) is refused by name before anything runs, as in `fit`.
+
+    Args:
+      model: the model that ``state`` holds the parameters of.
+      state: a `TrainState` (e.g. ``fit(...).state``).
+      data_: ``(x, y)`` arrays or a `jaxdl.data.Split`.
+      batch_size: examples per compiled evaluation call.
+      loss_fn, use_ema, precision: as in `fit`.
+
+    Returns:
+      A dict of float metrics: ``loss``, ``accuracy`` and any other metric of the loss.
+
+    Source: CSE 176 Lecture 11 (BatchNorm at test time).
+
+    >>> import jax, numpy as np
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> state = dl.TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+    >>> x, y = np.ones((10, 3), np.float32), np.zeros(10, np.int32)
+    >>> sorted(evaluate(model, state, (x, y)))
+    ['accuracy', 'loss']
     """
     model = as_layer("evaluate", model)
     x, y = _arrays("data", data_, "evaluate")
@@ -381,7 +441,12 @@ def evaluate(
 
 
 def write_json(path: str, obj) -> None:
-    """Write JSON atomically (temp file, rename)."""
+    """Write JSON atomically (temp file, rename).
+
+    Args:
+      path: the file.
+      obj: a JSON-serializable object.
+    """
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -391,7 +456,14 @@ def write_json(path: str, obj) -> None:
 
 def read_metrics(path: str) -> list[dict]:
     """The epoch records of a ``metrics.jsonl`` (none if it does not exist). A last line cut
-    short by a kill is dropped; the resumed run writes that epoch again."""
+    short by a kill is dropped; the resumed run writes that epoch again.
+
+    Args:
+      path: the ``metrics.jsonl`` file.
+
+    Returns:
+      A list of dicts, one per epoch.
+    """
     if not os.path.isfile(path):
         return []
     with open(path) as f:
@@ -407,7 +479,12 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_curves(records: list[dict], path: str) -> None:
-    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend)."""
+    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend).
+
+    Args:
+      records: `fit`'s history (or `read_metrics`' records).
+      path: the PNG file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -898,10 +975,12 @@ def fit(
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
 
-    Minibatch SGD (seed 001): each epoch visits the ``n // batch_size`` batches of a fresh random
-    order (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer
-    step each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
+    Minibatch SGD: each epoch visits the ``n // batch_size`` batches of a fresh random order
+    (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer step
+    each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
     gradient or update is skipped and counted (``nonfinite_steps``).
+
+    Args:
 
     - ``model``: a jaxdl layer (e.g. `jaxdl.models.mlp`, `jaxdl.layers.Sequential`) or
       `jaxdl.layers.from_flax`; ``optimizer``: any jaxdl or optax ``GradientTransformation``.
@@ -937,7 +1016,7 @@ def fit(
       ``axis_name="batch"`` (`jaxdl.models.mlp(..., axis_name="batch")`). Same result as one
       device up to float reduction order.
     - ``initial_params``: start from these parameters (e.g. a pretrained body for transfer
-      learning, seed 001) instead of the model's initialization; the same tree as
+      learning, CSE 176 Lecture 11) instead of the model's initialization; the same tree as
       ``model.init``'s. fit copies them (its state is donated to the compiled loop), so the
       caller's arrays stay valid.
     - ``progress``: a `tqdm.auto` bar (a widget in notebooks) and one line per epoch on stderr;
@@ -972,9 +1051,26 @@ def fit(
 
     ``history`` entries: ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``val_loss``,
     ``val_accuracy`` (with validation), ``lr``, ``update_ratio`` (mean over the epoch's steps of
-    ||update|| / ||params||; seed 004 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
+    ||update|| / ||params||; Sarkar, CS60010 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
     ``seconds``, ``examples_per_s``. Bad arguments are refused with a ValueError or TypeError
     naming the argument and the value before anything is trained or written.
+
+    Returns:
+      A `FitResult`: the final ``state``, the ``history``, ``best_epoch``, ``steps``,
+      ``stopped_early``, ``resumed_from_step``, ``train_time_s``.
+
+    Source: CSE 176 Lecture 11 (minibatch SGD); Tips and Tricks notes and Prechelt 1998 (early
+    stopping).
+
+    >>> import numpy as np
+    >>> import jaxdl as dl
+    >>> x = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> result = dl.fit(dl.layers.Dense(2), dl.sgd(0.1), (x, y), epochs=2, batch_size=8, progress=False)
+    >>> [r["epoch"] for r in result.history], result.steps
+    ([1, 2], 8)
+    >>> result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    True
     """
 
     config = _fit_config(
@@ -1052,7 +1148,16 @@ def write_summary(out_dir: str, result: FitResult, **extra) -> dict:
     """Write (atomically) and return a run's ``summary.json``: steps, epochs completed, whether
     it stopped early, the best epoch, the resumption step, the training time, the final record,
     then ``extra`` (what a caller adds, e.g. the command's test accuracy). The one writer of the
-    file: `fit` writes it, and the ``jaxdl train`` command writes it again with its ``extra``."""
+    file: `fit` writes it, and the ``jaxdl train`` command writes it again with its ``extra``.
+
+    Args:
+      out_dir: the run's folder.
+      result: `fit`'s `FitResult`.
+      **extra: entries added at the end.
+
+    Returns:
+      The summary, a dict.
+    """
     summary = {
         "steps": result.steps,
         "epochs_completed": len(result.history),

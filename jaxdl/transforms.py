@@ -176,6 +176,16 @@ def global_norm(tree) -> jax.Array:
     """``sqrt(sum over leaves of sum |g|^2)``, accumulated in float32 at least.
 
     For complex leaves ``|g|^2 = g conj(g)``, as ``optax.global_norm``.
+
+    Args:
+      tree: a pytree of arrays (real or complex).
+
+    Returns:
+      The scalar norm, float32 or wider.
+
+    >>> import jax.numpy as jnp
+    >>> float(global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
+    5.0
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
@@ -187,7 +197,21 @@ def global_norm(tree) -> jax.Array:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` left to right; the state is the tuple of their states.
 
-    Accepts jaxdl and optax transforms alike (it is ``optax.chain`` after a type check).
+    ``u = t_n(...t_2(t_1(g)))``. Accepts jaxdl and optax transforms alike (it is
+    ``optax.chain`` after a type check).
+
+    Args:
+      *transforms: ``GradientTransformation`` s, applied in order.
+
+    Returns:
+      One ``GradientTransformation``.
+
+    >>> import jax.numpy as jnp
+    >>> opt = chain(clip(1.0), scale_by_learning_rate(0.1))  # clip elementwise, then -0.1 g
+    >>> g = {"w": jnp.array([3.0, -0.5])}
+    >>> updates, state = opt.update(g, opt.init(g))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [-0.1, 0.05]
     """
     for i, tx in enumerate(transforms):
         check_transform("chain", f"argument {i}", tx)
@@ -195,12 +219,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def identity() -> GradientTransformation:
-    """``u = g``."""
+    """``u = g``.
+
+    Returns:
+      A ``GradientTransformation``.
+    """
     return optax.identity()
 
 
 def scale(factor: float) -> GradientTransformation:
-    """``u = factor * g``."""
+    """``u = factor * g``.
+
+    Args:
+      factor: the constant multiplier.
+
+    Returns:
+      A ``GradientTransformation``.
+    """
     check_number("scale", "factor", factor)
 
     def update(updates, state, params=None):
@@ -220,6 +255,12 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
     a negative or non-finite one, a schedule's too: its value at step 0 and, for jaxdl's
     schedules, its end value are checked at construction (`jaxdl._checks.check_schedule`; traced
     values pass). ``init`` refuses integer or boolean params (`jaxdl._checks.check_float_params`).
+
+    Args:
+      lr: a number or 0-d array >= 0, or a schedule ``t -> lr``.
+
+    Returns:
+      A ``GradientTransformation``.
     """
     if not callable(lr):
         check_scalar("scale_by_learning_rate", "lr", lr)
@@ -255,13 +296,22 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
 
 
 def momentum(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
-    """Heavy-ball momentum (seed 001), or Nesterov's in its standard reformulation (seed 004).
+    """Heavy-ball momentum, or Nesterov's in its standard reformulation.
 
     .. math:: v \\leftarrow \\mu v + g, \\qquad u = v \\;\\text{or}\\; u = g + \\mu v
 
-    Followed by ``scale_by_learning_rate(lr)`` this is seed 001's ``v <- a v - eps g,
+    Followed by ``scale_by_learning_rate(lr)`` this is CSE 176 Lecture 11's ``v <- a v - eps g,
     theta <- theta + v`` with v rescaled by 1/eps, and exactly ``torch.optim.SGD(momentum=mu,
     nesterov=...)`` (dampening 0). Equals ``optax.trace(decay, nesterov)``, complex leaves included.
+
+    Args:
+      decay: ``mu`` in [0, 1).
+      nesterov: Nesterov's form ``u = g + mu v``.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: CSE 176 Lecture 11 (heavy ball); Sarkar, CS60010 (Nesterov).
     """
     check_number("momentum", "decay", decay, low=0.0, high=1.0, high_open=True)
     if not isinstance(nesterov, bool):
@@ -287,25 +337,42 @@ def momentum(decay: float = 0.9, nesterov: bool = False) -> GradientTransformati
 def nesterov(decay: float = 0.9) -> GradientTransformation:
     """Nesterov momentum: ``momentum(decay, nesterov=True)``.
 
-    Seed 004 evaluates the gradient at the look-ahead point ``theta + a v``; with the change of
-    variable ``theta' = theta + a v`` (Sutskever et al. 2013; Bengio et al. 2013) that becomes
+    The lecture (Sarkar, CS60010) evaluates the gradient at the look-ahead point ``theta + a v``;
+    with the change of variable ``theta' = theta + a v`` (Sutskever et al. 2013; Bengio et al. 2013) that becomes
     ``v <- a v + g, u = g + a v``, which needs only the gradient at the current parameters.
+
+    Args:
+      decay: ``mu`` in [0, 1).
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: Sarkar, CS60010; Sutskever et al. 2013; Bengio et al. 2013.
     """
     return momentum(decay, nesterov=True)
 
 
 def scale_by_adagrad(eps: float = 1e-7, initial_accumulator: float = 0.0) -> GradientTransformation:
-    """AdaGrad (Duchi et al. 2011) in seed 001's form, delta outside the root.
+    """AdaGrad's scaling by the root of the summed squared gradients, delta outside the root.
 
     .. math:: r \\leftarrow r + g \\odot g, \\qquad u = g / (\\delta + \\sqrt{r})
 
     Same as ``torch.optim.Adagrad`` (whose ``eps`` also sits outside the root; its default is
-    1e-10, ours is seed 001's 1e-7). optax's ``adagrad`` starts ``r`` at 0.1 and puts eps inside
-    the root; ours starts at ``initial_accumulator`` = 0.
+    1e-10, ours is the lecture's 1e-7). optax's ``adagrad`` starts ``r`` at 0.1 and puts eps
+    inside the root; ours starts at ``initial_accumulator`` = 0.
 
     Complex parameters: ``g * g`` is ``|g|^2 = g * conj(g)``, real, and ``r`` is stored in the
     real dtype (float32 for complex64), as in ``optax.scale_by_rss``. (``torch.optim`` instead
     treats the real and imaginary parts as two separate parameters.)
+
+    Args:
+      eps: ``delta`` > 0, outside the root.
+      initial_accumulator: the starting value of ``r`` (>= 0).
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: Duchi et al. 2011; CSE 176 Lecture 11.
     """
     check_number("scale_by_adagrad", "eps", eps, low=0.0, low_open=True)
     check_number("scale_by_adagrad", "initial_accumulator", initial_accumulator, low=0.0)
@@ -329,7 +396,7 @@ def scale_by_adagrad(eps: float = 1e-7, initial_accumulator: float = 0.0) -> Gra
 
 
 def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) -> GradientTransformation:
-    """RMSProp (Tieleman & Hinton 2012; seed 004), eps outside the root as in PyTorch.
+    """RMSProp's scaling by a running root mean square, eps outside the root as in PyTorch.
 
     .. math:: s \\leftarrow \\rho s + (1-\\rho) g^2, \\qquad u = g / (\\sqrt{s} + \\epsilon)
 
@@ -341,6 +408,16 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, centered: bool = False) 
 
     Complex parameters follow optax: ``g^2`` is ``|g|^2 = g * conj(g)`` (``s`` is real and stored in
     the real dtype), ``m`` stays complex and the centered root is ``sqrt(s - |m|^2)``.
+
+    Args:
+      decay: ``rho``.
+      eps: ``epsilon``, outside the root.
+      centered: divide by the root of ``s - m^2`` (Graves 2013).
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: Tieleman & Hinton 2012; Graves 2013; Sarkar, CS60010.
     """
     check_number("scale_by_rms", "decay", decay, low=0.0, high=1.0, high_open=True)
     check_number("scale_by_rms", "eps", eps, low=0.0, low_open=True)
@@ -375,7 +452,7 @@ def scale_by_adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> GradientTransformation:
-    """Adam (Kingma & Ba 2015; seeds 000 and 004).
+    """Adam's scaling: bias-corrected first moment over the root of the second.
 
     .. math::
         m \\leftarrow \\beta_1 m + (1-\\beta_1) g, \\quad v \\leftarrow \\beta_2 v + (1-\\beta_2) |g|^2,
@@ -393,12 +470,22 @@ def scale_by_adam(
     ``optax.scale_by_adam(mu_dtype=...)`` has the same state, but computes ``b1 * m`` in the
     storage dtype before promoting, so its numbers differ from ours by bfloat16 rounding (ours
     are nearer the float32 run); optax has no ``nu_dtype`` (its ``nu`` follows the params).
-    bfloat16 storage saves memory, not time, on XLA:CPU: the update on a ResNet-50-sized tree ran
-    2.3x slower than with float32 moments (element-wise converts; benchmarks/RESULTS.md).
+    bfloat16 storage saves memory, not time, on XLA:CPU: the update is slower than with float32
+    moments (element-wise converts; figures in benchmarks/RESULTS.md).
 
     Complex parameters follow optax (``torch.optim.Adam`` instead treats the real and imaginary
     parts as separate parameters): ``|g|^2 = g * conj(g)``, so ``v`` is real and stored in the
     real dtype (float32 for complex64), while ``m`` stays complex. ``mu_dtype`` must then be None.
+
+    Args:
+      b1, b2: decays ``beta_1``, ``beta_2`` of the two moments.
+      eps: ``epsilon``, outside the root.
+      mu_dtype, nu_dtype: storage dtypes of ``m`` and ``v`` (None: the params').
+
+    Returns:
+      A ``GradientTransformation``. Its state is optax's ``ScaleByAdamState(count, mu, nu)``.
+
+    Source: Kingma & Ba 2015; Tips and Tricks notes; Sarkar, CS60010.
     """
     check_number("scale_by_adam", "b1", b1, low=0.0, high=1.0, high_open=True)
     check_number("scale_by_adam", "b2", b2, low=0.0, high=1.0, high_open=True)
@@ -441,11 +528,24 @@ def scale_by_adam(
 
 
 def clip(max_abs: float) -> GradientTransformation:
-    """Elementwise clipping (seed 004): ``u = min(g_max, max(-g_max, g))``, so ``|u| <= g_max``.
+    """Elementwise clipping: ``u = min(g_max, max(-g_max, g))``, so ``|u| <= g_max``.
 
     Equals ``optax.clip(max_abs)``. Complex updates are refused (ValueError naming the leaf, at
     trace time): complex numbers have no order, and optax's ``clip`` fails on them too; use
     `clip_by_global_norm`, which is defined for them.
+
+    Args:
+      max_abs: ``g_max`` >= 0.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: Sarkar, CS60010 (gradient clipping).
+
+    >>> import jax.numpy as jnp
+    >>> u, _ = clip(1.0).update({"w": jnp.array([3.0, -0.5, -2.0])}, None)
+    >>> u["w"].tolist()
+    [1.0, -0.5, -1.0]
     """
     check_number("clip", "max_abs", max_abs, low=0.0, low_open=True)
 
@@ -463,12 +563,20 @@ def clip(max_abs: float) -> GradientTransformation:
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
-    """Rescale the whole update so its norm is at most ``max_norm`` (Pascanu et al. 2013).
+    """Rescale the whole update so its norm is at most ``max_norm``.
 
     .. math:: u = g \\cdot \\min(1, \\text{max\\_norm} / \\lVert g \\rVert_2),
               \\quad \\lVert g \\rVert_2 = \\sqrt{\\textstyle\\sum_{\\text{leaves}} \\sum |g|^2}
 
     Equals ``optax.clip_by_global_norm``, complex leaves included (``|g|^2 = g * conj(g)``).
+
+    Args:
+      max_norm: the largest norm of the update (> 0).
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: Pascanu et al. 2013; Sarkar, CS60010 (gradient clipping).
     """
     check_number("clip_by_global_norm", "max_norm", max_norm, low=0.0, low_open=True)
 
@@ -482,12 +590,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
 
 def sign(scale: float = 1.0) -> GradientTransformation:
-    """One-bit gradients, "extreme clipping" (seed 004; Seide et al. 2014; Bernstein et al. 2018).
+    """One-bit gradients, "extreme clipping": the sign of each coordinate.
 
     .. math:: u = s \\cdot \\operatorname{sign}(g)
 
     With ``s = 1`` equals ``optax.scale_by_sign()``. ``sign(0) = 0``. For complex ``g`` it is
     ``jnp.sign``'s ``g / |g|`` (the unit phase), as in optax.
+
+    Args:
+      scale: ``s``, the step of each coordinate.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: Seide et al. 2014; Bernstein et al. 2018; Sarkar, CS60010 (one-bit gradients).
     """
     check_number("sign", "scale", scale, low=0.0, low_open=True)
 
@@ -499,7 +615,7 @@ def sign(scale: float = 1.0) -> GradientTransformation:
 
 
 def sign_with_error_feedback() -> GradientTransformation:
-    """One-bit gradients with error feedback (Seide et al. 2014; Karimireddy et al. 2019).
+    """One-bit gradients with error feedback.
 
     .. math::
         p = g + e, \\qquad u = \\operatorname{mean}(|p|) \\operatorname{sign}(p)
@@ -507,6 +623,11 @@ def sign_with_error_feedback() -> GradientTransformation:
 
     The residual ``e`` carries exactly what the one-bit update left out, so ``g + e_old = u +
     e_new`` and nothing of the gradient is lost over time (EF-signSGD).
+
+    Returns:
+      A ``GradientTransformation``. Its state holds the residual ``e``.
+
+    Source: Seide et al. 2014; Karimireddy et al. 2019.
     """
 
     def init(params):
@@ -527,7 +648,7 @@ def sign_with_error_feedback() -> GradientTransformation:
 
 
 def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -> GradientTransformation:
-    """Annealed Gaussian gradient noise (Neelakantan et al. 2016; seed 004).
+    """Annealed Gaussian gradient noise.
 
     .. math:: u = g + N(0, \\sigma_t^2), \\qquad \\sigma_t^2 = \\eta / (1 + t)^\\gamma
 
@@ -536,6 +657,16 @@ def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -
     ``optax.add_noise(eta, gamma, key)``; for complex leaves it is ``jax.random.normal``'s
     circular complex normal (real and imaginary parts each of variance ``sigma_t^2 / 2``), as in
     optax.
+
+    Args:
+      eta: ``eta`` >= 0, the noise scale at step 0.
+      gamma: the annealing exponent (Neelakantan et al. use 0.55).
+      key: an int seed or a ``jax.random.key``.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: Neelakantan et al. 2016; Sarkar, CS60010 (gradient noise).
     """
     check_number("add_noise", "eta", eta, low=0.0)
     check_number("add_noise", "gamma", gamma, low=0.0)
@@ -558,12 +689,22 @@ def add_noise(eta: float = 0.3, gamma: float = 0.55, key: int | jax.Array = 0) -
 
 
 def add_weight_decay(rate: float, mask: Mask | None = None) -> GradientTransformation:
-    """L2 weight decay added to the gradient: ``u = g + rate * params`` (seed 000).
+    """L2 weight decay added to the gradient: ``u = g + rate * params``.
 
     ``mask`` (a pytree of bools like the params, or a callable of the params) limits the decay to
     the leaves where it is true, e.g. ``lambda p: jax.tree.map(lambda w: w.ndim > 1, p)`` to
     leave biases and BatchNorm scales alone. Placed before ``scale_by_adam`` this is Adam's L2
     (``torch.optim.Adam(weight_decay=...)``); after it, AdamW's decoupled decay.
+
+    Args:
+      rate: the decay ``rate`` >= 0.
+      mask: a pytree of bools like the params, or a callable ``params -> mask``; None decays
+        every leaf.
+
+    Returns:
+      A ``GradientTransformation``. Its ``update`` needs ``params``.
+
+    Source: Tips and Tricks notes (weight decay); Loshchilov & Hutter 2019 (decoupled).
     """
     check_number("add_weight_decay", "rate", rate, low=0.0)
 
@@ -588,6 +729,12 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
     On such a step ``u = 0`` and the inner state (moments, counts, keys) stays exactly as it was,
     so the next finite step proceeds as if the bad one never happened; ``skipped`` counts them.
     Like ``optax.apply_if_finite`` with no limit on consecutive skips.
+
+    Args:
+      inner: the transformation to guard.
+
+    Returns:
+      A ``GradientTransformation``. Its state holds ``inner``'s and the count ``skipped``.
     """
     check_transform("skip_nonfinite", "inner", inner)
 
@@ -611,6 +758,13 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     ``mask`` is a pytree of bools with the structure of the params (or a prefix of it), or a
     callable returning one. ``inner`` keeps state only for the masked-in leaves. This is
     ``optax.masked``; combine with `freeze` to zero the leaves left out.
+
+    Args:
+      inner: the transformation applied to the masked-in leaves.
+      mask: a pytree of bools (or a callable ``params -> mask``).
+
+    Returns:
+      A ``GradientTransformation``.
     """
     check_transform("masked", "inner", inner)
     if mask is None:
@@ -622,11 +776,19 @@ def freeze(mask: Mask) -> GradientTransformation:
     """Freeze the leaves where ``mask`` is true: ``u = 0`` there, ``u = g`` elsewhere; no state.
 
     To train only part of a model with an optimizer that keeps no state for frozen leaves
-    (transfer learning, seed 001), put the optimizer under `masked` with the opposite mask::
+    (transfer learning), put the optimizer under `masked` with the opposite mask::
 
         tx = chain(freeze(body), masked(adam(1e-3), head))
 
     The frozen leaves then never change, whatever the optimizer (weight decay included).
+
+    Args:
+      mask: a pytree of bools (or a callable ``params -> mask``): the frozen leaves.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    Source: CSE 176 Lecture 11 (transfer learning).
     """
     if mask is None:
         raise TypeError("freeze: mask must be a pytree of bools or a callable of the params, got None")

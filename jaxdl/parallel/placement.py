@@ -170,7 +170,7 @@ def check_divisible(owner: str, batch_size: int, num_devices: int, what: str = "
 
 
 def shard_batch(batch, num_devices: int | None = None):
-    """Split every leaf ``(B, ...)`` into ``(D, B / D, ...)``: the pmap layout (seed 001: "split
+    """Split every leaf ``(B, ...)`` into ``(D, B / D, ...)``: the pmap layout (CSE 176 Lecture 11: "split
     minibatch into chunks & distribute to GPUs").
 
     ``num_devices`` (D) defaults to `jax.local_device_count()`, as in `flax.training.common_utils.shard`.

@@ -1,6 +1,6 @@
 """Data-parallel train steps: `jax.pmap`, `jax.shard_map`, and a scan-fused sharded loop.
 
-Data parallelism (seed 001): "split minibatch into chunks & distribute to GPUs/nodes". Every
+Data parallelism (CSE 176 Lecture 11): "split minibatch into chunks & distribute to GPUs/nodes". Every
 device holds the same parameters, computes the gradient of the mean loss on its chunk, and the
 devices average their gradients, so that with equal chunks
 
@@ -176,7 +176,7 @@ def make_pmap_train_step(
     .. math:: g = \\frac{1}{D}\\sum_d \\nabla \\bar L(B_d) = \\nabla \\bar L(B)
               \\quad (|B_d| = |B|/D)
 
-    (seed 001's data parallelism), so the result equals `make_train_step` on the global batch
+    (CSE 176 Lecture 11's data parallelism), so the result equals `make_train_step` on the global batch
     when the model's `BatchNorm` layers have ``axis_name=axis_name`` (statistics of the global
     batch, identical running statistics on every device). A model whose state would differ
     across devices is refused at the first call. The state's key stays identical on all devices;
@@ -337,7 +337,7 @@ def make_sharded_train_step(
 
     .. math:: g = \\frac{1}{D}\\sum_d \\nabla \\bar L(B_d) = \\nabla \\bar L(B)
 
-    (seed 001's data parallelism), the same math as `make_pmap_train_step`, and the same result
+    (CSE 176 Lecture 11's data parallelism), the same math as `make_pmap_train_step`, and the same result
     as `make_train_step` on the global batch. Spans hosts when ``mesh`` does (every process runs
     the step with its `put_batch` part of the global batch; `jax.distributed.initialize`).
     Metrics are replicated scalars. A global batch that the data axis does not divide, or a model
