@@ -5,6 +5,7 @@ optimizer state, a PRNG key, a step counter); docs/design.md has the layout, the
 """
 
 from jaxdl import (
+    callbacks,
     compile_cache,
     data,
     diagnostics,
@@ -23,6 +24,7 @@ from jaxdl import (
     trainer,
     transforms,
 )
+from jaxdl.callbacks import Callback, EarlyStopping
 from jaxdl.layers import (
     Add,
     AvgPool,
@@ -54,7 +56,18 @@ from jaxdl.layers import (
 )
 from jaxdl.losses import IGNORE_INDEX, accuracy, binary_cross_entropy, l2_penalty, mse, softmax_cross_entropy
 from jaxdl.nnx import from_nnx, update_module
-from jaxdl.optimizers import adagrad, adam, adamw, apply_updates, rmsprop, sgd, signsgd
+from jaxdl.optimizers import (
+    adagrad,
+    adam,
+    adamw,
+    apply_updates,
+    muon,
+    rmsprop,
+    schedule_free_adamw,
+    schedule_free_sgd,
+    sgd,
+    signsgd,
+)
 from jaxdl.parallel import (
     collective_bytes,
     data_mesh,
@@ -72,6 +85,7 @@ from jaxdl.parallel import (
 from jaxdl.precision import DynamicLossScale, LossScale, Policy
 from jaxdl.sweep import coarse_to_fine, grid, scale_init
 from jaxdl.train_step import (
+    StepOptions,
     TrainState,
     make_eval_step,
     make_train_loop,
@@ -79,23 +93,29 @@ from jaxdl.train_step import (
     recalibrate_batchnorm,
     supervised_loss,
 )
-from jaxdl.trainer import FitResult, evaluate, fit
+from jaxdl.trainer import FitConfig, FitResult, evaluate, fit
 from jaxdl.transforms import (
     add_noise,
     add_weight_decay,
     chain,
     clip,
     clip_by_global_norm,
+    decay_mask,
     freeze,
     identity,
     masked,
     momentum,
     nesterov,
+    orthogonalize,
+    partition,
     scale,
     scale_by_adagrad,
     scale_by_adam,
     scale_by_learning_rate,
+    scale_by_muon,
     scale_by_rms,
+    schedule_free,
+    schedule_free_eval_params,
     sign,
     sign_with_error_feedback,
     skip_nonfinite,

@@ -14,7 +14,8 @@ what `fit` writes (``metrics.jsonl``, ``curves.png``, ``checkpoints/``, ``model/
 
 - ``config.json``: the resolved options, written before training starts; ``evaluate``,
   ``--resume`` and ``--config`` rebuild everything from it.
-- ``summary.json``: test accuracy and loss, wall time, configuration.
+- ``summary.json``: fit's summary (steps, the final epoch's record, ...) with the test accuracy
+  and loss, wall time and configuration added (`jaxdl.trainer.write_summary`, its one writer).
 
 docs/cli.md lists every option, the outputs and the measured figures.
 
@@ -40,6 +41,7 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -141,6 +143,16 @@ _positive_float, _nonneg_float = _number(float, low=0, low_open=True), _number(f
 _rate = _number(float, low=0, high=1, high_open=True)
 
 
+def _fit_option(group: str, name: str, text: str, **kwargs) -> tuple:
+    """The `OPTIONS` row of `fit`'s option ``name``, generated from its `jaxdl.FitConfig` field:
+    the flag (the configuration's key: `jaxdl.config.COMMAND_NAMES`, else fit's name) and, for a
+    count, the type that parses it with the field's bound (the bound `FitConfig` checks)."""
+    field = {f.name: f for f in dataclasses.fields(trainer.FitConfig)}[name]
+    if "low" in field.metadata:
+        kwargs = {"type": _number(int, low=field.metadata["low"]), **kwargs}
+    return group, "--" + config.COMMAND_NAMES.get(name, name).replace("_", "-"), text, kwargs
+
+
 _LR = ", ".join(f"{v:g} for {k}" for k, v in OPTIMIZER_LR.items())
 _UNIT = _number(float, low=0, high=1, high_open=True)
 # The options of `jaxdl train` and `jaxdl doctor`: (group, flag, help, argparse keywords). docs/cli.md
@@ -169,24 +181,24 @@ OPTIONS = [
     ("optimization", "--step-factor", "step: factor of each drop", dict(type=_number(float, low=0, high=1, low_open=True))),
     ("optimization", "--decay-rate", "inverse-time: decay per step", dict(type=_nonneg_float)),
     ("optimization", "--precision", "bf16/fp16 compute, float32 master weights", dict(choices=("fp32", "bf16", "fp16"))),
-    ("optimization", "--accumulate", "gradient accumulation over K micro-batches", dict(type=_positive_int, metavar="K")),
+    _fit_option("optimization", "micro_batches", "gradient accumulation over K micro-batches", metavar="K"),
     ("optimization", "--ema", "moving average of the weights (default: off)", dict(type=_rate, metavar="DECAY")),
     ("optimization", "--clip", "elementwise clipping (default: off)", dict(type=_positive_float, metavar="MAX_ABS")),
     ("optimization", "--clip-norm", "global-norm clipping (default: off)", dict(type=_positive_float, metavar="MAX_NORM")),
     ("optimization", "--noise-eta", "annealed gradient noise N(0, eta/(1+t)^gamma)", dict(type=_nonneg_float)),
     ("optimization", "--noise-gamma", "", dict(type=_nonneg_float)),
     ("optimization", "--weight-decay", "L2 decay (default: 0.01 for adamw, else 0)", dict(type=_nonneg_float)),
-    ("training", "--epochs", "", dict(type=_positive_int)),
-    ("training", "--batch-size", "", dict(type=_positive_int)),
-    ("training", "--early-stopping", "patience in epochs (default: off)", dict(type=_positive_int, metavar="PATIENCE")),
-    ("training", "--seed", "of init, data order, dropout, augmentation, noise", dict(type=_nonneg_int)),
-    ("training", "--block-size", "steps per compiled scan (default: near 16)", dict(type=_positive_int, metavar="STEPS")),
-    ("training", "--devices", "data parallel over N local devices (default: one)", dict(type=_positive_int, metavar="N")),
-    ("training", "--shard", "with --devices: replicate the state, or split it over the devices (fsdp)", dict(choices=("replicate", "fsdp"))),
+    _fit_option("training", "epochs", ""),
+    _fit_option("training", "batch_size", ""),
+    _fit_option("training", "early_stopping", "patience in epochs (default: off)", metavar="PATIENCE"),
+    _fit_option("training", "seed", "of init, data order, dropout, augmentation, noise"),
+    _fit_option("training", "block_size", "steps per compiled scan (default: near 16)", metavar="STEPS"),
+    _fit_option("training", "devices", "data parallel over N local devices (default: one)", metavar="N"),
+    _fit_option("training", "shard", "with --devices: replicate the state, or split it over the devices (fsdp)", choices=("replicate", "fsdp")),
     ("output", "--config", "start from a run's config.json; options given override it", dict(metavar="JSON")),
-    ("output", "--out", "run directory (default: runs/<time>-<model>-<dataset>)", dict(metavar="DIR")),
-    ("output", "--checkpoint-every", "steps (default: every epoch)", dict(type=_positive_int, metavar="STEPS")),
-    ("output", "--keep", "checkpoints kept", dict(type=_positive_int, metavar="K")),
+    _fit_option("output", "out_dir", "run directory (default: runs/<time>-<model>-<dataset>)", metavar="DIR"),
+    _fit_option("output", "checkpoint_every", "steps (default: every epoch)", metavar="STEPS"),
+    _fit_option("output", "keep", "checkpoints kept", metavar="K"),
     ("output", "--resume", "continue the run in --out from its newest good checkpoint", dict(action="store_true")),
     ("output", "--quiet", "no progress bar, no per-epoch lines", dict(action="store_true")),
     ("output", "--no-compile-cache", "no persistent compilation cache", dict(action="store_true")),
@@ -194,11 +206,15 @@ OPTIONS = [
 
 
 _LIMIT_TRAIN = dict(type=_positive_int, help=argparse.SUPPRESS)  # --limit-train: a testing aid
+# `fit`'s names of the options the command first spelled otherwise; both spellings work, the
+# configuration (config.json) keeps the first one's key.
+FIT_NAMES = {f"--{old}": "--" + new.replace("_", "-") for new, old in config.COMMAND_NAMES.items()}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """The `OPTIONS`. Their defaults come from `DEFAULTS`/`MODEL_DEFAULTS`, not argparse, so the
-    options given explicitly can be told apart (``--resume``, ``--config``)."""
+    """The `OPTIONS` (with `fit`'s name beside the command's where they differ: `FIT_NAMES`).
+    Their defaults come from `DEFAULTS`/`MODEL_DEFAULTS`, not argparse, so the options given
+    explicitly can be told apart (``--resume``, ``--config``)."""
     groups = {}
     for group, flag, text, kwargs in OPTIONS:
         name = flag[2:].replace("-", "_")
@@ -209,7 +225,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             text += f" (default: {DEFAULTS[name]})"
         if group not in groups:
             groups[group] = p.add_argument_group(group)
-        groups[group].add_argument(flag, help=text.strip(), **kwargs)
+        flags = (FIT_NAMES[flag], flag) if flag in FIT_NAMES else (flag,)
+        groups[group].add_argument(*flags, dest=name, help=text.strip(), **kwargs)
     groups["data"].add_argument("--limit-train", **_LIMIT_TRAIN)
 
 
@@ -288,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         help="examine a training setup, say what is wrong",
         argument_default=argparse.SUPPRESS,
-        description="Run seed 004's recipe on the model, optimizer and data that "
+        description="Run the training recipe of Sarkar, CS60010 (Training) on the model, optimizer and data that "
         "jaxdl train would use with the same options (see docs/doctor.md); print "
         "the report, write it to --out, exit 0 when no check fails, else 1.",
     )
@@ -369,36 +386,16 @@ def _fit_config_stamp(out: str):
     return st.st_ino, st.st_mtime_ns
 
 
-def _fit(cfg: dict, ds: data.Dataset, s: config.Setup, out: str, resume: bool, quiet: bool, log):
-    """`trainer.fit` on the run's options. Its refusals (a ValueError or TypeError raised before it
+def _fit(ds: data.Dataset, s: config.Setup, out: str, resume: bool, log):
+    """`trainer.fit` on the run's options (``s.fit``, the `FitConfig` the configuration built). Its refusals (a ValueError or TypeError raised before it
     wrote ``fit_config.json``: a bad value, a resume of a run of other data or options) are
     UsageErrors; one raised later, once training has started, is a bug and keeps its traceback."""
     from jaxdl.checkpoint import CorruptCheckpointError  # orbax: imported when a run needs it
 
     stamp = _fit_config_stamp(out)
     try:
-        return trainer.fit(
-            s.model,
-            s.optimizer,
-            ds.train,
-            validation=ds.val,
-            epochs=cfg["epochs"],
-            batch_size=cfg["batch_size"],
-            seed=cfg["seed"],
-            augment=cfg["augment"] or None,
-            early_stopping=cfg["early_stopping"],
-            out_dir=out,
-            resume=resume,
-            checkpoint_every=cfg["checkpoint_every"],
-            keep=cfg["keep"],
-            devices=cfg["devices"],
-            shard=cfg.get("shard") or "replicate",
-            progress=not quiet,
-            block_size=cfg["block_size"],
-            learning_rate=s.schedule,
-            log=log,
-            **fit_options(cfg),
-        )
+        options = {f.name: getattr(s.fit, f.name) for f in dataclasses.fields(s.fit)}
+        return trainer.fit(s.model, s.optimizer, ds.train, validation=ds.val, log=log, **options)
     except CorruptCheckpointError as err:
         raise RunError(f"cannot resume: {err}") from None
     except OSError as err:
@@ -452,7 +449,7 @@ def cmd_train(explicit: dict, log) -> dict:
     out = explicit.get("out") or default_out_dir(cfg)
     check_out_dir(out, explicit.get("resume", False))
     ds = load_data(cfg["dataset"], cfg["split_seed"], cfg["limit_train"])
-    s = setup(cfg, ds)
+    s = setup(cfg, ds, out, explicit.get("resume", False), not quiet)
     new_dirs = _new_dirs(out)
     try:
         os.makedirs(out, exist_ok=True)
@@ -487,7 +484,7 @@ def cmd_train(explicit: dict, log) -> dict:
         log(header)
         fit_log = log
     try:
-        result = _fit(cfg, ds, s, out, explicit.get("resume", False), quiet, fit_log)
+        result = _fit(ds, s, out, explicit.get("resume", False), fit_log)
     except UsageError:
         _undo(out, config_path, new_dirs)
         raise
@@ -498,27 +495,23 @@ def cmd_train(explicit: dict, log) -> dict:
     if cfg.get("ema") is not None:
         m = trainer.evaluate(s.model, result.state, ds.test, precision=precision, use_ema=True)
         ema_test = {"ema_test_accuracy": m["accuracy"], "ema_test_loss": m["loss"]}
-    summary = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "test_examples": n_test,
-        "test_correct": int(round(test["accuracy"] * n_test)),
+    summary = trainer.write_summary(  # fit's summary (with its final record), and the test's
+        out,
+        result,
+        test_accuracy=test["accuracy"],
+        test_loss=test["loss"],
+        test_examples=n_test,
+        test_correct=int(round(test["accuracy"] * n_test)),
         **ema_test,
-        "dataset": cfg["dataset"],
-        "steps": result.steps,
-        "epochs_completed": len(result.history),
-        "stopped_early": result.stopped_early,
-        "best_epoch": result.best_epoch if cfg["early_stopping"] else None,
-        "resumed_from_step": result.resumed_from_step,
-        "train_time_s": result.train_time_s,
-        "wall_time_s": round(time.perf_counter() - t_start, 3),
-        "parameters": int(sum(np.size(x) for x in jax.tree.leaves(result.state.params))),
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "config": cfg,
-        "data": info,
-    }
-    trainer.write_json(os.path.join(out, "summary.json"), summary)
+        dataset=cfg["dataset"],
+        best_epoch=result.best_epoch if cfg["early_stopping"] else None,
+        wall_time_s=round(time.perf_counter() - t_start, 3),
+        parameters=int(sum(np.size(x) for x in jax.tree.leaves(result.state.params))),
+        jax_version=jax.__version__,
+        backend=jax.default_backend(),
+        config=cfg,
+        data=info,
+    )
     ema_line = (
         f", EMA weights {ema_test['ema_test_accuracy']:.4f} (loss {ema_test['ema_test_loss']:.4f})"
         if ema_test

@@ -31,7 +31,11 @@ _OFF = ("0", "off", "false", "no")
 
 
 def default_directory() -> str:
-    """``$XDG_CACHE_HOME/jaxdl/xla`` or ``~/.cache/jaxdl/xla`` (``$JAXDL_COMPILE_CACHE`` ignored)."""
+    """``$XDG_CACHE_HOME/jaxdl/xla`` or ``~/.cache/jaxdl/xla`` (``$JAXDL_COMPILE_CACHE`` ignored).
+
+    Returns:
+      The folder, a str.
+    """
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jaxdl", "xla")
 
@@ -41,7 +45,11 @@ def _env_off() -> bool:
 
 
 def directory() -> str | None:
-    """The folder JAX's persistent compilation cache uses now, or None when it is off."""
+    """The folder JAX's persistent compilation cache uses now, or None when it is off.
+
+    Returns:
+      A str, or None.
+    """
     if not jax.config.jax_enable_compilation_cache:
         return None
     return jax.config.jax_compilation_cache_dir or None
@@ -63,6 +71,13 @@ def enable(path: str | None = None, *, min_compile_time_s: float = 0.0) -> str |
     created if needed. Programs that compile in at least ``min_compile_time_s`` seconds are
     written (JAX's default threshold of 1 s would skip the CPU's train loops; 0 writes all); any
     cached program is read. Safe to call again: the same folder changes nothing, another one takes over.
+
+    Args:
+      path: the cache folder (None: see above).
+      min_compile_time_s: cache programs that took at least this long to compile.
+
+    Returns:
+      The folder, or None when the cache stays off.
     """
     if _env_off():
         return None

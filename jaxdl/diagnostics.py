@@ -1,4 +1,4 @@
-"""Training-health checks of seed 004, as functions.
+"""Training-health checks (Sarkar, CS60010, Training), as functions.
 
 - Sanity-check the initial loss: about ln C for C classes (`initial_loss_check`).
 - Make sure the model can overfit a very small part of the training data (`overfit_check`).
@@ -41,15 +41,40 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 def leaf_norms(tree) -> Any:
-    """The L2 norm of every leaf, keyed like ``tree`` (e.g. per-layer gradient norms)."""
+    """The L2 norm of every leaf, keyed like ``tree`` (e.g. per-layer gradient norms).
+
+    Args:
+      tree: a pytree of arrays.
+
+    Returns:
+      A pytree of scalar norms, the structure of ``tree``.
+
+    >>> import jax.numpy as jnp
+    >>> float(leaf_norms({"w": jnp.array([3.0, 4.0])})["w"])
+    5.0
+    """
     return jax.tree.map(lambda x: jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32)), tree)
 
 
 def update_ratios(params, updates) -> Any:
-    """``||u|| / ||theta||`` per leaf, keyed like the params (seed 004: want about 1e-3).
+    """``||u|| / ||theta||`` per leaf, keyed like the params (want about 1e-3).
 
     Much below 1e-3 the layer learns slowly (learning rate too low); much above, it is being
     rewritten every step (too high).
+
+    Args:
+      params: the parameters ``theta``.
+      updates: the optimizer's updates ``u``, the same structure.
+
+    Returns:
+      A pytree of scalar ratios, the structure of ``params``.
+
+    Source: Sarkar, CS60010 (track the ratio of weight updates / weight magnitudes).
+
+    >>> import jax.numpy as jnp
+    >>> r = update_ratios({"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([0.003, 0.004])})
+    >>> round(float(r["w"]), 6)
+    0.001
     """
     return jax.tree.map(
         lambda p, u: (
@@ -75,9 +100,22 @@ def activation_stats(model, params, model_state, x, *, train: bool = False, key=
     Per layer (keyed ``f"{kind}_{index}"`` like `Sequential`): ``mean``, ``std``,
     ``frac_zero`` (fraction of exact zeros: dead ReLUs), ``frac_saturated`` (|y| > 0.99 for
     tanh; y < 0.01 or y > 0.99 for sigmoid; NaN for other layers) and a histogram
-    (``hist_counts``, ``hist_edges`` over the layer's own range). Seed 004: plot these for all
-    layers; seed 003 / Glorot & Bengio 2010: with a bad scale they collapse to 0 or saturate.
+    (``hist_counts``, ``hist_edges`` over the layer's own range). Plot these for all layers:
+    with a bad scale they collapse to 0 or saturate.
     The outputs are those of `jaxdl.layers.Sequential.intermediates`.
+
+    Args:
+      model: a `jaxdl.layers.Sequential`.
+      params, model_state: its parameters and state.
+      x: a batch of inputs.
+      train, key: the mode (and key, for dropout in training).
+      bins: histogram bins.
+
+    Returns:
+      A dict ``layer name -> {statistic: value}``.
+
+    Source: Sarkar, CS60010 (activation distributions per layer); Kira, CS 7643; Glorot &
+    Bengio 2010.
     """
     walk = getattr(model, "intermediates", None)
     if walk is None:
@@ -106,6 +144,18 @@ def layer_report(
     ``{"grad_norms", "update_ratios", "activations"}``, the first two keyed like the params.
     ``activations`` needs ``loss_fn`` from `supervised_loss` of a `Sequential` (else it is {}).
     Jit it for repeated use: ``jax.jit(functools.partial(layer_report, loss_fn, tx))``.
+
+    Args:
+      loss_fn: the train step's loss.
+      optimizer: the optimizer.
+      state: a `jaxdl.TrainState`.
+      batch: one batch ``(x, y)``.
+      bins: histogram bins of the activations.
+
+    Returns:
+      ``{"grad_norms", "update_ratios", "activations"}``.
+
+    Source: Sarkar, CS60010.
     """
     key = step_key(state)
     grads, _ = jax.grad(lambda p: loss_fn(p, state.model_state, batch, key, train=True), has_aux=True)(
@@ -130,12 +180,25 @@ class InitialLossReport(NamedTuple):
 
 
 def initial_loss_check(loss: float, num_classes: int, rtol: float = 0.25) -> InitialLossReport:
-    """Compare the first loss of a softmax classifier with chance level, ``ln C`` (seed 004).
+    """Compare the first loss of a softmax classifier with chance level, ``ln C``.
 
     With small random weights every class gets probability about 1/C, so the cross-entropy is
     about ln C. Much higher means over-confident wrong outputs (weights too large, inputs not
     normalized); much lower means the model knows the labels before training (a leak, or a
     loss that is not the mean cross-entropy).
+
+    Args:
+      loss: the loss at initialization.
+      num_classes: C.
+      rtol: the relative distance from ``ln C`` that still passes.
+
+    Returns:
+      An `InitialLossReport` ``(loss, expected, ok, message)``.
+
+    Source: Sarkar, CS60010 (check that the loss is reasonable).
+
+    >>> initial_loss_check(2.31, num_classes=10).ok  # ln 10 = 2.30
+    True
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"initial_loss_check: num_classes={num_classes!r}; expected an int >= 2")
@@ -179,8 +242,21 @@ def overfit_check(
 ) -> OverfitReport:
     """Train on one small batch for ``steps`` steps and report whether the loss gets near zero.
 
-    Seed 004: a model that cannot overfit ~20 examples has a bug (or far too little capacity),
+    A model that cannot overfit ~20 examples has a bug (or far too little capacity),
     and no hyperparameter search will fix it. Runs as one scan-fused call.
+
+    Args:
+      loss_fn: the train step's loss.
+      optimizer: the optimizer.
+      state: a `jaxdl.TrainState`.
+      batch: the small batch ``(x, y)``.
+      steps: the steps to train.
+      threshold: the final loss that counts as overfitted.
+
+    Returns:
+      An `OverfitReport`.
+
+    Source: Sarkar, CS60010 (overfit a small portion of the training data).
     """
     if steps < 1:
         raise ValueError(f"overfit_check: steps={steps!r}; expected an int >= 1")
@@ -204,6 +280,15 @@ def suggest_lr(lrs, losses) -> float:
 
     A NaN/Inf loss counts as the largest loss seen (divergence never looks like progress), and
     the smoothing pads each end with its own value (zero padding would fake a drop at the end).
+
+    Args:
+      lrs: the rates of a range test, increasing.
+      losses: the loss at each rate.
+
+    Returns:
+      The suggested rate (a float).
+
+    Source: Smith 2017.
     """
     lrs, losses = np.asarray(lrs), np.asarray(losses, np.float64)
     finite = np.isfinite(losses)
@@ -238,7 +323,7 @@ def lr_range_test(
     .. math:: \\eta_k = \\eta_{min} (\\eta_{max} / \\eta_{min})^{k / (K - 1)}
 
     on batch k of ``batches`` (K batches stacked on a leading axis), with the library's train
-    step (`jaxdl.train_step.step_body_with_norm`). Seed 004: too low, the loss does not go down;
+    step (`jaxdl.train_step.step_body_with_norm`). Sarkar, CS60010: too low, the loss does not go down;
     too high, it explodes.
 
     Args:

@@ -19,8 +19,8 @@ Fans: a dense kernel has shape ``(fan_in, fan_out)``; a conv kernel is HWIO, so 
 ``(H, W, I, O)`` fan_in = H*W*I and fan_out = H*W*O (every leading axis is receptive field).
 Fan-based initializers need a shape of rank >= 2.
 
-Sources: seed 000 (Xavier, Gaussian with variance 2/(n_in+n_out)), seed 003 (N(0, 0.01) small
-random init, Xavier uniform, He N(0,1)*sqrt(2/n)); Glorot & Bengio 2010; He et al. 2015;
+Sources: Tips and Tricks notes (Xavier, Gaussian with variance 2/(n_in+n_out)); Kira, CS 7643
+(N(0, 0.01) small random init, Xavier uniform, He N(0,1)*sqrt(2/n)); Glorot & Bengio 2010; He et al. 2015;
 LeCun et al. 1998 (efficient backprop); Saxe et al. 2014 (orthogonal).
 """
 
@@ -50,13 +50,31 @@ _vs = jax.nn.initializers.variance_scaling
 
 
 def zeros(key, shape, dtype=jnp.float32):
-    """All zeros (biases, BatchNorm offset). The key is unused."""
+    """All zeros (biases, BatchNorm offset). The key is unused.
+
+    Args:
+      key: unused.
+      shape: the array's shape.
+      dtype: its dtype (default float32).
+
+    Returns:
+      An array of zeros.
+    """
     del key
     return jnp.zeros(shape, dtype)
 
 
 def ones(key, shape, dtype=jnp.float32):
-    """All ones (BatchNorm scale). The key is unused."""
+    """All ones (BatchNorm scale). The key is unused.
+
+    Args:
+      key: unused.
+      shape: the array's shape.
+      dtype: its dtype (default float32).
+
+    Returns:
+      An array of ones.
+    """
     del key
     return jnp.ones(shape, dtype)
 
@@ -64,8 +82,16 @@ def ones(key, shape, dtype=jnp.float32):
 def constant(c):
     """Factory: every entry equals ``c``.
 
-    Seed 003 warns that constant *weights* are degenerate (all units get the same gradient and
+    The lecture warns that constant *weights* are degenerate (all units get the same gradient and
     stay equal); use it for biases or scales.
+
+    Args:
+      c: the value.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array``.
+
+    Source: Kira, CS 7643 (constant initialization).
     """
     check_number("constant", "c", c)
 
@@ -77,7 +103,21 @@ def constant(c):
 
 
 def normal(stddev=0.01):
-    """Factory: w ~ N(0, stddev^2), untruncated; seed 003's "small random numbers", N(0, 0.01)."""
+    """Factory: w ~ N(0, stddev^2), untruncated; e.g. the "small random numbers" N(0, 0.01).
+
+    Args:
+      stddev: the standard deviation.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array``.
+
+    Source: Kira, CS 7643 (small random numbers).
+
+    >>> import jax
+    >>> w = normal(0.01)(jax.random.key(0), (256, 256))
+    >>> w.shape, round(float(w.std()), 3)
+    ((256, 256), 0.01)
+    """
     check_number("normal", "stddev", stddev, low=0.0, low_open=True)
     return jax.nn.initializers.normal(stddev)
 
@@ -86,6 +126,12 @@ def uniform(scale):
     """Factory: w ~ U(-scale, +scale).
 
     Differs from `jax.nn.initializers.uniform(scale)`, which samples U[0, scale).
+
+    Args:
+      scale: the half-width of the interval.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array``.
     """
     check_number("uniform", "scale", scale, low=0.0, low_open=True)
 
@@ -122,7 +168,7 @@ xavier_normal = _fan_init(
     """\
 Xavier/Glorot normal: w ~ N(0, 2 / (fan_in + fan_out)), a plain (untruncated) Gaussian.
 
-Seed 000; Glorot & Bengio 2010. Differs from flax's default kernel init (lecun_normal, truncated)
+Tips and Tricks notes; Glorot & Bengio 2010. Differs from flax's default kernel init (lecun_normal, truncated)
 and from `jax.nn.initializers.glorot_normal()`, which is *truncated* at 2 std and rescaled.""",
 )
 
@@ -134,7 +180,7 @@ xavier_uniform = _fan_init(
     """\
 Xavier/Glorot uniform: w ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)); variance 2/(fan_in+fan_out).
 
-Seed 003 (which prints the bound as sqrt(6)/(n_j+n_{j+1}); the paper's bound, used here and by
+Kira, CS 7643 (which prints the bound as sqrt(6)/(n_j+n_{j+1}); the paper's bound, used here and by
 PyTorch's `xavier_uniform_`, has the root over the whole fraction); Glorot & Bengio 2010.""",
 )
 
@@ -144,7 +190,7 @@ he_normal = _fan_init(
     "fan_in",
     "normal",
     """\
-He/Kaiming normal: w ~ N(0, 2 / fan_in), untruncated; seed 003's N(0,1)*sqrt(2/n) for ReLU.
+He/Kaiming normal: w ~ N(0, 2 / fan_in), untruncated; Kira, CS 7643's N(0,1)*sqrt(2/n) for ReLU.
 
 He et al. 2015. Equals PyTorch's `kaiming_normal_(mode='fan_in', nonlinearity='relu')`; differs
 from `jax.nn.initializers.he_normal()`, which is truncated.""",
@@ -165,7 +211,7 @@ lecun_normal = _fan_init(
     "fan_in",
     "normal",
     """\
-LeCun normal: w ~ N(0, 1 / fan_in), untruncated; seed 003's N(0,1)*sqrt(1/n) for tanh.
+LeCun normal: w ~ N(0, 1 / fan_in), untruncated; Kira, CS 7643's N(0,1)*sqrt(1/n) for tanh.
 
 LeCun et al. 1998. Differs from `jax.nn.initializers.lecun_normal()` (flax's default kernel
 init), which is truncated.""",
@@ -185,12 +231,20 @@ glorot_uniform = xavier_uniform
 
 
 def orthogonal(gain=1.0):
-    """Factory: a (semi-)orthogonal matrix times ``gain`` (Saxe et al. 2014).
+    """Factory: a (semi-)orthogonal matrix times ``gain``.
 
     The kernel is viewed as a matrix of shape (prod(shape[:-1]), shape[-1]) (all leading axes
     are rows, so HWIO conv kernels work); its columns are orthonormal when there are at least
     as many rows as columns, else its rows are: W^T W = gain^2 I or W W^T = gain^2 I. Uses
     `jax.nn.initializers.orthogonal` (a Haar-random Q from a QR decomposition).
+
+    Args:
+      gain: the scale of the (semi-)orthogonal matrix.
+
+    Returns:
+      An initializer ``(key, shape, dtype=float32) -> array`` for shapes of rank >= 2.
+
+    Source: Saxe et al. 2014.
     """
     check_number("orthogonal", "gain", gain, low=0.0, low_open=True)
     inner = jax.nn.initializers.orthogonal(gain)

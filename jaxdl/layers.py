@@ -272,11 +272,29 @@ class _Stateless(Layer):
 
 @_frozen
 class Dense(Layer):
-    """Fully connected: y = x W + b over the last axis; W has shape (in, features).
+    """Fully connected layer over the last axis.
 
-    Defaults: ``w_init=xavier_normal`` (seed 000; Glorot & Bengio 2010), ``b_init=zeros``.
+    y = x W + b, W of shape (in, features). Defaults: ``w_init=xavier_normal``, ``b_init=zeros``.
     Differs from flax (lecun_normal, truncated) and PyTorch (U(+-1/sqrt(in)) for W and b, and
     W stored as (out, in)).
+
+    Args:
+      features: the output size.
+      w_init, b_init: initializers ``(key, shape) -> array`` (`jaxdl.init`).
+      use_bias: False leaves ``b`` out (e.g. before BatchNorm).
+
+    Returns (``init``): ``(output_shape, {"w": (in, features), "b": (features,)}, {})``;
+    (``apply``): ``(y, state)``.
+
+    Source: Tips and Tricks notes (Xavier initialization); Glorot & Bengio 2010.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = Dense(3)
+    >>> shape, params, state = layer.init(jax.random.key(0), (2,))
+    >>> shape, params["w"].shape, params["b"].shape
+    ((3,), (2, 3), (3,))
+    >>> layer.apply(params, state, jnp.zeros((5, 2)))[0].shape
+    (5, 3)
     """
 
     features: int
@@ -337,8 +355,10 @@ def _conv_xla(x, w, strides, padding):
 
 @_frozen
 class Conv(Layer):
-    """2-D convolution, NHWC input, HWIO kernel: y[n,i,j,o] = sum_{a,b,c} x[n, s*i+a, s*j+b, c]
-    * W[a,b,c,o] + b[o] (cross-correlation, as every framework).
+    """2-D convolution, NHWC input, HWIO kernel.
+
+    y[n,i,j,o] = sum_{a,b,c} x[n, s*i+a, s*j+b, c] * W[a,b,c,o] + b[o] (cross-correlation, as
+    every framework).
 
     ``padding``: 'SAME' (output size ceil(H/s)) or 'VALID' (floor((H-k)/s)+1), lax's rule (for
     even kernels SAME pads more at the end, unlike PyTorch's symmetric ``padding=k//2``).
@@ -351,9 +371,22 @@ class Conv(Layer):
     kh*kw <= 9*sh*sw (every 1x1 and 3x3 convolution), or the input is shallow, kh*kw*I <= 27 (a
     3x3 RGB input layer), else 'xla'. Reason: XLA:CPU's convolution *gradients* (dilated
     convolutions) are slow: the default CNN of ``jaxdl train`` (3x3 convolutions with 1 and 32
-    input channels) trains 7.4x faster with im2col than with XLA's convolution for both layers
-    (benchmarks/RESULTS.md). This is the one rule for the algorithm; `jaxdl.models.cnn` and the
+    input channels) trains several times faster with im2col than with XLA's convolution for both
+    layers (figures in benchmarks/RESULTS.md). This is the one rule for the algorithm; `jaxdl.models.cnn` and the
     CLI use it.
+
+    Args:
+      features: output channels O.
+      kernel_size: an int or (kh, kw).
+      strides: an int or (sh, sw).
+      padding: 'SAME' or 'VALID'.
+      w_init, b_init: initializers (`jaxdl.init`).
+      use_bias: False leaves ``b`` out.
+      impl: 'auto', 'xla' or 'im2col'.
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: He et al. 2015 (initialization).
     """
 
     features: int
@@ -413,11 +446,20 @@ class Conv(Layer):
 
 @_frozen
 class Maxout(Layer):
-    """Maxout (Goodfellow et al. 2013; seed 001): y = max_k (x W_k + b_k), k = 1..pieces.
+    """Maxout: y = max_k (x W_k + b_k), k = 1..pieces.
 
     ``pieces`` separate affine maps of the last axis, each initialized like a Dense layer
     (``w_init=xavier_normal`` with fans (in, features)); params ``w`` (pieces, in, features)
     and ``b`` (pieces, features).
+
+    Args:
+      features: outputs per piece.
+      pieces: k, the number of affine maps.
+      w_init, b_init: initializers (`jaxdl.init`).
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: Goodfellow et al. 2013; CSE 176 Lecture 11.
     """
 
     features: int
@@ -482,6 +524,13 @@ class MaxPool(_Pool):
     """Max over each (window) patch of an NHWC input; ``strides`` defaults to ``window``.
 
     Padded positions never win (they hold -inf), like flax and PyTorch.
+
+    Args:
+      window: an int or (wh, ww).
+      strides: an int or (sh, sw); None: the window.
+      padding: 'VALID' or 'SAME'.
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
     """
 
     def _apply(self, params, state, x, train, key):
@@ -495,6 +544,13 @@ class AvgPool(_Pool):
     With padding='SAME' the padded zeros count in the mean (divisor = window size), as flax's
     and PyTorch's default ``count_include_pad=True``. A window equal to (H, W) is global average
     pooling.
+
+    Args:
+      window: an int or (wh, ww).
+      strides: an int or (sh, sw); None: the window.
+      padding: 'VALID' or 'SAME'.
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
     """
 
     def _apply(self, params, state, x, train, key):
@@ -540,7 +596,12 @@ class Flatten(Layer):
 
 @_frozen
 class Relu(_Stateless):
-    """ReLU: y = max(0, x) (seed 001, 003; Krizhevsky et al. 2012). Gradient 0 at x = 0."""
+    """ReLU: y = max(0, x); gradient 0 at x = 0.
+
+    Source: CSE 176 Lecture 11; Kira, CS 7643; Krizhevsky et al. 2012.
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+    """
 
     def _fn(self, x):
         return jax.nn.relu(x)
@@ -548,7 +609,15 @@ class Relu(_Stateless):
 
 @_frozen
 class LeakyRelu(_Stateless):
-    """Leaky ReLU: y = x for x > 0, alpha*x otherwise (seed 001; Maas et al. 2013)."""
+    """Leaky ReLU: y = x for x > 0, alpha*x otherwise.
+
+    Args:
+      alpha: the slope for x <= 0.
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: Maas et al. 2013; CSE 176 Lecture 11.
+    """
 
     alpha: float = 0.01
 
@@ -561,9 +630,17 @@ class LeakyRelu(_Stateless):
 
 @_frozen
 class PRelu(Layer):
-    """Parametric ReLU: y = x for x > 0, alpha*x otherwise, alpha learned (seed 001; He et al.
-    2015); one scalar ``alpha`` shared by all channels (PyTorch's default num_parameters=1),
+    """Parametric ReLU: y = x for x > 0, alpha*x otherwise, alpha learned.
+
+    One scalar ``alpha`` shared by all channels (PyTorch's default num_parameters=1),
     initialized to ``alpha_init`` = 0.25 as in the paper and PyTorch.
+
+    Args:
+      alpha_init: the initial slope.
+
+    Returns (``init``): ``(output_shape, {"alpha": ()}, {})``; (``apply``): ``(y, state)``.
+
+    Source: He et al. 2015; CSE 176 Lecture 11.
     """
 
     alpha_init: float = 0.25
@@ -580,7 +657,12 @@ class PRelu(Layer):
 
 @_frozen
 class Sigmoid(_Stateless):
-    """Logistic sigmoid: y = 1 / (1 + exp(-x)) (seed 001, 003)."""
+    """Logistic sigmoid: y = 1 / (1 + exp(-x)).
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: CSE 176 Lecture 11; Kira, CS 7643.
+    """
 
     def _fn(self, x):
         return jax.nn.sigmoid(x)
@@ -588,7 +670,12 @@ class Sigmoid(_Stateless):
 
 @_frozen
 class Tanh(_Stateless):
-    """Hyperbolic tangent: y = tanh(x) (seed 001, 003; LeCun et al. 1991)."""
+    """Hyperbolic tangent: y = tanh(x).
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: CSE 176 Lecture 11; Kira, CS 7643; LeCun et al. 1991.
+    """
 
     def _fn(self, x):
         return jnp.tanh(x)
@@ -596,7 +683,15 @@ class Tanh(_Stateless):
 
 @_frozen
 class Elu(_Stateless):
-    """ELU: y = x for x > 0, alpha*(exp(x) - 1) otherwise (Clevert et al. 2016)."""
+    """ELU: y = x for x > 0, alpha*(exp(x) - 1) otherwise.
+
+    Args:
+      alpha: the negative saturation value.
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: Clevert et al. 2016.
+    """
 
     alpha: float = 1.0
 
@@ -635,13 +730,30 @@ class Gelu(_Stateless):
 
 @_frozen
 class Dropout(Layer):
-    """Inverted dropout (Srivastava et al. 2014; seed 000): in training each unit is dropped
-    with probability ``rate`` and the kept ones are scaled by 1/(1-rate), so E[y] = x; in
-    evaluation y = x. Training needs ``key`` (a different key gives a different mask).
+    """Inverted dropout: drop units in training, scale the kept ones by 1/(1-rate).
 
-    ``rate`` is the probability of *dropping*, as in PyTorch and flax; seed 000 writes p for the
-    keep probability and rescales at test time instead, and stax's ``Dropout(rate)`` keeps with
-    probability ``rate``.
+    In training each unit is dropped with probability ``rate`` and the kept ones are scaled by
+    1/(1-rate), so E[y] = x; in evaluation y = x. Training needs ``key`` (a different key gives a
+    different mask).
+
+    ``rate`` is the probability of *dropping*, as in PyTorch and flax; the Tips and Tricks notes
+    write p for the keep probability and rescale at test time instead, and stax's
+    ``Dropout(rate)`` keeps with probability ``rate``.
+
+    Args:
+      rate: the probability of dropping a unit, in [0, 1).
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: Srivastava et al. 2014; Tips and Tricks notes.
+
+    >>> import jax, jax.numpy as jnp
+    >>> drop = Dropout(0.5)
+    >>> drop.apply({}, {}, jnp.ones((1, 4)))[0].tolist()  # evaluation: the identity
+    [[1.0, 1.0, 1.0, 1.0]]
+    >>> y = drop.apply({}, {}, jnp.ones((1, 1000)), train=True, key=jax.random.key(0))[0]
+    >>> sorted(set(y.ravel().tolist()))  # kept units scaled by 1 / (1 - rate)
+    [0.0, 2.0]
     """
 
     rate: float
@@ -666,7 +778,7 @@ class Dropout(Layer):
 
 @_frozen
 class BatchNorm(Layer):
-    """Batch normalization (Ioffe & Szegedy 2015; seed 001) over every axis but the last.
+    """Batch normalization over every axis but the last.
 
     Training: mu, s2 = mean and (biased) variance of the batch over all axes but the last;
     y = gamma * (x - mu) / sqrt(s2 + eps) + beta, and the running statistics become
@@ -686,6 +798,15 @@ class BatchNorm(Layer):
     passes, exact and stable, one all-reduce more than the one-pass E[x^2] - mu^2), and n is the
     global count, so every replica holds identical statistics. Without it each replica uses its
     own shard and replicas drift apart.
+
+    Args:
+      momentum: the weight of the old running statistics.
+      eps: added to the variance.
+      axis_name: the mapped axis to average the statistics over (data parallelism).
+
+    Returns (``init``): ``(output_shape, params, state)``; (``apply``): ``(y, state)``.
+
+    Source: Ioffe & Szegedy 2015; CSE 176 Lecture 11.
     """
 
     momentum: float = 0.9
@@ -1044,20 +1165,37 @@ def _layer_objects(owner, layers):
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Sequential(Layer):
-    """Layers applied one after the other: y = f_n(...f_2(f_1(x))).
+    """Layers applied one after the other.
 
-    Params and state are dicts keyed ``f"{kind}_{index}"`` (kind = lowercased class name,
-    index = position: ``dense_0``, ``batchnorm_1``, ...), leaving out layers that have none.
-    With a key, each layer gets its own ``jax.random.split(key, len(layers))[index]``.
-    Any object with ``init``/``apply`` of this protocol can be a layer.
+    y = f_n(...f_2(f_1(x))). Params and state are dicts keyed ``f"{kind}_{index}"`` (kind =
+    lowercased class name, index = position: ``dense_0``, ``batchnorm_1``, ...), leaving out
+    layers that have none. With a key, each layer gets its own
+    ``jax.random.split(key, len(layers))[index]``. Any object with ``init``/``apply`` of this
+    protocol can be a layer.
 
-    ``remat=True``: gradient checkpointing (Chen et al. 2016, "Training deep nets with
-    sublinear memory cost"): each layer, together with the parameter-free elementwise layers
-    that follow it (activation, Dropout), runs under `jax.checkpoint`, so the backward pass
-    recomputes the group's inner activations (a Dense's pre-activation) from the group's input
-    instead of keeping them. The same params, state and numbers. (Checkpointing each layer
-    alone would keep every layer's input, i.e. every activation: nothing saved.) For larger
-    blocks, wrap them in `Remat`.
+    ``remat=True``: gradient checkpointing: each layer, together with the parameter-free
+    elementwise layers that follow it (activation, Dropout), runs under `jax.checkpoint`, so the
+    backward pass recomputes the group's inner activations (a Dense's pre-activation) from the
+    group's input instead of keeping them. The same params, state and numbers. (Checkpointing
+    each layer alone would keep every layer's input, i.e. every activation: nothing saved.) For
+    larger blocks, wrap them in `Remat`.
+
+    Args:
+      *layers: the layers, first applied first.
+      remat: recompute each layer's activations in the backward pass (keyword only).
+
+    Returns (``init``): ``(output_shape, params, state)``, dicts keyed by layer name;
+    (``apply``): ``(y, state)``.
+
+    Source: Chen et al. 2016 (``remat``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = Sequential(Dense(4), Relu(), Dense(2))
+    >>> shape, params, state = model.init(jax.random.key(0), (3,))
+    >>> shape, sorted(params)
+    ((2,), ['dense_0', 'dense_2'])
+    >>> model.apply(params, state, jnp.ones((5, 3)))[0].shape
+    (5, 2)
     """
 
     layers: tuple
@@ -1208,13 +1346,12 @@ class Residual(Layer):
 class Remat(Layer):
     """``layer`` whose activations are recomputed in the backward pass instead of kept.
 
-    Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory cost"):
-    the forward pass keeps only the input of ``layer``; the backward pass runs ``layer``'s
-    forward again to get what its gradient needs (`jax.checkpoint`, JAX docs page "Gradient
-    checkpointing with jax.checkpoint"). The same numbers, fewer activations alive at once, one
-    more forward pass of the wrapped layers. Wrap blocks of a `Sequential`, e.g. two layers at a
-    time: ``Sequential(Remat(Sequential(Dense(512), Relu())), ...)``; `remat_layers` wraps each
-    layer of a Sequential.
+    Gradient checkpointing: the forward pass keeps only the input of ``layer``; the backward
+    pass runs ``layer``'s forward again to get what its gradient needs (`jax.checkpoint`, JAX
+    docs page "Gradient checkpointing with jax.checkpoint"). The same numbers, fewer activations
+    alive at once, one more forward pass of the wrapped layers. Wrap blocks of a `Sequential`,
+    e.g. two layers at a time: ``Sequential(Remat(Sequential(Dense(512), Relu())), ...)``;
+    `remat_layers` wraps each layer of a Sequential.
 
     Args:
       layer: any layer of this protocol.
@@ -1222,6 +1359,8 @@ class Remat(Layer):
     Returns ``layer``'s output and new state; its params and state are ``layer``'s own (not
     nested under a key), and inside a Sequential it is named after ``layer`` (``dense_0``), so a
     model keeps its params' tree when its layers are wrapped.
+
+    Source: Chen et al. 2016.
 
     >>> import jax, jax.numpy as jnp
     >>> layer = Remat(Dense(3))
@@ -1252,7 +1391,17 @@ class Remat(Layer):
 def remat_layers(owner: str, model) -> "Sequential":
     """``model`` (a `Sequential`) with ``remat=True``: each top-level layer, with the activation
     and Dropout after it, under `jax.checkpoint`; the same params' tree and the same numbers.
-    A model that is not a Sequential is a ValueError naming ``owner``."""
+
+    Args:
+      owner: the caller, named in errors.
+      model: a `Sequential`.
+
+    Returns:
+      ``Sequential(*model.layers, remat=True)``. A model that is not a Sequential is a
+      ValueError naming ``owner``.
+
+    Source: Chen et al. 2016.
+    """
     if not isinstance(model, Sequential):
         raise ValueError(
             f"{owner}: remat=True checkpoints each top-level layer of a jaxdl.layers.Sequential "
@@ -1492,7 +1641,15 @@ def _size1_vmap(fn, name):
 def from_flax(module, *, rngs=("dropout",)):
     """Wrap a `flax.linen.Module` as a jaxdl layer (see `FlaxModule`: modes, rng streams,
     metadata boxes, axis names). ``rngs``: the names of the rng streams the module draws from
-    in training."""
+    in training.
+
+    Args:
+      module: a `flax.linen.Module`.
+      rngs: the names of its rng streams.
+
+    Returns:
+      A `FlaxModule` layer.
+    """
     import flax.linen as nn  # flax is needed only here
 
     if not isinstance(module, nn.Module):
@@ -1532,8 +1689,9 @@ def _fold_branches(model, params, state):
 
 
 def fold_batchnorm(model, params, state):
-    """Fold each BatchNorm that directly follows a Dense or Conv into that layer (seed 001: at
-    test time BN is the linear map y = a*z + c, a = gamma/sqrt(var + eps), c = beta - a*mean).
+    """Fold each BatchNorm that directly follows a Dense or Conv into that layer.
+
+    At test time BN is the linear map y = a*z + c, a = gamma/sqrt(var + eps), c = beta - a*mean.
 
     The preceding layer's kernel becomes W * a (per output channel) and its bias a*b + c (c
     alone without bias; the folded layer always has a bias). Works through nested Sequentials,
@@ -1543,6 +1701,15 @@ def fold_batchnorm(model, params, state):
     Sequential are renumbered, since the BatchNorms are gone). The folded model is for
     inference: training it no longer normalizes. PyTorch's counterpart is
     ``torch.ao.quantization.fuse_modules``.
+
+    Args:
+      model: a jaxdl layer (e.g. a Sequential).
+      params, state: its parameters and state.
+
+    Returns:
+      ``(model, params, state)`` of the folded model.
+
+    Source: CSE 176 Lecture 11 (BatchNorm at test time).
     """
     if isinstance(model, Residual):
         layer, params, state = fold_batchnorm(model.layer, params, state)

@@ -42,21 +42,31 @@ def _counted(labels, ignore_index):
 
 
 def softmax_cross_entropy(logits, labels, *, ignore_index=IGNORE_INDEX):
-    """Mean negative log-likelihood of integer labels under softmax(logits), over the labels
-    that are not ``ignore_index``.
+    """Mean negative log-likelihood of integer labels under softmax(logits).
 
     L = sum_{i: y_i != ignore} [ logsumexp(z_i) - z_i[y_i] ] / #{i: y_i != ignore}.
 
-    logits: (..., C) floats; labels: (...) integers in [0, C), or ``ignore_index`` (default
-    -100) for a target to leave out (padding of token sequences: logits (B, T, V), labels
-    (B, T)); ``ignore_index=None`` counts every label. A batch whose labels are all ignored gives
-    L = 0 and no gradient (PyTorch gives NaN). A label outside [0, C) that is not ignored,
+    Args:
+      logits: (..., C) floats.
+      labels: (...) integers in [0, C), or ``ignore_index`` for a target to leave out (padding
+        of token sequences: logits (B, T, V), labels (B, T)).
+      ignore_index: the label value left out (default -100); None counts every label.
+
+    Returns:
+      The scalar mean L over the counted labels.
+
+    A batch whose labels are all ignored gives L = 0 and no gradient (PyTorch gives NaN). A label outside [0, C) that is not ignored,
     negative included, makes L NaN (numpy indexing would read class C-1 for label -1 and train
     on it silently; optax gives no error either), so the train step skips such a step and counts
     it in ``nonfinite``, as PyTorch's ``F.cross_entropy`` raises on it. At initialization a
-    C-class classifier with small weights gives L ~ ln C (seed 004's sanity check). Equals
-    `optax.softmax_cross_entropy_with_integer_labels` averaged over the counted labels and
+    C-class classifier with small weights gives L ~ ln C (the sanity check of Sarkar, CS60010).
+    Equals `optax.softmax_cross_entropy_with_integer_labels` averaged over the counted labels and
     PyTorch's ``F.cross_entropy(reduction='mean', ignore_index=-100)`` for valid labels.
+
+    >>> round(float(softmax_cross_entropy([[0.0, 0.0], [0.0, 0.0]], [0, 1])), 4)  # ln 2
+    0.6931
+    >>> round(float(softmax_cross_entropy([[0.0, 0.0], [9.0, 0.0]], [1, -100])), 4)  # padding
+    0.6931
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_class_labels("softmax_cross_entropy", logits, labels)
@@ -73,9 +83,19 @@ def binary_cross_entropy(logits, labels):
 
     L = mean[ -y log sigmoid(z) - (1-y) log(1 - sigmoid(z)) ]
       = mean[ max(z, 0) - z*y + log(1 + exp(-|z|)) ],
-    the second form never exponentiates a positive number. labels are 0/1 (or probabilities)
-    with the same shape as logits. Equals `optax.sigmoid_binary_cross_entropy(...).mean()` and
-    PyTorch's `F.binary_cross_entropy_with_logits`.
+    the second form never exponentiates a positive number. Equals
+    `optax.sigmoid_binary_cross_entropy(...).mean()` and PyTorch's
+    `F.binary_cross_entropy_with_logits`.
+
+    Args:
+      logits: floats ``z``, any shape.
+      labels: 0/1 (or probabilities) ``y``, the shape of ``logits``.
+
+    Returns:
+      The scalar mean L.
+
+    >>> round(float(binary_cross_entropy([0.0, 0.0], [0.0, 1.0])), 4)  # ln 2
+    0.6931
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     if labels.shape != logits.shape:
@@ -87,9 +107,20 @@ def binary_cross_entropy(logits, labels):
 
 
 def mse(pred, target):
-    """Mean squared error: mean((pred - target)^2) over every element.
+    """Mean squared error over every element.
 
-    No factor 1/2 (unlike `optax.l2_loss`); equals PyTorch's `F.mse_loss`.
+    L = mean((pred - target)^2). No factor 1/2 (unlike `optax.l2_loss`); equals PyTorch's
+    `F.mse_loss`.
+
+    Args:
+      pred: predictions, any shape.
+      target: targets, the shape of ``pred``.
+
+    Returns:
+      The scalar mean L.
+
+    >>> float(mse([1.0, 2.0], [1.0, 4.0]))
+    2.0
     """
     pred, target = jnp.asarray(pred), jnp.asarray(target)
     if pred.shape != target.shape:
@@ -98,13 +129,24 @@ def mse(pred, target):
 
 
 def l2_penalty(params):
-    """Half the squared L2 norm of every leaf: 0.5 * sum_w w^2 (seed 000's weight decay).
+    """Half the squared L2 norm of every leaf: 0.5 * sum_w w^2, weight decay as a loss term.
 
     With the factor 1/2 the gradient is the parameters themselves, so adding
     ``rate * l2_penalty(params)`` to the loss gives the same gradient as the
     `add_weight_decay(rate)` transform (g + rate * w) and PyTorch's ``weight_decay=rate``.
     Every leaf counts, biases and BatchNorm scales included; pass a sub-tree (e.g.
     ``{k: v for k, v in params.items() if ...}``) to exclude some.
+
+    Args:
+      params: a pytree of arrays.
+
+    Returns:
+      The scalar penalty (0 for an empty tree).
+
+    Source: Tips and Tricks notes (weight decay).
+
+    >>> float(l2_penalty({"w": [1.0, 2.0], "b": [2.0]}))
+    4.5
     """
     leaves = jax.tree.leaves(params)
     if not leaves:
@@ -113,12 +155,24 @@ def l2_penalty(params):
 
 
 def accuracy(logits, labels, *, ignore_index=IGNORE_INDEX):
-    """Fraction of the counted labels (those not ``ignore_index``, default -100) whose arg-max
-    logit is the label: sum_{i: y_i != ignore} [argmax(z_i) == y_i] / #{i: y_i != ignore}.
+    """Fraction of the counted labels whose arg-max logit is the label.
+
+    acc = sum_{i: y_i != ignore} [argmax(z_i) == y_i] / #{i: y_i != ignore}.
 
     Per token for sequences (logits (B, T, V), labels (B, T)); 0 when every label is ignored.
     A label outside [0, C) that is not ignored, negative included, never equals an arg-max, so
     it counts as wrong (numpy-style wrapping of -1 to the last class never happens here).
+
+    Args:
+      logits: (..., C) floats.
+      labels: (...) integers; ``ignore_index`` marks a label left out.
+      ignore_index: the label value left out (default -100); None counts every label.
+
+    Returns:
+      The scalar fraction in [0, 1].
+
+    >>> float(accuracy([[2.0, 0.0], [0.0, 1.0], [5.0, 0.0]], [0, 0, -100]))
+    0.5
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_class_labels("accuracy", logits, labels)

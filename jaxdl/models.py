@@ -4,8 +4,8 @@ The CLI, the notebooks, the doctor and the benchmarks build their classifiers he
 one definition of each:
 
 - `mlp`: ``Flatten, depth x [Dense(width), (BatchNorm), activation, (Dropout)], Dense(classes)``
-  (seed 000's fully connected network; seed 001's BatchNorm after the affine layer, whose bias
-  it makes redundant, so the bias is dropped).
+  (the Tips and Tricks notes' fully connected network; CSE 176 Lecture 11's BatchNorm after the
+  affine layer, whose bias it makes redundant, so the bias is dropped).
 - `cnn`: for each entry of ``channels`` ``[Conv 3x3, (BatchNorm), activation, MaxPool 2]``, then
   the mlp's layers on the flattened features.
 - `resnet`: a 3x3 convolution, then ``blocks`` residual blocks per entry of ``channels`` (He et
@@ -82,12 +82,37 @@ def mlp(
     dropout: float = 0.0,
     axis_name: str | None = None,
 ) -> layers.Sequential:
-    """``Flatten, depth x [Dense(width), (BatchNorm), activation, (Dropout(dropout))], Dense(num_classes)``.
+    """A multilayer perceptron classifier.
 
-    Every Dense layer's kernel is drawn from ``init`` (default He normal, seed 003:
+    ``Flatten, depth x [Dense(width), (BatchNorm), activation, (Dropout(dropout))], Dense(num_classes)``.
+
+    Every Dense layer's kernel is drawn from ``init`` (default He normal, Kira, CS 7643:
     ``N(0, 1) * sqrt(2 / n_in)``); with ``batchnorm`` the hidden Dense layers have no bias.
     ``dropout`` is the drop probability after each hidden activation (0 leaves Dropout out).
     The CLI's default MLP is ``mlp(10, dropout=0.2)``.
+
+    Args:
+      num_classes: outputs of the last Dense layer.
+      depth: hidden layers (>= 0).
+      width: units per hidden layer.
+      activation: the hidden layers' activation, a name (``"relu"``, ``"tanh"``, ...) or a layer
+        class.
+      init: the kernels' initializer, a name of `jaxdl.init` or a callable (default He normal).
+      batchnorm: BatchNorm after each hidden Dense layer (which then has no bias).
+      dropout: drop probability after each hidden activation (0 leaves Dropout out).
+      axis_name: BatchNorm's axis for data-parallel statistics.
+
+    Returns:
+      A `jaxdl.layers.Sequential`.
+
+    Source: Tips and Tricks notes (fully connected networks); CSE 176 Lecture 11 (BatchNorm);
+    Kira, CS 7643 (He initialization).
+
+    >>> import jax
+    >>> net = mlp(10, depth=2, width=16)
+    >>> shape, params, state = net.init(jax.random.key(0), (28, 28, 1))
+    >>> shape, sorted(params)
+    ((10,), ['dense_1', 'dense_3', 'dense_5'])
     """
     owner = "mlp"
     check_positive_int(owner, "num_classes", num_classes)
@@ -121,11 +146,22 @@ def cnn(
     conv_impl: str = "auto",
     axis_name: str | None = None,
 ) -> layers.Sequential:
-    """For each ``c`` in ``channels``: ``Conv(c, 3), (BatchNorm), activation, MaxPool(2)``; then
+    """A small convolutional classifier.
+
+    For each ``c`` in ``channels``: ``Conv(c, 3), (BatchNorm), activation, MaxPool(2)``; then
     ``Flatten`` and the `mlp` head (``depth`` hidden layers of ``width``, ``Dense(num_classes)``).
 
     Input NHWC. ``conv_impl`` is `jaxdl.layers.Conv`'s ``impl`` ('auto' picks the algorithm per
     backend). The CLI's default CNN is ``cnn(10, depth=1, width=128, dropout=0.25)``.
+
+    Args:
+      num_classes: outputs of the last Dense layer.
+      channels: the convolutions' output channels, one 3x3 convolution (and 2x2 max pool) each.
+      depth, width, activation, init, batchnorm, dropout, axis_name: as in `mlp`.
+      conv_impl: `jaxdl.layers.Conv`'s ``impl``.
+
+    Returns:
+      A `jaxdl.layers.Sequential`.
     """
     owner = "cnn"
     check_positive_int(owner, "num_classes", num_classes)
@@ -190,7 +226,7 @@ def resnet(
       ``act``, ``GlobalAvgPool, Dense``.
 
     >>> import jax
-    >>> net = resnet(10, channels=(8, 16))
+    >>> net = resnet(10, channels=(8, 16), blocks=1)
     >>> net.init(jax.random.key(0), (8, 8, 1))[0]
     (10,)
     """

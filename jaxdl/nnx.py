@@ -57,7 +57,14 @@ def _nnx():
 
 def is_nnx_module(obj: Any) -> bool:
     """Whether ``obj`` is a ``flax.nnx.Module`` (without importing flax.nnx when it is not loaded:
-    an object cannot be an nnx module before nnx is imported)."""
+    an object cannot be an nnx module before nnx is imported).
+
+    Args:
+      obj: any object.
+
+    Returns:
+      A bool.
+    """
     nnx = sys.modules.get("flax.nnx")
     return nnx is not None and isinstance(obj, nnx.Module)
 
@@ -157,6 +164,12 @@ def from_nnx(module) -> NnxModule:
     The module must map a batch ``x`` to one array, ``module(x)``; its mode is switched with
     ``train()``/``eval()``. Source: flax docs, "Flax NNX: basics" (split/merge) and
     ``nnx.Module.train``.
+
+    Args:
+      module: a ``flax.nnx.Module``.
+
+    Returns:
+      An `NnxModule` layer.
     """
     nnx = _nnx()
     if not isinstance(module, nnx.Module):
@@ -177,7 +190,15 @@ def as_layer(owner: str, model: Any):
     """``model`` as a layer: an nnx module through `from_nnx`, a layer as it is; anything else
     is refused by `jaxdl._checks.check_model` (naming ``owner``). The one entry of every public
     function that takes a model (`jaxdl.fit`, `jaxdl.evaluate`, `TrainState.create`,
-    `supervised_loss`, sweeps, the doctor)."""
+    `supervised_loss`, sweeps, the doctor).
+
+    Args:
+      owner: the caller's name, for the error messages.
+      model: a jaxdl layer or an nnx module.
+
+    Returns:
+      A layer.
+    """
     if is_nnx_module(model):
         return from_nnx(model)
     check_model(owner, model)
@@ -191,6 +212,11 @@ def update_module(module, params, model_state=None) -> None:
 
     The trees are those `from_nnx` produces (``nnx.to_pure_dict`` of the Param and the other
     non-RNG state); a tree of another structure is refused by nnx with a KeyError/ValueError.
+
+    Args:
+      module: the ``flax.nnx.Module`` the model was made from.
+      params: trained parameters (e.g. ``result.state.params``).
+      model_state: the trained state, or None.
     """
     nnx = _nnx()
     adapter = from_nnx(module)

@@ -85,6 +85,13 @@ class Policy:
     master weights and optimizer state, forward and backward in bfloat16, outputs (logits) cast
     to float32 before the loss. ``get_policy("bf16")`` builds exactly this one. Hashable (a static
     argument of compiled functions).
+
+    Args:
+      param_dtype: the parameters' (and optimizer state's) dtype.
+      compute_dtype: the dtype the model runs in.
+      output_dtype: the dtype of the model's outputs.
+
+    Source: Micikevicius et al. 2018.
     """
 
     param_dtype: Any = jnp.float32
@@ -118,7 +125,18 @@ _NAMED = {
 def get_policy(precision, owner: str = "precision") -> Policy | None:
     """A `Policy` from ``precision``: None or ``"fp32"`` (no policy: the float32 program),
     ``"bf16"`` / ``"fp16"`` (float32 master weights, bfloat16 / float16 compute, float32
-    outputs), or a `Policy` itself."""
+    outputs), or a `Policy` itself.
+
+    Args:
+      precision: None, ``"fp32"``, ``"bf16"``, ``"fp16"`` or a `Policy`.
+      owner: the caller's name, for the error messages.
+
+    Returns:
+      A `Policy`, or None for float32.
+
+    >>> str(get_policy("bf16").compute_dtype)
+    'bfloat16'
+    """
     if precision is None or isinstance(precision, Policy):
         return precision
     if isinstance(precision, str) and precision in _NAMED:
@@ -133,7 +151,12 @@ def get_policy(precision, owner: str = "precision") -> Policy | None:
 class PolicyModel:
     """``model`` run under ``policy``: parameters and floating inputs cast to the compute dtype,
     outputs cast to the output dtype, model state (BatchNorm's running statistics) kept in its
-    own dtype (float32). ``init`` is the model's (float32 master parameters)."""
+    own dtype (float32). ``init`` is the model's (float32 master parameters).
+
+    Args:
+      model: a jaxdl layer.
+      policy: a `Policy`.
+    """
 
     model: Any
     policy: Policy
@@ -192,6 +215,13 @@ def with_policy(loss_fn, policy: Policy | None):
     ``inner`` (`jaxdl.trainer.AugmentedLoss`) is wrapped inside; any other loss gets its params
     and batch cast to the compute dtype and its loss cast to float32. Gradients with respect to
     the float32 params come back float32 (the cast's transpose).
+
+    Args:
+      loss_fn: the train step's loss.
+      policy: a `Policy` or None.
+
+    Returns:
+      The loss run under ``policy``.
     """
     if policy is None:
         return loss_fn
@@ -220,6 +250,11 @@ class LossScale:
     """A static loss scale S: ``g = grad(S L) / S``; a step that overflows is skipped, S stays.
 
     ``scale`` is only the initial value of ``state.loss_scale.scale``: a sweep can vmap over it.
+
+    Args:
+      scale: the initial scale S.
+
+    Source: Micikevicius et al. 2018.
     """
 
     scale: float = 2.0**15
@@ -248,6 +283,13 @@ class DynamicLossScale(LossScale):
     Defaults are GradScaler's: ``scale=2**15``, ``growth_interval=2000``, ``growth_factor=2``,
     ``backoff_factor=0.5``. Like GradScaler, the scale is not bounded below; unlike it, the
     skipped step is still counted in ``state.step`` (the schedules advance).
+
+    Args:
+      growth_interval: finite steps in a row before S grows.
+      growth_factor: the growth multiplier.
+      backoff_factor: the multiplier on overflow.
+
+    Source: Micikevicius et al. 2018.
     """
 
     growth_interval: int = 2000
@@ -282,7 +324,15 @@ class DynamicLossScale(LossScale):
 
 def get_loss_scale(loss_scale, owner: str = "loss_scale") -> LossScale | None:
     """None (no scaling), ``"dynamic"`` (`DynamicLossScale` with GradScaler's defaults), a
-    number (a static `LossScale`), or a `LossScale`/`DynamicLossScale` itself."""
+    number (a static `LossScale`), or a `LossScale`/`DynamicLossScale` itself.
+
+    Args:
+      loss_scale: None, ``"dynamic"``, a number > 0, a `LossScale` or a `DynamicLossScale`.
+      owner: the caller's name, for the error messages.
+
+    Returns:
+      A loss scale object, or None.
+    """
     if loss_scale is None or isinstance(loss_scale, LossScale):
         return loss_scale
     if isinstance(loss_scale, str):

@@ -60,16 +60,42 @@ def _is_one(value) -> bool:
 
 
 def constant(value: float) -> Schedule:
-    """``eps_k = value`` for every step."""
+    """A constant learning rate.
+
+    .. math:: \\epsilon_k = v
+
+    Args:
+      value: the rate ``v``.
+
+    Returns:
+      A schedule ``k -> eps_k`` (a float32 scalar for an int or traced step ``k``).
+
+    >>> float(constant(0.1)(1000))
+    0.1...
+    """
     check_number("constant", "value", value)
     return _with_end(lambda k: jnp.asarray(value, dtype=jnp.result_type(float)), "constant", 0, value)
 
 
 def linear_decay(init: float, final: float, tau: int) -> Schedule:
-    """Linear decay to step ``tau``, constant after (seed 001, "Learning Rate Decay").
+    """Linear decay from ``init`` to ``final`` at step ``tau``, constant after.
 
     .. math:: \\epsilon_k = (1 - \\alpha)\\epsilon_0 + \\alpha\\epsilon_\\tau,
               \\quad \\alpha = \\min(k / \\tau, 1)
+
+    Args:
+      init: ``eps_0``.
+      final: ``eps_tau``, kept after step ``tau``.
+      tau: the step at which the decay ends (>= 1).
+
+    Returns:
+      A schedule ``k -> eps_k``.
+
+    Source: CSE 176 Lecture 11, "Learning Rate Decay".
+
+    >>> s = linear_decay(0.1, 0.01, tau=10)
+    >>> [round(float(s(k)), 4) for k in (0, 5, 10, 20)]
+    [0.1, 0.055, 0.01, 0.01]
     """
     check_number("linear_decay", "init", init)
     check_number("linear_decay", "final", final)
@@ -83,7 +109,23 @@ def linear_decay(init: float, final: float, tau: int) -> Schedule:
 
 
 def inverse_time_decay(init: float, decay: float) -> Schedule:
-    """``eps_k = init / (1 + decay * k)``: the Keras ``SGD(decay=...)`` of seed 001."""
+    """Inverse-time decay, the Keras ``SGD(decay=...)`` rule.
+
+    .. math:: \\epsilon_k = \\epsilon_0 / (1 + d\\,k)
+
+    Args:
+      init: ``eps_0``.
+      decay: ``d`` (>= 0).
+
+    Returns:
+      A schedule ``k -> eps_k``.
+
+    Source: CSE 176 Lecture 11, "Learning Rate Decay".
+
+    >>> s = inverse_time_decay(0.1, decay=1.0)
+    >>> [round(float(s(k)), 4) for k in (0, 1, 3)]
+    [0.1, 0.05, 0.025]
+    """
     check_number("inverse_time_decay", "init", init)
     check_number("inverse_time_decay", "decay", decay, low=0.0)
     end = init if _is_zero(decay) else 0.0
@@ -91,15 +133,43 @@ def inverse_time_decay(init: float, decay: float) -> Schedule:
 
 
 def inverse_sqrt_decay(init: float) -> Schedule:
-    """``eps_k = init / sqrt(1 + k)`` (seed 000: step sizes that shrink like 1/sqrt(t))."""
+    """Step sizes that shrink like ``1/sqrt(k)``.
+
+    .. math:: \\epsilon_k = \\epsilon_0 / \\sqrt{1 + k}
+
+    Args:
+      init: ``eps_0``.
+
+    Returns:
+      A schedule ``k -> eps_k``.
+
+    Source: Tips and Tricks notes.
+
+    >>> round(float(inverse_sqrt_decay(0.1)(3)), 4)
+    0.05
+    """
     check_number("inverse_sqrt_decay", "init", init)
     return _with_end(lambda k: init / jnp.sqrt(1.0 + _step(k)), "inverse_sqrt_decay", None, 0.0)
 
 
 def step_decay(init: float, factor: float, every: int) -> Schedule:
-    """``eps_k = init * factor ** floor(k / every)``: drop by ``factor`` every ``every`` steps.
+    """Drop the rate by ``factor`` every ``every`` steps.
+
+    .. math:: \\epsilon_k = \\epsilon_0 \\, \\gamma^{\\lfloor k / n \\rfloor}
 
     Same as ``torch.optim.lr_scheduler.StepLR(step_size=every, gamma=factor)`` stepped per update.
+
+    Args:
+      init: ``eps_0``.
+      factor: ``gamma`` in (0, 1].
+      every: ``n``, steps between drops (>= 1).
+
+    Returns:
+      A schedule ``k -> eps_k``.
+
+    >>> s = step_decay(0.1, factor=0.5, every=10)
+    >>> [round(float(s(k)), 4) for k in (0, 9, 10, 25)]
+    [0.1, 0.1, 0.05, 0.025]
     """
     check_number("step_decay", "init", init)
     check_number("step_decay", "factor", factor, low=0.0, low_open=True, high=1.0)
@@ -113,8 +183,21 @@ def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
 
     .. math:: \\epsilon_k = f + \\tfrac12 (\\epsilon_0 - f)(1 + \\cos(\\pi \\min(k, T) / T))
 
-    Loshchilov & Hutter (2017), without restarts; equals ``optax.cosine_decay_schedule(init,
-    steps, alpha=final/init)``.
+    Without restarts; equals ``optax.cosine_decay_schedule(init, steps, alpha=final/init)``.
+
+    Args:
+      init: ``eps_0``.
+      steps: ``T``, the length of the decay (>= 1).
+      final: ``f``, kept after step ``T``.
+
+    Returns:
+      A schedule ``k -> eps_k``.
+
+    Source: Loshchilov & Hutter 2017 (SGDR).
+
+    >>> s = cosine_decay(0.1, steps=10)
+    >>> [round(float(s(k)), 4) for k in (0, 5, 10, 20)]
+    [0.1, 0.05, 0.0, 0.0]
     """
     check_number("cosine_decay", "init", init)
     check_number("cosine_decay", "final", final)
@@ -133,7 +216,20 @@ def warmup(schedule: Schedule, steps: int) -> Schedule:
     .. math:: \\epsilon_k = \\epsilon'_0 \\, k / W \\;(k < W), \\qquad \\epsilon'_{k - W} \\;(k \\ge W)
 
     Like optax's ``warmup_*`` schedules with ``init_value=0``: the wrapped schedule starts its own
-    clock when the warm-up ends (Goyal et al. 2017, "gradual warmup").
+    clock when the warm-up ends.
+
+    Args:
+      schedule: the schedule ``k -> eps'_k`` that follows the warm-up.
+      steps: ``W``, the warm-up's length (>= 1).
+
+    Returns:
+      A schedule ``k -> eps_k``.
+
+    Source: Goyal et al. 2017, "gradual warmup".
+
+    >>> s = warmup(constant(0.1), steps=4)
+    >>> [round(float(s(k)), 4) for k in (0, 2, 4, 100)]
+    [0.0, 0.05, 0.1, 0.1]
     """
     if not callable(schedule):
         raise TypeError(f"warmup: schedule must be a callable step -> value, got {schedule!r}")

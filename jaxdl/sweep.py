@@ -1,4 +1,4 @@
-"""Vmapped seed and hyperparameter sweeps, and seed 004's coarse-to-fine search.
+"""Vmapped seed and hyperparameter sweeps, and coarse-to-fine search (Sarkar, CS60010).
 
 `sweep` trains R runs of one model in one compiled call: ``jax.vmap`` over the runs of a
 ``lax.scan`` over the training batches (`jaxdl.train_step.make_train_loop`). A run is a pair
@@ -46,8 +46,7 @@ import numpy as np
 
 from jaxdl._checks import check_int, check_number
 from jaxdl.nnx import as_layer
-from jaxdl.precision import get_loss_scale, get_policy
-from jaxdl.train_step import TrainState, make_eval_step, make_train_loop, step_options
+from jaxdl.train_step import StepOptions, TrainState, make_eval_step, make_train_loop, resolve_options
 
 __all__ = ["sweep", "grid", "scale_init", "coarse_to_fine", "SearchResult", "INIT_SCALE", "EMA", "LOSS_SCALE"]
 
@@ -65,9 +64,23 @@ def scale_init(params, scale):
     .. math:: W_0 \\leftarrow s \\, W_0
 
     With a layer initialized by ``normal(1.0)`` this draws ``N(0, s^2)``; with ``s = 0`` it is
-    zero init (seed 003's degenerate constant init). Biases, BatchNorm's gamma/beta and PReLU's
+    zero init (the degenerate constant init). Biases, BatchNorm's gamma/beta and PReLU's
     alpha are left alone. ``scale`` may be traced, which is how a sweep varies the init scale
     without recompiling (an initializer's ``stddev`` is a Python number fixed at trace time).
+
+    Args:
+      params: the model's parameters.
+      scale: ``s``, a number or a traced scalar.
+
+    Returns:
+      The parameters with every leaf of ``ndim >= 2`` scaled.
+
+    Source: Kira, CS 7643 (initialization).
+
+    >>> import jax.numpy as jnp
+    >>> p = scale_init({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, 0.5)
+    >>> p["w"].tolist(), p["b"].tolist()
+    ([[0.5, 0.5], [0.5, 0.5]], [1.0, 1.0])
     """
     return jax.tree.map(lambda p: (p * scale).astype(p.dtype) if jnp.ndim(p) >= 2 else p, params)
 
@@ -78,6 +91,15 @@ def grid(**axes) -> dict[str, np.ndarray]:
     ``grid(lr=[0.1, 0.01], momentum=[0.0, 0.9])`` gives ``{"lr": [0.1, 0.1, 0.01, 0.01],
     "momentum": [0.0, 0.9, 0.0, 0.9]}``: the first axis varies slowest (``np.meshgrid`` with
     ``indexing="ij"``).
+
+    Args:
+      **axes: name -> a 1-D sequence of values.
+
+    Returns:
+      A dict name -> 1-D numpy array, all of length ``prod(len(axis))``.
+
+    >>> {k: v.tolist() for k, v in grid(lr=[0.1, 0.01], momentum=[0.0, 0.9]).items()}
+    {'lr': [0.1, 0.1, 0.01, 0.01], 'momentum': [0.0, 0.9, 0.0, 0.9]}
     """
     if not axes:
         raise ValueError("grid: give at least one axis, e.g. grid(lr=[1e-3, 1e-2])")
@@ -175,11 +197,7 @@ def _init_run(model, input_shape, make_optimizer, pass_key, names, seed, values,
         "names",
         "chunk_size",
         "return_state",
-        "skip_nonfinite",
-        "precision",
-        "micro_batches",
-        "loss_scale",
-        "ema",
+        "options",
     ),
 )
 def _run(
@@ -195,13 +213,10 @@ def _run(
     names,
     chunk_size,
     return_state,
-    skip_nonfinite,
-    precision,
-    micro_batches,
-    loss_scale,
-    ema,
+    options,
 ):
     pass_key = _accepts_key(make_optimizer)
+    precision, loss_scale, ema = options.precision, options.loss_scale, options.ema
     evaluate = None if eval_batch is None else make_eval_step(loss_fn, precision=precision)
     evaluate_ema = (
         None
@@ -214,15 +229,7 @@ def _run(
         tx, state, decay = _init_run(
             model, input_shape, make_optimizer, pass_key, names, seed, values, ema, loss_scale
         )
-        loop = make_train_loop(
-            loss_fn,
-            tx,
-            skip_nonfinite=skip_nonfinite,
-            precision=precision,
-            micro_batches=micro_batches,
-            loss_scale=loss_scale,
-            ema=decay,
-        )
+        loop = make_train_loop(loss_fn, tx, options=options.replace(ema=decay))
         state, metrics = loop(state, batches)
         out = dict(metrics)
         out.update({f"final_{k}": v[-1] for k, v in metrics.items()})
@@ -251,6 +258,7 @@ def sweep(
     eval_batch=None,
     chunk_size: int | None = None,
     return_state: bool = False,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     precision=None,
     micro_batches: int = 1,
@@ -269,9 +277,9 @@ def sweep(
     `grid` builds products); ``init_scale`` is reserved: it multiplies the initial kernels
     (`scale_init`) instead of going to ``make_optimizer``; ``ema`` sweeps the EMA decay and
     ``loss_scale`` the initial loss scale (one compilation for every value). ``seeds``: an int or
-    S ints. ``precision``, ``micro_batches``, ``loss_scale`` (needed to sweep its initial value)
-    and ``ema`` are the train loop's options (`jaxdl.train_step.make_train_loop`), the same for
-    every run.
+    S ints. ``skip_nonfinite``, ``precision``, ``micro_batches``, ``loss_scale`` (needed to sweep
+    its initial value) and ``ema`` are the train loop's options (`jaxdl.train_step.make_train_loop`),
+    the same for every run; ``options=StepOptions(...)`` gives them as one object.
 
     Runs are seeds x settings, seed major (run ``r = s*H + h``), R = S*H. Returns a dict of
     numpy arrays with a leading run axis:
@@ -289,8 +297,30 @@ def sweep(
     (loss, ``make_optimizer`` object, model, names, R, K and batch shapes) changes, never for
     new hyperparameter values or seeds; ``loss_fn``, ``make_optimizer`` and ``model`` are
     static, so they must be hashable (jaxdl layers and `supervised_loss` are), and a new
-    ``lambda`` per call is a new configuration: define ``make_optimizer`` once. Run r equals the single run spelled out in the module
-    docstring to float rounding.
+    ``lambda`` per call is a new configuration: define ``make_optimizer`` once. Run r equals the
+    single run spelled out in the module docstring to float rounding.
+
+    Args:
+      loss_fn: the train step's loss.
+      make_optimizer: ``(**setting[, key]) -> GradientTransformation``.
+      model, input_shape: build each run's `TrainState`.
+      batches: the K stacked training batches.
+      seeds: an int or S ints.
+      hparams: names -> scalars or 1-D arrays of one length H.
+      eval_batch, chunk_size, return_state, options: as above.
+
+    Returns:
+      A dict of numpy arrays with a leading run axis R = S*H (above).
+
+    >>> import jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> batches = (jnp.ones((3, 4, 2)), jnp.zeros((3, 4), jnp.int32))  # K = 3 batches of 4
+    >>> make_sgd = lambda lr: dl.sgd(lr)
+    >>> out = sweep(dl.supervised_loss(model), make_sgd, model, (2,), batches,
+    ...             seeds=(0, 1), hparams={"lr": [0.01, 0.1]})
+    >>> out["seed"].tolist(), out["lr"].astype(float).round(4).tolist(), out["loss"].shape
+    ([0, 0, 1, 1], [0.01, 0.1, 0.01, 0.1], (4, 3))
     """
     model = as_layer("sweep", model)
     names, table = _settings(hparams)
@@ -303,11 +333,23 @@ def sweep(
         raise TypeError(
             f"sweep: make_optimizer must be callable (**hparams) -> optimizer, got {make_optimizer!r}"
         )
-    step_options("sweep", precision, micro_batches, loss_scale, ema)  # refuse bad options here
+    options = resolve_options(
+        "sweep",
+        options,
+        skip_nonfinite=skip_nonfinite,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+    )
+    if options.donate:
+        raise ValueError("sweep: options.donate=True, but a sweep builds its states itself and keeps none")
+    if options.ema is not None:
+        options = options.replace(ema=float(options.ema))  # a static argument: hashable
     if EMA in names:
         check_number("sweep", "hparams['ema']", table[:, names.index(EMA)], low=0, high=1, high_open=True)
     if LOSS_SCALE in names:
-        if loss_scale is None:
+        if options.loss_scale is None:
             raise ValueError(
                 "sweep: hparams['loss_scale'] sweeps the initial loss scale; pass "
                 "loss_scale='dynamic' or a number to choose the rule"
@@ -327,11 +369,7 @@ def sweep(
         names=names,
         chunk_size=min(chunk_size or s * h, s * h),
         return_state=bool(return_state),
-        skip_nonfinite=bool(skip_nonfinite),
-        precision=get_policy(precision, "sweep"),
-        micro_batches=micro_batches,
-        loss_scale=get_loss_scale(loss_scale, "sweep"),
-        ema=None if ema is None else float(ema),
+        options=options,
     )
     state = out.pop("state", None)
     result = {"seed": run_seeds}
@@ -402,7 +440,7 @@ def coarse_to_fine(
     key: int = 0,
     chunk_size: int | None = None,
 ) -> SearchResult:
-    """Coarse-to-fine random search (seed 004; Bergstra & Bengio 2012 for random over grid).
+    """Coarse-to-fine random search: sample, keep the best, narrow the ranges, repeat.
 
     Stage 1 samples ``num_samples`` settings, each hyperparameter independently and
     log-uniformly from its range, ``x = exp(U(ln low, ln high))`` (``(low, high, "linear")``:
@@ -411,9 +449,23 @@ def coarse_to_fine(
     else ``final_loss``; lower is better unless ``maximize``; NaN ranks last); the best
     ``ceil(keep * num_samples)`` are kept, and each range narrows to the span of the kept values.
     Repeat for ``stages`` stages. ``batches`` is the stacked training block of every stage, or a
-    callable ``stage -> batches`` (seed 004: a few epochs first, longer runs later). ``fixed``
+    callable ``stage -> batches`` (Sarkar, CS60010: a few epochs first, longer runs later). ``fixed``
     hyperparameters are passed unchanged to every run. Stages of equal shapes share one
     compilation. Sampling uses ``numpy.random.default_rng(key)``.
+
+    Args:
+      loss_fn, make_optimizer, model, input_shape, batches, seeds, eval_batch, chunk_size: as in
+        `sweep`.
+      ranges: name -> ``(low, high)`` or ``(low, high, "linear")``.
+      stages, num_samples, keep: the search's shape (above).
+      fixed: hyperparameters passed unchanged.
+      score, maximize: the ranking (above).
+      key: the sampling key.
+
+    Returns:
+      A `SearchResult` ``(stages, ranges, best)``.
+
+    Source: Sarkar, CS60010 (coarse-to-fine cross-validation); Bergstra & Bengio 2012.
     """
     spec = _parse_ranges(ranges)
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:

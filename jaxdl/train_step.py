@@ -8,10 +8,10 @@ One training step (docs/design.md, "The path of one batch"):
 
 Everything the step needs is in its arguments: the `TrainState` (a pytree) and the batch. The PRNG
 key of step t is ``fold_in(state.key, t)`` (`step_key`), so dropout masks never repeat. A step
-whose loss, gradients or updates hold a NaN or Inf leaves params, model state and optimizer
-state as they were (seed 004: divergence is worse than a lost step) and reports ``nonfinite = 1``; the check
-is on the loss and the norms of the gradients and updates, so a norm beyond float32's range
-(about 1.8e38) counts as non-finite too.
+whose loss, gradients or updates hold a NaN or Inf leaves params, model state and optimizer state
+as they were (Sarkar, CS60010: divergence is worse than a lost step) and reports
+``nonfinite = 1``; the check is on the loss and the norms of the gradients and updates, so a norm beyond
+float32's range (about 1.8e38) counts as non-finite too.
 
 The data-parallel steps (`jaxdl.parallel.steps`: pmap, shard_map, and a scan-fused sharded loop)
 are built from the same pieces, which are public for that reason: `step_body` (the math of one
@@ -19,8 +19,10 @@ step, the one body every step runs), `step_key`, `check_batch`, `check_state` an
 `accepts_train`. This module does not import `jaxdl.parallel` (the data-parallel steps import
 it), and knows models only through their ``init``/``apply`` protocol.
 
-Options of every train step and loop (`step_options`; off by default, and then the step is the
-float32 program above with no extra state):
+Options of every train step and loop, one frozen `StepOptions` (``options=StepOptions(...)``;
+the builders' keywords of the same names are sugar for it). Besides ``skip_nonfinite`` (the skip
+above, on by default) and ``donate`` (let XLA reuse the state's buffers), four change the math;
+off by default, and then the step is the float32 program above with no extra state:
 
 - ``precision``: a `jaxdl.precision.Policy` or ``"bf16"``/``"fp16"``: float32 master weights and
   optimizer state, forward and backward in the compute dtype (Micikevicius et al. 2018);
@@ -30,6 +32,9 @@ float32 program above with no extra state):
   `lax.scan`, one optimizer step per batch (`accumulate_gradients`);
 - ``ema=decay``: an exponential moving average of the parameters in ``state.ema_params``
   (Polyak & Juditsky 1992), evaluated with ``make_eval_step(..., use_ema=True)``.
+
+and ``remat`` (gradient checkpointing, `remat_loss`) trades memory for a second forward pass
+without changing the numbers.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from jaxdl.layers import remat_layers
 from jaxdl.losses import accuracy, softmax_cross_entropy
 from jaxdl.nnx import as_layer
 from jaxdl.optimizers import apply_updates
-from jaxdl.precision import LossScale, Policy, get_loss_scale, get_policy, with_policy
+from jaxdl.precision import Policy, get_loss_scale, get_policy, with_policy
 from jaxdl.transforms import global_norm
 
 __all__ = [
@@ -80,6 +85,7 @@ __all__ = [
     "check_state",
     "accepts_train",
     "StepOptions",
+    "resolve_options",
     "step_options",
     "accumulate_gradients",
     "ema_update",
@@ -119,25 +125,46 @@ class TrainState(struct.PyTreeNode):
         key: jax.Array,
         input_shape,
         *,
+        options: "StepOptions | None" = None,
         ema=None,
         loss_scale=None,
     ) -> "TrainState":
         """Initialize ``model`` for ``input_shape`` (one example) and ``optimizer`` for its params.
 
         ``key`` (a ``jax.random.key`` or an int seed) is split in two: one half initializes the
-        model, the other seeds training. Pass the steps' ``ema`` and ``loss_scale`` here too:
-        ``ema`` (a decay, not None) starts ``ema_params`` as a copy of the params;
+        model, the other seeds training. Pass the steps' `StepOptions` here too (``options=``,
+        or its ``ema`` and ``loss_scale`` as keywords): ``ema`` (a decay, not None) starts
+        ``ema_params`` as a copy of the params;
         ``loss_scale`` (``"dynamic"``, a number, a `jaxdl.precision.LossScale`) starts
         ``loss_scale`` at its initial scale. A model without ``init``/``apply``, an optimizer
         that is not a ``GradientTransformation`` (e.g. ``dl.adam`` not called), a bad key or an
         ``input_shape`` that is not a tuple of sizes >= 1 is refused by name before anything is
         built.
+
+        Args:
+          model: a jaxdl layer (``init``/``apply``).
+          optimizer: an optax ``GradientTransformation``.
+          key: a ``jax.random.key`` or an int seed.
+          input_shape: the shape of one example (no batch axis).
+          options: the steps' `StepOptions` (or ``ema`` and ``loss_scale`` as keywords).
+
+        Returns:
+          A `TrainState` at step 0.
+
+        >>> import jax
+        >>> import jaxdl as dl
+        >>> state = TrainState.create(dl.layers.Dense(2), dl.sgd(0.1), jax.random.key(0), (3,))
+        >>> int(state.step), state.params["w"].shape, state.input_shape
+        (0, (3, 2), (3,))
         """
         owner = "TrainState.create"
         model = as_layer(owner, model)
         check_transform(owner, "optimizer", optimizer)
         key = as_key(owner, "key", key)
         input_shape = check_shape(owner, "input_shape", input_shape)
+        if options is not None:
+            resolve_options(owner, options, ema=ema, loss_scale=loss_scale)  # one way, not both
+            ema, loss_scale = options.ema, options.loss_scale
         init_key, train_key = jax.random.split(key)
         _, params, model_state = model.init(init_key, input_shape)
         scaler = get_loss_scale(loss_scale, "TrainState.create")
@@ -178,6 +205,23 @@ def supervised_loss(
 
     ``metrics`` maps names to ``fn(outputs, y)``; by default ``{"accuracy": accuracy}`` when
     ``loss`` is `softmax_cross_entropy`, else none.
+
+    Args:
+      model: a jaxdl layer.
+      loss: ``loss(outputs, y) -> scalar`` (default `jaxdl.losses.softmax_cross_entropy`).
+      metrics: name -> ``fn(outputs, y)``.
+
+    Returns:
+      A `SupervisedLoss` (hashable: a step built from it compiles once).
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2, w_init=dl.init.zeros)
+    >>> params = model.init(jax.random.key(0), (3,))[1]
+    >>> batch = (jnp.ones((4, 3)), jnp.zeros(4, int))
+    >>> loss, (state, aux) = supervised_loss(model)(params, {}, batch, None)
+    >>> round(float(loss), 4), sorted(aux)  # ln 2: zero weights give equal probabilities
+    (0.6931, ['accuracy'])
     """
     model = as_layer("supervised_loss", model)
     if metrics is None:
@@ -188,11 +232,11 @@ def supervised_loss(
 def remat_loss(owner: str, loss_fn, remat: bool = True):
     """``loss_fn`` whose model recomputes each top-level layer's activations in the backward pass.
 
-    Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory cost"):
-    a loss with a ``model`` field (`supervised_loss`) gets its `jaxdl.layers.Sequential` model
-    with ``remat=True`` (`jaxdl.layers.remat_layers`: each layer with its activation and Dropout
-    under `jax.checkpoint`); a loss wrapping another in ``inner`` is changed inside. The params' tree and the numbers stay the same.
-    ``remat=False`` returns ``loss_fn``. The steps' ``remat=True`` calls this.
+    Gradient checkpointing: a loss with a ``model`` field (`supervised_loss`) gets its
+    `jaxdl.layers.Sequential` model with ``remat=True`` (`jaxdl.layers.remat_layers`: each
+    layer with its activation and Dropout under `jax.checkpoint`); a loss wrapping another in
+    ``inner`` is changed inside. The params' tree and the numbers stay the same.
+    ``remat=False`` returns ``loss_fn``. The steps' ``remat=True`` (`StepOptions`) calls this.
 
     Args:
       owner: the caller, named in errors.
@@ -201,6 +245,8 @@ def remat_loss(owner: str, loss_fn, remat: bool = True):
 
     Returns:
       The loss to differentiate. A loss without a Sequential model is a ValueError.
+
+    Source: Chen et al. 2016.
     """
     if not isinstance(remat, (bool, np.bool_)):
         raise TypeError(f"{owner}: remat must be a bool, got {remat!r}")
@@ -218,7 +264,14 @@ def remat_loss(owner: str, loss_fn, remat: bool = True):
 
 def accepts_train(loss_fn) -> bool:
     """Whether ``loss_fn`` takes a ``train=`` keyword (then the steps call it with ``train=True``
-    and `make_eval_step` with ``train=False``); False when its signature cannot be read."""
+    and `make_eval_step` with ``train=False``); False when its signature cannot be read.
+
+    Args:
+      loss_fn: a loss function.
+
+    Returns:
+      A bool.
+    """
     try:
         return "train" in inspect.signature(loss_fn).parameters
     except (TypeError, ValueError):
@@ -230,6 +283,10 @@ def check_batch(state: TrainState, batch) -> None:
 
     For a batch ``(x, ...)`` and a state with ``input_shape``: ``x.shape[1:]`` must equal
     ``state.input_shape``, else a ValueError gives both shapes. Other batches pass unchecked.
+
+    Args:
+      state: a `TrainState`.
+      batch: the step's batch.
     """
     x = batch[0] if isinstance(batch, (tuple, list)) else None
     if x is None or not state.input_shape:
@@ -248,6 +305,11 @@ def check_state(state: TrainState, loss_fn, optimizer) -> None:
     what ``loss_fn.model.init`` builds (when the loss has a ``model``), and ``state.opt_state``
     with ``optimizer.init(state.params)``; a mismatch is a ValueError naming the first differing
     path.
+
+    Args:
+      state: a `TrainState`.
+      loss_fn: the step's loss.
+      optimizer: the step's optimizer.
     """
     model = getattr(loss_fn, "model", None)
     if model is not None and state.input_shape:
@@ -262,38 +324,158 @@ def check_state(state: TrainState, loss_fn, optimizer) -> None:
     check_tree_match("train step", expected, state.opt_state, "state.opt_state (against the optimizer)", hint)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-    """The optional parts of a train step, checked and fixed when the step is built (static).
-
-    ``policy``: a `jaxdl.precision.Policy` or None; ``micro_batches``: K >= 1; ``loss_scale``: a
-    `jaxdl.precision.LossScale` or None; ``ema``: the decay in [0, 1) or None (may be traced, so
-    that a vmapped sweep over decays compiles once). Build it with `step_options`.
-    """
-
-    policy: Policy | None = None
-    micro_batches: int = 1
-    loss_scale: LossScale | None = None
-    ema: Any = None
+_OPTION_DEFAULTS = {
+    "skip_nonfinite": True,
+    "donate": False,
+    "precision": None,
+    "micro_batches": 1,
+    "loss_scale": None,
+    "ema": None,
+    "remat": False,
+}
 
 
-def step_options(owner: str, precision=None, micro_batches: int = 1, loss_scale=None, ema=None):
-    """Check the steps' optional arguments and bundle them in a `StepOptions`; None when every
-    option is off (then the step is the plain float32 program, with no extra state or ops).
-
-    Refused here, naming the argument: an unknown ``precision``, ``micro_batches`` not an int
-    >= 1, a ``loss_scale`` other than None/"dynamic"/a number > 0, ``ema`` outside [0, 1).
-    """
-    policy = get_policy(precision, owner)
-    check_positive_int(owner, "micro_batches", micro_batches)
-    scaler = get_loss_scale(loss_scale, owner)
+def _check_options(owner: str, values: dict) -> dict:
+    """The seven step options checked and normalized (a `Policy` or None, an int, a `LossScale` or
+    None); the error names ``owner``, the argument and the value."""
+    for name in ("skip_nonfinite", "donate", "remat"):
+        if not isinstance(values[name], (bool, np.bool_)):
+            raise TypeError(f"{owner}: {name} must be True or False, got {values[name]!r}")
+    ema = values["ema"]
     if ema is not None:
         if isinstance(ema, bool):
             raise TypeError(f"{owner}: ema must be a decay in [0, 1) or None, got {ema!r}")
         check_number(owner, "ema", ema, low=0, high=1, high_open=True)
-    if policy is None and micro_batches == 1 and scaler is None and ema is None:
-        return None
-    return StepOptions(policy, int(micro_batches), scaler, ema)
+    return {
+        "skip_nonfinite": bool(values["skip_nonfinite"]),
+        "donate": bool(values["donate"]),
+        "precision": get_policy(values["precision"], owner),
+        "micro_batches": check_positive_int(owner, "micro_batches", values["micro_batches"]),
+        "loss_scale": get_loss_scale(values["loss_scale"], owner),
+        "ema": ema,
+        "remat": bool(values["remat"]),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The seven options of every train step and loop, as one frozen object checked once.
+
+    Every step builder (`make_train_step`, `make_train_loop`, the data-parallel steps of
+    `jaxdl.parallel`, `jaxdl.sweep.sweep`) and `TrainState.create` take ``options=StepOptions(...)``;
+    their keywords of the same names are sugar for it. Off by default, and then the step is the
+    plain float32 program (module docstring):
+
+    - ``skip_nonfinite``: a step whose loss, gradient norm or update norm is NaN/Inf keeps the
+      params, model state and optimizer state (only ``step`` advances);
+    - ``donate``: let XLA reuse the old state's buffers (the caller gives up the state it passes);
+    - ``precision``: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a `jaxdl.precision.Policy`, stored as
+      the `Policy` (None for float32; Micikevicius et al. 2018);
+    - ``micro_batches``: K >= 1, gradient accumulation over K micro-batches (`accumulate_gradients`);
+    - ``loss_scale``: ``"dynamic"``, a number > 0 or a `jaxdl.precision.LossScale`, stored as the
+      `LossScale`;
+    - ``ema``: an EMA decay in [0, 1) (Polyak & Juditsky 1992), or None; it may be traced, so that
+      a vmapped sweep over decays compiles once;
+    - ``remat``: gradient checkpointing (Chen et al. 2016): the loss's `jaxdl.layers.Sequential`
+      model recomputes each layer's activations in the backward pass (`remat_loss`); the same
+      numbers, less memory, one more forward pass.
+
+    A bad value is refused at construction, naming the argument (``StepOptions: micro_batches=0
+    is out of range ...``). ``policy`` is ``precision`` under the name the step bodies read;
+    ``replace(**changes)`` returns a checked copy.
+
+    >>> StepOptions(micro_batches=2).micro_batches
+    2
+    """
+
+    skip_nonfinite: bool = True
+    donate: bool = False
+    precision: Any = None
+    micro_batches: int = 1
+    loss_scale: Any = None
+    ema: Any = None
+    remat: bool = False
+
+    def __post_init__(self):
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in _check_options("StepOptions", values).items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def policy(self) -> Policy | None:
+        """The precision `Policy` (None: float32)."""
+        return self.precision
+
+    @property
+    def plain(self) -> bool:
+        """True when no option changes the math of the float32 step (precision, micro-batches,
+        loss scale and EMA all off)."""
+        return (
+            self.precision is None
+            and self.micro_batches == 1
+            and self.loss_scale is None
+            and self.ema is None
+        )
+
+    def replace(self, **changes) -> "StepOptions":
+        """A copy with ``changes``, checked as a new `StepOptions`."""
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_options(owner: str, options: StepOptions | None = None, **keywords) -> StepOptions:
+    """The `StepOptions` of a builder called with ``options=`` or with the option keywords (sugar).
+
+    ``keywords``: the builder's option keywords as given (any of the seven names); with
+    ``options`` they must all be at their defaults, else a TypeError names them (one way per
+    call). Without ``options`` they are checked here, the errors naming ``owner``.
+
+    Args:
+      owner: the builder's name, for the error messages.
+      options: a `StepOptions`, or None.
+      **keywords: the builder's option keywords.
+
+    Returns:
+      A `StepOptions`.
+    """
+    unknown = sorted(set(keywords) - set(_OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{owner}: unknown step option {unknown[0]!r}")
+    if options is None:
+        return StepOptions(**_check_options(owner, {**_OPTION_DEFAULTS, **keywords}))
+    if not isinstance(options, StepOptions):
+        raise TypeError(f"{owner}: options must be a jaxdl.StepOptions or None, got {type(options).__name__}")
+    given = [name for name, value in keywords.items() if value is not _OPTION_DEFAULTS[name]]
+    if given:
+        raise TypeError(
+            f"{owner}: pass the step options either as options= or as keywords, not both "
+            f"(got options= and {', '.join(f'{n}={keywords[n]!r}' for n in given)})"
+        )
+    return options
+
+
+def step_options(owner: str, precision=None, micro_batches: int = 1, loss_scale=None, ema=None):
+    """Check the options that change the step's math and bundle them in a `StepOptions`; None
+    when every one is off (then the step is the plain float32 program, with no extra state or ops).
+
+    Refused here, naming the argument: an unknown ``precision``, ``micro_batches`` not an int
+    >= 1, a ``loss_scale`` other than None/"dynamic"/a number > 0, ``ema`` outside [0, 1).
+
+    Args:
+      owner: the caller's name, for the error messages.
+      precision, micro_batches, loss_scale, ema: as in `make_train_step`.
+
+    Returns:
+      A `StepOptions`, or None.
+    """
+    options = resolve_options(
+        owner, precision=precision, micro_batches=micro_batches, loss_scale=loss_scale, ema=ema
+    )
+    return None if options.plain else options
+
+
+def _math_options(options: StepOptions | None) -> StepOptions | None:
+    """``options`` for a step body: None when they leave the float32 step as it is."""
+    return None if options is None or options.plain else options
 
 
 def _check_options_state(state, options) -> None:
@@ -340,6 +522,16 @@ def accumulate_gradients(
     ``fold_in(key, k)`` (K = 1: ``key`` itself). ``scale`` (a loss scale S): differentiate
     ``S * L`` and divide the gradient by S (Micikevicius et al. 2018). ``aux`` is the mean over
     micro-batches. A batch whose size K does not divide is a ValueError.
+
+    Args:
+      loss_fn: the step's loss.
+      params, model_state, batch, key: its arguments.
+      micro_batches: K, which must divide the batch.
+      scale: the loss scale S (None: none).
+      kwargs: a dict of keywords passed on to ``loss_fn`` (e.g. ``{"train": True}``).
+
+    Returns:
+      ``((loss, (model_state', aux)), g)``, as ``jax.value_and_grad(..., has_aux=True)``.
     """
     kwargs = kwargs or {}
 
@@ -394,6 +586,17 @@ def ema_update(ema_params, params, decay, count):
     ``torch.optim.swa_utils.AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(d))``, whose decay is
     d from the first update, and from ``optax.ema(debias=True)``, which starts at zero and divides
     by 1 - d^t. Leaves keep their dtype.
+
+    Args:
+      ema_params: the average so far.
+      params: the new parameters.
+      decay: ``d`` in [0, 1).
+      count: ``t``, the steps taken.
+
+    Returns:
+      The new average, in the dtypes of ``ema_params``.
+
+    Source: Polyak & Juditsky 1992.
     """
     t = jnp.asarray(count, jnp.float32)
     d = jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + t) / (10.0 + t))
@@ -426,6 +629,18 @@ def recalibrate_batchnorm(model, params, model_state, batches, *, key=None):
     ``key(0)``) as in training, like ``update_bn`` in ``model.train()``. Returns the new model
     state; ``model_state`` gives its structure. A model without `jaxdl.layers.BatchNorm` is a
     ValueError (there is nothing to recalibrate).
+
+    Args:
+      model: the model.
+      params: the parameters to compute the statistics for.
+      model_state: the state holding the BatchNorm statistics.
+      batches: an iterable of ``x`` or ``(x, ...)`` batches.
+      key: the PRNG key for dropout (None: ``key(0)``).
+
+    Returns:
+      The new ``model_state``.
+
+    Source: Izmailov et al. 2018.
     """
     zero, count = _with_batch_statistics(model)
     if count == 0:
@@ -463,14 +678,26 @@ def step_body(
     ``params' = params + u``, ``step' = step + 1``. ``reduce_grads((loss, g, aux))``, when given,
     runs between the gradient and the update: the data-parallel steps average over devices there
     (``lax.pmean``). Returns ``(new_state, metrics)`` with ``loss``, ``grad_norm`` = ``|g|``,
-    ``update_ratio`` = ``|u| / |params|`` (seed 004), ``nonfinite`` and ``aux``; with
+    ``update_ratio`` = ``|u| / |params|`` (Sarkar, CS60010), ``nonfinite`` and ``aux``; with
     ``skip_nonfinite``, a step whose loss, ``|g|`` or ``|u|`` is NaN/Inf keeps params, model
     state and optimizer state (only ``step`` advances). ``options`` (`step_options`): the
     precision policy, micro-batches and loss scale act on the gradient (`accumulate_gradients`),
     the EMA and the loss scale's update follow the step (`_finish_options`); with a loss scale an
     overflowing step is always skipped. `scan_steps` runs it K times in a `lax.scan`.
     The skip's select costs no kernel of its own: the kept optimizer state is a second trace of
-    the update (`_state_to_keep`), so XLA fuses it into the moments' update (issue 14).
+    the update (`_state_to_keep`), so XLA fuses it into the moments' update.
+
+    Args:
+      loss_fn, optimizer: as in `make_train_step`.
+      skip_nonfinite: skip a step with a NaN/Inf.
+      state: the `TrainState`.
+      batch: the step's batch.
+      key: the step's PRNG key (`step_key`).
+      reduce_grads: ``(loss, g, aux) -> (loss, g, aux)``, e.g. a ``lax.pmean``.
+      options: a `StepOptions`, or None.
+
+    Returns:
+      ``(new_state, metrics)``.
     """
     new_state, metrics, _ = step_body_with_norm(
         loss_fn, optimizer, skip_nonfinite, state, batch, key, None, reduce_grads, options
@@ -487,6 +714,14 @@ def scan_steps(step, state: TrainState, batches):
     parameters before it, is the norm step t-1 computed after its update, so the old parameters
     need not outlive their in-place update. Only the first comes from the state the scan starts
     from. `make_train_loop` and the sharded loop both run it.
+
+    Args:
+      step: ``step(state, batch, param_norm) -> (state, metrics, param_norm')``.
+      state: the `TrainState`.
+      batches: K batches stacked on a leading axis.
+
+    Returns:
+      ``(state, metrics)``, the metrics stacked per step.
     """
 
     def body(carry, batch):
@@ -519,8 +754,18 @@ def step_body_with_norm(
     ``layer_metrics(params, grads, updates) -> dict``, when given, sees the step's parameters
     before the update, its gradients (after ``reduce_grads``) and its updates; its entries join
     the metrics (`jaxdl.doctor` reads per-layer norms through it).
+
+    Args:
+      loss_fn, optimizer, skip_nonfinite, state, batch, key, reduce_grads, options: as in
+        `step_body`.
+      param_norm: ``tree_norm(state.params)``, or None.
+      layer_metrics: ``(params, grads, updates) -> dict``, or None.
+
+    Returns:
+      ``(new_state, metrics, norm')``.
     """
     kwargs = {"train": True} if accepts_train(loss_fn) else {}
+    options = _math_options(options)
     _check_options_state(state, options)
     if options is None:
         grad_fn = jax.value_and_grad(
@@ -584,8 +829,7 @@ def _state_to_keep(optimizer, grads, state: TrainState, opt_state):
     Why: the select's predicate depends on ``|u|``, which is computed from the new
     moments, so XLA:CPU will not fuse the moments' update into the select (a producer of two
     inputs is fused only when it fuses "on all paths") and writes each moment twice: once
-    updated, once selected, 4 extra passes per moment (+40 us of a 190 us tiny step, +4 ms of a
-    30 ms big-MLP step). Traced again, the update feeding the select has the select as its only
+    updated, once selected, 4 extra passes per moment (figures in benchmarks/RESULTS.md). Traced again, the update feeding the select has the select as its only
     user and fuses into it, and the one feeding ``u`` fuses into ``u``'s kernel: one kernel per
     moment, as without the skip. Everything of the second trace that the state does not need
     (the update itself, e.g. sampled noise) is dead code, removed by XLA; a host callback in
@@ -618,13 +862,19 @@ _SMALL_LEAF = 1 << 14
 
 def tree_norm(tree) -> jax.Array:
     """``sqrt(sum over leaves of sum |x|^2)``, accumulated in float32 at least: the value of
-    `jaxdl.transforms.global_norm`, in fewer kernels (issue 14).
+    `jaxdl.transforms.global_norm`, in fewer kernels.
 
     Each leaf of more than 2^14 elements is one dot product ``x . x``; the smaller leaves are
     concatenated into one vector and take one dot product. On XLA:CPU a per-leaf ``sum(x * x)``
     is two or three kernels for a small leaf and a reduction about half as fast as the dot for
     a large one; the train step takes three such norms per step. Complex trees go to
     `global_norm` (``|x|^2 = x conj(x)``). Only the rounding differs from `global_norm`.
+
+    Args:
+      tree: a pytree of arrays.
+
+    Returns:
+      The scalar norm, float32 or wider.
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
@@ -647,6 +897,12 @@ def step_key(state: TrainState) -> jax.Array:
     and the step counter, so the state's key itself never changes. It is a counter-based split:
     XLA drops it entirely when the loss draws no random numbers, where splitting and carrying a
     new key would cost a hash every step.
+
+    Args:
+      state: a `TrainState`.
+
+    Returns:
+      The step's PRNG key.
     """
     return jax.random.fold_in(state.key, state.step)
 
@@ -655,6 +911,7 @@ def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -666,27 +923,60 @@ def make_train_step(
     """A jit-compiled ``step(state, batch) -> (state, metrics)``.
 
     ``metrics``: ``loss``, ``grad_norm`` (of the raw gradients), ``update_ratio`` (norm of the
-    update over norm of the params, seed 004's ~1e-3 rule), ``nonfinite`` (1 when the step was
+    update over norm of the params, the ~1e-3 rule of Sarkar, CS60010), ``nonfinite`` (1 when the step was
     skipped for a NaN/Inf; ``skip_nonfinite=False`` applies such steps anyway) and what the loss
     returns in ``aux``. The step compiles once per batch shape; schedules run on the traced step
-    count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers.
+    count and never recompile. ``donate=True`` lets XLA reuse the old state's buffers. A step is
+    ``theta <- theta + optimizer.update(grad_theta L(theta; batch))``.
 
-    Options (module docstring; build the state with ``TrainState.create(..., ema=ema,
-    loss_scale=loss_scale)``): ``precision`` (``"bf16"``, ``"fp16"``, a `Policy`),
-    ``micro_batches`` (gradient accumulation over K micro-batches), ``loss_scale``
-    (``"dynamic"`` or a number; reports ``loss_scale``), ``ema`` (a decay in [0, 1)).
+    Options: ``options=StepOptions(...)`` (build the state with ``TrainState.create(...,
+    options=options)``), or its seven keywords as sugar (module docstring): ``skip_nonfinite``,
+    ``donate``, ``precision`` (``"bf16"``, ``"fp16"``, a `Policy`), ``micro_batches`` (gradient
+    accumulation over K micro-batches), ``loss_scale`` (``"dynamic"`` or a number; reports
+    ``loss_scale``), ``ema`` (a decay in [0, 1)), ``remat`` (recompute each layer's
+    activations in the backward pass; the loss's model must be a `jaxdl.layers.Sequential`,
+    `remat_loss`).
+
+    Args:
+      loss_fn: ``loss_fn(params, model_state, batch, key, train=True) -> (loss, (model_state,
+        aux))``, e.g. `supervised_loss` (the contract is `jaxdl.fit`'s).
+      optimizer: an optax ``GradientTransformation``.
+      options: a `StepOptions`, or its keywords.
+
+    Returns:
+      The jitted ``step(state, batch) -> (state, metrics)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> state = TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+    >>> step = make_train_step(supervised_loss(model), dl.sgd(0.1))
+    >>> state, metrics = step(state, (jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])))
+    >>> int(state.step), sorted(metrics)
+    (1, ['accuracy', 'grad_norm', 'loss', 'nonfinite', 'update_ratio'])
     """
     check_transform("make_train_step", "optimizer", optimizer)
-    options = step_options("make_train_step", precision, micro_batches, loss_scale, ema)
-    loss_fn = remat_loss("make_train_step", loss_fn, remat)
+    options = resolve_options(
+        "make_train_step",
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+        remat=remat,
+    )
+    loss_fn = remat_loss("make_train_step", loss_fn, options.remat)
 
     def step(state: TrainState, batch):
         check_batch(state, batch)
         check_state(state, loss_fn, optimizer)
         key = step_key(state)
-        return step_body(loss_fn, optimizer, skip_nonfinite, state, batch, key, options=options)
+        return step_body(loss_fn, optimizer, options.skip_nonfinite, state, batch, key, options=options)
 
-    return explain_batch_errors("train step", "batch", jax.jit(step, donate_argnums=(0,) if donate else ()))
+    donate_argnums = (0,) if options.donate else ()
+    return explain_batch_errors("train step", "batch", jax.jit(step, donate_argnums=donate_argnums))
 
 
 def make_eval_step(
@@ -700,6 +990,14 @@ def make_eval_step(
     ``state.params``, with the same running statistics (those of the raw weights; see
     `jaxdl.recalibrate_batchnorm` for BatchNorm); ``precision`` runs the model as the train
     step's policy does.
+
+    Args:
+      loss_fn: the loss (it must accept ``train=``).
+      use_ema: evaluate ``state.ema_params``.
+      precision: the policy to run the model under.
+
+    Returns:
+      The jitted ``evaluate(state, batch) -> metrics``.
     """
     if not accepts_train(loss_fn):
         raise TypeError("make_eval_step: loss_fn must accept a train= keyword to run in eval mode")
@@ -727,6 +1025,7 @@ def make_train_loop(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -743,12 +1042,39 @@ def make_train_loop(
     single steps, with one dispatch instead of K (`scan_steps`; ``update_ratio``'s parameter norm
     is carried from one iteration to the next, so it equals the single steps' to rounding).
     ``donate=True`` lets XLA reuse the old state's buffers (what `jaxdl.fit` does: it owns the
-    state); ``remat`` as in `make_train_step`. What each metric and the skip cost per step:
-    docs/design.md.
+    state). ``options=StepOptions(...)`` or its keywords, as in `make_train_step`. What each
+    metric and the skip cost per step: docs/design.md.
+
+    Args:
+      loss_fn, optimizer, options: as in `make_train_step`.
+
+    Returns:
+      The jitted ``loop(state, batches) -> (state, metrics)``, metrics stacked per step.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> state = TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+    >>> loop = make_train_loop(supervised_loss(model), dl.sgd(0.1))
+    >>> batches = (jnp.ones((5, 4, 3)), jnp.zeros((5, 4), jnp.int32))  # K = 5 batches of 4
+    >>> state, metrics = loop(state, batches)
+    >>> int(state.step), metrics["loss"].shape
+    (5, (5,))
     """
     check_transform("make_train_loop", "optimizer", optimizer)
-    options = step_options("make_train_loop", precision, micro_batches, loss_scale, ema)
-    loss_fn = remat_loss("make_train_loop", loss_fn, remat)
+    options = resolve_options(
+        "make_train_loop",
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+        remat=remat,
+    )
+    loss_fn = remat_loss("make_train_loop", loss_fn, options.remat)
+    skip = options.skip_nonfinite
 
     def loop(state: TrainState, batches):
         check_batch(state, jax.tree.map(lambda b: b[0], batches))
@@ -756,9 +1082,10 @@ def make_train_loop(
 
         def step(state, batch, param_norm):
             return step_body_with_norm(
-                loss_fn, optimizer, skip_nonfinite, state, batch, step_key(state), param_norm, options=options
+                loss_fn, optimizer, skip, state, batch, step_key(state), param_norm, options=options
             )
 
         return scan_steps(step, state, batches)
 
-    return explain_batch_errors("train loop", "batches", jax.jit(loop, donate_argnums=(0,) if donate else ()))
+    donate_argnums = (0,) if options.donate else ()
+    return explain_batch_errors("train loop", "batches", jax.jit(loop, donate_argnums=donate_argnums))

@@ -13,8 +13,13 @@ What one `fit` call does (docs/design.md has the path of one batch):
 - The `TrainState` is donated to the compiled loop (fit owns it), so XLA updates the
   parameters and optimizer state in place; metrics come back to the host once per block.
 - After each epoch: validation loss and accuracy in eval mode (running statistics, no dropout),
-  one record in ``history``; early stopping (seed 000: "stop training when validation error
+  one record in ``history``; early stopping (Tips and Tricks notes: "stop training when validation error
   starts to rise") keeps the parameters of the epoch with the lowest validation loss.
+- Everything around the loop is a callback (`jaxdl.callbacks`): the progress bar, metrics.jsonl,
+  TensorBoard, early stopping (`jaxdl.callbacks.EarlyStopping`), checkpoints, and the user's
+  own (``callbacks=[...]``); a hook returning True stops the run. `fit` itself is a short
+  sequence of named parts: `FitConfig` (the options, checked once), `_initial_state`,
+  `_make_engine`, `_Engine.run` (the loop).
 - With ``out_dir``: ``metrics.jsonl`` (one record per epoch), ``curves.png``, ``checkpoints/``
   (`jaxdl.checkpoint.CheckpointManager`, sha256 manifests: every ``checkpoint_every`` steps and at
   each epoch end, the last ``keep``), ``model/`` (the final or best ``{"params",
@@ -27,6 +32,7 @@ What one `fit` call does (docs/design.md has the path of one batch):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,22 +57,37 @@ from jaxdl._checks import (
     check_transform,
     check_tree_match,
 )
+from jaxdl.callbacks import (
+    CallbackList,
+    Checkpointing,
+    EarlyStopping,
+    Loop,
+    MetricsFile,
+    ProgressBar,
+    TensorBoard,
+    check_callbacks,
+)
+from jaxdl.callbacks import tensorboard_writer as _tensorboard_writer  # noqa: F401  (its old name)
 from jaxdl.losses import IGNORE_INDEX
 from jaxdl.nnx import as_layer
 from jaxdl.precision import get_policy
 from jaxdl.train_step import (
+    StepOptions,
     SupervisedLoss,
     TrainState,
     make_eval_step,
     make_train_loop,
-    step_options,
+    resolve_options,
     supervised_loss,
 )
+from jaxdl.transforms import schedule_free_eval_params, schedule_free_restart
 
 __all__ = [
     "fit",
     "evaluate",
+    "FitConfig",
     "FitResult",
+    "write_summary",
     "AugmentedLoss",
     "augmented_loss",
     "run_keys",
@@ -110,6 +131,12 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     `fit` initializes the model (and seeds dropout, augmentation) from ``model_key`` and orders
     the data with ``data_key``; ``extra_key`` is free for the caller (the CLI seeds
     `jaxdl.transforms.add_noise` with it).
+
+    Args:
+      seed: an int >= 0.
+
+    Returns:
+      ``(model_key, data_key, extra_key)``.
     """
     model_key, data_key, extra_key = jax.random.split(jax.random.key(seed), 3)
     return model_key, data_key, extra_key
@@ -120,8 +147,8 @@ class AugmentedLoss(NamedTuple):
 
     ``augment(key, x) -> x`` draws from the step's key (`jaxdl.train_step.step_key`), so
     augmentation is reproducible from the `TrainState` (bitwise resume) and costs no host work.
-    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, seed 000's translation
-    augmentation) or from a callable.
+    `fit` builds it from ``augment=SHIFT`` (`jaxdl.data.random_shift`, translation augmentation)
+    or from a callable.
     """
 
     inner: Any
@@ -151,7 +178,17 @@ class _Shift(NamedTuple):
 def augmented_loss(loss_fn, augment):
     """``loss_fn`` with its training inputs augmented (an `AugmentedLoss`), or ``loss_fn`` itself
     when ``augment`` is None or 0. ``augment``: an int ``s``, a random translation of every image
-    by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``."""
+    by up to ``s`` pixels with zero fill (`jaxdl.data.random_shift`), or ``augment(key, x) -> x``.
+
+    Args:
+      loss_fn: the train step's loss.
+      augment: None, an int shift or ``augment(key, x) -> x``.
+
+    Returns:
+      An `AugmentedLoss` or ``loss_fn``.
+
+    Source: Tips and Tricks notes (data augmentation).
+    """
     if isinstance(augment, bool) or not (
         augment is None or callable(augment) or isinstance(augment, (int, np.integer))
     ):
@@ -165,7 +202,18 @@ def augmented_loss(loss_fn, augment):
 
 def default_block_size(steps_per_epoch: int, target: int = 16) -> int:
     """A divisor of ``steps_per_epoch`` near ``target``, so that every block of an epoch has the
-    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target]."""
+    same length and the loop compiles once; ``target`` when none lies in [target/2, 2*target].
+
+    Args:
+      steps_per_epoch: the epoch's optimizer steps.
+      target: the preferred block length.
+
+    Returns:
+      The block size, an int.
+
+    >>> default_block_size(100), default_block_size(7)
+    (20, 7)
+    """
     near = [d for d in range(target // 2, 2 * target + 1) if steps_per_epoch % d == 0]
     return min(near, key=lambda d: (abs(d - target), d)) if near else min(target, steps_per_epoch)
 
@@ -181,6 +229,19 @@ def chunk_bounds(
     lengths at most (one when ``block_size`` divides the segments), and the cuts depend on the
     global step alone: a run resumed from a checkpoint runs exactly the blocks that the
     uninterrupted run ran from there on.
+
+    Args:
+      epoch: the epoch (from 0).
+      steps_per_epoch: its optimizer steps.
+      block_size: steps per scan call.
+      checkpoint_every: the checkpoint interval in global steps.
+      start: the first position to run (a resumed epoch's).
+
+    Returns:
+      A list of ``(a, b)`` pairs.
+
+    >>> chunk_bounds(0, steps_per_epoch=10, block_size=4, checkpoint_every=100)
+    [(0, 4), (4, 8), (8, 9), (9, 10)]
     """
     first = epoch * steps_per_epoch
     anchors = sorted(
@@ -247,7 +308,9 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
 
 
 def _eval_state(state: TrainState) -> TrainState:
-    return state.replace(opt_state=())
+    """``state`` as the eval step takes it: no optimizer state, and the params a schedule-free
+    optimizer is evaluated at (`jaxdl.transforms.schedule_free_eval_params`; others unchanged)."""
+    return state.replace(params=schedule_free_eval_params(state.opt_state, state.params), opt_state=())
 
 
 _EVAL_STEPS: dict = {}  # loss -> compiled eval step; the last few, so evaluate() compiles once
@@ -328,8 +391,8 @@ def evaluate(
 ) -> dict:
     """Loss and accuracy of ``state``'s parameters on ``data_`` in eval mode.
 
-    Eval mode: BatchNorm uses its running statistics, Dropout is off (seed 001: "at test time
-    BatchNorm ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
+    Eval mode: BatchNorm uses its running statistics, Dropout is off ("at test time BatchNorm
+    ... uses the fixed empirical mean and variance from training"). ``data_``: ``(x,
     y)`` arrays or a `jaxdl.data.Split`, scored in batches of ``batch_size``; the result is the
     mean over examples, each batch weighted by its size, so a last partial batch counts exactly
     as much as its examples; for integer targets each batch weighs as many as its targets not
@@ -341,6 +404,26 @@ def evaluate(
     ``precision`` runs the model under that policy (as `fit` trained it). Data the model or loss
     cannot take (strings, float labels for softmax cross-entropy, class labels outside [0, C)
     for a model of C outputs) is refused by name before anything runs, as in `fit`.
+
+    Args:
+      model: the model that ``state`` holds the parameters of.
+      state: a `TrainState` (e.g. ``fit(...).state``).
+      data_: ``(x, y)`` arrays or a `jaxdl.data.Split`.
+      batch_size: examples per compiled evaluation call.
+      loss_fn, use_ema, precision: as in `fit`.
+
+    Returns:
+      A dict of float metrics: ``loss``, ``accuracy`` and any other metric of the loss.
+
+    Source: CSE 176 Lecture 11 (BatchNorm at test time).
+
+    >>> import jax, numpy as np
+    >>> import jaxdl as dl
+    >>> model = dl.layers.Dense(2)
+    >>> state = dl.TrainState.create(model, dl.sgd(0.1), jax.random.key(0), (3,))
+    >>> x, y = np.ones((10, 3), np.float32), np.zeros(10, np.int32)
+    >>> sorted(evaluate(model, state, (x, y)))
+    ['accuracy', 'loss']
     """
     model = as_layer("evaluate", model)
     x, y = _arrays("data", data_, "evaluate")
@@ -358,7 +441,12 @@ def evaluate(
 
 
 def write_json(path: str, obj) -> None:
-    """Write JSON atomically (temp file, rename)."""
+    """Write JSON atomically (temp file, rename).
+
+    Args:
+      path: the file.
+      obj: a JSON-serializable object.
+    """
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -368,7 +456,14 @@ def write_json(path: str, obj) -> None:
 
 def read_metrics(path: str) -> list[dict]:
     """The epoch records of a ``metrics.jsonl`` (none if it does not exist). A last line cut
-    short by a kill is dropped; the resumed run writes that epoch again."""
+    short by a kill is dropped; the resumed run writes that epoch again.
+
+    Args:
+      path: the ``metrics.jsonl`` file.
+
+    Returns:
+      A list of dicts, one per epoch.
+    """
     if not os.path.isfile(path):
         return []
     with open(path) as f:
@@ -383,18 +478,13 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def _truncate_metrics(path: str, epochs: int) -> list[dict]:
-    """Keep only the records of the first ``epochs`` epochs (a resumed run rewrites the rest)."""
-    kept = [r for r in read_metrics(path) if r["epoch"] <= epochs]
-    if os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
-    return kept
-
-
 def plot_curves(records: list[dict], path: str) -> None:
-    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend)."""
+    """Loss and accuracy per epoch, train vs validation, as a PNG (matplotlib, Agg backend).
+
+    Args:
+      records: `fit`'s history (or `read_metrics`' records).
+      path: the PNG file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,32 +508,6 @@ def plot_curves(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _tensorboard_writer(out_dir: str):
-    """A tensorboardX ``SummaryWriter`` into ``out_dir`` when tensorboardX is installed, else None.
-
-    tensorboardX's writer module imports PyTorch, when it is installed, only to name a type in
-    its annotations (``numpy_compatible = torch.Tensor``), and importing PyTorch takes about 5 s
-    on a 2-core CPU. So unless torch is loaded already, ``import torch`` is made to fail while
-    tensorboardX is imported (``sys.modules["torch"] = None``, Python's documented way to block
-    an import); the writer then falls back to numpy's ndarray, and torch stays importable after.
-    A tensorboardX that cannot load without torch is imported again, with it.
-    """
-    block = "torch" not in sys.modules and "tensorboardX" not in sys.modules
-    for blocked in (True, False) if block else (False,):
-        if blocked:
-            sys.modules["torch"] = None
-        try:
-            from tensorboardX import SummaryWriter
-
-            return SummaryWriter(out_dir)
-        except ImportError:
-            continue
-        finally:
-            if blocked and sys.modules.get("torch", 0) is None:
-                del sys.modules["torch"]
-    return None
-
-
 # ----------------------------------------------------------------------------- the run's bookkeeping
 
 
@@ -452,27 +516,38 @@ class Progress(NamedTuple):
 
     ``sums``: the current epoch's sums of the per-step metrics over its steps so far (a dict);
     ``best_val_loss``/``best_epoch``: the lowest validation loss so far and its epoch (0: none);
-    ``train_time``: seconds spent in the compiled loop over all sessions of the run.
+    ``train_time``: seconds spent in the compiled loop over all sessions of the run;
+    ``stopped``: whether a callback has stopped the run (a resumed run that had stopped stays so).
     """
 
     sums: dict
     best_val_loss: np.ndarray
     best_epoch: np.ndarray
     train_time: np.ndarray
+    stopped: np.ndarray
+
+    @classmethod
+    def fresh(cls, metric_names=()) -> "Progress":
+        """The bookkeeping of a run that has not started."""
+        sums = {name: np.zeros((), np.float64) for name in metric_names}
+        return cls(sums, np.array(np.inf), np.array(0, np.int64), np.array(0.0), np.array(0, np.int64))
 
 
 class Run(NamedTuple):
-    """What a checkpoint holds: the `TrainState`, the `Progress` and, with early stopping, the
-    best epoch's ``{"params", "model_state"}`` (else None)."""
+    """What a checkpoint holds: the `TrainState`, the `Progress`, with early stopping the best
+    epoch's ``{"params", "model_state"}`` (else None), and the states of the callbacks that have
+    one (`jaxdl.callbacks.CallbackList.states`)."""
 
     state: TrainState
     progress: Progress
     best: Any
+    callbacks: dict
 
     def tree(self) -> dict:
         """The pytree saved in a checkpoint."""
         tree = {"state": self.state, "progress": self.progress._asdict()}
-        return tree if self.best is None else {**tree, "best": self.best}
+        tree = tree if self.best is None else {**tree, "best": self.best}
+        return {**tree, "callbacks": self.callbacks} if self.callbacks else tree
 
     @classmethod
     def from_tree(cls, tree: dict) -> "Run":
@@ -480,9 +555,9 @@ class Run(NamedTuple):
         p = tree["progress"]
         progress = Progress(
             {k: np.asarray(v) for k, v in p["sums"].items()},
-            *(np.asarray(p[k]) for k in ("best_val_loss", "best_epoch", "train_time")),
+            *(np.asarray(p[k]) for k in ("best_val_loss", "best_epoch", "train_time", "stopped")),
         )
-        return cls(tree["state"], progress, tree.get("best"))
+        return cls(tree["state"], progress, tree.get("best"), tree.get("callbacks", {}))
 
 
 def _restore_latest(manager, run: Run, log) -> tuple[Run, Any]:
@@ -492,10 +567,25 @@ def _restore_latest(manager, run: Run, log) -> tuple[Run, Any]:
         return run, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tree = manager.restore(run.tree())  # CorruptCheckpointError (a ValueError) when none is good
+        try:
+            tree = manager.restore(run.tree())  # CorruptCheckpointError (a ValueError) when none is good
+        except ValueError as err:
+            if "['progress']['stopped']" not in str(err) or run.callbacks.keys() - {"EarlyStopping_0"}:
+                raise
+            tree = _restore_before_callbacks(manager, run)
     for w in caught:
         log(f"warning: {w.message}")
     return Run.from_tree(tree), manager.restored_step
+
+
+def _restore_before_callbacks(manager, run: Run) -> dict:
+    """A checkpoint written before fit had callbacks (no stop flag, no callbacks' states),
+    restored; its ``callbacks`` are None (`_Engine._start` rebuilds them)."""
+    tree = run.tree()
+    del tree["progress"]["stopped"]
+    tree.pop("callbacks", None)
+    tree = manager.restore(tree)
+    return {**tree, "progress": {**tree["progress"], "stopped": np.array(0, np.int64)}, "callbacks": None}
 
 
 def _host_copy(tree):
@@ -527,25 +617,6 @@ def _epoch_record(epoch, step, sums, steps, val, lr, seconds, examples, ema_val=
     record["seconds"] = round(seconds, 3)
     record["examples_per_s"] = round(examples / max(seconds, 1e-9), 1)
     return record
-
-
-def _epoch_line(record: dict, epochs: int) -> str:
-    parts = [f"epoch {record['epoch']}/{epochs}:"]
-    for split in ("train", "val"):
-        found = [
-            f"{what} {record[f'{split}_{what}']:.4f}"
-            for what in ("loss", "accuracy")
-            if f"{split}_{what}" in record
-        ]
-        if found:
-            parts.append(f"{split} " + " ".join(found).replace("accuracy", "acc") + " |")
-    if "ema_val_accuracy" in record:
-        parts.append(f"ema val acc {record['ema_val_accuracy']:.4f} |")
-    if "lr" in record:
-        parts.append(f"lr {record['lr']:.3g} |")
-    if "update_ratio" in record:
-        parts.append(f"update/weight {record['update_ratio']:.2e}")
-    return " ".join(parts).rstrip(" |")
 
 
 def _learning_rate(learning_rate, opt_state, step: int):
@@ -612,24 +683,279 @@ def _check_same_config(out_dir: str, config: dict) -> None:
         )
 
 
-def _make_loop(loss_fn, optimizer, devices, step_kwargs=None, shard="replicate"):
-    """``(loop, place_state, block_sharding)``: the donated scan loop over a block of stacked
-    batches, how to place a (fresh or restored) state, and where a block goes (None: default
-    device). With ``devices`` the loop is the sharded scan loop over a `data_mesh` of them.
-    ``step_kwargs``: the loop's options (precision, micro_batches, loss_scale, ema); ``shard``:
-    the layout of the state over the devices (``"replicate"`` or ``"fsdp"``)."""
-    step_kwargs = step_kwargs or {}
+def _make_loop(loss_fn, optimizer, devices, options: StepOptions, shard: str = "replicate"):
+    """``(loop, place_state, block_sharding)``: the scan loop over a block of stacked batches
+    with ``options`` (fit's: NaN/Inf steps skipped, the state donated), how to place a (fresh or
+    restored) state, and where a block goes (None: default device). With ``devices`` the loop is
+    the sharded scan loop over a `data_mesh` of them, the state laid out as ``shard`` says
+    (``"replicate"`` or ``"fsdp"``)."""
     if not devices:
-        loop = make_train_loop(loss_fn, optimizer, skip_nonfinite=True, donate=True, **step_kwargs)
-        return loop, (lambda s: s), None
+        return make_train_loop(loss_fn, optimizer, options=options), (lambda s: s), None
     from jaxdl import parallel
 
     mesh = parallel.data_mesh(devices, axis_name=DATA_AXIS)
-    loop = parallel.make_sharded_train_loop(
-        loss_fn, optimizer, mesh, skip_nonfinite=True, donate=True, shard=shard, **step_kwargs
-    )
+    loop = parallel.make_sharded_train_loop(loss_fn, optimizer, mesh, options=options, shard=shard)
     block_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
     return loop, (lambda s: parallel.put_state(s, mesh, shard=shard)), block_sharding
+
+
+# ----------------------------------------------------------------------------- the configuration
+
+
+def _count(low: int = 1, **kwargs):
+    """A `FitConfig` field holding an integer ``>= low`` (None where its default is None): the
+    bound `_check_config` checks, and the ``jaxdl train`` option of the field parses by."""
+    return dataclasses.field(metadata={"low": low}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FitConfig:
+    """The options of one `fit` run, checked once, frozen (``fit(..., config=FitConfig(...))``;
+    `fit`'s keywords of the same names build it, and so does the ``jaxdl train`` command).
+
+    Fields (each as `fit`'s keyword of that name): ``epochs``, ``batch_size``, ``seed``,
+    ``augment``, ``early_stopping``, ``out_dir``, ``resume``, ``checkpoint_every``, ``keep``,
+    ``devices``, ``shard``, ``progress``, ``block_size``, ``learning_rate``, the step options
+    ``precision``, ``micro_batches``, ``loss_scale``, ``ema``, ``remat`` (`options` bundles
+    them, with fit's NaN/Inf skip and donation, as a `jaxdl.StepOptions`) and ``compile_cache``.
+
+    A bad value is refused at construction with a ValueError or TypeError naming the field and
+    the value (``FitConfig: batch_size=0 is out of range; expected an integer >= 1``), as is a
+    combination that cannot run: ``resume``/``checkpoint_every`` without ``out_dir``, more
+    ``devices`` than exist, a ``batch_size`` that ``devices * micro_batches`` does not divide,
+    ``shard="fsdp"`` without ``devices``.
+    What depends on the data is `check_data`'s. Minibatch SGD's settings, as in Sarkar, CS60010
+    Deep Learning (IIT Kharagpur), 2018, lecture "Training".
+
+    >>> FitConfig(epochs=2, batch_size=32, micro_batches=2).options.micro_batches
+    2
+    """
+
+    epochs: int = _count()
+    batch_size: int = _count()
+    seed: int = _count(low=0, default=0)
+    augment: Any = None
+    early_stopping: int | None = _count(default=None)
+    out_dir: str | None = None
+    resume: bool = False
+    checkpoint_every: int | None = _count(default=None)
+    keep: int = _count(default=3)
+    devices: int | None = _count(default=None)
+    shard: str = "replicate"
+    progress: bool = True
+    block_size: int | None = _count(default=None)
+    learning_rate: Any = None
+    precision: Any = None
+    micro_batches: int = _count(default=1)
+    loss_scale: Any = None
+    ema: Any = None
+    remat: bool = False
+    compile_cache: bool | str = True
+
+    def __post_init__(self):
+        _check_config("FitConfig", {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @property
+    def options(self) -> StepOptions:
+        """The train loop's `StepOptions`: NaN/Inf steps skipped, the state donated (fit owns it),
+        and the precision, micro-batches, loss scale, EMA and remat of this configuration."""
+        return StepOptions(
+            donate=True,
+            precision=self.precision,
+            micro_batches=self.micro_batches,
+            loss_scale=self.loss_scale,
+            ema=self.ema,
+            remat=self.remat,
+        )
+
+    def replace(self, **changes) -> "FitConfig":
+        """A copy with ``changes``, checked as a new `FitConfig`."""
+        return dataclasses.replace(self, **changes)
+
+    def check_data(self, owner: str, x: np.ndarray, y: np.ndarray, val) -> None:
+        """Refuse what this configuration cannot do with training data ``(x, y)`` and validation
+        data ``val`` (None or a pair): a ``batch_size`` over the examples, ``early_stopping``
+        without validation, validation examples of another shape, ``augment`` (a shift) on
+        inputs that are not images (N, H, W, C)."""
+        if self.batch_size > len(y):
+            raise ValueError(f"{owner}: batch_size={self.batch_size} exceeds the {len(y)} training examples")
+        if self.early_stopping and val is None:
+            raise ValueError(f"{owner}: early_stopping={self.early_stopping} needs validation data")
+        if val is not None and (val[0].shape[1:] != x.shape[1:] or val[1].shape[1:] != y.shape[1:]):
+            raise ValueError(
+                f"{owner}: validation examples have shape x {val[0].shape[1:]}, y {val[1].shape[1:]}, "
+                f"but training examples x {x.shape[1:]}, y {y.shape[1:]}"
+            )
+        if isinstance(self.augment, (int, np.integer)) and self.augment and x.ndim != 4:
+            raise ValueError(
+                f"{owner}: augment={self.augment} shifts images (N, H, W, C), but x has shape {x.shape}"
+            )
+
+
+def _check_config(owner: str, c: dict) -> None:
+    """The checks of `FitConfig`, with errors naming ``owner`` (``fit`` or ``FitConfig``)."""
+    for field in dataclasses.fields(FitConfig):
+        if "low" in field.metadata:
+            check_int(
+                owner, field.name, c[field.name], low=field.metadata["low"], allow_none=field.default is None
+            )
+    devices, batch_size = c["devices"], c["batch_size"]
+    if c["shard"] not in ("replicate", "fsdp"):
+        raise ValueError(f"{owner}: shard={c['shard']!r}; expected 'replicate' or 'fsdp'")
+    if c["shard"] == "fsdp" and not devices:
+        raise ValueError(f"{owner}: shard='fsdp' splits the state over devices; pass devices=N as well")
+    if devices:
+        if devices > jax.device_count():  # every process's devices in a multi-process run
+            raise ValueError(
+                f"{owner}: devices={devices}: only {jax.device_count()} "
+                f"{'local ' if jax.process_count() == 1 else ''}devices "
+                f"exist ({jax.default_backend()}); on a CPU set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={devices} before jax is imported"
+            )
+        if batch_size % devices:
+            raise ValueError(f"{owner}: batch_size={batch_size} is not divisible by devices={devices}")
+    if (c["resume"] or c["checkpoint_every"]) and c["out_dir"] is None:
+        raise ValueError(f"{owner}: resume and checkpoint_every need out_dir")
+    options = resolve_options(
+        owner,
+        donate=True,
+        precision=c["precision"],
+        micro_batches=c["micro_batches"],
+        loss_scale=c["loss_scale"],
+        ema=c["ema"],
+        remat=c["remat"],
+    )
+    if batch_size % ((devices or 1) * options.micro_batches):
+        raise ValueError(
+            f"{owner}: batch_size={batch_size} is not divisible by micro_batches={options.micro_batches}"
+            + (f" times devices={devices}" if devices else "")
+        )
+    try:
+        augmented_loss(None, c["augment"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{owner}: {err}") from None
+
+
+def _fit_config(config: FitConfig | None, keywords: dict) -> FitConfig:
+    """``config``, or the `FitConfig` of `fit`'s keywords (checked with errors naming fit); with
+    ``config`` the keywords must be at their defaults (one way per call)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)} | {
+        "epochs": None,
+        "batch_size": None,
+    }
+    if config is None:
+        for name in ("epochs", "batch_size"):
+            if keywords[name] is None:
+                raise TypeError(f"fit() missing required keyword-only argument: '{name}' (or pass config=)")
+        _check_config("fit", keywords)
+        return FitConfig(**keywords)
+    if not isinstance(config, FitConfig):
+        raise TypeError(f"fit: config must be a jaxdl.FitConfig or None, got {type(config).__name__}")
+    given = [n for n, v in keywords.items() if v is not defaults.get(n)]
+    if given:
+        raise TypeError(
+            f"fit: pass the options either as config= or as keywords, not both "
+            f"(got config= and {', '.join(f'{n}={keywords[n]!r}' for n in given)})"
+        )
+    return config
+
+
+# ----------------------------------------------------------------------------- fit: state and record
+
+
+def _initial_state(model, optimizer, x, config: FitConfig, initial_params) -> tuple[TrainState, jax.Array]:
+    """The run's first `TrainState` (from ``initial_params`` when given) and its data key."""
+    model_key, data_key, _ = run_keys(config.seed)
+    state = TrainState.create(model, optimizer, model_key, x.shape[1:], options=config.options)
+    if initial_params is not None:
+        check_tree_match(
+            "fit",
+            state.params,
+            initial_params,
+            "initial_params",
+            "Pass parameters of the tree that model.init returns for these inputs.",
+        )
+        params = jax.tree.map(
+            lambda new, old: jnp.array(new, dtype=old.dtype, copy=True), initial_params, state.params
+        )
+        state = state.replace(params=params, opt_state=optimizer.init(params))
+        if getattr(state, "ema_params", None) is not None:  # the average starts at the start
+            state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
+    return state, data_key
+
+
+def _fit_record(engine: "_Engine", model, optimizer, state, initial_params, stateful: list) -> dict:
+    """What ``fit_config.json`` records: what a resumed run must match (model, loss, optimizer
+    state's shapes, digests of the data, the options, the callbacks that keep a state)."""
+    config, options = engine.config, engine.config.options
+    record = {
+        "model": _describe(model),
+        "loss_fn": _describe(engine.loss_fn),
+        "optimizer_state": _describe(
+            jax.tree.map(lambda a: (a.shape, a.dtype.name), jax.eval_shape(optimizer.init, state.params))
+        ),
+        "train": _digest(engine.x, engine.y),
+        "validation": None if engine.val is None else _digest(*engine.val),
+        "initial_params": None
+        if initial_params is None
+        else _digest(*map(np.asarray, jax.tree.leaves(state.params))),
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "early_stopping": config.early_stopping,
+        "checkpoint_every": engine.checkpoint_every,
+        "keep": config.keep,
+        "block_size": engine.block_size,
+        "devices": config.devices,
+        **({"shard": config.shard} if config.shard != "replicate" else {}),
+    }
+    for name in ("precision", "micro_batches", "loss_scale", "ema"):
+        value = getattr(options, name)
+        if value is not None and not (name == "micro_batches" and value == 1):
+            record[name] = _describe(value) if name in ("precision", "loss_scale") else value
+    if "ema" in record:
+        record["ema"] = float(record["ema"])
+    if options.remat:
+        record["remat"] = True
+    if stateful:
+        record["callbacks"] = stateful
+    return record
+
+
+def _make_engine(model, optimizer, loss_fn, x, y, val, state, config: FitConfig, data_key, log) -> "_Engine":
+    """The `_Engine` of a run, after the model, the loss and the train step have been traced on
+    the data (their refusals come now, before anything is written)."""
+    eval_step = _eval_step(loss_fn, False, config.options.policy)
+    _check_split("fit", "train", model, eval_step, state, x, y)
+    if val is not None:
+        _check_split("fit", "validation", model, eval_step, state, *val)
+    steps_per_epoch = len(y) // config.batch_size
+    if log is None:
+        log = (
+            (lambda message: print(message, file=sys.stderr, flush=True))
+            if config.progress
+            else (lambda message: None)
+        )
+    engine = _Engine(
+        config,
+        loss_fn,
+        x,
+        y,
+        val,
+        steps_per_epoch,
+        config.block_size or default_block_size(steps_per_epoch),
+        config.checkpoint_every or steps_per_epoch,
+        data_key,
+        log,
+        _make_loop(loss_fn, optimizer, config.devices, config.options, config.shard),
+    )
+    try:  # what the train step refuses (a trace, nothing runs) is refused before out_dir is written
+        engine.metrics_like(state)
+    except (TypeError, ValueError) as err:
+        if type(err) not in (TypeError, ValueError):
+            raise
+        raise type(err)(f"fit: train step: {err}") from None
+    return engine
 
 
 # ----------------------------------------------------------------------------- fit
@@ -640,8 +966,8 @@ def fit(
     optimizer: optax.GradientTransformation,
     train,
     *,
-    epochs: int,
-    batch_size: int,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     validation=None,
     seed: int = 0,
     loss_fn=None,
@@ -664,13 +990,17 @@ def fit(
     ema=None,
     compile_cache: bool | str = True,
     initial_params=None,
+    callbacks=None,
+    config: FitConfig | None = None,
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` on ``train`` for ``epochs`` epochs of minibatch SGD.
 
-    Minibatch SGD (seed 001): each epoch visits the ``n // batch_size`` batches of a fresh random
-    order (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer
-    step each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
+    Minibatch SGD: each epoch visits the ``n // batch_size`` batches of a fresh random order
+    (``fold_in(data_key, epoch)``; `run_keys` gives the keys of ``seed``), one optimizer step
+    each, ``params <- params + optimizer.update(grad L(batch))``; a step with a NaN/Inf loss,
     gradient or update is skipped and counted (``nonfinite_steps``).
+
+    Args:
 
     - ``model``: a jaxdl layer (e.g. `jaxdl.models.mlp`, `jaxdl.layers.Sequential`) or
       `jaxdl.layers.from_flax`; ``optimizer``: any jaxdl or optax ``GradientTransformation``.
@@ -715,7 +1045,7 @@ def fit(
       activations, one more forward pass, the same numbers. For blocks, wrap them in
       `jaxdl.layers.Remat` instead.
     - ``initial_params``: start from these parameters (e.g. a pretrained body for transfer
-      learning, seed 001) instead of the model's initialization; the same tree as
+      learning, CSE 176 Lecture 11) instead of the model's initialization; the same tree as
       ``model.init``'s. fit copies them (its state is donated to the compiled loop), so the
       caller's arrays stay valid.
     - ``progress``: a `tqdm.auto` bar (a widget in notebooks) and one line per epoch on stderr;
@@ -740,187 +1070,125 @@ def fit(
       a str: its folder), so a rerun loads the compiled loop instead of compiling it;
       ``JAXDL_COMPILE_CACHE=0`` keeps it off. False leaves JAX's setting as it is.
 
+    - ``callbacks``: a list of `jaxdl.Callback` (`jaxdl.callbacks`: ``on_train_begin``,
+      ``on_block_end``, ``on_epoch_end`` with the epoch's record, ``on_train_end``; a hook that
+      returns True stops training). They run after fit's own (progress bar, metrics.jsonl,
+      TensorBoard, early stopping) and before the checkpoint; a callback's ``state_dict()`` is
+      saved in every checkpoint, so ``resume=True`` stays bitwise.
+    - ``config``: a `FitConfig` holding the options above (``epochs`` to ``compile_cache``)
+      instead of the keywords.
+
     ``history`` entries: ``epoch``, ``step``, ``train_loss``, ``train_accuracy``, ``val_loss``,
     ``val_accuracy`` (with validation), ``lr``, ``update_ratio`` (mean over the epoch's steps of
-    ||update|| / ||params||; seed 004 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
+    ||update|| / ||params||; Sarkar, CS60010 wants about 1e-3), ``grad_norm``, ``nonfinite_steps``,
     ``seconds``, ``examples_per_s``. Bad arguments are refused with a ValueError or TypeError
     naming the argument and the value before anything is trained or written.
+
+    Returns:
+      A `FitResult`: the final ``state``, the ``history``, ``best_epoch``, ``steps``,
+      ``stopped_early``, ``resumed_from_step``, ``train_time_s``.
+
+    Source: CSE 176 Lecture 11 (minibatch SGD); Tips and Tricks notes and Prechelt 1998 (early
+    stopping).
+
+    >>> import numpy as np
+    >>> import jaxdl as dl
+    >>> x = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> result = dl.fit(dl.layers.Dense(2), dl.sgd(0.1), (x, y), epochs=2, batch_size=8, progress=False)
+    >>> [r["epoch"] for r in result.history], result.steps
+    ([1, 2], 8)
+    >>> result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    True
     """
+
+    config = _fit_config(
+        config,
+        dict(
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            augment=augment,
+            early_stopping=early_stopping,
+            out_dir=out_dir,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            keep=keep,
+            devices=devices,
+            shard=shard,
+            progress=progress,
+            block_size=block_size,
+            learning_rate=learning_rate,
+            precision=precision,
+            micro_batches=micro_batches,
+            loss_scale=loss_scale,
+            ema=ema,
+            remat=remat,
+            compile_cache=compile_cache,
+        ),
+    )
     x, y = _arrays("train", train)
     val = _arrays("validation", validation) if validation is not None else None
     model = as_layer("fit", model)
     check_transform("fit", "optimizer", optimizer)
-    check_int("fit", "epochs", epochs, low=1)
-    check_int("fit", "batch_size", batch_size, low=1)
-    if batch_size > len(y):
-        raise ValueError(f"fit: batch_size={batch_size} exceeds the {len(y)} training examples")
-    check_int("fit", "early_stopping", early_stopping, low=1, allow_none=True)
-    check_int("fit", "checkpoint_every", checkpoint_every, low=1, allow_none=True)
-    check_int("fit", "keep", keep, low=1)
-    check_int("fit", "block_size", block_size, low=1, allow_none=True)
-    check_int("fit", "devices", devices, low=1, allow_none=True)
-    if shard not in ("replicate", "fsdp"):
-        raise ValueError(f"fit: shard={shard!r}; expected 'replicate' or 'fsdp'")
-    if not isinstance(remat, bool):
-        raise TypeError(f"fit: remat must be a bool, got {remat!r}")
-    if shard == "fsdp" and not devices:
-        raise ValueError("fit: shard='fsdp' splits the state over devices; pass devices=N as well")
-    check_int("fit", "seed", seed, low=0)
-    if early_stopping and val is None:
-        raise ValueError(f"fit: early_stopping={early_stopping} needs validation data")
-    if val is not None and (val[0].shape[1:] != x.shape[1:] or val[1].shape[1:] != y.shape[1:]):
-        raise ValueError(
-            f"fit: validation examples have shape x {val[0].shape[1:]}, y {val[1].shape[1:]}, "
-            f"but training examples x {x.shape[1:]}, y {y.shape[1:]}"
-        )
-    if devices:
-        if devices > jax.device_count():  # every process's devices in a multi-process run
-            raise ValueError(
-                f"fit: devices={devices}, but only {jax.device_count()} devices "
-                f"exist ({jax.default_backend()}); on a CPU set XLA_FLAGS="
-                f"--xla_force_host_platform_device_count={devices} before jax is imported"
-            )
-        if batch_size % devices:
-            raise ValueError(f"fit: batch_size={batch_size} is not divisible by devices={devices}")
-    if (resume or checkpoint_every) and out_dir is None:
-        raise ValueError("fit: resume and checkpoint_every need out_dir")
-    options = step_options("fit", precision, micro_batches, loss_scale, ema)
-    if batch_size % ((devices or 1) * micro_batches):
-        raise ValueError(
-            f"fit: batch_size={batch_size} is not divisible by micro_batches={micro_batches}"
-            + (f" times devices={devices}" if devices else "")
-        )
-    step_kwargs = (
-        {}
-        if options is None
-        else {
-            "precision": options.policy,
-            "micro_batches": options.micro_batches,
-            "loss_scale": options.loss_scale,
-            "ema": options.ema,
-        }
-    )
-    if remat:
-        step_kwargs = {**step_kwargs, "remat": True}
-    try:
-        loss_fn = augmented_loss(loss_fn if loss_fn is not None else supervised_loss(model), augment)
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"fit: {err}") from None
-    if isinstance(augment, (int, np.integer)) and augment and x.ndim != 4:
-        raise ValueError(f"fit: augment={augment} shifts images (N, H, W, C), but x has shape {x.shape}")
-    if out_dir is not None:
-        _check_out_dir(out_dir, resume)
+    config.check_data("fit", x, y, val)
+    users = check_callbacks("fit", callbacks)
+    loss_fn = augmented_loss(loss_fn if loss_fn is not None else supervised_loss(model), config.augment)
+    if config.out_dir is not None:
+        _check_out_dir(config.out_dir, config.resume)
+    if config.compile_cache:
+        _compile_cache.enable(config.compile_cache if isinstance(config.compile_cache, str) else None)
+    state, data_key = _initial_state(model, optimizer, x, config, initial_params)
+    engine = _make_engine(model, optimizer, loss_fn, x, y, val, state, config, data_key, log)
+    own = [ProgressBar()] if config.progress else []
+    stopping = [EarlyStopping(config.early_stopping)] if config.early_stopping else []
+    stateful = list(CallbackList(own + stopping + users).states())[len(stopping) :]  # the user's
+    record = _fit_record(engine, model, optimizer, state, initial_params, stateful)
+    if config.out_dir is None:
+        return engine.run(state, own + stopping + users, None)
+    if config.resume and os.path.isfile(os.path.join(config.out_dir, "fit_config.json")):
+        _check_same_config(config.out_dir, record)
+    return _run_in_folder(engine, state, record, own, stopping + users)
 
-    if compile_cache:
-        _compile_cache.enable(compile_cache if isinstance(compile_cache, str) else None)
-    model_key, data_key, _ = run_keys(seed)
-    input_shape = x.shape[1:]
-    state = TrainState.create(
-        model,
-        optimizer,
-        model_key,
-        input_shape,
-        ema=step_kwargs.get("ema"),
-        loss_scale=step_kwargs.get("loss_scale"),
-    )
-    if initial_params is not None:
-        check_tree_match(
-            "fit",
-            state.params,
-            initial_params,
-            "initial_params",
-            "Pass parameters of the tree that model.init returns for these inputs.",
-        )
-        params = jax.tree.map(
-            lambda new, old: jnp.array(new, dtype=old.dtype, copy=True), initial_params, state.params
-        )
-        state = state.replace(params=params, opt_state=optimizer.init(params))
-        if getattr(state, "ema_params", None) is not None:  # the average starts at the start
-            state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
-    eval_step = _eval_step(loss_fn, False, step_kwargs.get("precision"))
-    _check_split("fit", "train", model, eval_step, state, x, y)
-    if val is not None:
-        _check_split("fit", "validation", model, eval_step, state, *val)
 
-    steps_per_epoch = len(y) // batch_size
-    block_size = block_size or default_block_size(steps_per_epoch)
-    checkpoint_every = checkpoint_every or steps_per_epoch
-    config = {
-        "model": _describe(model),
-        "loss_fn": _describe(loss_fn),
-        "optimizer_state": _describe(
-            jax.tree.map(lambda a: (a.shape, a.dtype.name), jax.eval_shape(optimizer.init, state.params))
-        ),
-        "train": _digest(x, y),
-        "validation": None if val is None else _digest(*val),
-        "initial_params": None
-        if initial_params is None
-        else _digest(*map(np.asarray, jax.tree.leaves(state.params))),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "seed": seed,
-        "early_stopping": early_stopping,
-        "checkpoint_every": checkpoint_every,
-        "keep": keep,
-        "block_size": block_size,
-        "devices": devices,
-        **({"shard": shard} if shard != "replicate" else {}),
-    }
-    config.update(
-        {
-            k: _describe(v) if k in ("precision", "loss_scale") else (float(v) if k == "ema" else v)
-            for k, v in step_kwargs.items()
-            if v is not None and not (k == "micro_batches" and v == 1)
-        }
-    )
-    if out_dir is not None and resume and os.path.isfile(os.path.join(out_dir, "fit_config.json")):
-        _check_same_config(out_dir, config)
-    if log is None:
-        log = (
-            (lambda message: print(message, file=sys.stderr, flush=True))
-            if progress
-            else (lambda message: None)
-        )
-
-    engine = _Engine(
-        loss_fn,
-        optimizer,
-        x,
-        y,
-        val,
-        epochs,
-        batch_size,
-        steps_per_epoch,
-        block_size,
-        checkpoint_every,
-        early_stopping,
-        data_key,
-        devices,
-        learning_rate,
-        progress,
-        log,
-        step_kwargs,
-        _make_loop(loss_fn, optimizer, devices, step_kwargs, shard),
-    )
-    try:  # what the train step refuses (a trace, nothing runs) is refused before out_dir is written
-        engine.metrics_like(state)
-    except (TypeError, ValueError) as err:
-        if type(err) not in (TypeError, ValueError):
-            raise
-        raise type(err)(f"fit: train step: {err}") from None
-    if out_dir is None:
-        return engine.run(state, None)
+def _run_in_folder(engine: "_Engine", state, record: dict, first: list, rest: list) -> FitResult:
+    """`_Engine.run` writing the run folder: ``fit_config.json`` first, then metrics.jsonl and
+    TensorBoard (callbacks after ``first``), checkpoints (the last callback), and at the end
+    ``model/``, ``curves.png`` and ``summary.json``."""
+    out_dir = engine.config.out_dir
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "fit_config.json"), config)
+    write_json(os.path.join(out_dir, "fit_config.json"), record)
     from jaxdl.checkpoint import CheckpointManager, save_checkpoint
 
     with CheckpointManager(
-        os.path.join(out_dir, "checkpoints"), max_to_keep=keep, save_interval_steps=checkpoint_every
+        os.path.join(out_dir, "checkpoints"),
+        max_to_keep=engine.config.keep,
+        save_interval_steps=engine.checkpoint_every,
     ) as manager:
-        result = engine.run(state, _Outputs(out_dir, manager))
+        files = [MetricsFile(os.path.join(out_dir, "metrics.jsonl")), TensorBoard(out_dir)]
+        outputs = _Outputs(out_dir, manager)
+        result = engine.run(state, first + files + rest + [Checkpointing(manager)], outputs)
     best = {"params": result.state.params, "model_state": result.state.model_state}
     save_checkpoint(os.path.join(out_dir, "model"), best, overwrite=True)
     plot_curves(result.history, os.path.join(out_dir, "curves.png"))
+    write_summary(out_dir, result)
+    return result
+
+
+def write_summary(out_dir: str, result: FitResult, **extra) -> dict:
+    """Write (atomically) and return a run's ``summary.json``: steps, epochs completed, whether
+    it stopped early, the best epoch, the resumption step, the training time, the final record,
+    then ``extra`` (what a caller adds, e.g. the command's test accuracy). The one writer of the
+    file: `fit` writes it, and the ``jaxdl train`` command writes it again with its ``extra``.
+
+    Args:
+      out_dir: the run's folder.
+      result: `fit`'s `FitResult`.
+      **extra: entries added at the end.
+
+    Returns:
+      The summary, a dict.
+    """
     summary = {
         "steps": result.steps,
         "epochs_completed": len(result.history),
@@ -929,22 +1197,10 @@ def fit(
         "resumed_from_step": result.resumed_from_step,
         "train_time_s": result.train_time_s,
         "final": result.history[-1] if result.history else None,
+        **extra,
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    return result
-
-
-class _NoBar:
-    """What `fit` uses in place of a tqdm bar when ``progress=False``."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
+    return summary
 
 
 class _Outputs(NamedTuple):
@@ -959,146 +1215,148 @@ class _Outputs(NamedTuple):
 class _Engine(NamedTuple):
     """The epoch loop of `fit`, with everything fixed before it starts."""
 
+    config: FitConfig
     loss_fn: Any
-    optimizer: Any
     x: np.ndarray
     y: np.ndarray
     val: Any
-    epochs: int
-    batch_size: int
     steps_per_epoch: int
     block_size: int
     checkpoint_every: int
-    early_stopping: int | None
     data_key: jax.Array
-    devices: int | None
-    learning_rate: Any
-    progress: bool
     log: Callable
-    step_kwargs: dict
     loop_parts: tuple  # `_make_loop`'s (loop, place_state, block_sharding)
 
-    def _stop(self, completed_epochs: int, progress: Progress) -> bool:
-        patience = self.early_stopping
-        return bool(patience) and completed_epochs - int(progress.best_epoch) >= patience
+    def run(self, state: TrainState, callbacks: list, outputs: _Outputs | None) -> FitResult:
+        """Train from ``state`` (or the newest checkpoint in ``outputs``) to the last epoch or a
+        callback's stop: the loop of `fit`."""
+        hooks = CallbackList(callbacks)
+        run, resumed, history = self._start(state, hooks, outputs)
+        step = int(run.state.step)
+        hooks.call("on_train_begin", self._loop(run, step, hooks, resumed))
+        try:
+            while step < self.config.epochs * self.steps_per_epoch and not hooks.stop:
+                run, step, record = self._epoch(run, step, hooks, resumed)
+                if record is not None:
+                    history.append(record)
+        finally:
+            hooks.call("on_train_end", self._loop(run, step, hooks, resumed))
+        return self._result(run, history, step, hooks.stop, resumed)
 
-    def run(self, state: TrainState, outputs: _Outputs | None) -> FitResult:
-        if self.progress:
-            from tqdm.auto import tqdm  # imported only to show a bar: in a kernel without
-        else:  # ipywidgets, importing tqdm.auto warns
-            tqdm = _NoBar
-        S, E, bs = self.steps_per_epoch, self.epochs, self.batch_size
-        loop, place, block_sharding = self.loop_parts
-        policy = self.step_kwargs.get("precision")
-        eval_step = _eval_step(self.loss_fn, False, policy)
-        ema_eval_step = (
-            _eval_step(self.loss_fn, True, policy) if self.step_kwargs.get("ema") is not None else None
-        )
+    def _start(self, state: TrainState, hooks: CallbackList, outputs: _Outputs | None):
+        """``(run, resumed_from_step, history)``: a fresh `Run`, or with ``outputs`` the newest good
+        checkpoint's (the callbacks' states loaded, metrics.jsonl cut to its epochs)."""
         best = (
-            _host_copy({"params": state.params, "model_state": state.model_state})
-            if self.early_stopping
+            _host_copy({"params": _eval_state(state).params, "model_state": state.model_state})
+            if self.config.early_stopping
             else None
         )
-        fresh = Progress({}, np.array(np.inf), np.array(0, np.int64), np.array(0.0))
-        run, resumed, history = Run(state, fresh, best), None, []
+        run, resumed, history = Run(state, Progress.fresh(), best, hooks.states()), None, []
         if outputs is not None:
-            sums_like = self.metrics_like(state)
-            fresh = fresh._replace(sums={k: np.zeros((), np.float64) for k in sums_like})
-            run, resumed = _restore_latest(outputs.manager, run._replace(progress=fresh), self.log)
-            step = int(run.state.step)
+            progress = Progress.fresh(self.metrics_like(state))
+            run, resumed = _restore_latest(outputs.manager, run._replace(progress=progress), self.log)
+            step, S = int(run.state.step), self.steps_per_epoch
+            if run.callbacks is None:
+                run = self._states_before_callbacks(run, step)
+            hooks.load_states(run.callbacks)
+            hooks.stop = bool(run.progress.stopped)
             if resumed is not None:
                 self.log(
                     f"resumed from checkpoint step {resumed} (epoch {step // S + 1}, step {step % S} of {S})"
                 )
-            history = _truncate_metrics(outputs.metrics_path, step // S)
-        writer = _tensorboard_writer(outputs.out_dir) if outputs is not None else None
-        run = run._replace(state=place(run.state))
-        step = int(run.state.step)
-        stop = step % S == 0 and self._stop(step // S, run.progress)
-        bar = tqdm(
-            total=E * S,
-            initial=step,
-            unit="step",
-            disable=not self.progress,
-            dynamic_ncols=True,
-            file=sys.stderr,
-            leave=False,
+            history = [r for r in read_metrics(outputs.metrics_path) if r["epoch"] <= step // S]
+        return run._replace(state=self.loop_parts[1](run.state)), resumed, history
+
+    def _states_before_callbacks(self, run: Run, step: int) -> Run:
+        """A checkpoint from before fit had callbacks: fit's early stopping kept its record in
+        the progress (best validation loss and epoch; stop when ``epochs - best_epoch >=
+        patience`` at an epoch's end). Rebuild `EarlyStopping`'s state and the stop flag from it."""
+        if not self.config.early_stopping:
+            return run._replace(callbacks={})
+        epoch, best_epoch = step // self.steps_per_epoch, int(run.progress.best_epoch)
+        state = {
+            "best_metric": np.array(run.progress.best_val_loss, np.float64),
+            "best_epoch": np.array(best_epoch, np.int64),
+            "patience_count": np.array(epoch - best_epoch, np.int64),
+        }
+        stop = step % self.steps_per_epoch == 0 and epoch - best_epoch >= self.config.early_stopping
+        progress = run.progress._replace(stopped=np.array(int(stop), np.int64))
+        return run._replace(progress=progress, callbacks={"EarlyStopping_0": state})
+
+    def _epoch(self, run: Run, step: int, hooks: CallbackList, resumed):
+        """The rest of the epoch at ``step``, block by block, then its record: ``(run, step,
+        record)``; record None when a callback stopped the run inside the epoch."""
+        S = self.steps_per_epoch
+        epoch, start = divmod(step, S)
+        t_epoch = time.perf_counter()
+        bounds = chunk_bounds(epoch, S, self.block_size, self.checkpoint_every, start)
+        order = self._batch_order(epoch)
+        blocks = ((self.x[order[a:b]], self.y[order[a:b]]) for a, b in bounds)
+        for batches in data.prefetch_to_device(blocks, device=self.loop_parts[2]):
+            run, metrics, seconds = self._train_block(run, batches)
+            step += len(metrics["loss"])
+            running = {n: float(v) / (step - epoch * S) for n, v in run.progress.sums.items()}
+            if hooks.call(
+                "on_block_end", step, metrics, self._loop(run, step, hooks, resumed, running, seconds)
+            ):
+                return run, step, None
+        record = self._record(run, epoch, step, start, time.perf_counter() - t_epoch)
+        run = self._end_epoch(run, epoch + 1, record.get("val_loss"))
+        hooks.call("on_epoch_end", epoch + 1, record, self._loop(run, step, hooks, resumed))
+        return run, step, record
+
+    def _record(self, run: Run, epoch: int, step: int, start: int, seconds: float) -> dict:
+        """Epoch ``epoch``'s record: validation (and EMA validation) in eval mode, the rate."""
+        policy, val = self.config.options.policy, self.val
+        val_metrics = ema_val = None
+        if val is not None:
+            val_metrics = _evaluate_arrays(
+                _eval_step(self.loss_fn, False, policy), _eval_state(run.state), *val, EVAL_BATCH
+            )
+            if self.config.options.ema is not None:
+                ema_step = _eval_step(self.loss_fn, True, policy)
+                ema_val = _evaluate_arrays(ema_step, _eval_state(run.state), *val, EVAL_BATCH)
+        lr = _learning_rate(self.config.learning_rate, run.state.opt_state, step - 1)
+        S, bs = self.steps_per_epoch, self.config.batch_size
+        examples = (step - epoch * S - start) * bs
+        return _epoch_record(
+            epoch + 1, step, run.progress.sums, S, val_metrics, lr, seconds, examples, ema_val
         )
-        try:
-            while step < E * S and not stop:
-                epoch, start = divmod(step, S)
-                t_epoch = time.perf_counter()
-                bounds = chunk_bounds(epoch, S, self.block_size, self.checkpoint_every, start)
-                order = self._batch_order(epoch)
-                blocks = ((self.x[order[a:b]], self.y[order[a:b]]) for a, b in bounds)
-                for batches in data.prefetch_to_device(blocks, device=block_sharding):
-                    run, k, seconds = self._train_block(loop, run, batches)
-                    step += k
-                    bar.update(k)
-                    if self.progress:
-                        mean = {n: float(v) / (step - epoch * S) for n, v in run.progress.sums.items()}
-                        shown = " ".join(
-                            f"{n[:3] if n == 'accuracy' else n} {mean[n]:.4f}"
-                            for n in ("loss", "accuracy")
-                            if n in mean
-                        )
-                        bar.set_postfix_str(f"epoch {epoch + 1}/{E} {shown} {k * bs / seconds:.0f} ex/s")
-                    if outputs is not None and step % S:
-                        outputs.manager.save(step, run.tree())  # saves when step % checkpoint_every == 0
-                val = ema_val = None
-                if self.val is not None:
-                    val = _evaluate_arrays(eval_step, _eval_state(run.state), *self.val, EVAL_BATCH)
-                    if ema_eval_step is not None:
-                        ema_val = _evaluate_arrays(
-                            ema_eval_step, _eval_state(run.state), *self.val, EVAL_BATCH
-                        )
-                lr = _learning_rate(self.learning_rate, run.state.opt_state, step - 1)
-                record = _epoch_record(
-                    epoch + 1,
-                    step,
-                    run.progress.sums,
-                    S,
-                    val,
-                    lr,
-                    time.perf_counter() - t_epoch,
-                    (step - epoch * S - start) * bs,
-                    ema_val,
-                )
-                history.append(record)
-                if outputs is not None:
-                    with open(outputs.metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for name, value in record.items():
-                        if name not in ("epoch", "step"):
-                            writer.add_scalar(name, value, step)
-                    writer.flush()
-                if self.progress:
-                    bar.write(_epoch_line(record, E), file=sys.stderr)
-                run = self._end_epoch(run, epoch + 1, None if val is None else val["loss"])
-                stop = self._stop(epoch + 1, run.progress)
-                if outputs is not None:
-                    outputs.manager.save(step, run.tree(), force=True)  # every epoch end
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
+
+    def _loop(self, run: Run, step: int, hooks: CallbackList, resumed, running=None, seconds=0.0) -> Loop:
+        """What the callbacks see now (`jaxdl.callbacks.Loop`)."""
+
+        def checkpoint() -> dict:
+            progress = run.progress._replace(stopped=np.array(int(hooks.stop), np.int64))
+            return run._replace(progress=progress, callbacks=hooks.states()).tree()
+
+        c = self.config
+        return Loop(
+            run.state,
+            step,
+            c.epochs,
+            self.steps_per_epoch,
+            c.batch_size,
+            running or {},
+            seconds,
+            resumed,
+            checkpoint,
+        )
+
+    def _result(self, run: Run, history: list, step: int, stop: bool, resumed) -> FitResult:
+        """The `FitResult`; with early stopping, the best epoch's params and model state."""
         final = run.state
-        if run.best is not None:
+        if run.best is not None:  # the scored (evaluation) params; a schedule-free run restarts there
+            best_params = jax.tree.map(jnp.asarray, run.best["params"])
             final = final.replace(
-                params=jax.tree.map(jnp.asarray, run.best["params"]),
+                params=best_params,
                 model_state=jax.tree.map(jnp.asarray, run.best["model_state"]),
+                opt_state=schedule_free_restart(final.opt_state, best_params),
             )
         best_epoch = int(run.progress.best_epoch) if self.val is not None and history else None
-        return FitResult(
-            final,
-            history,
-            best_epoch,
-            step,
-            bool(stop) and step < E * S,
-            resumed,
-            round(float(run.progress.train_time), 3),
-        )
+        stopped_early = bool(stop) and step < self.config.epochs * self.steps_per_epoch
+        train_time = round(float(run.progress.train_time), 3)
+        return FitResult(final, history, best_epoch, step, stopped_early, resumed, train_time)
 
     def metrics_like(self, state: TrainState) -> dict:
         """The per-step metrics of the train loop as shapes: `jax.eval_shape` of the loop on the
@@ -1110,18 +1368,20 @@ class _Engine(NamedTuple):
         """Epoch ``epoch``'s batches as example indices, shape (steps_per_epoch, batch_size): the
         order of `jaxdl.data.batch_blocks` (the last partial batch dropped)."""
         order = data.epoch_permutation(len(self.y), self.data_key, epoch)
-        return order[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+        bs = self.config.batch_size
+        return order[: self.steps_per_epoch * bs].reshape(self.steps_per_epoch, bs)
 
-    def _train_block(self, loop, run: Run, batches) -> tuple[Run, int, float]:
+    def _train_block(self, run: Run, batches) -> tuple[Run, dict, float]:
+        """One compiled block: ``(run, the block's per-step metrics on the host, seconds)``."""
         t0 = time.perf_counter()
-        state, metrics = loop(run.state, batches)
+        state, metrics = self.loop_parts[0](run.state, batches)
         metrics = jax.device_get(metrics)
         seconds = time.perf_counter() - t0
         sums = dict(run.progress.sums)
         for name, values in metrics.items():
             sums[name] = sums.get(name, np.zeros((), np.float64)) + np.sum(values, dtype=np.float64)
         progress = run.progress._replace(sums=sums, train_time=run.progress.train_time + seconds)
-        return Run(state, progress, run.best), len(metrics["loss"]), seconds
+        return run._replace(state=state, progress=progress), metrics, seconds
 
     def _end_epoch(self, run: Run, epoch: int, val_loss) -> Run:
         """Reset the epoch sums and update the best-epoch record (lower validation loss wins)."""
@@ -1132,5 +1392,7 @@ class _Engine(NamedTuple):
                 best_val_loss=np.array(val_loss), best_epoch=np.array(epoch, np.int64)
             )
             if best is not None:
-                best = _host_copy({"params": run.state.params, "model_state": run.state.model_state})
-        return Run(run.state, progress, best)
+                best = _host_copy(
+                    {"params": _eval_state(run.state).params, "model_state": run.state.model_state}
+                )
+        return run._replace(progress=progress, best=best)

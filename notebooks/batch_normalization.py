@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Batch normalization
 #
-# **Questions** (seed 001). Does BatchNorm let a network train at learning rates where the
+# **Questions** (CSE 176 Lecture 11). Does BatchNorm let a network train at learning rates where the
 # plain network diverges? What goes wrong when a BatchNorm network is evaluated in
 # training mode? And can BatchNorm be removed at inference time by folding it into the
 # preceding layer?
@@ -104,7 +104,7 @@ fig.tight_layout()
 # ## The train/eval pitfall
 #
 # In training mode BatchNorm normalizes with the statistics of the *current batch*; in
-# evaluation mode with the running averages collected during training (seed 001). A model
+# evaluation mode with the running averages collected during training (CSE 176 Lecture 11). A model
 # evaluated in training mode makes each prediction depend on the other examples of its
 # batch. That is harmless for a large, well-mixed batch, and wrong for small or unmixed
 # ones, e.g. a test set that arrives sorted by class.
@@ -161,7 +161,7 @@ print(f"the same '{y_test[order[0]]}' alone, eval mode: predicted {logits.argmax
 # At test time BatchNorm is the affine map $y = a \odot z + c$ with
 # $a = \gamma / \sqrt{\sigma^2_{run} + \epsilon}$ and $c = \beta - a\,\mu_{run}$, so it can
 # be merged into the Dense layer before it: $W' = W \operatorname{diag}(a)$,
-# $b' = a \odot b + c$ (seed 001: "fusion"). `dl.fold_batchnorm` does this for every
+# $b' = a \odot b + c$ (CSE 176 Lecture 11: "fusion"). `dl.fold_batchnorm` does this for every
 # BatchNorm that follows a Dense or Conv; the folded model has no BatchNorm and must give
 # the same evaluation outputs.
 

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Gradient noise for very deep networks
 #
-# **Question.** Neelakantan et al. (2016; seed 004) add annealed Gaussian noise to the
+# **Question.** Neelakantan et al. (2016; Sarkar, CS60010) add annealed Gaussian noise to the
 # gradient, $g_t \leftarrow g_t + N(0, \sigma_t^2)$ with
 # $\sigma_t^2 = \eta / (1 + t)^{\gamma}$, $\gamma = 0.55$, and report (Table 1, 20-layer
 # ReLU network on MNIST, best and average test accuracy over 40 runs) that noise rescues

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,7 +17,7 @@
 # # Initialization and activations
 #
 # **Question.** How does the scale of the initial weights shape the activations of a deep
-# network, layer by layer, and why can the weights not all start equal (seeds 003, 000;
+# network, layer by layer, and why can the weights not all start equal (Kira, CS 7643; Tips and Tricks notes;
 # Glorot & Bengio 2010; He et al. 2015)?
 #
 # **Setup.** A fully connected network with 10 hidden layers (width 500; 200 in the fast
@@ -26,9 +26,9 @@
 # with 1,000 MNIST training images, flattened and standardized. Three initializations of the
 # kernels $W$ (fan-in $n_{in}$, fan-out $n_{out}$):
 #
-# * `dl.init.normal(0.01)`: $N(0, 0.01^2)$, "small random numbers" (seed 003);
-# * `dl.init.xavier_normal`: $N(0, 2/(n_{in}+n_{out}))$ (seed 000, Glorot & Bengio);
-# * `dl.init.he_normal`: $N(0, 2/n_{in})$ (seed 003, He et al.).
+# * `dl.init.normal(0.01)`: $N(0, 0.01^2)$, "small random numbers" (Kira, CS 7643);
+# * `dl.init.xavier_normal`: $N(0, 2/(n_{in}+n_{out}))$ (Tips and Tricks notes, Glorot & Bengio);
+# * `dl.init.he_normal`: $N(0, 2/n_{in})$ (Kira, CS 7643, He et al.).
 #
 # `dl.diagnostics.activation_stats` runs the network layer by layer and returns, for every
 # layer, the mean, standard deviation, the fraction of exact zeros and of saturated units
@@ -101,7 +101,7 @@ fig.tight_layout()
 
 # %% [markdown]
 # **What the plots show** (compare Glorot & Bengio 2010, figures 3 and 6, and the
-# CS231n demonstration in seed 003):
+# CS231n demonstration in Kira, CS 7643):
 #
 # * **N(0, 0.01²)**: every layer multiplies the standard deviation by about
 #   $0.01\sqrt{n_{in}} \approx 0.22$ (tanh is linear near zero; $0.01\sqrt{n_{in}/2}$ for
@@ -121,7 +121,7 @@ fig.tight_layout()
 # %% [markdown]
 # ## Constant initialization: the symmetry problem
 #
-# **Question.** What goes wrong if every weight starts at the same value (seed 003:
+# **Question.** What goes wrong if every weight starts at the same value (Kira, CS 7643:
 # "constant init is degenerate")?
 #
 # **Setup.** A 784-64-64-10 ReLU network (`jaxdl.models.mlp(10, depth=2, width=64)`) on

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,10 +16,10 @@
 # %% [markdown]
 # # Data parallelism and one-bit gradients
 #
-# **Question.** In data-parallel training (seed 001: "split the minibatch into chunks and
+# **Question.** In data-parallel training (CSE 176 Lecture 11: "split the minibatch into chunks and
 # distribute them to GPUs") every device sends its gradient to every other at each step.
 # How much accuracy do we lose if each device sends one *bit* per gradient element
-# instead of 32 (seed 004: "one-bit gradients", Seide et al. 2014), with and without error
+# instead of 32 (Sarkar, CS60010: "one-bit gradients", Seide et al. 2014), with and without error
 # feedback, or with a majority vote of the signs (signSGD, Bernstein et al. 2018), and how
 # many bytes does it save?
 #

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,7 +17,7 @@
 # # Optimizers on loss surfaces
 #
 # **Question.** How do SGD, momentum, Nesterov momentum, AdaGrad, RMSProp and Adam move on
-# the surfaces that make optimization hard (seed 004): a long narrow valley, a curved
+# the surfaces that make optimization hard (Sarkar, CS60010): a long narrow valley, a curved
 # valley, and a saddle point?
 #
 # **Setup.** Three functions of two parameters, each optimizer started from the same point
@@ -151,7 +151,7 @@ fig.tight_layout()
 #   $1 - 0.1\epsilon$ per step). Momentum and Nesterov accumulate velocity along the
 #   consistent direction and overshoot a little; Nesterov's look-ahead damps the
 #   oscillation. AdaGrad, RMSProp and Adam rescale each coordinate by its gradient
-#   history, so they head almost straight for the minimum: the preconditioning of seed 000.
+#   history, so they head almost straight for the minimum: the preconditioning of the Tips and Tricks notes.
 #   RMSProp with a fixed step hovers around the minimum at a distance of about its step
 #   size, since $g/\sqrt{E[g^2]}$ stays of order one.
 # * *Rosenbrock.* Every method reaches the valley floor within a few dozen steps and then

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +16,7 @@
 # %% [markdown]
 # # A training recipe, end to end
 #
-# **Question.** Seed 004's recipe for training a network, step by step, on one problem:
+# **Question.** The recipe of Sarkar, CS60010 (Training) for training a network, step by step, on one problem:
 # do the checks catch what they are meant to catch, and where does each step leave us?
 #
 # 1. Check that the initial loss is reasonable (about $\ln C$), and that it goes up with
@@ -27,7 +27,7 @@
 #    first, longer runs on a narrowed range (`jaxdl.sweep.coarse_to_fine`).
 # 5. Track the ratio of update to weight magnitudes (want about $10^{-3}$).
 # 6. Monitor validation accuracy and stop early.
-# 7. Transfer learning: freeze the body, re-initialize the head (seed 001).
+# 7. Transfer learning: freeze the body, re-initialize the head (CSE 176 Lecture 11).
 #
 # **Setup.** MNIST (the 5,000 bundled digits: 3,500 train / 500 validation / 1,000 test),
 # standardized with the training set's statistics; an MLP 784-128-128-10 with ReLU and He
@@ -102,7 +102,7 @@ print(report.message)
 #
 # One run in which the learning rate grows exponentially from $10^{-4}$ to 10 over the
 # steps (Smith 2017): where the loss falls fastest is a good rate; where it blows up is
-# too high (seed 004: "loss not going down: learning rate too low; loss exploding: too
+# too high (Sarkar, CS60010: "loss not going down: learning rate too low; loss exploding: too
 # high").
 
 # %%
@@ -130,7 +130,7 @@ ax.legend();
 # Random search (Bergstra & Bengio 2012) over the learning rate and the weight decay,
 # both log-uniform. Stage 1 trains 16 settings for 100 steps (under two epochs) from a
 # wide range; each later stage keeps the best quarter, narrows every range to the span of
-# the kept values and trains 16 new settings for longer (seed 004: "first stage: only a few
+# the kept values and trains 16 new settings for longer (Sarkar, CS60010: "first stage: only a few
 # epochs ... second stage: longer running time, finer search"). Each stage is one vmapped
 # `sweep`; the score is the validation loss after training.
 
@@ -180,7 +180,7 @@ fig.tight_layout()
 # %% [markdown]
 # ## 5. The update/weight ratio
 #
-# Seed 004: track $\lVert \Delta\theta \rVert / \lVert \theta \rVert$ per step; about
+# Sarkar, CS60010: track $\lVert \Delta\theta \rVert / \lVert \theta \rVert$ per step; about
 # $10^{-3}$ is healthy, much lower means the learning rate is too low, much higher that it
 # is too high. The train step reports the ratio over all parameters in its metrics
 # (`update_ratio`), so one sweep over three learning rates (the best one, and ten times
@@ -230,7 +230,7 @@ fig.tight_layout()
 # To make overfitting show up within a few minutes, we train a wider network (784-512-512-10)
 # on only 1,000 training examples with Adam and no weight decay, evaluate the validation
 # loss after every epoch, keep the parameters of the best epoch and stop after 5 epochs
-# without improvement (seed 000): `dl.fit(..., validation=(x_val, y_val), early_stopping=5)`.
+# without improvement (Tips and Tricks notes): `dl.fit(..., validation=(x_val, y_val), early_stopping=5)`.
 
 # %%
 small = (x_train[:1000], y_train[:1000])
@@ -258,14 +258,14 @@ ax.legend();
 # improving after about three epochs and then stays nearly flat (its lowest value, at epoch
 # 8, is barely below its neighbours): from there on the network memorizes the 1,000
 # examples. Early stopping keeps the parameters of the best validation epoch, which makes
-# the number of epochs a hyperparameter chosen on the validation set (seed 000). Here the
+# the number of epochs a hyperparameter chosen on the validation set (Tips and Tricks notes). Here the
 # effect on the test set is small (compare the printed test losses and accuracies; a
 # difference of under a point of accuracy is within the noise of 1,000 test examples), but
 # the search costs nothing and it stops the wasted epochs.
 #
 # ## 7. Transfer learning: freeze the body, re-initialize the head
 #
-# Seed 001: with little data for a new task, keep the layers learned on a related task and
+# CSE 176 Lecture 11: with little data for a new task, keep the layers learned on a related task and
 # train only a new output layer. Here the "big" task is classifying the digits 0-4 (all
 # their training examples); the new task is the digits 5-9 with only a few labeled
 # examples per class. We compare, for 5, 10 and 50 examples per class:
@@ -354,5 +354,5 @@ print(f"parameters trained with the frozen body: {n_head:,} of {n_all:,}")
 # some of what separates the other five. Fine-tuning the whole pretrained network does
 # about as well as training from scratch (within 3 points either way), not better.
 # Transfer pays off when the body was trained on far more, and more varied, data than
-# the new task has (features learned on ImageNet, in seed 001), which this toy setup
+# the new task has (features learned on ImageNet, in CSE 176 Lecture 11), which this toy setup
 # cannot imitate.

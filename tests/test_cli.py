@@ -160,6 +160,7 @@ def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summar
         assert 0 < r["update_ratio"] < 1 and r["nonfinite_steps"] == 0
     assert records[-1]["val_loss"] < records[0]["val_loss"]
     assert records[0]["lr"] > records[1]["lr"] > records[2]["lr"]  # cosine decay
+    assert summary["final"] == records[-1]  # fit's part of the summary survives the command's
 
     image = __import__("matplotlib.image").image.imread(out / "curves.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400

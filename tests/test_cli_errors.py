@@ -203,11 +203,17 @@ def test_a_resume_that_fit_refuses_is_one_line_and_leaves_the_run_as_it_was(tmp_
 
 
 def test_a_run_that_fit_refuses_leaves_no_config_json_and_no_folder(tmp_path, monkeypatch):
-    # The command checks every value before fit sees it; called with one it would refuse
-    # (epochs=0), cmd_train removes the config.json and the folders it had made.
+    # The command checks every value with fit's own checks (FitConfig) before it writes anything:
+    # called with one argparse would have refused (epochs=0), it refuses in its own words. What
+    # only fit's trace of the train step finds (BatchNorm on batches of one example) comes after
+    # config.json is written: cmd_train removes it and the folders it had made.
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(cli.UsageError, match=r"^fit: epochs=0 is out of range"):
+    with pytest.raises(cli.UsageError, match=r"^--epochs 0 is out of range"):
         cli.cmd_train({**TINY, "epochs": 0, "quiet": True, "out": "a/b/run"}, log=lambda message: None)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(cli.UsageError, match=r"^fit: train step: .*BatchNorm"):
+        run = {**TINY, "batchnorm": True, "batch_size": 1, "quiet": True, "out": "a/b/run"}
+        cli.cmd_train(run, log=lambda message: None)
     assert os.listdir(tmp_path) == []
 
 
@@ -280,6 +286,16 @@ def test_resume_refuses_a_broken_run_folder_and_leaves_it_as_it_was(tmp_path, ca
     code, out, err = run_main(capsys, "train", "--out", str(run), "--resume")
     assert_one_line_error(code, out, err, "train", message)
     assert snapshot(tmp_path) == before
+
+
+def test_fits_names_are_the_commands_too_and_its_refusals_speak_the_commands_words():
+    args = vars(cli.build_parser().parse_args(["train", "--micro-batches", "2", "--out-dir", "runs/x"]))
+    old = vars(cli.build_parser().parse_args(["train", "--accumulate", "2", "--out", "runs/x"]))
+    assert args == old and args["accumulate"] == 2 and args["out"] == "runs/x"
+    assert (
+        config.command_words("FitConfig: batch_size=32 is not divisible by micro_batches=3 times devices=2")
+        == "--batch-size 32 is not divisible by --accumulate 3 times --devices 2"
+    )
 
 
 def test_resnet_refuses_the_mlp_options_instead_of_ignoring_them(tmp_path, capsys):

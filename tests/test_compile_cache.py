@@ -52,22 +52,19 @@ def _entries(folder):
 
 
 def test_second_process_reads_the_programs_the_first_one_wrote(tmp_path):
-    folder = tmp_path / "cache"
-    first = _run(str(folder), tmp_path)
+    # The first process names no folder: the default one, under $XDG_CACHE_HOME. The second
+    # names that folder in the environment variable, and reads every program from it.
+    folder = tmp_path / "xdg" / "jaxdl" / "xla"
+    first = _run(None, tmp_path)
     assert first["path"] == str(folder)
     written = _entries(folder)
     assert written and first["misses"] >= 1 and first["hits"] == 0
     second = _run(str(folder), tmp_path)
+    assert second["path"] == str(folder)
     assert second["hits"] >= 1 and second["misses"] == 0
     assert second["hits"] == second["requests"], second  # every program read, eager ones too
     assert second["loss"] == first["loss"]
     assert _entries(folder) == written  # nothing new to compile
-
-
-def test_default_folder_is_under_xdg_cache_home(tmp_path):
-    result = _run(None, tmp_path)
-    expected = tmp_path / "xdg" / "jaxdl" / "xla"
-    assert result["path"] == str(expected) and _entries(expected)
 
 
 def test_env_var_turns_it_off(tmp_path, monkeypatch):

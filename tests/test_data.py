@@ -1,5 +1,5 @@
 """Specification of jaxdl.data: bundled datasets, splits, the IDX reader, batching,
-preprocessing (seed 001) and augmentation (seed 000)."""
+preprocessing (CSE 176 Lecture 11) and augmentation (Tips and Tricks notes)."""
 
 import gzip
 import os

@@ -1,4 +1,4 @@
-"""Diagnostics: per-layer norms and ratios, activation statistics, and seed 004's checks."""
+"""Diagnostics: per-layer norms and ratios, activation statistics, and the checks of Sarkar, CS60010."""
 
 import math
 
@@ -55,7 +55,7 @@ def test_activation_stats_match_a_manual_forward_pass():
 
 
 def test_saturation_shows_for_large_tanh_weights():
-    """Seed 003 / Glorot & Bengio: N(0, 1) weights saturate tanh units, Xavier weights do not."""
+    """Kira, CS 7643 / Glorot & Bengio: N(0, 1) weights saturate tanh units, Xavier weights do not."""
     x = jax.random.normal(jax.random.key(1), (256, 100))
     sat = {}
     for name, w_init in [("big", dl.init.normal(1.0)), ("xavier", dl.init.xavier_normal)]:

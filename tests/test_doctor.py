@@ -106,7 +106,7 @@ def _dead_biases(model):  # He weights, hidden biases -10: every hidden ReLU sta
     return _numpy_init(model, draw)
 
 
-def _small(model):  # N(0, 0.01^2) weights (seed 003's "small random numbers"), zero biases
+def _small(model):  # N(0, 0.01^2) weights ("small random numbers", Kira, CS 7643), zero biases
     return _numpy_init(
         model,
         lambda rng, path, shape: 0.01 * rng.standard_normal(shape) if len(shape) == 2 else np.zeros(shape),

@@ -26,6 +26,7 @@ ORDER = [
     "jaxdl.precision",
     "jaxdl.data",
     "jaxdl.checkpoint",
+    "jaxdl.callbacks",
     "jaxdl.layers",
     "jaxdl.nnx",
     "jaxdl.models",

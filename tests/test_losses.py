@@ -53,7 +53,7 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits():
 
 @pytest.mark.parametrize("num_classes", [2, 10, 100])
 def test_initial_loss_of_small_weight_classifier_is_log_num_classes(num_classes):
-    # Seed 004's sanity check: a softmax classifier with N(0, 0.01) weights starts at ~ ln C.
+    # The sanity check of Sarkar, CS60010: a softmax classifier with N(0, 0.01) weights starts at ~ ln C.
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (256, 50))
     w = init.normal(0.01)(kw, (50, num_classes))

@@ -147,6 +147,9 @@ ALIASES = [
     ("adamw", lambda lr: dl.adamw(lr)),
     ("signsgd", lambda lr: dl.signsgd(lr)),
     ("signsgd", lambda lr: dl.signsgd(lr, error_feedback=True)),
+    ("muon", lambda lr: dl.muon(lr)),
+    ("schedule_free_adamw", lambda lr: dl.schedule_free_adamw(lr, weight_decay=1e-4)),
+    ("schedule_free_sgd", lambda lr: dl.schedule_free_sgd(lr)),
 ]
 ALIAS_IDS = [f"{name}{i}" for i, (name, _) in enumerate(ALIASES)]
 

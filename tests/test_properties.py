@@ -86,7 +86,7 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=TREES, seed=st.integers(0, 2**16))
 def test_transform_under_jit_and_vmap_on_arbitrary_pytrees(name, spec, seed):
     tx = TRANSFORMS[name]()

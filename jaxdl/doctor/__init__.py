@@ -1,11 +1,12 @@
-"""`examine`: seed 004's training recipe as one call that says what is wrong, and why.
+"""`examine`: the training recipe (Sarkar, CS60010) as one call that says what is wrong, and why.
 
-Seed 004 (with seeds 001 and 003) teaches what to do with a network that does not train: check
-the initial loss, overfit a tiny subset, find the learning rate with a range test, watch the
-update/weight ratio (about 1e-3), look at per-layer activation and gradient histograms, beware
-constant initialization, saturated sigmoid/tanh units and dead ReLUs, preprocess the data.
-`examine` runs all of it on a model, an optimizer and a dataset and returns a `Report` whose
-`Finding` s say what was measured (the numbers, the layer names), how bad it is and what to do.
+Sarkar, CS60010 (with CSE 176 Lecture 11; Kira, CS 7643) teaches what to do with a network that
+does not train: check the initial loss, overfit a tiny subset, find the learning rate with a range
+test, watch the update/weight ratio (about 1e-3), look at per-layer activation and gradient
+histograms, beware constant initialization, saturated sigmoid/tanh units and dead ReLUs,
+preprocess the data. `examine` runs all of it on a model, an optimizer and a dataset and returns a
+`Report` whose `Finding` s say what was measured (the numbers, the layer names), how bad it is and
+what to do.
 
 The checks (ids fixed, so that tools and tests can rely on them; docs/doctor.md gives each one's
 source in the notes, its thresholds and why):
@@ -238,38 +239,39 @@ def examine(
     params=None,
     model_state=None,
 ) -> Report:
-    """Run seed 004's training recipe on ``model``, ``optimizer`` and ``train = (x, y)``.
+    """Run the training recipe (Sarkar, CS60010) on ``model``, ``optimizer`` and ``train = (x, y)``.
 
     Returns a `Report` with one `Finding` per check in ``checks`` (default: all of `CHECKS`):
 
-    - ``data`` (seed 001): NaN/Inf inputs or labels outside the model's C classes fail; inputs
-      with |mean| > 1 or std outside [0.1, 10], a class with < 0.2 x the median count, or >= 1%
-      of the validation set repeated from train warn. Later checks use only the finite,
+    - ``data`` (CSE 176 Lecture 11): NaN/Inf inputs or labels outside the model's C classes fail;
+      inputs with |mean| > 1 or std outside [0.1, 10], a class with < 0.2 x the median count, or
+      >= 1% of the validation set repeated from train warn. Later checks use only the finite,
       in-range examples.
-    - ``initial_loss`` (seed 004): loss at init vs ``ln C``; warn when the ratio is off by more
-      than 25%, fail when it leaves [0.5, 3].
-    - ``gradient_check`` (seeds 000, 003): autodiff vs central differences
+    - ``initial_loss`` (Sarkar, CS60010): loss at init vs ``ln C``; warn when the ratio is off by
+      more than 25%, fail when it leaves [0.5, 3].
+    - ``gradient_check`` (Tips and Tricks notes; Kira, CS 7643): autodiff vs central differences
       ``(L(t + e) - L(t - e)) / 2e`` in float64 (e = 1e-6) on 3 random and the 3 largest entries
       of every parameter array, 16 examples; per entry ``|g_ad - g_fd| / (|g_ad| + |g_fd|)``;
       fail when most entries of an array exceed 1e-4 (naming it).
-    - ``symmetry`` (seed 003, seed 000): >= 10% of a layer's units identical (relative distance
-      <= 1e-3) at init and still after the probe run fails.
-    - ``overfit`` (seed 004): ``overfit_size`` examples, up to ``overfit_steps`` steps of the
-      configured optimizer; eval-mode training accuracy >= 99% ok, < 90% fail.
-    - ``learning_rate`` (seed 004; Smith 2017): ``range_steps`` steps with the optimizer's update
-      multiplied by ``m_k`` growing geometrically over ``range_multipliers``; fail when the loss
-      diverges at ``m <= 1``, warn when the suggestion (a tenth of the rate at the smoothed
+    - ``symmetry`` (Kira, CS 7643; Tips and Tricks notes): >= 10% of a layer's units identical
+      (relative distance <= 1e-3) at init and still after the probe run fails.
+    - ``overfit`` (Sarkar, CS60010): ``overfit_size`` examples, up to ``overfit_steps`` steps of
+      the configured optimizer; eval-mode training accuracy >= 99% ok, < 90% fail.
+    - ``learning_rate`` (Sarkar, CS60010; Smith 2017): ``range_steps`` steps with the optimizer's
+      update multiplied by ``m_k`` growing geometrically over ``range_multipliers``; fail when the
+      loss diverges at ``m <= 1``, warn when the suggestion (a tenth of the rate at the smoothed
       loss's minimum) is >= 100 x or the loss falls nowhere (the range is then extended once).
-    - ``update_ratio`` (seed 004): median per-layer ``||u|| / ||theta||`` over the second half of
-      a ``steps``-step probe run; warn outside [1e-4, 1e-2].
-    - ``activations`` (seeds 001, 003, 004): at init and after the probe, dead ReLU units (never
-      positive on ``inspect_size`` examples; warn > 25%, fail > 50% at init), saturated
-      sigmoid/tanh outputs (warn > 10%, fail > 50%), pre-activation std of the last hidden layer
-      vs the first beyond 100x (warn).
-    - ``gradients`` (seeds 000, 004): NaN/Inf gradients fail; RMS gradient of the first layer vs
-      the last beyond 1e2 warns, beyond 1e4 (or a layer with exactly zero gradient) fails.
-    - ``batchnorm`` (seed 001): after the probe, ``(L_eval - L_train) / L_train`` above 0.5 warns,
-      above 2 fails.
+    - ``update_ratio`` (Sarkar, CS60010): median per-layer ``||u|| / ||theta||`` over the second
+      half of a ``steps``-step probe run; warn outside [1e-4, 1e-2].
+    - ``activations`` (CSE 176 Lecture 11; Kira, CS 7643; Sarkar, CS60010): at init and after the
+      probe, dead ReLU units (never positive on ``inspect_size`` examples; warn > 25%, fail > 50%
+      at init), saturated sigmoid/tanh outputs (warn > 10%, fail > 50%), pre-activation std of the
+      last hidden layer vs the first beyond 100x (warn).
+    - ``gradients`` (Tips and Tricks notes; Sarkar, CS60010): NaN/Inf gradients fail; RMS gradient
+      of the first layer vs the last beyond 1e2 warns, beyond 1e4 (or a layer with exactly zero
+      gradient) fails.
+    - ``batchnorm`` (CSE 176 Lecture 11): after the probe, ``(L_eval - L_train) / L_train``
+      above 0.5 warns, above 2 fails.
 
     ``loss_fn(params, model_state, (x, y), key, train=...) -> (loss, (model_state, aux))``
     defaults to ``supervised_loss(model)`` (a wrapper with ``.model``, e.g. the CLI's
@@ -279,10 +281,35 @@ def examine(
     Thresholds: `THRESHOLDS`; each one's source and reason: docs/doctor.md. Every run starts from
     the same initialization (``seed``) with a fresh optimizer state.
 
-    Example::
+    Args:
+      model, optimizer: what `jaxdl.fit` would train.
+      train, validation: ``(x, y)`` arrays (``validation`` optional).
+      loss_fn, learning_rate, checks, params, model_state: above.
+      batch_size, seed, steps, overfit_size, overfit_steps, range_steps, range_multipliers,
+        inspect_size: the sizes of the probe runs (above).
+
+    Returns:
+      A `Report`: ``report.ok``, ``report[check]`` (a `Finding`), ``report.summary()``,
+      ``report.write(folder)``.
+
+    Source: Sarkar, CS60010 (Training); CSE 176 Lecture 11; Kira, CS 7643; Tips and Tricks
+    notes; Smith 2017 (the range test).
+
+    The whole recipe on a real model::
 
         report = jaxdl.doctor.examine(jaxdl.models.mlp(10), jaxdl.adam(1e-3), (x, y))
         print(report.summary()); report.write("runs/doctor")
+
+    Two cheap checks on a toy problem:
+
+    >>> import numpy as np
+    >>> import jaxdl as dl
+    >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> model = dl.layers.Dense(2, w_init=dl.init.normal(0.01))  # small weights: loss ~ ln 2
+    >>> report = examine(model, dl.sgd(0.1), (x, y), batch_size=16, checks=("data", "initial_loss"))
+    >>> [(f.check, f.severity) for f in report.findings]
+    [('data', 'ok'), ('initial_loss', 'ok')]
     """
     t0, c0 = time.perf_counter(), time.process_time()
     checks = tuple(checks)

@@ -20,6 +20,7 @@ from jaxdl.diagnostics import initial_loss_check
 from jaxdl.doctor.probe import Run, cached, layer_groups, path_name, to_numpy
 from jaxdl.doctor.report import THRESHOLDS, Finding, layer_kind
 from jaxdl.losses import binary_cross_entropy, mse
+from jaxdl.transforms import schedule_free_eval_params
 
 __all__ = ["RUNNERS"]
 
@@ -63,7 +64,7 @@ def _check_data(run: Run) -> Finding:
             )
             advice.append(
                 "preprocess: subtract the mean and divide by the std, fitted on the training "
-                "split (jaxdl.data.fit_standardization / standardize; seed 001)"
+                "split (jaxdl.data.fit_standardization / standardize; CSE 176 Lecture 11)"
             )
     counts = np.bincount(y[in_range], minlength=C)
     ev["class_counts"] = counts.tolist()
@@ -151,8 +152,8 @@ def _check_initial_loss(run: Run) -> Finding:
     )
     if ratio > 1:
         advice = (
-            "the initial outputs are confidently wrong: scale the initial weights down (Xavier/He, "
-            "seed 003) or normalize the inputs (seed 001)"
+            "the initial outputs are confidently wrong: scale the initial weights down (Xavier/He; "
+            "Kira, CS 7643) or normalize the inputs (CSE 176 Lecture 11)"
         )
     else:
         advice = (
@@ -334,7 +335,7 @@ def _check_symmetry(run: Run) -> Finding:
             "symmetry",
             "fail",
             "units start identical and stay identical in " + ", ".join(bad),
-            "initialize the weights randomly (He for ReLU, Xavier for tanh; seed 003: constant "
+            "initialize the weights randomly (He for ReLU, Xavier for tanh; Kira, CS 7643: constant "
             "initialization is degenerate, every unit gets the same gradient)",
             ev,
         )
@@ -345,7 +346,7 @@ def _check_symmetry(run: Run) -> Finding:
             "units start identical in "
             + ", ".join(noisy)
             + "; only noise (e.g. dropout) told them apart during the probe run",
-            "initialize the weights randomly (He/Xavier, seed 003)",
+            "initialize the weights randomly (He/Xavier; Kira, CS 7643)",
             ev,
         )
     return Finding(
@@ -369,7 +370,8 @@ def _check_overfit(run: Run) -> Finding:
     accs = []
 
     def done(state):
-        accs.append(float(predict(state.params, state.model_state, xs, ys)))
+        params = schedule_free_eval_params(state.opt_state, state.params)
+        accs.append(float(predict(params, state.model_state, xs, ys)))
         return accs[-1] >= t["overfit_ok"]
 
     _, met = run.train(idx, stop=done)
@@ -390,9 +392,9 @@ def _check_overfit(run: Run) -> Finding:
     severity = "ok" if acc >= t["overfit_ok"] else "warn" if acc >= t["overfit_fail"] else "fail"
     advice = (
         (
-            "a model that cannot overfit a few dozen examples has a bug, too little capacity or a broken "
-            "optimization (seed 004): look at the other findings (learning rate, symmetry, dead units, "
-            "gradients) before any hyperparameter search"
+            "a model that cannot overfit a few dozen examples has a bug, too little capacity or a "
+            "broken optimization (Sarkar, CS60010): look at the other findings (learning rate, "
+            "symmetry, dead units, gradients) before any hyperparameter search"
         )
         if severity != "ok"
         else ""
@@ -497,7 +499,7 @@ def _check_learning_rate(run: Run) -> Finding:
             "learning_rate",
             "fail",
             base + ": the configured rate is past the divergence point",
-            f"lower the learning rate to {fix} (seed 004: loss exploding means the rate is too high)",
+            f"lower the learning rate to {fix} (Sarkar, CS60010: loss exploding means the rate is too high)",
             ev,
         )
     if m_sugg is None:
@@ -506,7 +508,7 @@ def _check_learning_rate(run: Run) -> Finding:
             "warn",
             base + f", even at {hi:g} x the configured rate",
             "the rate is far too low, or nothing can learn (see overfit, symmetry, gradients): "
-            "raise the learning rate by orders of magnitude (seed 004: loss not going down means "
+            "raise the learning rate by orders of magnitude (Sarkar, CS60010: loss not going down means "
             "the rate is too low)",
             ev,
         )
@@ -515,7 +517,7 @@ def _check_learning_rate(run: Run) -> Finding:
             "learning_rate",
             "warn",
             base + f": the configured rate is {m_sugg:.0f}x below the suggestion",
-            f"raise the learning rate towards {m_sugg * lr:.2g} (seed 004: a loss that "
+            f"raise the learning rate towards {m_sugg * lr:.2g} (Sarkar, CS60010: a loss that "
             "does not go down means the rate is too low)",
             ev,
         )
@@ -544,7 +546,7 @@ def _check_update_ratio(run: Run) -> Finding:
             "above ~1e-2 the layer is rewritten every step: lower the learning rate"
             if high
             else "below ~1e-4 the layer barely moves: raise the learning rate"
-        ) + " (seed 004: want ~1e-3)"
+        ) + " (Sarkar, CS60010: want ~1e-3)"
         return Finding(
             "update_ratio",
             "warn",
@@ -611,10 +613,11 @@ def _check_activations(run: Run) -> Finding:
                         f"{s0:.3g} ({pre[0]}) to {s1:.3g} ({pre[-1]}) {label}"
                     )
     advice = (
-        "dead ReLUs: a negative bias or too high a learning rate pushed them off (seed 003/001: use "
-        "He init, zero biases, a lower rate or leaky ReLU); saturated sigmoid/tanh: the weights are too "
-        "large (seed 003: Xavier init; seed 001: prefer ReLU); shrinking/growing scales: use the "
-        "fan-in-scaled init of the activation (Xavier/He) or BatchNorm"
+        "dead ReLUs: a negative bias or too high a learning rate pushed them off (Kira, CS 7643; "
+        "CSE 176 Lecture 11: use He init, zero biases, a lower rate or leaky ReLU); saturated "
+        "sigmoid/tanh: the weights are too large (Kira, CS 7643: Xavier init; CSE 176 Lecture 11: "
+        "prefer ReLU); shrinking/growing scales: use the fan-in-scaled init of the activation "
+        "(Xavier/He) or BatchNorm"
     )
     if fails:
         return Finding("activations", "fail", "; ".join(fails + warns), advice, ev)
@@ -663,7 +666,7 @@ def _check_gradients(run: Run) -> Finding:
             f"non-finite gradients: {ev['nonfinite_at_init']} NaN/Inf entries at "
             f"init, {skipped} of {run.steps} probe steps with a NaN/Inf loss or gradient",
             "find the first NaN: the inputs, a log/sqrt/division without a guard, or a "
-            "divergent learning rate (gradient clipping bounds the step, seed 004)",
+            "divergent learning rate (gradient clipping bounds the step; Sarkar, CS60010)",
             ev,
         )
     names = list(rms)
@@ -684,8 +687,9 @@ def _check_gradients(run: Run) -> Finding:
     kind = "vanish towards the input" if ratio < 1 else "explode towards the input"
     advice = (
         (
-            f"the gradients {kind} (seed 000/003: a product of per-layer Jacobians): use Xavier/He init, "
-            "ReLU instead of saturating units, BatchNorm, or gradient clipping for explosions (seed 004); "
+            f"the gradients {kind} (Tips and Tricks notes; Kira, CS 7643: a product of per-layer "
+            "Jacobians): use Xavier/He init, ReLU instead of saturating units, BatchNorm, or gradient "
+            "clipping for explosions (Sarkar, CS60010); "
             "a layer with exactly zero gradient is cut off (dead or symmetric units)"
         )
         if sev != "ok"
@@ -712,10 +716,10 @@ def _check_batchnorm(run: Run) -> Finding:
     sev = "fail" if not gap <= t["batchnorm_fail"] else "warn" if gap > t["batchnorm_warn"] else "ok"
     advice = (
         (
-            "the running statistics do not describe the activations the model was trained on (seed 001: at "
-            "test time BatchNorm uses running averages): check BatchNorm's momentum (weight of the old "
-            "value, e.g. 0.9; 1.0 never updates), use larger batches, or train longer before "
-            "evaluating"
+            "the running statistics do not describe the activations the model was trained on "
+            "(CSE 176 Lecture 11: at test time BatchNorm uses running averages): check BatchNorm's "
+            "momentum (weight of the old value, e.g. 0.9; 1.0 never updates), use larger batches, "
+            "or train longer before evaluating"
         )
         if sev != "ok"
         else ""

@@ -95,6 +95,18 @@ def estimate_learning_rate(optimizer: optax.GradientTransformation, params) -> f
     so this probe is the best general answer; pass ``learning_rate=`` to `examine` to override.
     It only labels the figures: the range test's verdict is in multiples of the optimizer's own
     step and does not depend on it.
+
+    Args:
+      optimizer: an optax ``GradientTransformation``.
+      params: a parameter tree (only its shapes and dtypes count).
+
+    Returns:
+      ``lr_hat``, a float.
+
+    >>> import jax.numpy as jnp
+    >>> import jaxdl as dl
+    >>> round(estimate_learning_rate(dl.adam(3e-4), {"w": jnp.zeros(3)}), 6)
+    0.0003
     """
     return float(jax.jit(_unit_step, static_argnums=0)(optimizer, params))
 

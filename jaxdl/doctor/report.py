@@ -45,7 +45,7 @@ SEVERITIES = ("ok", "warn", "fail")
 
 # Every threshold in one place; docs/doctor.md says where each comes from.
 THRESHOLDS: dict[str, float] = {
-    "data_mean": 1.0,  # warn when |mean of the inputs| exceeds this (seed 001: centre)
+    "data_mean": 1.0,  # warn when |mean of the inputs| exceeds this (CSE 176 Lecture 11: centre)
     "data_std_low": 0.1,  # warn when the inputs' std is outside [low, high] (unit scale)
     "data_std_high": 10.0,
     "data_rare_class": 0.2,  # warn when a class has fewer than this x the median count
@@ -81,7 +81,15 @@ _ACTIVATION_KINDS = ("relu", "sigmoid", "tanh", "leakyrelu", "prelu", "elu", "ma
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One check's verdict: ``severity`` ("ok", "warn", "fail"), what was measured (``message``),
-    what to change (``advice``) and the numbers behind it (``evidence``, JSON-able)."""
+    what to change (``advice``) and the numbers behind it (``evidence``, JSON-able).
+
+    Args:
+      check: one of `CHECKS`.
+      severity: ``"ok"``, ``"warn"`` or ``"fail"``.
+      message: what was measured.
+      advice: what to change (empty when ok).
+      evidence: the numbers, JSON-able.
+    """
 
     check: str
     severity: str

@@ -1,6 +1,6 @@
 """Data parallelism: placement on devices, data-parallel train steps, one-bit exchange, HLO bytes.
 
-Data parallelism (seed 001): "split minibatch into chunks & distribute to GPUs/nodes": D devices
+Data parallelism (CSE 176 Lecture 11): "split minibatch into chunks & distribute to GPUs/nodes": D devices
 hold the same parameters, each takes the gradient of its chunk's mean loss, and the mean of
 the D gradients is the gradient of the global batch, so D devices take the step one device
 would take on it. One module per concept:

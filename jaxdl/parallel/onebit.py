@@ -104,7 +104,7 @@ def onebit_allreduce(
       ``u = sign(sum_d sign(g_d))`` (0 on a tie); no scales, no residual. Use with a small ``lr``
       (e.g. ``sgd(1e-3)``), as signSGD.
 
-    ``optimizer`` then turns ``u`` into the update, as it would the full-precision mean (seed 004
+    ``optimizer`` then turns ``u`` into the update, as it would the full-precision mean (Sarkar, CS60010
     calls one-bit gradients "extreme clipping"). Here ``sign(x)`` is +1 or -1 by the IEEE sign
     bit (`pack_signs`), so +0 counts as positive. The bytes a device sends per step are
     ``4*sum_i ceil(n_i/32) + 4*(L+1)`` for L leaves of n_i elements (``... + 4`` with majority

@@ -173,7 +173,7 @@ def check_divisible(owner: str, batch_size: int, num_devices: int, what: str = "
 
 
 def shard_batch(batch, num_devices: int | None = None):
-    """Split every leaf ``(B, ...)`` into ``(D, B / D, ...)``: the pmap layout (seed 001: "split
+    """Split every leaf ``(B, ...)`` into ``(D, B / D, ...)``: the pmap layout (CSE 176 Lecture 11: "split
     minibatch into chunks & distribute to GPUs").
 
     ``num_devices`` (D) defaults to `jax.local_device_count()`, as in `flax.training.common_utils.shard`.
@@ -281,10 +281,9 @@ def _fsdp_spec(shape, n: int, axis: str, min_size: int) -> P:
 def fsdp_shardings(tree, mesh: Mesh, axis_name: str | None = None, *, min_size: int = FSDP_MIN_SIZE):
     """The `NamedSharding` of every leaf of a state under fully sharded data parallelism (FSDP).
 
-    ZeRO stage 3 (Rajbhandari et al. 2020, "ZeRO: Memory optimizations toward training trillion
-    parameter models"): instead of a copy of every parameter, optimizer moment and EMA on each of
-    the D devices of the data axis, each device keeps 1/D of each. The rule, by shape alone (so
-    a parameter, its Adam moments and its EMA always get the same layout):
+    ZeRO stage 3: instead of a copy of every parameter, optimizer moment and EMA on each of the
+    D devices of the data axis, each device keeps 1/D of each. The rule, by shape alone (so a
+    parameter, its Adam moments and its EMA always get the same layout):
 
     * a leaf of at least ``min_size`` elements (default `FSDP_MIN_SIZE`, 4096) is split along
       its largest dimension that D divides (the first of equal sizes): ``P(None, .., axis)``;
@@ -302,6 +301,8 @@ def fsdp_shardings(tree, mesh: Mesh, axis_name: str | None = None, *, min_size: 
     Returns:
       A pytree like ``tree`` whose leaves are `jax.sharding.NamedSharding` (usable as
       ``jax.jit``'s ``in_shardings`` or with ``jax.device_put``).
+
+    Source: Rajbhandari et al. 2020.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxdl.parallel import data_mesh, fsdp_shardings

@@ -1,6 +1,6 @@
 """Data-parallel train steps: `jax.pmap`, `jax.shard_map`, and a scan-fused sharded loop.
 
-Data parallelism (seed 001): "split minibatch into chunks & distribute to GPUs/nodes". Every
+Data parallelism (CSE 176 Lecture 11): "split minibatch into chunks & distribute to GPUs/nodes". Every
 device holds the same parameters, computes the gradient of the mean loss on its chunk, and the
 devices average their gradients, so that with equal chunks
 
@@ -20,7 +20,6 @@ statistics, so D devices take the single-device step on the global batch.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -46,15 +45,16 @@ from jaxdl.parallel.placement import (
 )
 from jaxdl.precision import with_policy
 from jaxdl.train_step import (
+    StepOptions,
     TrainState,
     accepts_train,
     check_batch,
     check_state,
     remat_loss,
+    resolve_options,
     scan_steps,
     step_body_with_norm,
     step_key,
-    step_options,
 )
 
 __all__ = ["make_pmap_train_step", "make_sharded_train_step", "make_sharded_train_loop"]
@@ -165,11 +165,13 @@ def make_pmap_train_step(
     axis_name: str = "batch",
     *,
     devices=None,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     precision=None,
     micro_batches: int = 1,
     loss_scale=None,
     ema=None,
+    remat: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """A `jax.pmap` ``step(state, batch) -> (state, metrics)`` over the local devices.
 
@@ -180,7 +182,7 @@ def make_pmap_train_step(
     .. math:: g = \\frac{1}{D}\\sum_d \\nabla \\bar L(B_d) = \\nabla \\bar L(B)
               \\quad (|B_d| = |B|/D)
 
-    (seed 001's data parallelism), so the result equals `make_train_step` on the global batch
+    (CSE 176 Lecture 11's data parallelism), so the result equals `make_train_step` on the global batch
     when the model's `BatchNorm` layers have ``axis_name=axis_name`` (statistics of the global
     batch, identical running statistics on every device). A model whose state would differ
     across devices is refused at the first call. The state's key stays identical on all devices;
@@ -190,10 +192,24 @@ def make_pmap_train_step(
     leading device axis (equal values); ``step.lower(state, batch)`` gives the lowered program.
     `jax.pmap` is in maintenance mode since JAX 0.8: prefer `make_sharded_train_step`.
     ``precision``, ``micro_batches`` (per device: each shard is cut into K micro-batches),
-    ``loss_scale`` and ``ema`` as in `jaxdl.train_step.make_train_step`.
+    ``loss_scale``, ``ema`` and ``remat`` as in `jaxdl.train_step.make_train_step` (or ``options=
+    StepOptions(...)``; the pmap step does not donate, so ``donate=True`` there is refused).
     """
     owner = "make_pmap_train_step"
-    options = step_options(owner, precision, micro_batches, loss_scale, ema)
+    options = resolve_options(
+        owner,
+        options,
+        skip_nonfinite=skip_nonfinite,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+        remat=remat,
+    )
+    if options.donate:
+        raise ValueError(f"{owner}: options.donate=True, but the pmap step does not donate its state")
+    skip_nonfinite = options.skip_nonfinite
+    loss_fn = remat_loss(owner, loss_fn, options.remat)
     _check_exchange_axis(owner, optimizer, axis_name)
     devs = pick_devices(owner, devices, jax.local_devices())
     n = len(devs)
@@ -280,8 +296,8 @@ def _fsdp_body(loss_fn, optimizer, mesh, axis, skip_nonfinite, options, sharding
     global arrays with the data-parallel loss; the gradients are constrained to the params'
     layout (on XLA:CPU an all-reduce and a slice; a reduce-scatter where XLA fuses the two) so
     that the optimizer update and the EMA run on each device's part only."""
-    policy = None if options is None else options.policy
-    outer = None if options is None else dataclasses.replace(options, policy=None)
+    policy = options.policy
+    outer = options.replace(precision=None)  # the policy runs inside, per device
     dp_loss = _data_parallel_loss(loss_fn, mesh, axis, policy)
 
     def reduce_grads(args):
@@ -334,10 +350,8 @@ def _make_sharded(
     optimizer,
     mesh,
     axis_name,
-    skip_nonfinite,
-    donate,
     stacked,
-    options=None,
+    options: StepOptions,
     shard="replicate",
     min_size=FSDP_MIN_SIZE,
 ):
@@ -348,7 +362,10 @@ def _make_sharded(
     around the global step body (`_fsdp_body`). ``stacked=False``: one step, batch sharded
     ``P(axis)``. ``stacked=True``: `lax.scan` of that step over the leading axis of a block of
     K batches, sharded ``P(None, axis)``; the per-step metrics come back stacked, ``(K,)``.
+    ``options.remat`` wraps the loss's model (`remat_loss`).
     """
+    loss_fn = remat_loss(owner, loss_fn, options.remat)
+    skip_nonfinite, donate = options.skip_nonfinite, options.donate
     axis = data_axis(owner, mesh, axis_name)
     _check_exchange_axis(owner, optimizer, axis)
     fsdp = check_shard(owner, shard) == "fsdp"
@@ -418,6 +435,7 @@ def make_sharded_train_step(
     mesh: Mesh,
     *,
     axis_name: str | None = None,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -440,7 +458,7 @@ def make_sharded_train_step(
 
     .. math:: g = \\frac{1}{D}\\sum_d \\nabla \\bar L(B_d) = \\nabla \\bar L(B)
 
-    (seed 001's data parallelism), the same math as `make_pmap_train_step`, and the same result
+    (CSE 176 Lecture 11's data parallelism), the same math as `make_pmap_train_step`, and the same result
     as `make_train_step` on the global batch. Spans hosts when ``mesh`` does (every process runs
     the step with its `put_batch` part of the global batch; `jax.distributed.initialize`).
     Metrics are replicated scalars. A global batch that the data axis does not divide, or a model
@@ -448,7 +466,9 @@ def make_sharded_train_step(
     the `jax.stages.Lowered` program (e.g. for `collective_bytes`). ``precision``,
     ``micro_batches`` (per device: each device accumulates its shard's K micro-batches, then one
     all-reduce per optimizer step), ``loss_scale`` and ``ema`` as in
-    `jaxdl.train_step.make_train_step`.
+    `jaxdl.train_step.make_train_step`, as keywords or as ``options=StepOptions(...)``;
+    ``remat=True`` (or ``options.remat``): each layer's inner activations recomputed in the
+    backward pass (`jaxdl.train_step.remat_loss`).
 
     ``shard="fsdp"``: fully sharded data parallelism (ZeRO stage 3, Rajbhandari et al. 2020):
     the state lives split over the data axis as `fsdp_shardings` says (``min_shard_size``: its
@@ -461,22 +481,20 @@ def make_sharded_train_step(
     ``micro_batches=K`` the K micro-batches are cut from the global batch (as on one device,
     BatchNorm included) and each is split over the devices. A cross-device optimizer
     (`onebit_allreduce`) is refused. ``step.shardings(state)`` gives the layout.
-    ``remat=True``: each layer's inner activations recomputed in the backward pass
-    (`jaxdl.train_step.remat_loss`).
     """
-    options = step_options("make_sharded_train_step", precision, micro_batches, loss_scale, ema)
-    return _make_sharded(
+    options = resolve_options(
         "make_sharded_train_step",
-        remat_loss("make_sharded_train_step", loss_fn, remat),
-        optimizer,
-        mesh,
-        axis_name,
-        skip_nonfinite,
-        donate,
-        stacked=False,
-        options=options,
-        shard=shard,
-        min_size=min_shard_size,
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+        remat=remat,
+    )
+    return _make_sharded(
+        "make_sharded_train_step", loss_fn, optimizer, mesh, axis_name, False, options, shard, min_shard_size
     )
 
 
@@ -486,6 +504,7 @@ def make_sharded_train_loop(
     mesh: Mesh,
     *,
     axis_name: str | None = None,
+    options: StepOptions | None = None,
     skip_nonfinite: bool = True,
     donate: bool = False,
     precision=None,
@@ -513,20 +532,21 @@ def make_sharded_train_loop(
     an unplaced `PerDevice` state, or a model whose state would differ across devices (a
     `BatchNorm` without ``axis_name``) is an error. ``loop.lower(state, batches)`` gives the
     `jax.stages.Lowered` program; ``donate=True`` lets XLA reuse the old state's buffers.
-    ``precision``, ``micro_batches``, ``loss_scale``, ``ema``, ``shard``, ``min_shard_size`` and
-    ``remat`` as in `make_sharded_train_step`.
+    ``precision``, ``micro_batches``, ``loss_scale``, ``ema``, ``remat`` (or
+    ``options=StepOptions(...)``), ``shard`` and ``min_shard_size`` as in
+    `make_sharded_train_step`.
     """
-    options = step_options("make_sharded_train_loop", precision, micro_batches, loss_scale, ema)
-    return _make_sharded(
+    options = resolve_options(
         "make_sharded_train_loop",
-        remat_loss("make_sharded_train_loop", loss_fn, remat),
-        optimizer,
-        mesh,
-        axis_name,
-        skip_nonfinite,
-        donate,
-        stacked=True,
-        options=options,
-        shard=shard,
-        min_size=min_shard_size,
+        options,
+        skip_nonfinite=skip_nonfinite,
+        donate=donate,
+        precision=precision,
+        micro_batches=micro_batches,
+        loss_scale=loss_scale,
+        ema=ema,
+        remat=remat,
+    )
+    return _make_sharded(
+        "make_sharded_train_loop", loss_fn, optimizer, mesh, axis_name, True, options, shard, min_shard_size
     )
