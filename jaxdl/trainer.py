@@ -28,6 +28,8 @@ What one `fit` call does (docs/design.md has the path of one batch):
   holds the state and the host-side bookkeeping (the epoch's running metric sums, the
   early-stopping record), so ``resume=True`` after a kill, at any point, ends in bitwise the same
   state and history as the uninterrupted run.
+- SIGTERM or SIGINT finishes the block in flight, saves a checkpoint and raises
+  `jaxdl.Preempted` (exit status 143 or 130; `jaxdl.preemption`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -71,6 +74,7 @@ from jaxdl.callbacks import tensorboard_writer as _tensorboard_writer  # noqa: F
 from jaxdl.losses import IGNORE_INDEX
 from jaxdl.nnx import as_layer
 from jaxdl.precision import get_policy
+from jaxdl.preemption import Preempted, catch_signals
 from jaxdl.train_step import (
     StepOptions,
     SupervisedLoss,
@@ -967,6 +971,13 @@ def fit(
       returns True stops training). They run after fit's own (progress bar, metrics.jsonl,
       TensorBoard, early stopping) and before the checkpoint; a callback's ``state_dict()`` is
       saved in every checkpoint, so ``resume=True`` stays bitwise.
+    - Preemption (`jaxdl.preemption`): while fit runs in the main thread, SIGTERM or SIGINT
+      (Ctrl-C) makes it finish the block of steps in flight, save a checkpoint of that step
+      (with ``out_dir``), print one line saying so and how to continue (to ``log``, default
+      stderr), and raise `jaxdl.Preempted`: a `SystemExit` with ``code`` 143 (SIGTERM) or 130
+      (SIGINT), so a script that does not catch it exits with that status and no traceback.
+      ``resume=True`` then ends bitwise as the uninterrupted run. A second signal raises at
+      once; a save it interrupts is abandoned and the checkpoint before stays the newest.
     - ``config``: a `FitConfig` holding the options above (``epochs`` to ``compile_cache``)
       instead of the keywords.
 
@@ -1017,11 +1028,31 @@ def fit(
     stopping = [EarlyStopping(config.early_stopping)] if config.early_stopping else []
     stateful = list(CallbackList(own + stopping + users).states())[len(stopping) :]  # the user's
     record = _fit_record(engine, model, optimizer, state, initial_params, stateful)
-    if config.out_dir is None:
-        return engine.run(state, own + stopping + users, None)
     if config.resume and os.path.isfile(os.path.join(config.out_dir, "fit_config.json")):
         _check_same_config(config.out_dir, record)
-    return _run_in_folder(engine, state, record, own, stopping + users)
+    try:
+        if config.out_dir is None:
+            return engine.run(state, own + stopping + users, None)
+        return _run_in_folder(engine, state, record, own, stopping + users)
+    except Preempted as stop:
+        stop.message = _preempted_line(stop, config.out_dir)
+        (log or (lambda line: print(line, file=sys.stderr, flush=True)))(stop.message)
+        raise
+
+
+def _preempted_line(stop: Preempted, out_dir: str | None) -> str:
+    """The one line `fit` prints when a signal ended it: what was saved and how to continue."""
+    name = signal.Signals(stop.signum).name
+    if out_dir is None:
+        return f"fit: interrupted by {name}; nothing saved (no out_dir), the run cannot be resumed"
+    where = os.path.join(out_dir, "checkpoints")
+    again = "to continue, run it again with resume=True (jaxdl train: the same command with --resume)"
+    if stop.step is None:
+        return (
+            f"fit: interrupted by a second {name} during the save: the save was abandoned and the "
+            f"newest complete checkpoint in {where} is kept; {again}"
+        )
+    return f"fit: interrupted by {name} at step {stop.step}: checkpoint saved in {where}; {again}"
 
 
 def _run_in_folder(engine: "_Engine", state, record: dict, first: list, rest: list) -> FitResult:
@@ -1096,16 +1127,28 @@ class _Engine(NamedTuple):
         callback's stop: the loop of `fit`."""
         hooks = CallbackList(callbacks)
         run, resumed, history = self._start(state, hooks, outputs)
-        step = int(run.state.step)
+        step, total = int(run.state.step), self.config.epochs * self.steps_per_epoch
         hooks.call("on_train_begin", self._loop(run, step, hooks, resumed))
-        try:
-            while step < self.config.epochs * self.steps_per_epoch and not hooks.stop:
-                run, step, record = self._epoch(run, step, hooks, resumed)
-                if record is not None:
-                    history.append(record)
-        finally:
-            hooks.call("on_train_end", self._loop(run, step, hooks, resumed))
+        with catch_signals() as signals:
+            try:
+                while step < total and not hooks.stop:
+                    run, step, record = self._epoch(run, step, hooks, resumed, signals)
+                    if record is not None:
+                        history.append(record)
+                    if signals.signum is not None and step < total and not hooks.stop:
+                        self._preempt(run, step, hooks, resumed, outputs, signals.signum)
+            finally:
+                hooks.call("on_train_end", self._loop(run, step, hooks, resumed))
         return self._result(run, history, step, hooks.stop, resumed)
+
+    def _preempt(self, run: Run, step: int, hooks: CallbackList, resumed, outputs, signum: int):
+        """After a SIGTERM or SIGINT (`jaxdl.preemption`): save the checkpoint of ``step`` (with
+        ``outputs``; an epoch end is saved already) and raise `Preempted`."""
+        saved = None
+        if outputs is not None:
+            outputs.manager.save(step, self._loop(run, step, hooks, resumed).checkpoint(), force=True)
+            saved = step
+        raise Preempted(signum, saved)
 
     def _start(self, state: TrainState, hooks: CallbackList, outputs: _Outputs | None):
         """``(run, resumed_from_step, history)``: a fresh `Run`, or with ``outputs`` the newest good
@@ -1147,9 +1190,10 @@ class _Engine(NamedTuple):
         progress = run.progress._replace(stopped=np.array(int(stop), np.int64))
         return run._replace(progress=progress, callbacks={"EarlyStopping_0": state})
 
-    def _epoch(self, run: Run, step: int, hooks: CallbackList, resumed):
+    def _epoch(self, run: Run, step: int, hooks: CallbackList, resumed, signals=None):
         """The rest of the epoch at ``step``, block by block, then its record: ``(run, step,
-        record)``; record None when a callback stopped the run inside the epoch."""
+        record)``; record None when a callback stopped the run inside the epoch, or a signal
+        came (``signals``: a `jaxdl.preemption.catch_signals`) before its last block."""
         S = self.steps_per_epoch
         epoch, start = divmod(step, S)
         t_epoch = time.perf_counter()
@@ -1163,6 +1207,8 @@ class _Engine(NamedTuple):
             if hooks.call(
                 "on_block_end", step, metrics, self._loop(run, step, hooks, resumed, running, seconds)
             ):
+                return run, step, None
+            if signals is not None and signals.signum is not None and step % S:
                 return run, step, None
         record = self._record(run, epoch, step, start, time.perf_counter() - t_epoch)
         run = self._end_epoch(run, epoch + 1, record.get("val_loss"))

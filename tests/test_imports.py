@@ -27,6 +27,7 @@ ORDER = [
     "jaxdl.data",
     "jaxdl.checkpoint",
     "jaxdl.callbacks",
+    "jaxdl.preemption",
     "jaxdl.layers",
     "jaxdl.nnx",
     "jaxdl.models",
