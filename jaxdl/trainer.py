@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from jaxdl import compile_cache as _compile_cache
-from jaxdl import data
+from jaxdl import data, sources
 from jaxdl._checks import (
     check_int,
     check_labels,
@@ -221,7 +221,11 @@ def chunk_bounds(
 
 
 def _arrays(name: str, split, owner: str = "fit") -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` of a `jaxdl.data.Split` or a pair of arrays, as host numpy arrays of numbers."""
+    """``(x, y)`` of a `jaxdl.data.Split` or a pair of arrays, as host numpy arrays of numbers;
+    of a random-access source (for ``owner`` fit), its lazy `jaxdl.sources.ExampleView`s."""
+    if owner == "fit" and sources.is_source(split):
+        examples = sources.Examples(split, name, owner)
+        return examples.x, examples.y
     if isinstance(split, data.Split):
         x, y = split.x, split.y
     elif isinstance(split, (tuple, list)) and len(split) == 2:
@@ -230,8 +234,9 @@ def _arrays(name: str, split, owner: str = "fit") -> tuple[np.ndarray, np.ndarra
         shown = (
             f"a {type(split).__name__} of {len(split)} items" if isinstance(split, (tuple, list)) else None
         )
+        source = ", a random-access source of (x, y) examples" if owner == "fit" else ""
         raise TypeError(
-            f"{owner}: {name} must be (x, y) arrays or a jaxdl.data.Split, got "
+            f"{owner}: {name} must be (x, y) arrays{source} or a jaxdl.data.Split, got "
             f"{shown or type(split).__name__}"
         )
     check_numeric(owner, f"{name} x", x)
@@ -255,8 +260,9 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
     or of a sequence model (outputs (T, C), targets (N, T)) are checked on the host to lie in
     ``[0, C)`` or be the ignored target `IGNORE_INDEX` (`check_labels`).
     """
+    head = (x[:EVAL_BATCH], y[:EVAL_BATCH])  # a source's examples are read (and checked) here
     try:
-        jax.eval_shape(eval_step, _eval_state(state), (x[:EVAL_BATCH], y[:EVAL_BATCH]))
+        jax.eval_shape(eval_step, _eval_state(state), head)
         out = jax.eval_shape(
             lambda p, s, xb: model.apply(p, s, xb)[0],
             state.params,
@@ -268,7 +274,10 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
             raise
         raise type(err)(f"{owner}: {name}: {err}") from None
     if np.issubdtype(y.dtype, np.integer) and len(out.shape) >= 2 and y.shape[1:] == out.shape[1:-1]:
-        check_labels(y, out.shape[-1], owner, f"{name} labels", ignore_index=IGNORE_INDEX)
+        if isinstance(y, sources.ExampleView):  # a source's labels are checked as they are read
+            y.examples.num_classes = out.shape[-1]
+        else:
+            check_labels(y, out.shape[-1], owner, f"{name} labels", ignore_index=IGNORE_INDEX)
 
 
 def _eval_state(state: TrainState) -> TrainState:
@@ -570,6 +579,8 @@ def _describe(obj) -> str:
 
 
 def _digest(*arrays) -> str:
+    if isinstance(arrays[0], sources.ExampleView):
+        return arrays[0].examples.fingerprint()
     h = hashlib.sha256()
     for a in arrays:
         h.update(str((a.shape, a.dtype.str)).encode())
@@ -1199,7 +1210,7 @@ class _Engine(NamedTuple):
         t_epoch = time.perf_counter()
         bounds = chunk_bounds(epoch, S, self.block_size, self.checkpoint_every, start)
         order = self._batch_order(epoch)
-        blocks = ((self.x[order[a:b]], self.y[order[a:b]]) for a, b in bounds)
+        blocks = sources.blocks(self.x, self.y, order, bounds)
         for batches in data.prefetch_to_device(blocks, device=self.loop_parts[2]):
             run, metrics, seconds = self._train_block(run, batches)
             step += len(metrics["loss"])

@@ -358,9 +358,15 @@ FIT_SCRIPT = textwrap.dedent("""
     import numpy as np
     import jaxdl as dl
     ds = dl.data.load_dataset("digits")
-    result = dl.fit(dl.models.mlp(10, depth=1, width=64, dropout=0.2), dl.adam(3e-3), ds.train,
+    class Source:  # a random-access source of (x, y) examples, read one by one
+        def __len__(self):
+            return len(ds.train.y)
+        def __getitem__(self, i):
+            return ds.train.x[i], ds.train.y[i]
+    train = Source() if "--source" in sys.argv else ds.train
+    result = dl.fit(dl.models.mlp(10, depth=1, width=64, dropout=0.2), dl.adam(3e-3), train,
                     validation=ds.val, epochs=3, batch_size=32, augment=1, out_dir=sys.argv[1],
-                    resume=len(sys.argv) > 2, checkpoint_every=15, block_size=5, progress=False)
+                    resume="--resume" in sys.argv, checkpoint_every=15, block_size=5, progress=False)
     np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in dl.jax.tree.leaves(result.state.params)])
     print(json.dumps({"resumed": result.resumed_from_step, "history": result.history}))
 """).replace("dl.jax", "__import__('jax')")
@@ -388,7 +394,7 @@ def saved_steps(checkpoints) -> list[int]:
 
 
 @pytest.mark.slow
-def test_fit_preempted_then_killed_midway_resumes_to_bitwise_the_same_state_and_history(
+def test_fit_preempted_then_killed_midway_resumes_to_bitwise_the_same_state_and_history_from_arrays_or_a_source(
     tmp_path, wait_for_first_checkpoint
 ):
     # The uninterrupted run goes first and writes every program it compiles to a compilation
@@ -396,12 +402,13 @@ def test_fit_preempted_then_killed_midway_resumes_to_bitwise_the_same_state_and_
     # it. A process writes only what it compiles, so the killed run writes nothing there and the
     # kill cannot tear a cache file. The second run is preempted (SIGTERM: it finishes its block,
     # saves, exits with 143), the third is SIGKILLed after a checkpoint past that, the fourth ends.
+    # The uninterrupted run reads arrays, the others a random-access source of the same examples.
     cache = str(tmp_path / "xla")
     whole = fit_process(str(tmp_path / "whole"), compile_cache=cache)
     out_w, err_w = whole.communicate(timeout=300)
     assert whole.returncode == 0, err_w[-2000:]
     run_dir = tmp_path / "run"
-    preempted = fit_process(str(run_dir), compile_cache=cache)
+    preempted = fit_process(str(run_dir), "--source", compile_cache=cache)
     wait_for_first_checkpoint(preempted, run_dir / "checkpoints")
     preempted.send_signal(signal.SIGTERM)
     _, err_p = preempted.communicate(timeout=300)
@@ -414,14 +421,14 @@ def test_fit_preempted_then_killed_midway_resumes_to_bitwise_the_same_state_and_
         "to continue, run it again with resume=True (jaxdl train: the same command with --resume)"
     )
 
-    killed = fit_process(str(run_dir), "--resume", compile_cache=cache)
+    killed = fit_process(str(run_dir), "--source", "--resume", compile_cache=cache)
     wait_for_first_checkpoint(killed, run_dir / "checkpoints", after=at)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
     assert not (run_dir / "final.npz").exists(), "killed too late: the run had finished"
 
-    resumed = fit_process(str(run_dir), "--resume", compile_cache=cache)
+    resumed = fit_process(str(run_dir), "--source", "--resume", compile_cache=cache)
     out_r, err_r = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err_r[-2000:]
     r, w = json.loads(out_r), json.loads(out_w)
@@ -533,9 +540,10 @@ def test_resume_with_another_configuration_is_refused_naming_what_differs(digits
         (
             dict(train="three"),
             TypeError,
-            r"fit: train must be \(x, y\) arrays or a jaxdl.data.Split, got a tuple of 3 items",
+            r"fit: train must be \(x, y\) arrays, a random-access source of \(x, y\) examples or a "
+            r"jaxdl.data.Split, got a tuple of 3 items",
         ),
-        (dict(train="dict"), TypeError, r"fit: train must be \(x, y\) arrays .*, got dict"),
+        (dict(train="dict"), TypeError, r"fit: train must be \(x, y\) arrays.*, got dict"),
         (
             dict(validation="negative_labels"),
             ValueError,
