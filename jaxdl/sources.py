@@ -74,25 +74,36 @@ class Examples:
             )
         return np.asarray(example[0]), np.asarray(example[1])
 
-    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Example ``i``, checked against example 0 (shape, dtype), finiteness and the labels."""
-        x, y = self._read(i)
-        where = f"{self.owner}: {self.name} example {i}"
+    def _check_spec(self, i: int, x: np.ndarray, y: np.ndarray) -> None:
         for what, a, shape, dtype in (("x", x, *self.spec[:2]), ("y", y, *self.spec[2:])):
             if a.shape != shape or a.dtype != dtype:
                 raise ValueError(
-                    f"{where}: {what} has shape {a.shape} and dtype {a.dtype}; expected shape {shape} "
-                    f"and dtype {dtype}, as example 0"
+                    f"{self.owner}: {self.name} example {i}: {what} has shape {a.shape} and dtype "
+                    f"{a.dtype}; expected shape {shape} and dtype {dtype}, as example 0"
                 )
-        if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
-            raise ValueError(f"{where}: x has NaN or Inf values; expected finite inputs")
+
+    def _check_values(self, flat: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> None:
+        """Finite inputs and labels in range over stacked examples (one vectorized pass each);
+        the first bad one is refused by its index."""
+        if np.issubdtype(xs.dtype, np.inexact):
+            finite = np.isfinite(xs.reshape(len(flat), -1)).all(axis=1)
+            if not finite.all():
+                i = flat[np.argmin(finite)]
+                raise ValueError(
+                    f"{self.owner}: {self.name} example {i}: x has NaN or Inf values; expected finite inputs"
+                )
         if self.num_classes is not None:
-            check_labels(y, self.num_classes, where, "labels", ignore_index=IGNORE_INDEX)
-        return x, y
+            labels = ys.reshape(len(flat), -1)
+            bad = ((labels < 0) | (labels >= self.num_classes)) & (labels != IGNORE_INDEX)
+            if bad.any():
+                j = int(np.argmax(bad.any(axis=1)))
+                where = f"{self.owner}: {self.name} example {flat[j]}"
+                check_labels(ys[j], self.num_classes, where, "labels", ignore_index=IGNORE_INDEX)
 
     def gather(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """The examples at ``indices`` (an int array of any shape), stacked: ``x`` of shape
-        ``indices.shape + x's example shape``, and ``y`` alike. The last result is kept, so
+        ``indices.shape + x's example shape``, and ``y`` alike, each checked against example 0
+        (shape, dtype), for finite inputs and for labels in range. The last result is kept, so
         ``view.x[i]`` then ``view.y[i]`` read the source once."""
         indices = np.asarray(indices)
         key = (indices.shape, indices.tobytes())
@@ -100,9 +111,21 @@ class Examples:
             flat = indices.reshape(-1)
             if flat.size and (flat.min() < 0 or flat.max() >= self.n):
                 raise IndexError(f"{self.owner}: {self.name}: index out of range for {self.n} examples")
-            pairs = [self.example(i) for i in flat]
-            xs = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, *self.spec[0]), self.spec[1])
-            ys = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, *self.spec[2]), self.spec[3])
+            xs, ys = [], []
+            for i in flat:
+                x, y = self._read(i)
+                if (
+                    x.shape != self.spec[0]
+                    or x.dtype != self.spec[1]
+                    or y.shape != self.spec[2]
+                    or y.dtype != self.spec[3]
+                ):
+                    self._check_spec(i, x, y)
+                xs.append(x)
+                ys.append(y)
+            xs = np.stack(xs) if xs else np.zeros((0, *self.spec[0]), self.spec[1])
+            ys = np.stack(ys) if ys else np.zeros((0, *self.spec[2]), self.spec[3])
+            self._check_values(flat, xs, ys)
             self._last = (
                 key,
                 (xs.reshape(*indices.shape, *self.spec[0]), ys.reshape(*indices.shape, *self.spec[2])),

@@ -432,7 +432,8 @@ def test_fit_preempted_then_killed_midway_resumes_to_bitwise_the_same_state_and_
     out_r, err_r = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err_r[-2000:]
     r, w = json.loads(out_r), json.loads(out_w)
-    assert r["resumed"] is not None and at < r["resumed"] < 3 * 39 and r["resumed"] % 15 == 0
+    assert r["resumed"] is not None and at < r["resumed"] < 3 * 39
+    assert r["resumed"] % 15 == 0 or r["resumed"] % 39 == 0  # checkpoint_every=15, epoch ends
     assert without_timing(r["history"]) == without_timing(w["history"])
     a, b = np.load(run_dir / "final.npz"), np.load(tmp_path / "whole" / "final.npz")
     assert_bitwise_equal([a[k] for k in sorted(a.files)], [b[k] for k in sorted(b.files)])
