@@ -3,6 +3,9 @@
 
 What one `fit` call does (docs/design.md has the path of one batch):
 
+- The data: ``(x, y)`` arrays, or a random-access source of examples (`jaxdl.sources`: ``len``
+  and ``__getitem__``, e.g. a grain ``MapDataset``), read in the same order.
+
 - Each epoch's data order is a function of ``fold_in(data_key, epoch)`` (`jaxdl.data.batch_blocks`;
   the last partial batch is dropped, as ``drop_last=True`` in PyTorch's DataLoader); the epoch's
   ``steps = n // batch_size`` batches run as blocks of stacked batches, each block one call of the
@@ -920,7 +923,13 @@ def fit(
 
     - ``model``: a jaxdl layer (e.g. `jaxdl.models.mlp`, `jaxdl.layers.Sequential`) or
       `jaxdl.layers.from_flax`; ``optimizer``: any jaxdl or optax ``GradientTransformation``.
-    - ``train``, ``validation``: ``(x, y)`` arrays (numpy or jax) or `jaxdl.data.Split`.
+    - ``train``, ``validation``: ``(x, y)`` arrays (numpy or jax) or `jaxdl.data.Split`, or a
+      random-access source of ``(x, y)`` examples (``len`` and ``source[i]``, e.g. a grain
+      ``MapDataset``; `jaxdl.sources`): read in the arrays' order (the same examples give
+      bitwise the same run; the position is the step count, so resume stays bitwise), gathered
+      by a background thread a few blocks ahead, every example checked as it is read (shape
+      and dtype as example 0's, finite inputs, labels in range: a bad one is refused with its
+      index before its step). A validation source is read in batches at each epoch's end.
       Sequences: integer tokens ``x`` (N, T) and targets ``y`` (N, T) for a model giving logits
       (N, T, V) (`jaxdl.models.transformer_lm`); the default loss is then per token, and a
       target equal to `jaxdl.losses.IGNORE_INDEX` (-100, PyTorch's ``ignore_index`` rule) is
