@@ -10,7 +10,8 @@ is the shell's status for the signal: 143 (128 + SIGTERM's 15) or 130 (128 + SIG
 script that does not catch it exits with that status and no traceback, so a scheduler sees a
 job that was terminated by the signal and can requeue it; ``fit(..., resume=True)`` (or
 ``jaxdl train ... --resume``) then continues to bitwise the state and history of an
-uninterrupted run.
+uninterrupted run. A signal during the run's last block lets the run finish as usual (there is
+nothing left to resume).
 
 A second signal raises `Preempted` at once, wherever the run is: during the checkpoint's save it
 abandons that save. The newest *complete* checkpoint stays the older one: orbax writes a step
