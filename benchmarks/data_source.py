@@ -2,7 +2,7 @@
 the same examples as arrays in memory.
 
 The same run three ways: ``jaxdl train``'s default MLP (Flatten, 2 x [Dense 512, ReLU, Dropout
-0.2], Dense 10; Adam) on the bundled 8x8 digits (1,257 training images, batch 32: 39 steps per
+0.2], Dense 10; Adam), or with ``--model cnn`` its CNN, on the bundled 8x8 digits (1,257 training images, batch 32: 39 steps per
 epoch), no validation, ``--epochs`` epochs; ``train`` given as
 
 - arrays: the `jaxdl.data.Split` of numpy arrays (gathered by fancy indexing);
@@ -15,7 +15,7 @@ after epoch 1 (compilation) over the history's ``seconds`` of those epochs. The 
 ``--rounds`` times (the order rotating) so machine load hits all alike; the figure is the median
 over rounds of (grain steps/s) / (arrays steps/s), and likewise for the plain source.
 
-    python benchmarks/data_source.py [--epochs 6] [--rounds 5]
+    python benchmarks/data_source.py [--epochs 6] [--rounds 5] [--model mlp|cnn]
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ class Source:
         return self.x[i], self.y[i]
 
 
-def steps_per_s(train, epochs: int):
-    result = dl.fit(
-        dl.models.mlp(10, dropout=0.2), dl.adam(1e-3), train, epochs=epochs, batch_size=32, progress=False
-    )
+MODELS = {"mlp": lambda: dl.models.mlp(10, dropout=0.2), "cnn": lambda: dl.models.cnn(10)}
+
+
+def steps_per_s(train, epochs: int, model: str):
+    result = dl.fit(MODELS[model](), dl.adam(1e-3), train, epochs=epochs, batch_size=32, progress=False)
     later = result.history[1:]
     steps = result.steps - result.history[0]["step"]
     return steps / sum(r["seconds"] for r in later), result
@@ -58,6 +59,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
     args = parser.parse_args()
     import grain
 
@@ -70,14 +72,14 @@ def main():
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load {os.getloadavg()[0]:.1f}; jax {jax.__version__} ({jax.default_backend()}), "
-        f"grain {grain.__version__}"
+        f"grain {grain.__version__}; model {args.model}"
     )
     rates = {name: [] for name in inputs}
     params = {}
     names = list(inputs)
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            rate, result = steps_per_s(inputs[name], args.epochs)
+            rate, result = steps_per_s(inputs[name], args.epochs, args.model)
             rates[name].append(rate)
             params[name] = [np.asarray(a).view(np.uint8) for a in jax.tree.leaves(result.state.params)]
         print(
