@@ -455,7 +455,7 @@ def test_sigint_saves_the_block_in_flight_and_a_second_one_abandons_the_save_kee
 ):
     from jaxdl import checkpoint
 
-    kw = dict(epochs=2, batch_size=64, checkpoint_every=6, block_size=3, progress=False)  # 19 steps/epoch
+    kw = dict(epochs=1, batch_size=64, checkpoint_every=6, block_size=3, progress=False)  # 19 steps
     whole = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, out_dir=str(tmp_path / "whole"), **kw)
     run_dir, lines = tmp_path / "run", []
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
