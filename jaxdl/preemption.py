@@ -39,6 +39,14 @@ class Preempted(SystemExit):
     ``signum``, the signal; ``step``, the step of the checkpoint saved (None when nothing was
     saved: no ``out_dir``, or a second signal abandoned the save); ``message``, the line fit
     printed.
+
+    Args:
+      signum: the signal's number.
+      step: the step of the checkpoint saved, or None.
+      message: the line `fit` printed.
+
+    >>> Preempted(15).code, Preempted(2).code
+    (143, 130)
     """
 
     def __init__(self, signum: int, step: int | None = None, message: str = ""):

@@ -35,7 +35,17 @@ __all__ = ["is_source", "Examples", "ExampleView", "blocks"]
 
 def is_source(obj: Any) -> bool:
     """Whether ``obj`` is a random-access source of examples (``len`` and ``__getitem__``) and
-    not an array or a pair of arrays (what `fit` took before)."""
+    not an array or a pair of arrays (what `fit` took before).
+
+    Args:
+      obj: what `fit` was given as ``train`` or ``validation``.
+
+    Returns:
+      True for a source (e.g. a grain ``MapDataset``), False otherwise.
+
+    >>> is_source(range(3)), is_source((np.zeros(3), np.zeros(3)))
+    (True, False)
+    """
     if isinstance(obj, (np.ndarray, tuple, list, dict, str, bytes)) or hasattr(obj, "__array__"):
         return False
     return hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
@@ -102,10 +112,18 @@ class Examples:
                 check_labels(ys[j], self.num_classes, where, "labels", ignore_index=IGNORE_INDEX)
 
     def gather(self, indices) -> tuple[np.ndarray, np.ndarray]:
-        """The examples at ``indices`` (an int array of any shape), stacked: ``x`` of shape
-        ``indices.shape + x's example shape``, and ``y`` alike, each checked against example 0
-        (shape, dtype), for finite inputs and for labels in range. The last result is kept, so
-        ``view.x[i]`` then ``view.y[i]`` read the source once."""
+        """The examples at ``indices``, stacked and checked.
+
+        Each is checked against example 0 (shape, dtype), for finite inputs and for labels in
+        range (with ``num_classes``). The last result is kept, so ``view.x[i]`` then
+        ``view.y[i]`` read the source once.
+
+        Args:
+          indices: an int array of any shape.
+
+        Returns:
+          ``(x, y)``: ``x`` of shape ``indices.shape + x's example shape``, ``y`` alike.
+        """
         indices = np.asarray(indices)
         key = (indices.shape, indices.tobytes())
         if self._last[0] != key:
@@ -134,9 +152,12 @@ class Examples:
         return self._last[1]
 
     def fingerprint(self) -> str:
-        """What ``fit_config.json`` records of the source (a resumed run must match it): its type,
-        its length, the example shapes and dtypes, and the sha256 of its first example. Not a
-        digest of all the data: that would read the whole source."""
+        """What ``fit_config.json`` records of the source (a resumed run must match it).
+
+        Returns:
+          A str: its type, its length, the example shapes and dtypes, and the sha256 of its
+          first example. Not a digest of all the data: that would read the whole source.
+        """
         x0, y0 = self._read(0)
         h = hashlib.sha256(np.ascontiguousarray(x0).tobytes() + np.ascontiguousarray(y0).tobytes())
         spec = f"x {self.spec[0]} {self.spec[1]}, y {self.spec[2]} {self.spec[3]}"
@@ -163,10 +184,22 @@ class ExampleView:
 
 
 def blocks(x, y, order: np.ndarray, bounds: list, ahead: int = 2) -> Iterator[tuple]:
-    """The blocks ``(x[order[a:b]], y[order[a:b]])`` for ``bounds``' ``[a, b)`` ranges; for a
-    source (`ExampleView`s) gathered by a background thread up to ``ahead`` blocks ahead of the
-    consumer, so reading examples overlaps the training of the previous block. An error in a
-    read (a bad example) is raised here when its block is asked for."""
+    """The blocks of stacked batches one epoch trains on, in order.
+
+    For arrays, ``x[order[a:b]]`` as the loop asks; for a source (`ExampleView`s), gathered by
+    a background thread up to ``ahead`` blocks ahead of the consumer, so reading examples
+    overlaps the training of the previous block. An error in a read (a bad example) is raised
+    here when its block is asked for; closing the generator stops the thread.
+
+    Args:
+      x, y: arrays, or a source's `ExampleView`s.
+      order: the epoch's example indices as (steps, batch_size).
+      bounds: the ``[a, b)`` step ranges of the blocks (`jaxdl.trainer.chunk_bounds`).
+      ahead: blocks the thread may read ahead.
+
+    Returns:
+      An iterator of ``(x_block, y_block)`` of shapes ``(b - a, batch_size, ...)``.
+    """
     if not isinstance(x, ExampleView):
         yield from ((x[order[a:b]], y[order[a:b]]) for a, b in bounds)
         return
