@@ -18,7 +18,9 @@ from jaxdl import (
     optimizers,
     parallel,
     precision,
+    preemption,
     schedules,
+    sources,
     sweep,
     train_step,
     trainer,
@@ -83,6 +85,7 @@ from jaxdl.parallel import (
     unreplicate,
 )
 from jaxdl.precision import DynamicLossScale, LossScale, Policy
+from jaxdl.preemption import Preempted
 from jaxdl.sweep import coarse_to_fine, grid, scale_init
 from jaxdl.train_step import (
     StepOptions,

@@ -3,6 +3,9 @@
 
 What one `fit` call does (docs/design.md has the path of one batch):
 
+- The data: ``(x, y)`` arrays, or a random-access source of examples (`jaxdl.sources`: ``len``
+  and ``__getitem__``, e.g. a grain ``MapDataset``), read in the same order.
+
 - Each epoch's data order is a function of ``fold_in(data_key, epoch)`` (`jaxdl.data.batch_blocks`;
   the last partial batch is dropped, as ``drop_last=True`` in PyTorch's DataLoader); the epoch's
   ``steps = n // batch_size`` batches run as blocks of stacked batches, each block one call of the
@@ -28,6 +31,8 @@ What one `fit` call does (docs/design.md has the path of one batch):
   holds the state and the host-side bookkeeping (the epoch's running metric sums, the
   early-stopping record), so ``resume=True`` after a kill, at any point, ends in bitwise the same
   state and history as the uninterrupted run.
+- SIGTERM or SIGINT finishes the block in flight, saves a checkpoint and raises
+  `jaxdl.Preempted` (exit status 143 or 130; `jaxdl.preemption`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -48,7 +54,7 @@ import numpy as np
 import optax
 
 from jaxdl import compile_cache as _compile_cache
-from jaxdl import data
+from jaxdl import data, sources
 from jaxdl._checks import (
     check_int,
     check_labels,
@@ -71,6 +77,7 @@ from jaxdl.callbacks import tensorboard_writer as _tensorboard_writer  # noqa: F
 from jaxdl.losses import IGNORE_INDEX
 from jaxdl.nnx import as_layer
 from jaxdl.precision import get_policy
+from jaxdl.preemption import Preempted, catch_signals
 from jaxdl.train_step import (
     StepOptions,
     SupervisedLoss,
@@ -257,7 +264,11 @@ def chunk_bounds(
 
 
 def _arrays(name: str, split, owner: str = "fit") -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` of a `jaxdl.data.Split` or a pair of arrays, as host numpy arrays of numbers."""
+    """``(x, y)`` of a `jaxdl.data.Split` or a pair of arrays, as host numpy arrays of numbers;
+    of a random-access source (for ``owner`` fit), its lazy `jaxdl.sources.ExampleView`s."""
+    if owner == "fit" and sources.is_source(split):
+        examples = sources.Examples(split, name, owner)
+        return examples.x, examples.y
     if isinstance(split, data.Split):
         x, y = split.x, split.y
     elif isinstance(split, (tuple, list)) and len(split) == 2:
@@ -266,8 +277,9 @@ def _arrays(name: str, split, owner: str = "fit") -> tuple[np.ndarray, np.ndarra
         shown = (
             f"a {type(split).__name__} of {len(split)} items" if isinstance(split, (tuple, list)) else None
         )
+        source = ", a random-access source of (x, y) examples" if owner == "fit" else ""
         raise TypeError(
-            f"{owner}: {name} must be (x, y) arrays or a jaxdl.data.Split, got "
+            f"{owner}: {name} must be (x, y) arrays{source} or a jaxdl.data.Split, got "
             f"{shown or type(split).__name__}"
         )
     check_numeric(owner, f"{name} x", x)
@@ -291,8 +303,9 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
     or of a sequence model (outputs (T, C), targets (N, T)) are checked on the host to lie in
     ``[0, C)`` or be the ignored target `IGNORE_INDEX` (`check_labels`).
     """
+    head = (x[:EVAL_BATCH], y[:EVAL_BATCH])  # a source's examples are read (and checked) here
     try:
-        jax.eval_shape(eval_step, _eval_state(state), (x[:EVAL_BATCH], y[:EVAL_BATCH]))
+        jax.eval_shape(eval_step, _eval_state(state), head)
         out = jax.eval_shape(
             lambda p, s, xb: model.apply(p, s, xb)[0],
             state.params,
@@ -304,7 +317,10 @@ def _check_split(owner: str, name: str, model, eval_step, state: TrainState, x, 
             raise
         raise type(err)(f"{owner}: {name}: {err}") from None
     if np.issubdtype(y.dtype, np.integer) and len(out.shape) >= 2 and y.shape[1:] == out.shape[1:-1]:
-        check_labels(y, out.shape[-1], owner, f"{name} labels", ignore_index=IGNORE_INDEX)
+        if isinstance(y, sources.ExampleView):  # a source's labels are checked as they are read
+            y.examples.num_classes = out.shape[-1]
+        else:
+            check_labels(y, out.shape[-1], owner, f"{name} labels", ignore_index=IGNORE_INDEX)
 
 
 def _eval_state(state: TrainState) -> TrainState:
@@ -643,6 +659,8 @@ def _describe(obj) -> str:
 
 
 def _digest(*arrays) -> str:
+    if isinstance(arrays[0], sources.ExampleView):
+        return arrays[0].examples.fingerprint()
     h = hashlib.sha256()
     for a in arrays:
         h.update(str((a.shape, a.dtype.str)).encode())
@@ -1004,7 +1022,13 @@ def fit(
 
     - ``model``: a jaxdl layer (e.g. `jaxdl.models.mlp`, `jaxdl.layers.Sequential`) or
       `jaxdl.layers.from_flax`; ``optimizer``: any jaxdl or optax ``GradientTransformation``.
-    - ``train``, ``validation``: ``(x, y)`` arrays (numpy or jax) or `jaxdl.data.Split`.
+    - ``train``, ``validation``: ``(x, y)`` arrays (numpy or jax) or `jaxdl.data.Split`, or a
+      random-access source of ``(x, y)`` examples (``len`` and ``source[i]``, e.g. a grain
+      ``MapDataset``; `jaxdl.sources`): read in the arrays' order (the same examples give
+      bitwise the same run; the position is the step count, so resume stays bitwise), gathered
+      by a background thread a few blocks ahead, every example checked as it is read (shape
+      and dtype as example 0's, finite inputs, labels in range: a bad one is refused with its
+      index before its step). A validation source is read in batches at each epoch's end.
       Sequences: integer tokens ``x`` (N, T) and targets ``y`` (N, T) for a model giving logits
       (N, T, V) (`jaxdl.models.transformer_lm`); the default loss is then per token, and a
       target equal to `jaxdl.losses.IGNORE_INDEX` (-100, PyTorch's ``ignore_index`` rule) is
@@ -1075,6 +1099,13 @@ def fit(
       returns True stops training). They run after fit's own (progress bar, metrics.jsonl,
       TensorBoard, early stopping) and before the checkpoint; a callback's ``state_dict()`` is
       saved in every checkpoint, so ``resume=True`` stays bitwise.
+    - Preemption (`jaxdl.preemption`): while fit runs in the main thread, SIGTERM or SIGINT
+      (Ctrl-C) makes it finish the block of steps in flight, save a checkpoint of that step
+      (with ``out_dir``), print one line saying so and how to continue (to ``log``, default
+      stderr), and raise `jaxdl.Preempted`: a `SystemExit` with ``code`` 143 (SIGTERM) or 130
+      (SIGINT), so a script that does not catch it exits with that status and no traceback.
+      ``resume=True`` then ends bitwise as the uninterrupted run. A second signal raises at
+      once; a save it interrupts is abandoned and the checkpoint before stays the newest.
     - ``config``: a `FitConfig` holding the options above (``epochs`` to ``compile_cache``)
       instead of the keywords.
 
@@ -1144,11 +1175,31 @@ def fit(
     stopping = [EarlyStopping(config.early_stopping)] if config.early_stopping else []
     stateful = list(CallbackList(own + stopping + users).states())[len(stopping) :]  # the user's
     record = _fit_record(engine, model, optimizer, state, initial_params, stateful)
-    if config.out_dir is None:
-        return engine.run(state, own + stopping + users, None)
     if config.resume and os.path.isfile(os.path.join(config.out_dir, "fit_config.json")):
         _check_same_config(config.out_dir, record)
-    return _run_in_folder(engine, state, record, own, stopping + users)
+    try:
+        if config.out_dir is None:
+            return engine.run(state, own + stopping + users, None)
+        return _run_in_folder(engine, state, record, own, stopping + users)
+    except Preempted as stop:
+        stop.message = _preempted_line(stop, config.out_dir)
+        (log or (lambda line: print(line, file=sys.stderr, flush=True)))(stop.message)
+        raise
+
+
+def _preempted_line(stop: Preempted, out_dir: str | None) -> str:
+    """The one line `fit` prints when a signal ended it: what was saved and how to continue."""
+    name = signal.Signals(stop.signum).name
+    if out_dir is None:
+        return f"fit: interrupted by {name}; nothing saved (no out_dir), the run cannot be resumed"
+    where = os.path.join(out_dir, "checkpoints")
+    again = "to continue, run it again with resume=True (jaxdl train: the same command with --resume)"
+    if stop.step is None:
+        return (
+            f"fit: interrupted by a second {name} during the save: the save was abandoned and the "
+            f"newest complete checkpoint in {where} is kept; {again}"
+        )
+    return f"fit: interrupted by {name} at step {stop.step}: checkpoint saved in {where}; {again}"
 
 
 def _run_in_folder(engine: "_Engine", state, record: dict, first: list, rest: list) -> FitResult:
@@ -1232,16 +1283,28 @@ class _Engine(NamedTuple):
         callback's stop: the loop of `fit`."""
         hooks = CallbackList(callbacks)
         run, resumed, history = self._start(state, hooks, outputs)
-        step = int(run.state.step)
+        step, total = int(run.state.step), self.config.epochs * self.steps_per_epoch
         hooks.call("on_train_begin", self._loop(run, step, hooks, resumed))
-        try:
-            while step < self.config.epochs * self.steps_per_epoch and not hooks.stop:
-                run, step, record = self._epoch(run, step, hooks, resumed)
-                if record is not None:
-                    history.append(record)
-        finally:
-            hooks.call("on_train_end", self._loop(run, step, hooks, resumed))
+        with catch_signals() as signals:
+            try:
+                while step < total and not hooks.stop:
+                    run, step, record = self._epoch(run, step, hooks, resumed, signals)
+                    if record is not None:
+                        history.append(record)
+                    if signals.signum is not None and step < total and not hooks.stop:
+                        self._preempt(run, step, hooks, resumed, outputs, signals.signum)
+            finally:
+                hooks.call("on_train_end", self._loop(run, step, hooks, resumed))
         return self._result(run, history, step, hooks.stop, resumed)
+
+    def _preempt(self, run: Run, step: int, hooks: CallbackList, resumed, outputs, signum: int):
+        """After a SIGTERM or SIGINT (`jaxdl.preemption`): save the checkpoint of ``step`` (with
+        ``outputs``; an epoch end is saved already) and raise `Preempted`."""
+        saved = None
+        if outputs is not None:
+            outputs.manager.save(step, self._loop(run, step, hooks, resumed).checkpoint(), force=True)
+            saved = step
+        raise Preempted(signum, saved)
 
     def _start(self, state: TrainState, hooks: CallbackList, outputs: _Outputs | None):
         """``(run, resumed_from_step, history)``: a fresh `Run`, or with ``outputs`` the newest good
@@ -1283,15 +1346,16 @@ class _Engine(NamedTuple):
         progress = run.progress._replace(stopped=np.array(int(stop), np.int64))
         return run._replace(progress=progress, callbacks={"EarlyStopping_0": state})
 
-    def _epoch(self, run: Run, step: int, hooks: CallbackList, resumed):
+    def _epoch(self, run: Run, step: int, hooks: CallbackList, resumed, signals=None):
         """The rest of the epoch at ``step``, block by block, then its record: ``(run, step,
-        record)``; record None when a callback stopped the run inside the epoch."""
+        record)``; record None when a callback stopped the run inside the epoch, or a signal
+        came (``signals``: a `jaxdl.preemption.catch_signals`) before its last block."""
         S = self.steps_per_epoch
         epoch, start = divmod(step, S)
         t_epoch = time.perf_counter()
         bounds = chunk_bounds(epoch, S, self.block_size, self.checkpoint_every, start)
         order = self._batch_order(epoch)
-        blocks = ((self.x[order[a:b]], self.y[order[a:b]]) for a, b in bounds)
+        blocks = sources.blocks(self.x, self.y, order, bounds)
         for batches in data.prefetch_to_device(blocks, device=self.loop_parts[2]):
             run, metrics, seconds = self._train_block(run, batches)
             step += len(metrics["loss"])
@@ -1299,6 +1363,8 @@ class _Engine(NamedTuple):
             if hooks.call(
                 "on_block_end", step, metrics, self._loop(run, step, hooks, resumed, running, seconds)
             ):
+                return run, step, None
+            if signals is not None and signals.signum is not None and step % S:
                 return run, step, None
         record = self._record(run, epoch, step, start, time.perf_counter() - t_epoch)
         run = self._end_epoch(run, epoch + 1, record.get("val_loss"))

@@ -100,13 +100,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=NO_TORCH))
 
 
-def _wait_for_first_checkpoint(proc, checkpoints, timeout_s=240):
-    """Poll until the run ``proc`` has finished writing a checkpoint under ``checkpoints`` (its
-    ``jaxdl_manifest.json`` is written last). Fails if the run ends first or after ``timeout_s``."""
+def _wait_for_first_checkpoint(proc, checkpoints, timeout_s=240, after=-1):
+    """Poll until the run ``proc`` has finished writing a checkpoint of a step over ``after``
+    under ``checkpoints`` (its ``jaxdl_manifest.json`` is written last). Fails if the run ends
+    first or after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not (
         checkpoints.is_dir()
-        and any((checkpoints / s / "jaxdl_manifest.json").is_file() for s in os.listdir(checkpoints))
+        and any(
+            s.isdigit() and int(s) > after and (checkpoints / s / "jaxdl_manifest.json").is_file()
+            for s in os.listdir(checkpoints)
+        )
     ):
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, f"no checkpoint after {timeout_s} s"
@@ -115,5 +119,5 @@ def _wait_for_first_checkpoint(proc, checkpoints, timeout_s=240):
 
 @pytest.fixture
 def wait_for_first_checkpoint():
-    """For the SIGKILL-and-resume tests: ``wait_for_first_checkpoint(proc, checkpoints_dir)``."""
+    """For the kill-and-resume tests: ``wait_for_first_checkpoint(proc, checkpoints_dir, after=-1)``."""
     return _wait_for_first_checkpoint

@@ -10,8 +10,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -170,25 +172,35 @@ def test_train_prints_test_accuracy_and_writes_metrics_curves_checkpoints_summar
 
 
 @pytest.mark.slow
-def test_python_dash_m_jaxdl_trains_with_a_progress_bar(tmp_path):
-    proc = jaxdl_process(
-        "train",
-        "--limit-train",
-        "256",
-        "--depth",
-        "1",
-        "--width",
-        "32",
-        "--epochs",
-        "1",
-        "--out",
-        str(tmp_path / "run"),
-    )
-    out, err = finish(proc)
-    assert out.startswith("test accuracy ")
+def test_python_dash_m_jaxdl_trains_with_a_progress_bar_and_sigterm_saves_and_exits_143(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    argv = ["train", "--limit-train", "256", "--depth", "1", "--width", "32", "--batch-size", "32"]
+    argv += ["--epochs", "6", "--checkpoint-every", "4", "--out", str(out_dir)]
+    proc = jaxdl_process(*argv)
+    checkpoints = out_dir / "checkpoints"
+    for _ in range(240 * 50):  # after the first epoch's end (8 steps) has been saved
+        if (checkpoints / "8" / "jaxdl_manifest.json").is_file() or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
     assert "ex/s" in err and "step/s" in err  # tqdm: speed; postfix: epoch, loss, accuracy
-    assert "epoch 1/1: train loss" in err
-    assert (tmp_path / "run" / "summary.json").is_file()
+    assert "epoch 1/6: train loss" in err
+    steps = sorted(
+        int(s) for s in os.listdir(checkpoints) if (checkpoints / s / "jaxdl_manifest.json").is_file()
+    )
+    assert 8 <= steps[-1] < 48, steps  # the step of the block in flight (blocks of 1 step here)
+    assert err.strip().splitlines()[-1] == (
+        f"fit: interrupted by SIGTERM at step {steps[-1]}: checkpoint saved in {checkpoints}; "
+        "to continue, run it again with resume=True (jaxdl train: the same command with --resume)"
+    )
+    assert not (out_dir / "summary.json").exists()
+
+    code, stdout, _ = run_main(capsys, *argv, "--resume", "--quiet")
+    assert code == 0 and stdout.startswith("test accuracy ")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert (summary["resumed_from_step"], summary["steps"]) == (steps[-1], 48)
 
 
 def test_console_script_is_cli_main():

@@ -25,8 +25,10 @@ ORDER = [
     "jaxdl.optimizers",
     "jaxdl.precision",
     "jaxdl.data",
+    "jaxdl.sources",
     "jaxdl.checkpoint",
     "jaxdl.callbacks",
+    "jaxdl.preemption",
     "jaxdl.layers",
     "jaxdl.nnx",
     "jaxdl.models",
@@ -106,3 +108,13 @@ def test_no_module_imports_another_modules_private_names():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxdl"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{name} imports {private} from {node.module}"
+
+
+def test_no_module_imports_grain():
+    """grain is an optional extra (jaxdl[data]): fit reads its datasets through ``len`` and
+    ``__getitem__`` (and an iterator's ``get_state``) alone, so no module imports it."""
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] == "grain"], f"{name} imports grain"

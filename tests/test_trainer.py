@@ -358,9 +358,15 @@ FIT_SCRIPT = textwrap.dedent("""
     import numpy as np
     import jaxdl as dl
     ds = dl.data.load_dataset("digits")
-    result = dl.fit(dl.models.mlp(10, depth=1, width=64, dropout=0.2), dl.adam(3e-3), ds.train,
+    class Source:  # a random-access source of (x, y) examples, read one by one
+        def __len__(self):
+            return len(ds.train.y)
+        def __getitem__(self, i):
+            return ds.train.x[i], ds.train.y[i]
+    train = Source() if "--source" in sys.argv else ds.train
+    result = dl.fit(dl.models.mlp(10, depth=1, width=64, dropout=0.2), dl.adam(3e-3), train,
                     validation=ds.val, epochs=3, batch_size=32, augment=1, out_dir=sys.argv[1],
-                    resume=len(sys.argv) > 2, checkpoint_every=15, block_size=5, progress=False)
+                    resume="--resume" in sys.argv, checkpoint_every=15, block_size=5, progress=False)
     np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in dl.jax.tree.leaves(result.state.params)])
     print(json.dumps({"resumed": result.resumed_from_step, "history": result.history}))
 """).replace("dl.jax", "__import__('jax')")
@@ -380,32 +386,105 @@ def fit_process(*argv, compile_cache="0"):
     )
 
 
+def saved_steps(checkpoints) -> list[int]:
+    """The steps of the complete checkpoints (manifest written) under ``checkpoints``."""
+    return sorted(
+        int(s) for s in os.listdir(checkpoints) if (checkpoints / s / "jaxdl_manifest.json").is_file()
+    )
+
+
 @pytest.mark.slow
-def test_fit_killed_midway_resumes_to_bitwise_the_same_state_and_history(tmp_path, wait_for_first_checkpoint):
+def test_fit_preempted_then_killed_midway_resumes_to_bitwise_the_same_state_and_history_from_arrays_or_a_source(
+    tmp_path, wait_for_first_checkpoint
+):
     # The uninterrupted run goes first and writes every program it compiles to a compilation
-    # cache; the killed and the resumed runs build the same programs and read them all from it.
-    # A process writes only what it compiles, so the killed run writes nothing there and the kill
-    # cannot tear a cache file.
+    # cache; the interrupted and the resumed runs build the same programs and read them all from
+    # it. A process writes only what it compiles, so the killed run writes nothing there and the
+    # kill cannot tear a cache file. The second run is preempted (SIGTERM: it finishes its block,
+    # saves, exits with 143), the third is SIGKILLed after a checkpoint past that, the fourth ends.
+    # The uninterrupted run reads arrays, the others a random-access source of the same examples.
     cache = str(tmp_path / "xla")
     whole = fit_process(str(tmp_path / "whole"), compile_cache=cache)
     out_w, err_w = whole.communicate(timeout=300)
     assert whole.returncode == 0, err_w[-2000:]
-    killed_dir = tmp_path / "killed"
-    killed = fit_process(str(killed_dir), compile_cache=cache)
-    wait_for_first_checkpoint(killed, killed_dir / "checkpoints")
+    run_dir = tmp_path / "run"
+    preempted = fit_process(str(run_dir), "--source", compile_cache=cache)
+    wait_for_first_checkpoint(preempted, run_dir / "checkpoints")
+    preempted.send_signal(signal.SIGTERM)
+    _, err_p = preempted.communicate(timeout=300)
+    assert preempted.returncode == 143, err_p[-2000:]
+    assert not (run_dir / "final.npz").exists(), "preempted too late: the run had finished"
+    at = saved_steps(run_dir / "checkpoints")[-1]
+    assert at % 5 == 0 and 0 < at < 3 * 39  # the end of the block in flight (block_size=5)
+    assert err_p.strip().splitlines()[-1] == (
+        f"fit: interrupted by SIGTERM at step {at}: checkpoint saved in {run_dir / 'checkpoints'}; "
+        "to continue, run it again with resume=True (jaxdl train: the same command with --resume)"
+    )
+
+    killed = fit_process(str(run_dir), "--source", "--resume", compile_cache=cache)
+    wait_for_first_checkpoint(killed, run_dir / "checkpoints", after=at)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
-    assert not (killed_dir / "final.npz").exists(), "killed too late: the run had finished"
+    assert not (run_dir / "final.npz").exists(), "killed too late: the run had finished"
 
-    resumed = fit_process(str(killed_dir), "--resume", compile_cache=cache)
+    resumed = fit_process(str(run_dir), "--source", "--resume", compile_cache=cache)
     out_r, err_r = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err_r[-2000:]
     r, w = json.loads(out_r), json.loads(out_w)
-    assert r["resumed"] is not None and 0 < r["resumed"] < 3 * 39 and r["resumed"] % 15 == 0
+    assert r["resumed"] is not None and at < r["resumed"] < 3 * 39
+    assert r["resumed"] % 15 == 0 or r["resumed"] % 39 == 0  # checkpoint_every=15, epoch ends
     assert without_timing(r["history"]) == without_timing(w["history"])
-    a, b = np.load(killed_dir / "final.npz"), np.load(tmp_path / "whole" / "final.npz")
+    a, b = np.load(run_dir / "final.npz"), np.load(tmp_path / "whole" / "final.npz")
     assert_bitwise_equal([a[k] for k in sorted(a.files)], [b[k] for k in sorted(b.files)])
+
+
+class SendSignal(dl.Callback):
+    """Sends ``signum`` to this process after the block that ends at ``step``."""
+
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_block_end(self, step, metrics, loop):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigint_saves_the_block_in_flight_and_a_second_one_abandons_the_save_keeping_the_older(
+    digits, tmp_path, monkeypatch
+):
+    from jaxdl import checkpoint
+
+    kw = dict(epochs=1, batch_size=64, checkpoint_every=6, block_size=3, progress=False)  # 19 steps
+    whole = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, out_dir=str(tmp_path / "whole"), **kw)
+    run_dir, lines = tmp_path / "run", []
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(dl.Preempted) as stop:  # SIGINT after step 9: that block's end is saved
+        dl.fit(small_mlp(), dl.adam(1e-2), digits.train, out_dir=str(run_dir), log=lines.append,
+               callbacks=[SendSignal(9, signal.SIGINT)], **kw)  # fmt: skip
+    assert (stop.value.code, stop.value.step, saved_steps(run_dir / "checkpoints")) == (130, 9, [6, 9])
+    assert lines[-1].startswith("fit: interrupted by SIGINT at step 9: checkpoint saved in ")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert not (run_dir / "model").exists()
+
+    def manifest_interrupted(directory, specs):  # a second SIGINT while step 15 is being saved
+        if os.path.basename(directory) == "15":
+            os.kill(os.getpid(), signal.SIGINT)
+        write_manifest(directory, specs)
+
+    write_manifest = checkpoint._write_manifest
+    monkeypatch.setattr(checkpoint, "_write_manifest", manifest_interrupted)
+    with pytest.raises(dl.Preempted) as stop:
+        dl.fit(small_mlp(), dl.adam(1e-2), digits.train, out_dir=str(run_dir), resume=True,
+               log=lines.append, callbacks=[SendSignal(15, signal.SIGINT)], **kw)  # fmt: skip
+    assert (stop.value.code, stop.value.step, saved_steps(run_dir / "checkpoints")) == (130, None, [6, 9, 12])
+    assert "the save was abandoned and the newest complete checkpoint" in lines[-1]
+    monkeypatch.undo()
+
+    resumed = dl.fit(small_mlp(), dl.adam(1e-2), digits.train, out_dir=str(run_dir), resume=True, **kw)
+    assert resumed.resumed_from_step == 12
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert_bitwise_equal(leaves(resumed.state.params), leaves(whole.state.params))
 
 
 def test_resume_with_another_configuration_is_refused_naming_what_differs(digits, tmp_path):
@@ -462,9 +541,10 @@ def test_resume_with_another_configuration_is_refused_naming_what_differs(digits
         (
             dict(train="three"),
             TypeError,
-            r"fit: train must be \(x, y\) arrays or a jaxdl.data.Split, got a tuple of 3 items",
+            r"fit: train must be \(x, y\) arrays, a random-access source of \(x, y\) examples or a "
+            r"jaxdl.data.Split, got a tuple of 3 items",
         ),
-        (dict(train="dict"), TypeError, r"fit: train must be \(x, y\) arrays .*, got dict"),
+        (dict(train="dict"), TypeError, r"fit: train must be \(x, y\) arrays.*, got dict"),
         (
             dict(validation="negative_labels"),
             ValueError,
