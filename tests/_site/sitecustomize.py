@@ -2,9 +2,10 @@
 notebook kernels, the multihost workers, a killed and resumed run): tests/conftest.py puts this
 folder first on PYTHONPATH, and Python imports the first ``sitecustomize`` it finds there.
 
-It sets the garbage collector's threshold as conftest sets the pytest workers' (see there): the
-collector otherwise ran about 8% of such a process's CPU time (`jaxdl train` on 256 digits:
-0.47 s in 542 collections of 6.0 s; 0.09 s in 19 with this threshold)."""
+It sets the garbage collector's threshold, the one place of it (tests/conftest.py runs this file
+in the pytest process and says why): the collector otherwise ran about 8% of such a process's
+CPU time (`jaxdl train` on 256 digits: 0.47 s in 542 collections of 6.0 s; 0.09 s in 19 with
+this threshold)."""
 
 import gc
 
